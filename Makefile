@@ -1,0 +1,42 @@
+# One entry point for set-up and tests. Everything installs into ./.venv.
+#
+#   make test                  install everything (torch first), then lint and run the tests
+#   make install               just the install
+#   make bench-model           our ViT against Hugging Face's, forward+backward images/s
+#
+# torch is installed on its own, before the project, so that you choose the build:
+#   make test                                        # torch==2.13.0 as pip resolves it
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu     # CPU-only build
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cu128   # a CUDA build
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install test lint bench-model clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install --quiet -e '.[dev]'
+	$(PY) -c "import torch, ray, mlflow; print('installed: torch', torch.__version__, \
+	  '| ray', ray.__version__, '| mlflow', mlflow.__version__, \
+	  '| cuda', torch.cuda.is_available())"
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	$(PY) -m pytest
+
+bench-model: install
+	$(PY) bench/model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

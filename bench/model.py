@@ -1,0 +1,124 @@
+"""Forward+backward throughput of our ViT against Hugging Face transformers' ViT.
+
+Same config on both sides (width, depth, heads, MLP, patch, image size, LayerNorm eps 1e-6,
+exact GELU, SDPA attention), same batch, same loss (cross-entropy on random labels). The two
+models are timed in alternating rounds so that machine noise hits both alike; the median of
+the rounds is reported.
+
+    python bench/model.py                                   # CPU: Ti/16, fp32
+    python bench/model.py --variant B/16 --batch-size 256   # GPU: bf16 autocast
+
+Needs the dev extra (transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.model import ViT, ViTConfig
+
+
+def hf_model(cfg: ViTConfig):
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification
+
+    hf_cfg = HFConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.depth,
+                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
+                      image_size=cfg.image_size, patch_size=cfg.patch_size,
+                      num_labels=cfg.num_classes, layer_norm_eps=cfg.norm_eps,
+                      hidden_act="gelu", hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+    model = ViTForImageClassification(hf_cfg)
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    return model
+
+
+def make_step(model, images, labels, device, dtype):
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(images)
+            logits = out.logits if hasattr(out, "logits") else out
+            loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def time_round(step, steps: int, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variant", default=None, help="e.g. Ti/16 (CPU default), B/16 (GPU default)")
+    ap.add_argument("--batch-size", type=int, default=None, help="32 on CPU, 256 on GPU")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--steps", type=int, default=None, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per model")
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 CPU, bf16 GPU), fp32, bf16")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "fp32": torch.float32,
+             "bf16": torch.bfloat16}[args.dtype]
+    variant = args.variant or ("B/16" if gpu else "Ti/16")
+    batch = args.batch_size or (256 if gpu else 32)
+    steps = args.steps or (20 if gpu else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = ViTConfig.from_variant(variant, image_size=args.image_size, num_classes=1000)
+
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    models = {"ours": ViT(cfg), "hf": hf_model(cfg)}
+    steps_fn = {}
+    for name, model in models.items():
+        model.to(device).train()
+        torch.nn.init.normal_(model.get_submodule("head" if name == "ours" else "classifier")
+                              .weight, std=0.02)  # a zero head would skip body gradients
+        steps_fn[name] = make_step(model, images, labels, device, dtype)
+        for _ in range(2):  # warm-up: allocator, kernels, autotuning
+            steps_fn[name]()
+
+    rates = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, step in steps_fn.items():
+            rates[name].append(batch * steps / time_round(step, steps, device))
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    where = (torch.cuda.get_device_name(device) if gpu
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"ViT-{variant} @ {cfg.image_size}px, batch {batch}, {str(dtype)[6:]}, {where}; "
+          f"forward+backward, median of {args.rounds} rounds x {steps} steps")
+    print(f"{'model':<24}{'images/s':>12}{'min':>10}{'max':>10}")
+    for name, label in (("ours", "ours (pipeline.model)"), ("hf", "Hugging Face ViT")):
+        print(f"{label:<24}{med[name]:>12.1f}{min(rates[name]):>10.1f}{max(rates[name]):>10.1f}")
+    print(f"ratio ours / Hugging Face: {med['ours'] / med['hf']:.3f}")
+    if gpu:
+        from pipeline.perf import peak_flops, train_flops_per_image
+
+        flops = train_flops_per_image(cfg)
+        peak = peak_flops(device)
+        for name in models:
+            print(f"MFU {name}: {med[name] * flops / peak:.1%} "
+                  f"({flops / 1e9:.1f} GFLOP/image train, peak {peak / 1e12:.0f} TFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Model FLOPs and accelerator peaks, for MFU (../shared/docs/perf.md §2)."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.model import ViTConfig
+
+# Dense bf16 peak FLOP/s by device-name substring (no sparsity).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def forward_flops_per_image(cfg: ViTConfig) -> float:
+    """Forward FLOPs (2 x MACs) of one image, counting the matmuls as timm's fvcore does:
+    MACs = L [N 12 D^2 + 2 N^2 D] + (N - 1) 3 P^2 D, N tokens including the class token
+    (written for an MLP of any width: 4 N D^2 attention projections + 2 N D M MLP)."""
+    N = cfg.num_patches + cfg.num_prefix_tokens
+    D, M, P, C = cfg.hidden_size, cfg.mlp_dim, cfg.patch_size, cfg.num_channels
+    per_layer = N * (4 * D * D + 2 * D * M) + 2 * N * N * D
+    macs = cfg.depth * per_layer + cfg.num_patches * C * P * P * D
+    return 2.0 * macs
+
+
+def train_flops_per_image(cfg: ViTConfig) -> float:
+    """Training FLOPs: forward + backward = 3 x forward."""
+    return 3.0 * forward_flops_per_image(cfg)
+
+
+def peak_flops(device: torch.device | str) -> float:
+    """Dense bf16 peak of a CUDA device; raises for devices not in the table."""
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16.items():
+        if key in name:
+            return peak
+    raise ValueError(f"no bf16 peak known for {name!r}; add it to pipeline.perf.PEAK_BF16")
