@@ -37,12 +37,14 @@ def join(uri: str, *parts: str) -> str:
 
 
 def s3_client():
-    """A boto3 S3 client with retries (adaptive mode backs off on throttling)."""
+    """A boto3 S3 client with retries (adaptive mode backs off on throttling and transient
+    errors; `AWS_MAX_ATTEMPTS` sets the budget, 10 by default)."""
     import boto3
     from botocore.config import Config
 
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    config = Config(retries={"max_attempts": 10, "mode": "adaptive"},
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))
+    config = Config(retries={"max_attempts": attempts, "mode": "adaptive"},
                     connect_timeout=10, read_timeout=60)
     return boto3.client("s3", region_name=region, config=config)
 
@@ -138,4 +140,115 @@ def upload_dir(local: str | os.PathLike, uri: str, last: tuple[str, ...] = ()) -
             key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(local).as_posix()]))
             client.upload_file(str(path), bucket, key)
     except Exception as err:  # noqa: BLE001
+        raise _explain(uri, err) from None
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_filesystem():
+    """A pyarrow S3 filesystem built from the standard AWS settings.
+
+    The bare `pyarrow.fs.S3FileSystem()` ignores `AWS_ENDPOINT_URL` (apache/arrow#49643), so
+    the endpoint, region and the credentials that boto3's chain resolves (env, profile,
+    instance role) are passed explicitly. The object pickles with them: Ray ships it to
+    its read tasks through the object store, never through logs or configs.
+    """
+    import boto3
+    import pyarrow.fs as pafs
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs = dict(region=region, connect_timeout=10, request_timeout=60,
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(
+                      max_attempts=int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))))
+    if _endpoint():
+        kwargs["endpoint_override"] = _endpoint()
+    creds = boto3.Session().get_credentials()
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                      session_token=frozen.token)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str):
+    """-> (pyarrow filesystem, path inside it) for an s3:// URI or a local path."""
+    import pyarrow.fs as pafs
+
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_filesystem(), f"{bucket}/{key}".rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object / file at `uri`, with one clear error when it is not there."""
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.exists():
+            raise StorageError(f"{uri}: no such file; check the path")
+        return path.read_bytes()
+    bucket, key = split_s3(uri)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as err:  # noqa: BLE001
+        raise _explain(uri, err) from None
+
+
+def write_bytes(uri: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+    """Write a whole object atomically: an S3 PUT is all-or-nothing; a local file is written
+    beside its target and renamed into place."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, Metadata=metadata or {})
+        except Exception as err:  # noqa: BLE001
+            raise _explain(uri, err) from None
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def upload_file(local: str | os.PathLike, uri: str, metadata: dict[str, str] | None = None,
+                callback=None) -> None:
+    """Upload one file (multipart for large ones: the object appears only when complete)."""
+    bucket, key = split_s3(uri)
+    try:
+        s3_client().upload_file(str(local), bucket, key, Callback=callback,
+                                ExtraArgs={"Metadata": metadata or {}})
+    except Exception as err:  # noqa: BLE001
+        raise _explain(uri, err) from None
+
+
+def object_metadata(uri: str) -> dict[str, str] | None:
+    """User metadata of an s3:// object, or None when it does not exist."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key).get("Metadata", {})
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise _explain(uri, err) from None
+    except Exception as err:  # noqa: BLE001
+        raise _explain(uri, err) from None
+
+
+def check_bucket(uri: str) -> None:
+    """Fail early, with one clear line, when the bucket of an s3:// URI is unusable."""
+    bucket, _ = split_s3(uri)
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+    except Exception as err:  # noqa: BLE001
+        from botocore.exceptions import ClientError
+
+        if isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in (
+                "404", "NoSuchBucket", "NotFound"):
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist; create it or fix "
+                               f"the URI") from None
         raise _explain(uri, err) from None

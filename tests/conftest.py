@@ -17,8 +17,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 endpoint over HTTP: moto's server on 127.0.0.1 (as Ray's own tests use)."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -1,0 +1,341 @@
+"""Writing WebDataset shards and their manifest, to a local folder or any S3 endpoint.
+
+A dataset on storage is
+
+    DST/manifest.json                 written last: its presence means the dataset is complete
+    DST/<split>-000000.tar ...        WebDataset shards: <key>.jpg|png, <key>.cls, <key>.json
+
+Tar members are written by `webdataset.TarWriter` with a fixed mtime, so the same input and
+options give byte-identical shards. That makes an interrupted write resumable: a shard already
+at DST with the same SHA-256 is kept, anything else is (re)written, and every write is atomic
+(an S3 PUT / multipart upload appears only when complete; a local shard is renamed into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline import storage
+
+MANIFEST = "manifest.json"
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+
+
+class DatasetError(ValueError):
+    """Bad source data, with one line naming the file and the fix."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """A sample not yet loaded: `load()` returns (image bytes, extension)."""
+
+    key: str
+    label: int
+    load: Callable[[], tuple[bytes, str]]
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Source:
+    """What a source yields: per split, an ordered list of sample references."""
+
+    kind: str
+    classes: list[str]
+    splits: dict[str, list[SampleRef]]
+    info: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+def _file_loader(path: Path) -> Callable[[], tuple[bytes, str]]:
+    def load():
+        return path.read_bytes(), IMAGE_EXTS.get(path.suffix.lower(), "jpg")
+    return load
+
+
+def image_folder(root: str | Path, split: str = "train") -> Source:
+    """An image folder with one subfolder per class (`root/<class>/<image>`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder; pass an image folder with one subfolder "
+                           f"per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{root}: no class subfolders; expected root/<class>/<image>.jpg")
+    refs = []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).iterdir()):
+            if path.suffix.lower() in IMAGE_EXTS:
+                refs.append(SampleRef(key="", label=label, load=_file_loader(path),
+                                      extra={"path": f"{name}/{path.name}", "class": name}))
+    if not refs:
+        raise DatasetError(f"{root}: no .jpg/.jpeg/.png images in the class subfolders")
+    return Source("image_folder", classes, {split: refs}, {"root": str(root)})
+
+
+VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
+
+
+def vtab_folder(root: str | Path, num_classes: int | None = None) -> Source:
+    """One VTAB-1k task folder (`<task>/{train800,val200,train800val200,test}.txt` +
+    `images/<split>/<i>.jpg`, ../shared/docs/vtab.md §5), keeping its splits."""
+    root = Path(root)
+    lists = {s: root / f"{s}.txt" for s in VTAB_SPLITS if (root / f"{s}.txt").exists()}
+    if not lists:
+        raise DatasetError(f"{root}: not a VTAB-1k task folder (no train800.txt, val200.txt, "
+                           f"train800val200.txt or test.txt)")
+    splits, top = {}, -1
+    for split, list_file in lists.items():
+        refs = []
+        for n, line in enumerate(list_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DatasetError(f"{list_file}:{n}: expected '<image path> <integer label>', "
+                                   f"got {line!r}")
+            path, label = root / parts[0], int(parts[1])
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                raise DatasetError(f"{list_file}:{n}: label {label} outside [0, {num_classes})")
+            if not path.exists():
+                raise DatasetError(f"{list_file}:{n}: {parts[0]} does not exist; the list file "
+                                   f"and the images disagree")
+            top = max(top, label)
+            refs.append(SampleRef(key="", label=label, load=_file_loader(path),
+                                  extra={"path": parts[0]}))
+        splits[split] = refs
+    k = num_classes if num_classes is not None else top + 1
+    return Source("vtab", [str(i) for i in range(k)], splits, {"root": str(root),
+                                                                "task": root.name})
+
+
+def synthetic(num_samples: int = 1024, num_classes: int = 10, image_size: int = 64,
+              seed: int = 0, val_fraction: float = 0.1) -> Source:
+    """Procedural images whose labels are learnable: each class has its own hue and the
+    orientation and frequency of a sinusoidal grating; phase, brightness and noise vary per
+    image. Real JPEGs, so decoding costs what it costs on real data."""
+    def loader(index: int, label: int):
+        def load():
+            rng = np.random.default_rng([seed, index])
+            yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
+            angle = np.pi * ((label * 7) % num_classes) / num_classes
+            freq = 2 + 3 * (label % 3)
+            wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle))
+                          + rng.uniform(0, 2 * np.pi))
+            colour = 0.15 + 0.6 * np.array(_hue_rgb(label / num_classes))
+            img = colour + 0.15 * wave[..., None] + rng.uniform(-0.05, 0.05)
+            img = img + rng.normal(0, 0.03, img.shape)
+            arr = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+            return buf.getvalue(), "jpg"
+        return load
+
+    rng = random.Random(seed)
+    labels = [i % num_classes for i in range(num_samples)]
+    rng.shuffle(labels)
+    refs = [SampleRef("", lab, loader(i, lab), {"index": i}) for i, lab in enumerate(labels)]
+    n_val = int(round(num_samples * val_fraction))
+    splits = {"train": refs[n_val:]}
+    if n_val:
+        splits["val"] = refs[:n_val]
+    info = dict(num_samples=num_samples, num_classes=num_classes, image_size=image_size,
+                seed=seed)
+    return Source("synthetic", [f"class_{i}" for i in range(num_classes)], splits, info)
+
+
+def _hue_rgb(h: float) -> tuple[float, float, float]:
+    import colorsys
+
+    return colorsys.hsv_to_rgb(h, 0.9, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardOptions:
+    shard_size_mb: float = 256.0   # target uncompressed tar size
+    resize_short: int | None = None  # resize the short side to this many pixels (JPEG q95)
+    shuffle_seed: int | None = 0     # shuffle each split before sharding (None: keep order)
+    jpeg_quality: int = 95
+
+
+def _resize_short(data: bytes, ext: str, short: int, quality: int) -> tuple[bytes, str]:
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = short / min(w, h)
+        if scale < 1:  # never upsample: it only makes the shard bigger
+            img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                             Image.Resampling.BICUBIC, reducing_gap=3.0)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), "jpg"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Progress:
+    """One self-updating line: samples, shards, MB written/uploaded, rate."""
+
+    def __init__(self, total: int, label: str, stream=None):
+        import sys
+
+        self.total, self.label, self.done, self.mb = total, label, 0, 0.0
+        self.stream = stream or sys.stderr
+        self.start = self.last = time.monotonic()
+        self.tty = self.stream.isatty()
+
+    def update(self, samples: int = 0, mb: float = 0.0, note: str = "") -> None:
+        self.done += samples
+        self.mb += mb
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 5.0) and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        pct = 100 * self.done / max(self.total, 1)
+        line = (f"{self.label}: {self.done}/{self.total} samples ({pct:5.1f}%), "
+                f"{self.mb:.1f} MB, {rate:.0f} samples/s {note}")
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def write_shards(source: Source, dst: str, options: ShardOptions = ShardOptions(),
+                 log: Callable[[str], None] = print) -> dict:
+    """Write every split of `source` as shards under `dst`, then the manifest; returns it.
+
+    Re-running with the same source and options resumes: identical shards already at `dst`
+    are kept, missing or different ones are written.
+    """
+    dst = str(dst).rstrip("/")
+    if storage.is_s3(dst):
+        storage.check_bucket(dst)
+    target_bytes = int(options.shard_size_mb * 1e6)
+    manifest = {"format": "webdataset", "version": 1, "created_by": "jobs/make_shards.py",
+                "source": {"kind": source.kind, **source.info},
+                "options": {"shard_size_mb": options.shard_size_mb,
+                            "resize_short": options.resize_short,
+                            "shuffle_seed": options.shuffle_seed},
+                "classes": source.classes, "num_classes": len(source.classes), "splits": {}}
+    kept = written = 0
+    for split, refs in source.splits.items():
+        refs = list(refs)
+        if options.shuffle_seed is not None:
+            random.Random(f"{options.shuffle_seed}-{split}").shuffle(refs)
+        progress = Progress(len(refs), f"{split} -> {dst}")
+        shards: list[dict] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = None
+            for i, ref in enumerate(refs):
+                if writer is None:
+                    name = f"{split}-{len(shards):06d}.tar"
+                    local = Path(tmp) / name
+                    writer = _open_tar(local)
+                    count = size = 0
+                data, ext = ref.load()
+                if options.resize_short:
+                    data, ext = _resize_short(data, ext, options.resize_short,
+                                              options.jpeg_quality)
+                key = f"{split}_{i:08d}"
+                extra = {**ref.extra, "label": ref.label}
+                meta = json.dumps(extra, sort_keys=True).encode()
+                writer.write({"__key__": key, ext: data, "cls": ref.label, "json": meta})
+                count += 1
+                size += len(data) + len(meta) + 3 * 1024  # tar headers and padding
+                progress.update(1)
+                if size >= target_bytes or i == len(refs) - 1:
+                    writer.close()
+                    entry, fresh = _publish(local, dst, name, count)
+                    shards.append(entry)
+                    written, kept = written + fresh, kept + (not fresh)
+                    progress.update(0, entry["bytes"] / 1e6, f"[{len(shards)} shards]")
+                    local.unlink()
+                    writer = None
+        progress.close()
+        manifest["splits"][split] = {"num_samples": len(refs), "shards": shards}
+    # The manifest goes last: a reader never sees a half-written dataset.
+    storage.write_bytes(storage.join(dst, MANIFEST),
+                        json.dumps(manifest, indent=1, sort_keys=True).encode())
+    log(f"wrote {written} shard(s), kept {kept} identical shard(s) already at {dst}; "
+        f"manifest: {storage.join(dst, MANIFEST)}")
+    return manifest
+
+
+def _open_tar(path: Path):
+    import webdataset as wds
+
+    # Fixed mtime and owner: the same samples give byte-identical shards (resumable writes).
+    return wds.TarWriter(str(path), mtime=0.0, user="vit", group="vit")
+
+
+def _publish(local: Path, dst: str, name: str, count: int) -> tuple[dict, bool]:
+    """Put one finished shard at dst unless an identical one is there; -> (entry, written)."""
+    sha = _sha256(local)
+    size = local.stat().st_size
+    entry = {"name": name, "samples": count, "bytes": size, "sha256": sha}
+    uri = storage.join(dst, name)
+    if storage.is_s3(dst):
+        meta = storage.object_metadata(uri)
+        if meta is not None and meta.get("sha256") == sha:
+            return entry, False
+        storage.upload_file(local, uri, metadata={"sha256": sha})
+        return entry, True
+    target = Path(uri)
+    if target.exists() and target.stat().st_size == size and _sha256(target) == sha:
+        return entry, False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{name}.partial")
+    with open(local, "rb") as src, open(partial, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+    os.replace(partial, target)
+    return entry, True
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest of a dataset written by `write_shards`, with one clear error if absent."""
+    path = storage.join(uri, MANIFEST)
+    try:
+        doc = json.loads(storage.read_bytes(path))
+    except storage.StorageError as err:
+        if "no such" in str(err):
+            raise DatasetError(f"{uri}: no {MANIFEST}; the dataset is incomplete or the path is "
+                               f"wrong (write it with jobs/make_shards.py)") from None
+        raise
+    except json.JSONDecodeError:
+        raise DatasetError(f"{path}: not valid JSON; rewrite the dataset") from None
+    if doc.get("format") != "webdataset":
+        raise DatasetError(f"{path}: not a webdataset manifest")
+    return doc
+
+
+def iter_split_shards(manifest: dict, split: str) -> Iterator[dict]:
+    if split not in manifest["splits"]:
+        raise DatasetError(f"no split {split!r} in the dataset; it has "
+                           f"{sorted(manifest['splits'])}")
+    yield from manifest["splits"][split]["shards"]
