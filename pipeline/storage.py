@@ -46,7 +46,8 @@ def s3_client():
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))
     config = Config(retries={"max_attempts": attempts, "mode": "adaptive"},
                     connect_timeout=10, read_timeout=60)
-    return boto3.client("s3", region_name=region, config=config)
+    # A fresh session each time: the default one caches credentials and settings.
+    return boto3.session.Session().client("s3", region_name=region, config=config)
 
 
 def _explain(uri: str, err: Exception) -> StorageError:

@@ -55,3 +55,19 @@ def _few_threads():
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster for the session (4 logical CPUs on the 2-core machine, so that
+    2 Train workers and the data tasks fit); shut down, with all its processes, at the end."""
+    import ray
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

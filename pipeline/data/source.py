@@ -131,17 +131,14 @@ def epochs_for(manifest: dict, split: str, samples: int) -> int:
 class ShardReader:
     """Ray Data UDF: a batch of plan items -> blocks of decoded, augmented rows."""
 
-    def __init__(self, fs, root: str, cfg: InputConfig, num_classes: int, health_name: str):
+    def __init__(self, fs, root: str, cfg: InputConfig, num_classes: int, health=None):
         self.fs, self.root, self.cfg = fs, root.rstrip("/"), cfg
-        self.num_classes, self.health_name = num_classes, health_name
-        self._health = None
+        self.num_classes, self.health = num_classes, health
 
     def _report(self, problem: Problem) -> None:
-        import ray
-
-        if self._health is None:
-            self._health = ray.get_actor(self.health_name, namespace=None)
-        self._health.record.remote(problem.shard, problem.key, problem.reason, problem.samples)
+        if self.health is not None:  # fire and forget: reporting never slows the read
+            self.health.record.remote(problem.shard, problem.key, problem.reason,
+                                      problem.samples)
 
     def __call__(self, batch: dict) -> Iterator[dict]:
         cfg = self.cfg
@@ -197,19 +194,21 @@ def _to_block(rows: dict) -> dict:
 
 def shard_dataset(cfg: InputConfig, num_epochs: int, start: tuple[int, int] = (0, 0),
                   health_name: str | None = None):
-    """-> (ray.data.Dataset of the training stream, manifest, health actor name)."""
+    """-> (ray.data.Dataset of the training stream, manifest, data-health actor handle).
+
+    Keep the handle for as long as the data is read: the actor goes when its last handle
+    does. Train workers can also find it by name (`health_name`)."""
     import ray
 
     manifest = read_manifest(cfg.uri)
     items = plan(manifest, cfg.split, cfg.seed, num_epochs, start)
     fs, root = storage.filesystem(cfg.uri)
-    health_name = health_name or f"data-health-{uuid.uuid4().hex[:12]}"
-    data_health(health_name)
-    reader = ShardReader(fs, root, cfg, manifest["num_classes"], health_name)
+    health = data_health(health_name or f"data-health-{uuid.uuid4().hex[:12]}")
+    reader = ShardReader(fs, root, cfg, manifest["num_classes"], health)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(reader, batch_size=1, num_cpus=cfg.num_cpus_per_read,
                         batch_format="numpy")
-    return ds, manifest, health_name
+    return ds, manifest, health
 
 
 def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int = 224,

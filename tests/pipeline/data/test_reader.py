@@ -24,7 +24,7 @@ def read(tmp_path, name, strict, expected=None, num_classes=10):
     problems: list[Problem] = []
     cfg = InputConfig(uri=str(tmp_path), augment=Augment("resize", 16), strict=strict,
                       block_rows=4)
-    reader = ShardReader(pafs.LocalFileSystem(), str(tmp_path), cfg, num_classes, "unused")
+    reader = ShardReader(pafs.LocalFileSystem(), str(tmp_path), cfg, num_classes)
     reader._report = problems.append
     batch = {"epoch": [0], "shard": [0], "name": [name], "samples": [expected or 0]}
     rows = [i for block in reader(batch) for i in block["index"].tolist()]
