@@ -60,17 +60,10 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 def save_vit(model: ViT, uri: str | os.PathLike, metadata: dict | None = None) -> str:
     """Write `model` in our format to a directory (local path or s3:// prefix); returns uri."""
-    from safetensors.torch import save_file
-
     model = _unwrap(model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION,
-           "config": model.cfg.to_dict(), "metadata": metadata or {}}
     uri = str(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": FORMAT})
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
+        write_weights(model.state_dict(), model.cfg, tmp, metadata)
         if storage.is_s3(uri):
             storage.upload_dir(tmp, uri, last=(CONFIG_FILE,))
         else:
@@ -82,6 +75,19 @@ def save_vit(model: ViT, uri: str | os.PathLike, metadata: dict | None = None) -
                 shutil.copyfile(os.path.join(tmp, name), out / f".{name}.tmp")
                 os.replace(out / f".{name}.tmp", out / name)
     return uri
+
+
+def write_weights(state: dict[str, torch.Tensor], cfg: ViTConfig, directory: str | os.PathLike,
+                  metadata: dict | None = None) -> None:
+    """Write a ViT state dict and its config in our format into a local directory."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
+           "metadata": metadata or {}}
+    save_file(state, os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT})
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
 
 
 def _unwrap(model: torch.nn.Module) -> ViT:

@@ -119,6 +119,21 @@ def plan(manifest: dict, split: str, seed: int, num_epochs: int,
     return items
 
 
+def position_after(manifest: dict, split: str, seed: int, samples: int) -> tuple[int, int]:
+    """(epoch, position in that epoch's shard order) at which a run that has consumed
+    `samples` samples resumes: the shard that was being read (shard granularity)."""
+    info = manifest["splits"][split]
+    per_epoch = max(info["num_samples"], 1)
+    epoch, rem = divmod(samples, per_epoch)
+    counts = [s["samples"] for s in info["shards"]]
+    seen = 0
+    for pos, idx in enumerate(shard_order(len(counts), seed, epoch)):
+        if seen + counts[idx] > rem:
+            return epoch, pos
+        seen += counts[idx]
+    return epoch + 1, 0
+
+
 def epochs_for(manifest: dict, split: str, samples: int) -> int:
     """Epochs needed to supply `samples` samples (one spare for what a split may drop)."""
     per_epoch = manifest["splits"][split]["num_samples"]
@@ -218,26 +233,30 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: tuple[int, int] = (0
     return ds, manifest, health
 
 
+def synthetic_rows(ids: np.ndarray, num_samples: int, num_classes: int, image_size: int,
+                   learnable: bool = True) -> dict:
+    """Rows of the synthetic source for global sample ids (epoch * num_samples + index).
+    `learnable`: the red channel of each image encodes its label, so the loss can fall."""
+    n = len(ids)
+    labels = (ids % num_samples) % num_classes
+    rng = np.random.default_rng(int(ids[0]) if n else 0)
+    images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+    if learnable:
+        shade = (labels * (192 // max(num_classes - 1, 1))).astype(np.int32)   # 0..192
+        images[..., 0] = (images[..., 0] // 4 + shade[:, None, None]).astype(np.uint8)
+    return {"image": images, "label": labels.astype(np.int64),
+            "epoch": (ids // num_samples).astype(np.int32), "shard": np.zeros(n, np.int32),
+            "index": (ids % num_samples).astype(np.int32)}
+
+
 def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int = 224,
                       num_epochs: int = 1, block_rows: int = 64, learnable: bool = True):
     """Same columns as `shard_dataset`, generated in memory: for tests, and to ask "is the
-    accelerator starved?" (train on it and compare images/s with the real input).
-
-    `learnable`: the mean colour of each image encodes its label, so the loss can fall."""
+    accelerator starved?" (train on it and compare images/s with the real input)."""
     import ray
 
     def make(batch: dict) -> dict:
-        ids = batch["id"]
-        n = len(ids)
-        labels = (ids % num_samples) % num_classes
-        rng = np.random.default_rng(int(ids[0]))
-        images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
-        if learnable:
-            shade = (labels * (255 // max(num_classes - 1, 1))).astype(np.uint8)
-            images[..., 0] = (images[..., 0] // 4 + shade[:, None, None] * 3 // 4)
-        return {"image": images, "label": labels.astype(np.int64),
-                "epoch": (ids // num_samples).astype(np.int32),
-                "shard": np.zeros(n, np.int32), "index": (ids % num_samples).astype(np.int32)}
+        return synthetic_rows(batch["id"], num_samples, num_classes, image_size, learnable)
 
     total = num_samples * num_epochs
     ds = ray.data.range(total, override_num_blocks=max(1, total // block_rows))
@@ -254,3 +273,37 @@ def iter_batches(data_iterator, batch_size: int, cfg: InputConfig | None = None,
     return data_iterator.iter_torch_batches(
         batch_size=batch_size, prefetch_batches=cfg.prefetch_batches, drop_last=drop_last,
         local_shuffle_buffer_size=shuffle, local_shuffle_seed=seed if shuffle else None)
+
+
+def load_probe(uri: str, split: str, image_size: int, max_images: int, seed: int = 0) -> dict:
+    """A small labelled set for the few-shot probe, read directly (no Ray Data), resized to
+    the model's resolution: {"images": uint8 (n, S, S, 3), "labels": int64 (n,)}. Bad samples
+    are skipped."""
+    manifest = read_manifest(uri)
+    if split not in manifest["splits"]:
+        raise DatasetError(f"{uri}: no split {split!r} for the few-shot probe; it has "
+                           f"{sorted(manifest['splits'])} (set data.fewshot_split)")
+    fs, root = storage.filesystem(uri)
+    aug = Augment("resize", image_size)
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    policy = BadDataPolicy(strict=False)
+    for entry in manifest["splits"][split]["shards"]:
+        try:
+            stream = fs.open_input_stream(f"{root.rstrip('/')}/{entry['name']}")
+        except (FileNotFoundError, OSError):
+            continue
+        with stream:
+            for sample in iter_samples(stream, entry["name"], policy, manifest["num_classes"]):
+                try:
+                    images.append(decode_and_augment(sample.image, aug, rng))
+                except Exception:  # noqa: BLE001
+                    continue
+                labels.append(sample.label)
+                if len(images) >= max_images:
+                    break
+        if len(images) >= max_images:
+            break
+    return {"images": np.stack(images) if images else np.zeros((0, image_size, image_size, 3),
+                                                                 np.uint8),
+            "labels": np.asarray(labels, dtype=np.int64)}

@@ -1,0 +1,143 @@
+"""Pretrain a ViT on Ray Train, as the paper defines it (../shared/docs/vit.md).
+
+    python jobs/pretrain.py --preset smoke                       # local Ray, CPU, ~1 minute
+    ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_i21k \\
+        --set data.uri=s3://bucket/imagenet21k --workers 64 --gpus-per-worker 1
+
+The same command resumes: a run whose name already has checkpoints in the storage continues
+from the newest one. MLFLOW_TRACKING_URI chooses the MLflow server (default: a local SQLite
+store under the storage folder). S3 settings come from the standard AWS variables.
+
+Presets (each documented in pipeline/train/config.py):
+  smoke         tiny ViT, synthetic data, CPU, about a minute
+  vit_b16_i21k  ViT-B/16 on ImageNet-21k, Table 3      vit_l16_i21k  ViT-L/16, ImageNet-21k
+  vit_b16_jft   ViT-B/16 on JFT-300M, Table 3          vit_h14_jft   ViT-H/14, JFT-300M
+  vit_b16_mpp   ViT-B/16 masked patch prediction (App. B.1.2)
+Any resolved value can be changed with --set section.field=value (sections: model, optim,
+data, train, scale, run; `model.variant=L/16` sets all model sizes). `--show-config` prints
+the resolved configuration and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from pipeline.train.config import PRESETS, apply_overrides  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="smoke", choices=sorted(PRESETS),
+                    help="named configuration to start from (default: smoke)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="override one value, e.g. optim.lr=3e-4 "
+                                              "(repeatable; unknown keys are errors)")
+    ap.add_argument("--workers", type=int, help="Ray Train workers (scale.num_workers)")
+    ap.add_argument("--gpus-per-worker", type=float,
+                    help="GPUs per worker; > 0 turns GPU training on (scale.gpus_per_worker)")
+    ap.add_argument("--cpus-per-worker", type=float, help="CPUs per worker "
+                                                          "(scale.cpus_per_worker)")
+    ap.add_argument("--name", help="run name (run.name): the same name resumes the same run")
+    ap.add_argument("--storage", help="checkpoint storage: a folder or s3://bucket/prefix "
+                                      "(run.storage; default ~/vit-runs)")
+    ap.add_argument("--data", help="dataset folder or s3:// prefix with a manifest.json "
+                                   "(sets data.source=shards and data.uri)")
+    ap.add_argument("--resume", metavar="CHECKPOINT",
+                    help="continue from another run's training checkpoint (weights, optimizer, "
+                         "step); this run's own checkpoints take precedence")
+    ap.add_argument("--init", metavar="WEIGHTS",
+                    help="start from these weights (any format load_vit reads: ours, Hugging "
+                         "Face, timm, .npz); fresh optimizer and step 0")
+    ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local "
+                                      "Ray started on demand)")
+    ap.add_argument("--show-config", action="store_true",
+                    help="print the resolved configuration and exit")
+    return ap.parse_args(argv)
+
+
+def resolve(args):
+    cfg = PRESETS[args.preset]()
+    sets = list(args.overrides)
+    if args.workers is not None:
+        sets.append(f"scale.num_workers={args.workers}")
+    if args.gpus_per_worker is not None:
+        sets.append(f"scale.gpus_per_worker={args.gpus_per_worker}")
+        sets.append(f"scale.use_gpu={args.gpus_per_worker > 0}")
+    if args.cpus_per_worker is not None:
+        sets.append(f"scale.cpus_per_worker={args.cpus_per_worker}")
+    if args.name:
+        sets.append(f"run.name={args.name}")
+    if args.storage:
+        sets.append(f"run.storage={args.storage}")
+    if args.data:
+        sets += ["data.source=shards", f"data.uri={args.data}"]
+    # Apply in two passes so that cross-field checks see the final values.
+    return apply_overrides(cfg, sets)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.show_config:
+        print(cfg.to_json())
+        return 0
+
+    import ray
+
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data.reader import DataError
+    from pipeline.data.shards import DatasetError
+    from pipeline.storage import StorageError
+    from pipeline.train.run import PretrainError, configure_logging, pretrain
+
+    configure_logging()
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, configure_logging=False, log_to_driver=True)
+    if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        out = pretrain(cfg, resume=args.resume, init=args.init)
+    except (PretrainError, CheckpointError, DatasetError, DataError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a Ray failure: its last line says why
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        print(f"error: training failed: {lines[-1] if lines else type(err).__name__}",
+              file=sys.stderr)
+        return 1
+    logging.getLogger("pipeline.train").info("done")
+    summary(cfg, out)
+    return 0
+
+
+def summary(cfg, out) -> None:
+    m = out.metrics
+    print()
+    print(f"Pretraining run {cfg.run.name!r} finished at step {out.step}")
+    rows = [(k, v) for k, v in sorted(m.items()) if isinstance(v, (int, float)) and "/" in k]
+    for key, value in rows:
+        print(f"  {key:<28} {value:.4g}")
+    print(f"  checkpoint: {out.checkpoint}")
+    print(f"    evaluate: python eval/vtab.py --checkpoint {out.checkpoint}")
+    if out.run_id:
+        print(f"  MLflow run: {out.run_id} (experiment {cfg.run.experiment!r})")
+        from pipeline.tracking import redact
+
+        print(f"    open it:  mlflow ui --backend-store-uri {redact(out.tracking_uri)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

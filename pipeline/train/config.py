@@ -1,0 +1,340 @@
+"""The pretraining run configuration: typed, frozen dataclasses, named presets, `--set` overrides.
+
+    cfg = apply_overrides(PRESETS["smoke"](), ["optim.lr=3e-4", "train.total_steps=200"])
+
+Steps are the unit of everything (schedule, logging, few-shot probe, checkpoints). The global
+batch is what you configure; the per-worker batch and gradient accumulation are derived from
+the number of workers (`TrainConfig.micro_batch_size` caps what one worker runs at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.model import ViTConfig
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam (β1 0.9, β2 0.999) with decoupled weight decay, linear warmup, then linear or
+    cosine decay; global-norm clipping (paper §4.1, Table 3)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.03
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 10_000
+    decay: Literal["linear", "cosine"] = "linear"
+    end_lr: float = 1e-5           # where linear decay ends (vit_jax `linear_end`)
+    grad_clip: float = 1.0         # global norm; 0 disables
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if self.decay not in ("linear", "cosine"):
+            raise ValueError(f"optim.decay must be 'linear' or 'cosine', got {self.decay!r}")
+        if self.warmup_steps < 0:
+            raise ValueError("optim.warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data: WebDataset shards (`source="shards"`, `uri` with a manifest) or the
+    synthetic source (`source="synthetic"`, for tests and starvation checks)."""
+
+    source: Literal["shards", "synthetic"] = "shards"
+    uri: str = ""
+    split: str = "train"
+    augment: Literal["inception", "resize_crop", "resize"] = "inception"
+    strict: bool = False
+    shuffle_buffer: int = 4096
+    block_rows: int = 64
+    num_cpus_per_read: float = 1.0
+    synthetic_samples: int = 4096
+    synthetic_classes: int = 10
+    fewshot_split: str = "val"     # split of the same dataset for the few-shot probe ("": off)
+    fewshot_shots: tuple[int, ...] = (1, 5, 10)
+    fewshot_images: int = 1000     # at most this many probe images
+
+    def __post_init__(self):
+        if self.source not in ("shards", "synthetic"):
+            raise ValueError(f"data.source must be 'shards' or 'synthetic', got {self.source!r}")
+        if self.source == "shards" and not self.uri:
+            raise ValueError("data.uri is required for data.source='shards' (a folder or "
+                             "s3:// prefix with manifest.json; see jobs/make_shards.py)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    total_steps: int = 100_000
+    global_batch_size: int = 4096
+    micro_batch_size: int = 0      # per-worker forward batch; 0: global / workers (no accum)
+    objective: Literal["softmax", "sigmoid", "mpp"] = "softmax"
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    fewshot_every: int = 0         # 0: off
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on GPU
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"     # auto: FSDP for L and H
+    compile: bool = False
+    max_failures: int = 3          # worker-group restarts before the run fails
+
+    def __post_init__(self):
+        for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.objective not in ("softmax", "sigmoid", "mpp"):
+            raise ValueError(f"train.objective must be softmax, sigmoid or mpp, got "
+                             f"{self.objective!r}")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"scale.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "vit"              # stable: the same name resumes the same run
+    experiment: str = "vit-pretrain"
+    storage: str = ""              # local folder or s3://bucket/prefix; "" -> ~/vit-runs
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ViTConfig = field(default_factory=ViTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(source="synthetic"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        t, s = self.train, self.scale
+        if t.global_batch_size % s.num_workers:
+            raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible "
+                             f"by scale.num_workers={s.num_workers}")
+        per_worker = t.global_batch_size // s.num_workers
+        if t.micro_batch_size and per_worker % t.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible "
+                             f"by scale.num_workers x train.micro_batch_size "
+                             f"({s.num_workers} x {t.micro_batch_size})")
+        if t.objective == "mpp" and self.model.pool != "token":
+            raise ValueError("masked patch prediction needs model.pool='token'")
+        if self.optim.warmup_steps >= t.total_steps and t.total_steps > 1:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below "
+                             f"train.total_steps={t.total_steps}")
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.global_batch_size // self.scale.num_workers
+
+    @property
+    def micro_batch(self) -> int:
+        return self.train.micro_batch_size or self.per_worker_batch
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.per_worker_batch // self.micro_batch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        return _build(cls, d, "")
+
+    def flat(self) -> dict[str, object]:
+        """{"optim.lr": 0.001, ...}: every resolved value, for MLflow params."""
+        out = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def _build(cls, d: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        value, hint = d[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, f"{prefix}{f.name}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(prefix + k for k in unknown)}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# --set key=value
+# ---------------------------------------------------------------------------------------------
+def _parse_value(raw: str, hint, key: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null", "") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(raw, inner[0], key)
+    if origin is Literal:
+        if raw not in args:
+            raise ValueError(f"--set {key}={raw}: must be one of {list(args)}")
+        return raw
+    if origin is tuple:
+        return tuple(_parse_value(x, args[0], key) for x in raw.split(",") if x)
+    if hint is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={raw}: expected true or false")
+    try:
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"--set {key}={raw}: expected {hint.__name__}") from None
+    if hint is str:
+        return raw
+    raise ValueError(f"--set {key}: cannot set a value of type {hint}")
+
+
+def apply_overrides(cfg: PretrainConfig, items: list[str]) -> PretrainConfig:
+    """Apply `section.field=value` overrides; unknown keys and wrong types are errors.
+    `model.variant=B/16` sets all of the model's sizes at once."""
+    sections: dict[str, dict] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        section, _, name = key.strip().partition(".")
+        if not dataclasses.is_dataclass(getattr(cfg, section, None)) or not name:
+            raise ValueError(f"--set {key}: unknown section {section!r}; sections are "
+                             f"{[f.name for f in dataclasses.fields(cfg)]}")
+        sections.setdefault(section, {})[name] = raw
+    changes = {}
+    for section, values in sections.items():
+        current = getattr(cfg, section)
+        hints = typing.get_type_hints(type(current))
+        if section == "model" and "variant" in values:
+            sizes = ViTConfig.from_variant(values.pop("variant"))
+            current = current.replace(**{k: getattr(sizes, k) for k in (
+                "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim")})
+        updates = {}
+        for name, raw in values.items():
+            if name not in hints:
+                raise ValueError(f"--set {section}.{name}: unknown key; {section} has "
+                                 f"{sorted(hints)}")
+            updates[name] = _parse_value(raw, hints[name], f"{section}.{name}")
+        changes[section] = dataclasses.replace(current, **updates)
+    return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the paper's Table 3 rows, masked patch prediction, and a smoke run
+# ---------------------------------------------------------------------------------------------
+def smoke() -> PretrainConfig:
+    """A tiny ViT on the synthetic source, on CPU: the whole machinery in about a minute.
+
+        python jobs/pretrain.py --preset smoke
+    Expected (2-core CPU, 1 worker, ~35 s including Ray start-up): the loss falls from
+    log(10) = 2.30 to about 0.4 in 150 steps; few-shot accuracy reaches 1.0.
+    """
+    return PretrainConfig(
+        model=ViTConfig(patch_size=8, hidden_size=64, depth=2, num_heads=2, mlp_dim=128,
+                        image_size=32, num_classes=10, representation_size=64),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.03, warmup_steps=15, decay="cosine"),
+        data=DataConfig(source="synthetic", augment="resize", synthetic_samples=2048,
+                        synthetic_classes=10, shuffle_buffer=256, fewshot_shots=(1, 5)),
+        train=TrainConfig(total_steps=150, global_batch_size=64, log_every=25,
+                          checkpoint_every=50, keep_checkpoints=2, fewshot_every=50),
+        run=RunConfig(name="smoke", experiment="vit-smoke"))
+
+
+def _table3(variant: str, lr: float, wd: float, dropout: float, steps: int, data: str,
+            name: str, decay: str = "linear") -> PretrainConfig:
+    return PretrainConfig(
+        model=ViTConfig.from_variant(variant, num_classes=21843 if data == "i21k" else 18291,
+                                     representation_size=ViTConfig.from_variant(
+                                         variant).hidden_size, dropout=dropout),
+        optim=OptimConfig(lr=lr, weight_decay=wd, warmup_steps=10_000, decay=decay),
+        data=DataConfig(source="shards", uri=f"s3://CHANGE-ME/{data}", augment="inception"),
+        train=TrainConfig(total_steps=steps, global_batch_size=4096,
+                          objective="sigmoid" if data == "jft" else "softmax",
+                          checkpoint_every=2000, fewshot_every=5000),
+        scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=8),
+        run=RunConfig(name=name, experiment="vit-pretrain"))
+
+
+# ImageNet-21k: 14.2M images; 90 epochs at batch 4096 = ~312k steps (30 epochs: ~104k).
+I21K_STEPS_PER_EPOCH = 14_197_122 // 4096
+# JFT-300M: 7 epochs at batch 4096 = ~517k steps; 14 epochs ~1.03M.
+JFT_STEPS_PER_EPOCH = 303_000_000 // 4096
+
+
+def vit_b16_i21k() -> PretrainConfig:
+    """ViT-B/16 on ImageNet-21k (Table 3): 90 epochs, lr 1e-3, wd 0.03, dropout 0.1.
+
+        ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_i21k \\
+            --set data.uri=s3://bucket/imagenet21k --workers 64 --gpus-per-worker 1
+    About 312k steps; ~10k GPU-hours of H100 at 45% MFU.
+    """
+    return _table3("B/16", 1e-3, 0.03, 0.1, 90 * I21K_STEPS_PER_EPOCH, "i21k", "vit-b16-i21k")
+
+
+def vit_l16_i21k() -> PretrainConfig:
+    """ViT-L/16 on ImageNet-21k (Table 3): 90 epochs (30 also in the paper), lr 1e-3,
+    wd 0.03, dropout 0.1; FSDP. About 312k steps; ~35k H100-hours at 45% MFU."""
+    return _table3("L/16", 1e-3, 0.03, 0.1, 90 * I21K_STEPS_PER_EPOCH, "i21k", "vit-l16-i21k")
+
+
+def vit_b16_jft() -> PretrainConfig:
+    """ViT-B/16 on JFT-300M (Table 3): 7 epochs, lr 8e-4, wd 0.1, no dropout, sigmoid loss
+    (JFT is multi-label). About 517k steps; ~17k H100-hours at 45% MFU."""
+    return _table3("B/16", 8e-4, 0.1, 0.0, 7 * JFT_STEPS_PER_EPOCH, "jft", "vit-b16-jft")
+
+
+def vit_h14_jft() -> PretrainConfig:
+    """ViT-H/14 on JFT-300M (Table 3): 14 epochs, lr 3e-4, wd 0.1; FSDP. About 1.03M steps;
+    ~330k H100-hours at 45% MFU (the paper: 2.5k TPUv3-core-days)."""
+    return _table3("H/14", 3e-4, 0.1, 0.0, 14 * JFT_STEPS_PER_EPOCH, "jft", "vit-h14-jft")
+
+
+def vit_b16_mpp() -> PretrainConfig:
+    """ViT-B/16 masked patch prediction (App. B.1.2): corrupt 50% of patch embeddings
+    (80% [mask], 10% random other patch, 10% kept), predict the 3-bit mean colour (512
+    classes) of each; 1M steps at batch 4096 on JFT, Adam lr 2e-4, 10k warmup, cosine.
+    The paper reports 79.9% ImageNet top-1 after fine-tuning."""
+    cfg = _table3("B/16", 2e-4, 0.1, 0.0, 1_000_000, "jft", "vit-b16-mpp", decay="cosine")
+    return dataclasses.replace(
+        cfg, model=cfg.model.replace(num_classes=0, representation_size=None),
+        train=dataclasses.replace(cfg.train, objective="mpp", fewshot_every=5000))
+
+
+PRESETS = {f.__name__: f for f in (smoke, vit_b16_i21k, vit_l16_i21k, vit_b16_jft, vit_h14_jft,
+                                   vit_b16_mpp)}
