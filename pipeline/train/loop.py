@@ -61,12 +61,14 @@ def decay_names(module: nn.Module) -> set[str]:
 
 
 def clean_name(name: str) -> str:
-    for wrapper in ("module.", "_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module."):
+    for wrapper in ("module.", "_fsdp_wrapped_module.", "_orig_mod.",
+                    "_checkpoint_wrapped_module."):
         name = name.replace(wrapper, "")
     return name
 
 
-def make_optimizer(model: nn.Module, decay: set[str], cfg: PretrainConfig, device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, decay: set[str], cfg: PretrainConfig,
+                   device) -> torch.optim.Optimizer:
     groups = {True: [], False: []}
     for name, p in model.named_parameters():
         if p.requires_grad:
