@@ -309,19 +309,30 @@ def vit_b16_i21k() -> PretrainConfig:
 
 def vit_l16_i21k() -> PretrainConfig:
     """ViT-L/16 on ImageNet-21k (Table 3): 90 epochs (30 also in the paper), lr 1e-3,
-    wd 0.03, dropout 0.1; FSDP. About 312k steps; ~35k H100-hours at 45% MFU."""
+    wd 0.03, dropout 0.1; FSDP.
+
+        ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_l16_i21k \
+            --set data.uri=s3://bucket/imagenet21k --workers 128 --gpus-per-worker 1
+    About 312k steps; ~35k H100-hours at 45% MFU."""
     return _table3("L/16", 1e-3, 0.03, 0.1, 90 * I21K_STEPS_PER_EPOCH, "i21k", "vit-l16-i21k")
 
 
 def vit_b16_jft() -> PretrainConfig:
     """ViT-B/16 on JFT-300M (Table 3): 7 epochs, lr 8e-4, wd 0.1, no dropout, sigmoid loss
-    (JFT is multi-label). About 517k steps; ~17k H100-hours at 45% MFU."""
+    (JFT is multi-label).
+
+        ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_jft \
+            --set data.uri=s3://bucket/jft300m --workers 128 --gpus-per-worker 1
+    About 517k steps; ~17k H100-hours at 45% MFU."""
     return _table3("B/16", 8e-4, 0.1, 0.0, 7 * JFT_STEPS_PER_EPOCH, "jft", "vit-b16-jft")
 
 
 def vit_h14_jft() -> PretrainConfig:
-    """ViT-H/14 on JFT-300M (Table 3): 14 epochs, lr 3e-4, wd 0.1; FSDP. About 1.03M steps;
-    ~330k H100-hours at 45% MFU (the paper: 2.5k TPUv3-core-days)."""
+    """ViT-H/14 on JFT-300M (Table 3): 14 epochs, lr 3e-4, wd 0.1; FSDP.
+
+        ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_h14_jft \
+            --set data.uri=s3://bucket/jft300m --workers 512 --gpus-per-worker 1
+    About 1.03M steps; ~330k H100-hours at 45% MFU (the paper: 2.5k TPUv3-core-days)."""
     return _table3("H/14", 3e-4, 0.1, 0.0, 14 * JFT_STEPS_PER_EPOCH, "jft", "vit-h14-jft")
 
 
@@ -329,7 +340,10 @@ def vit_b16_mpp() -> PretrainConfig:
     """ViT-B/16 masked patch prediction (App. B.1.2): corrupt 50% of patch embeddings
     (80% [mask], 10% random other patch, 10% kept), predict the 3-bit mean colour (512
     classes) of each; 1M steps at batch 4096 on JFT, Adam lr 2e-4, 10k warmup, cosine.
-    The paper reports 79.9% ImageNet top-1 after fine-tuning."""
+
+        ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_mpp \
+            --set data.uri=s3://bucket/jft300m --workers 128 --gpus-per-worker 1
+    The paper reports 79.9% ImageNet top-1 after fine-tuning; ~33k H100-hours at 45% MFU."""
     cfg = _table3("B/16", 2e-4, 0.1, 0.0, 1_000_000, "jft", "vit-b16-mpp", decay="cosine")
     return dataclasses.replace(
         cfg, model=cfg.model.replace(num_classes=0, representation_size=None),

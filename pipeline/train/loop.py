@@ -119,12 +119,13 @@ class Meter:
     loss: float = 0.0
     grad_norm: float = 0.0
     steps: int = 0
+    images: int = 0                # images this worker trained on in the interval
     data_s: float = 0.0
     start: float = 0.0
 
     def reset(self):
         self.loss = self.grad_norm = self.data_s = 0.0
-        self.steps = 0
+        self.steps = self.images = 0
         self.start = time.perf_counter()
 
 
@@ -255,6 +256,7 @@ def train_loop(config: dict) -> None:
             error = f"non-finite loss at step {step + 1}: {err}; lower optim.lr or check the data"
             break
         step += 1
+        meter.images += sum(len(x) for x, _ in micro)
         meter.loss += loss
         meter.grad_norm += grad_norm
         meter.steps += 1
@@ -263,6 +265,8 @@ def train_loop(config: dict) -> None:
         metrics = None
         if step % cfg.train.log_every == 0 or last:
             metrics = interval_metrics(meter, cfg, lr, world, flops, peak)
+            # The batch that really went into each optimizer step, summed over workers.
+            metrics["train/images_per_step"] = _all_sum(meter.images, device) / meter.steps
             if rank == 0 and config.get("health") is not None:
                 metrics["data/skipped_samples"] = _skipped(config["health"])
             if probe is not None and cfg.train.fewshot_every and (
@@ -284,6 +288,16 @@ def train_loop(config: dict) -> None:
         ray.train.report({"error": error, "step": step})
     if tracker is not None:
         tracker.close()
+
+
+def _all_sum(value: float, device) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t)
+    return float(t.item())
 
 
 def _quiet_ray_reports() -> None:

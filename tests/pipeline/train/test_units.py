@@ -1,0 +1,260 @@
+"""The plain-PyTorch parts of pretraining: schedule, objectives, few-shot probe, config,
+the train step (accumulation, non-finite loss) and exact checkpoint resume. No Ray."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model import ViT, ViTConfig
+from pipeline.train import state as train_state
+from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke
+from pipeline.train.fewshot import lsr_accuracy
+from pipeline.train.loop import (
+    NonFiniteLoss,
+    Pretrainer,
+    _load_training_checkpoint,
+    decay_names,
+    load_optimizer,
+    make_optimizer,
+    train_step,
+)
+from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets
+from pipeline.train.schedule import learning_rate
+
+CPU = torch.device("cpu")
+
+
+# ---- schedule -------------------------------------------------------------------------------
+def test_warmup_then_linear_decay_to_end_lr():
+    lr = lambda s: learning_rate(s, 1e-3, 1000, 100, "linear", 1e-5)  # noqa: E731
+    assert lr(0) == pytest.approx(1e-5) and lr(49) == pytest.approx(5e-4)
+    assert lr(99) == pytest.approx(1e-3) and lr(100) == pytest.approx(1e-3)
+    assert lr(550) == pytest.approx(1e-3 - (1e-3 - 1e-5) * 0.5)
+    assert lr(1000) == pytest.approx(1e-5)
+    assert all(lr(s) >= lr(s + 1) for s in range(100, 999))
+
+
+def test_cosine_decay():
+    lr = lambda s: learning_rate(s, 2e-4, 1100, 100, "cosine")  # noqa: E731
+    assert lr(100) == pytest.approx(2e-4)
+    assert lr(600) == pytest.approx(1e-4)
+    assert lr(1100) == pytest.approx(0.0, abs=1e-12)
+
+
+# ---- objectives -----------------------------------------------------------------------------
+def test_mean_colour_targets_are_3_bit_codes():
+    img = torch.full((1, 3, 32, 32), -1.0)        # black: class 0
+    img[:, :, :16, :16] = 1.0                       # white top-left patch: 7*64+7*8+7 = 511
+    img[:, 0, 16:, 16:] = 1.0                       # red bottom-right patch: 7*64 = 448
+    img[:, 1, :16, 16:] = 0.0                       # mid-green top-right: level 4 -> 4*8 = 32
+    assert mean_colour_targets(img, 16).tolist() == [[511, 32, 0, 448]]
+
+
+def test_mpp_corruption_proportions():
+    torch.manual_seed(0)
+    mpp = MaskedPatchPrediction(8)
+    x = torch.randn(64, 196, 8)
+    out, chosen = mpp.corrupt_patches(x)
+    frac = chosen.float().mean().item()
+    assert abs(frac - 0.5) < 0.02, "50% of the patches are corrupted"
+    masked = (out == mpp.mask_token.detach()).all(-1)
+    kept = (out == x).all(-1) & chosen
+    swapped = chosen & ~masked & ~kept
+    n = chosen.sum().item()
+    assert abs(masked.sum().item() / n - 0.8) < 0.02
+    assert abs(swapped.sum().item() / n - 0.1) < 0.02
+    assert abs(kept.sum().item() / n - 0.1) < 0.02
+    assert torch.equal(out[~chosen], x[~chosen]), "the others are untouched"
+    # A swapped patch holds another patch of the same image.
+    b, i = swapped.nonzero()[0].tolist()
+    assert any(torch.equal(out[b, i], x[b, j]) for j in range(196) if j != i)
+
+
+def mpp_images(n, seed):
+    """Images whose patch colours are learnable from their neighbours (smooth gradients)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 1, 1, generator=g) * 2 - 1
+    ramp = torch.linspace(-0.3, 0.3, 32).view(1, 1, 1, 32)
+    return (base + ramp).expand(n, 3, 32, 32).clamp(-1, 1)
+
+
+def test_mpp_loss_falls():
+    """Masked patch prediction learns from context: its loss ends far below the entropy of
+    the colour codes' marginal distribution (what a context-free guess can reach)."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(patch_size=8, hidden_size=64, depth=2, num_heads=2, mlp_dim=128,
+                    image_size=32, num_classes=0)
+    model = Pretrainer(ViT(cfg), "mpp")
+    opt = make_optimizer(model, decay_names(model), smoke(), CPU)
+    losses = []
+    for step in range(200):
+        x = mpp_images(64, step)
+        loss, _ = train_step(model, opt, [(x, torch.zeros(64, dtype=torch.long))],
+                             learning_rate(step, 3e-3, 200, 10, "cosine"), 1.0, None)
+        losses.append(loss)
+    assert losses[0] == pytest.approx(math.log(512), rel=1e-3), "zero head: uniform over 512"
+    codes = torch.cat([mean_colour_targets(mpp_images(64, 10_000 + s), 8).flatten()
+                       for s in range(50)])
+    p = torch.bincount(codes, minlength=512).float()
+    p = p[p > 0] / p.sum()
+    marginal_entropy = -(p * p.log()).sum().item()
+    assert np.mean(losses[-10:]) < 0.6 * marginal_entropy
+
+
+# ---- few-shot probe -------------------------------------------------------------------------
+def test_fewshot_probe_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat_interleave(20)
+    centres = torch.randn(5, 16, generator=g) * 3
+    feats = centres[labels] + torch.randn(100, 16, generator=g) * 0.5
+    assert lsr_accuracy(feats, labels, shots=5) > 0.95
+    noise = torch.randn(100, 16, generator=g)
+    assert lsr_accuracy(noise, labels, shots=5) < 0.5
+    assert math.isnan(lsr_accuracy(feats[:5], labels[:5], shots=5))
+
+
+# ---- config ---------------------------------------------------------------------------------
+def test_overrides_types_and_errors():
+    cfg = apply_overrides(smoke(), ["optim.lr=3e-4", "train.total_steps=70", "model.variant=S/16",
+                                    "data.fewshot_shots=1,10", "scale.use_gpu=true",
+                                    "model.representation_size=none"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.total_steps == 70
+    assert (cfg.model.hidden_size, cfg.model.depth, cfg.model.patch_size) == (384, 12, 16)
+    assert cfg.data.fewshot_shots == (1, 10) and cfg.scale.use_gpu is True
+    assert cfg.model.representation_size is None
+    with pytest.raises(ValueError, match=r"unknown key; optim has"):
+        apply_overrides(smoke(), ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="unknown section 'optimizer'"):
+        apply_overrides(smoke(), ["optimizer.lr=1"])
+    with pytest.raises(ValueError, match="expected int"):
+        apply_overrides(smoke(), ["train.total_steps=many"])
+    with pytest.raises(ValueError, match=r"must be one of \['linear', 'cosine'\]"):
+        apply_overrides(smoke(), ["optim.decay=step"])
+    with pytest.raises(ValueError, match="not divisible by scale.num_workers"):
+        apply_overrides(smoke(), ["scale.num_workers=3"])
+    with pytest.raises(ValueError, match=r"not divisible by scale.num_workers x "
+                                         r"train.micro_batch_size"):
+        apply_overrides(smoke(), ["scale.num_workers=2", "train.micro_batch_size=24"])
+
+
+def test_global_batch_is_split_into_workers_and_accumulation():
+    cfg = apply_overrides(PRESETS["vit_b16_i21k"](), ["scale.num_workers=64",
+                                                      "train.micro_batch_size=32"])
+    assert cfg.train.global_batch_size == 4096
+    assert (cfg.per_worker_batch, cfg.micro_batch, cfg.accumulation_steps) == (64, 32, 2)
+    assert cfg.micro_batch * cfg.accumulation_steps * cfg.scale.num_workers == 4096
+
+
+def test_presets_follow_table_3():
+    b = PRESETS["vit_b16_i21k"]()
+    assert (b.optim.lr, b.optim.weight_decay, b.model.dropout, b.optim.warmup_steps) == (
+        1e-3, 0.03, 0.1, 10_000)
+    assert b.optim.beta1 == 0.9 and b.optim.beta2 == 0.999 and b.optim.grad_clip == 1.0
+    assert b.model.representation_size == 768, "pre-training head with a tanh pre-logits layer"
+    h = PRESETS["vit_h14_jft"]()
+    assert (h.optim.lr, h.optim.weight_decay, h.model.patch_size, h.model.depth) == (
+        3e-4, 0.1, 14, 32)
+    m = PRESETS["vit_b16_mpp"]()
+    assert m.train.objective == "mpp" and m.optim.lr == 2e-4 and m.optim.decay == "cosine"
+    for preset in PRESETS.values():
+        assert PretrainConfig.from_dict(preset().to_dict()) == preset(), "round-trips"
+        assert "python jobs/pretrain.py --preset " + preset.__name__ in preset.__doc__
+
+
+# ---- the train step and exact resume -------------------------------------------------------
+def tiny_run():
+    cfg = apply_overrides(smoke(), ["train.total_steps=20"])
+    torch.manual_seed(0)
+    model = Pretrainer(ViT(cfg.model), "softmax")
+    return cfg, model, make_optimizer(model, decay_names(model), cfg, CPU)
+
+
+def batch(seed, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g)
+
+
+def test_accumulation_equals_one_big_batch():
+    _, a, opt_a = tiny_run()
+    _, b, opt_b = tiny_run()
+    x, y = batch(1, 32)
+    train_step(a, opt_a, [(x, y)], 1e-3, 1.0, None)
+    train_step(b, opt_b, [(x[:16], y[:16]), (x[16:], y[16:])], 1e-3, 1.0, None)
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_non_finite_loss_raises_before_the_update():
+    _, model, opt = tiny_run()
+    before = [p.clone() for p in model.parameters()]
+    x, y = batch(2)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match="loss nan"):
+        train_step(model, opt, [(x, y)], 1e-3, 1.0, None)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_resume_is_exact(tmp_path):
+    cfg, model, opt = tiny_run()
+    for s in range(3):
+        train_step(model, opt, [batch(s)], 1e-3, 1.0, None)
+    from pipeline.train.loop import full_state
+
+    model_state, optim_state = full_state(model, opt)
+    train_state.write(tmp_path, vit_state={k[4:]: v for k, v in model_state.items()},
+                      vit_cfg=cfg.model, optimizer_state=optim_state, objective_state={},
+                      step=3, samples_seen=48, data_position=(0, 0), config=cfg.to_dict(),
+                      run_name="t")
+    # A fresh process would build everything anew and restore:
+    torch.manual_seed(123)
+    fresh = Pretrainer(ViT(cfg.model), "softmax")
+    pos, ostate = _load_training_checkpoint(fresh, cfg, tmp_path, "test")
+    fresh_opt = make_optimizer(fresh, decay_names(fresh), cfg, CPU)
+    load_optimizer(fresh, fresh_opt, ostate)
+    assert pos.step == 3 and pos.samples_seen == 48
+    a, b = opt.state_dict(), fresh_opt.state_dict()
+    for k in a["state"]:
+        for name, value in a["state"][k].items():
+            assert torch.equal(value, b["state"][k][name]), (k, name)
+    # ... and the next step is bit-identical.
+    x = batch(9)
+    la, _ = train_step(model, opt, [x], 1e-3, 1.0, None)
+    lb, _ = train_step(fresh, fresh_opt, [x], 1e-3, 1.0, None)
+    assert la == lb
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # The training checkpoint is also a model checkpoint in our format.
+    from pipeline.checkpoint import load_vit
+
+    assert load_vit(tmp_path).cfg == cfg.model
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    cfg, model, opt = tiny_run()
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.train.loop import full_state
+
+    ms, os_ = full_state(model, opt)
+    train_state.write(tmp_path, vit_state={k[4:]: v for k, v in ms.items()}, vit_cfg=cfg.model,
+                      optimizer_state=os_, objective_state={}, step=1, samples_seen=16,
+                      data_position=(0, 0), config=cfg.to_dict(), run_name="t")
+    other = apply_overrides(cfg, ["model.depth=3"])
+    with pytest.raises(CheckpointError, match="depth: checkpoint 2 vs run 3"):
+        _load_training_checkpoint(Pretrainer(ViT(other.model), "softmax"), other, tmp_path, "x")
+
+
+def test_init_from_foreign_weights_keeps_our_head(tmp_path):
+    from pipeline.checkpoint import save_vit
+
+    cfg, model, _ = tiny_run()
+    src = ViT(cfg.model.replace(num_classes=3, image_size=16))
+    with torch.no_grad():
+        src.blocks[0].mlp.fc1.weight.fill_(0.5)
+    save_vit(src, tmp_path / "w")
+    train_state.init_weights(model.vit, str(tmp_path / "w"))
+    assert torch.all(model.vit.blocks[0].mlp.fc1.weight == 0.5)
+    assert model.vit.head.weight.shape[0] == 10 and model.vit.pos_embed.shape[1] == 17
