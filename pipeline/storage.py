@@ -90,8 +90,8 @@ def list_objects(uri: str) -> list[str]:
 
 
 def fetch(uri: str, dest: str | os.PathLike) -> Path:
-    """Make `uri` available locally. A local path is returned as is; an s3:// object is
-    downloaded into `dest`, and an s3:// prefix is downloaded as a directory."""
+    """Make `uri` available locally. A local path is returned as is; an s3:// prefix with
+    objects under it is downloaded as a directory, otherwise the object itself as a file."""
     if not is_s3(uri):
         return Path(uri)
     bucket, key = split_s3(uri)
@@ -99,32 +99,19 @@ def fetch(uri: str, dest: str | os.PathLike) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     name = key.rstrip("/").rsplit("/", 1)[-1] or bucket
+    # A "directory" first: writers such as pyarrow leave empty marker objects named like it.
+    rels = [r for r in list_objects(uri) if r and not r.endswith("/")]
     try:
-        client.head_object(Bucket=bucket, Key=key)
-        is_object = True
-    except Exception as err:  # noqa: BLE001
-        from botocore.exceptions import ClientError
-
-        if not (isinstance(err, ClientError)
-                and err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")):
-            raise _explain(uri, err) from None
-        is_object = False
-    try:
-        if is_object:
-            target = dest / name
-            client.download_file(bucket, key, str(target))
-            return target
-        keys = list_objects(uri)
-        if not keys:
-            raise StorageError(f"{uri}: nothing found at this path; check the URI")
-        root = dest / name
-        for rel in keys:
-            target = root / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key.rstrip("/") + "/" + rel, str(target))
-        return root
-    except StorageError:
-        raise
+        if rels:
+            root = dest / name
+            for rel in rels:
+                target = root / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key.rstrip("/") + "/" + rel, str(target))
+            return root
+        target = dest / name
+        client.download_file(bucket, key, str(target))
+        return target
     except Exception as err:  # noqa: BLE001
         raise _explain(uri, err) from None
 

@@ -53,9 +53,10 @@ def git_commit() -> str:
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, artifact_root: str | None,
-              params: dict, tags: dict) -> str:
-    """Create (or find, for a resumed run of the same name) the MLflow run; -> run id.
-    Params are logged here; values are stringified and secrets never included."""
+              params: dict, tags: dict, continuing: bool = False) -> str:
+    """Create the MLflow run, or, when `continuing` a run that has checkpoints, find the
+    latest run of that name and log into it again; -> run id. Params are logged on
+    creation; values are stringified and secrets never included."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -66,7 +67,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, artifact_root: 
         exp_id = exp.experiment_id
     found = client.search_runs([exp_id], f"tags.`vit.run_name` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
-    if found and found[0].info.status in ("RUNNING", "FAILED", "KILLED", "SCHEDULED"):
+    if continuing and found:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         log.info("resuming MLflow run %s (%s)", run_id, run_name)
@@ -93,6 +94,11 @@ class Tracker:
                  retry_every_s: float = 30.0):
         from mlflow.tracking import MlflowClient
 
+        # Fail fast and retry ourselves: MLflow's own retries (7, exponential backoff) would
+        # block a training step for minutes while the server is away. This runs on rank 0,
+        # whose only MLflow traffic is this tracker's.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
         self.client = MlflowClient(tracking_uri)
         self.run_id, self.spill_uri = run_id, spill_uri
         self.retry_every_s = retry_every_s

@@ -71,3 +71,74 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+def _wait_http(url: str, timeout: float, proc=None) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not come up in {timeout} s")
+
+
+def stop_process_group(proc, timeout: float = 20) -> None:
+    """SIGTERM the process group of `proc`, then SIGKILL what is left: no orphans."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class MlflowServer:
+    """A real MLflow tracking server process on 127.0.0.1 (SQLite backend, local artifacts).
+    `stop()` / `start()` simulate an outage; the data survives a restart."""
+
+    def __init__(self, root):
+        self.root, self.port, self.proc = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        import subprocess
+        import sys
+
+        mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        self.proc = subprocess.Popen(
+            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", f"{self.root}/artifacts", "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=open(f"{self.root}/server.log", "ab"),
+            start_new_session=True)
+        _wait_http(f"{self.uri}/health", 120, self.proc)
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process_group(self.proc)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

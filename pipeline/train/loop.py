@@ -222,6 +222,8 @@ def train_loop(config: dict) -> None:
         log.info("start at step %d (%s); %d workers x %d micro-batch x %d accumulation = "
                  "global batch %d", pos.step, pos.source, world, cfg.micro_batch,
                  cfg.accumulation_steps, cfg.train.global_batch_size)
+        if tracker is not None:  # every (re)start is visible in the run's history
+            tracker.log_metrics({"train/start_step": pos.step}, pos.step)
 
     from pipeline.data.source import InputConfig, iter_batches
 
@@ -282,10 +284,12 @@ def train_loop(config: dict) -> None:
         # the smoke run 90% of its throughput. Metrics go to MLflow from rank 0 instead.
         if step % cfg.train.checkpoint_every == 0 or last:
             save_checkpoint(model, optimizer, cfg, step, metrics or {"step": step}, rank)
-    if error is not None:
-        if rank == 0:
-            log.error(error)
-        ray.train.report({"error": error, "step": step})
+    if error is not None and rank == 0:
+        # Told to the driver through its status actor, not by raising: an exception would
+        # make Ray Train restart the workers (FailureConfig), and these errors would recur.
+        log.error(error)
+        if config.get("status") is not None:
+            ray.get(config["status"].fail.remote(error))
     if tracker is not None:
         tracker.close()
 

@@ -120,6 +120,24 @@ def _probe(probe, name, shots):
     return ray.put({**probe, "name": name, "shots": list(shots)})
 
 
+def run_status():
+    """A tiny actor through which the workers tell the driver why a run stopped early."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RunStatus:
+        def __init__(self):
+            self.error = None
+
+        def fail(self, message: str) -> None:
+            self.error = self.error or message
+
+        def get(self) -> str | None:
+            return self.error
+
+    return RunStatus.remote()
+
+
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
              tracking_uri: str | None = None) -> Outcome:
     """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster."""
@@ -130,6 +148,9 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     from pipeline import tracking
     from pipeline.train.loop import train_loop
 
+    # Bounded MLflow retries on the driver: an unreachable server costs seconds, not minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     root = storage_root(cfg)
     if storage.is_s3(root):
         storage.check_bucket(root)
@@ -158,7 +179,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
                                     Path(DEFAULT_ROOT).expanduser()) / "mlartifacts")
         params = {**cfg.flat(), "resume": resume or "", "init": init or ""}
         run_id = tracking.start_run(tracking_uri, cfg.run.experiment, cfg.run.name,
-                                    artifact_root, params, tags)
+                                    artifact_root, params, tags, continuing=own is not None)
         tracker = tracking.Tracker(tracking_uri, run_id)
         tracker.log_text(cfg.to_json(), "config.json")
     except Exception as err:  # noqa: BLE001 - tracking must not stop training
@@ -166,6 +187,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
                     tracking.redact(str(err).splitlines()[0][:160]) if str(err) else
                     type(err).__name__)
 
+    status = run_status()
     scale = cfg.scale
     resources_per_worker = {"CPU": scale.cpus_per_worker}
     if scale.use_gpu:
@@ -173,7 +195,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
-                           "health": health, "resume": resume, "init": init,
+                           "health": health, "status": status, "resume": resume,
+                           "init": init,
                            "fewshot": probe, "spill_uri": storage.join(root, cfg.run.name)},
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers,
                                                use_gpu=scale.use_gpu,
@@ -191,10 +214,11 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
             tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise
     metrics = dict(result.metrics or {})
-    if metrics.get("error"):
+    error = ray.get(status.get.remote())
+    if error:
         if run_id:
             tracking.finish_run(tracking_uri, run_id, "FAILED")
-        raise PretrainError(metrics["error"])
+        raise PretrainError(error)
     ckpt = result.checkpoint
     uri = ckpt.path if ckpt is not None else ""
     if storage.is_s3(root) and uri and not uri.startswith("s3://"):
