@@ -75,6 +75,7 @@ def ray_local():
 
 def _wait_http(url: str, timeout: float, proc=None) -> None:
     import time
+    import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -84,6 +85,8 @@ def _wait_http(url: str, timeout: float, proc=None) -> None:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # it answers (e.g. 401 with token auth): it is up
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not come up in {timeout} s")

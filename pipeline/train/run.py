@@ -200,7 +200,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
                            "fewshot": probe, "spill_uri": storage.join(root, cfg.run.name)},
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers,
                                                use_gpu=scale.use_gpu,
-                                               resources_per_worker=resources_per_worker),
+                                               resources_per_worker=resources_per_worker,
+                                               placement_strategy=scale.placement_strategy),
         datasets={"train": ds},
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,

@@ -1,0 +1,110 @@
+"""`ray job submit -- python jobs/pretrain.py` against a `ray start --head` that the test
+starts (and stops, with all its processes), logging to a real MLflow server; and a run over
+two nodes of `ray.cluster_utils.Cluster`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import _wait_http, free_port, stop_process_group
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` on free ports, in its own process group."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    dash = free_port()
+    short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # socket paths must stay < 108 B
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=4",
+           f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--temp-dir={short_tmp}", "--include-dashboard=true"]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "head.log", "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        stop_process_group(proc)
+        shutil.rmtree(short_tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
+    address, env = ray_head
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri,
+                                           "RAY_AUTH_MODE": "token"}})
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+           "--runtime-env-json", runtime_env, "--", sys.executable, "jobs/pretrain.py",
+           "--preset", "smoke", "--name", "submitted", "--storage", str(tmp_path / "runs"),
+           "--workers", "2", "--set", "train.total_steps=40"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "Pretraining run 'submitted' finished at step 40" in log
+    assert f"checkpoint: {tmp_path / 'runs' / 'submitted' / 'step_00000040'}" in log
+
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("vit-smoke").experiment_id],
+                              "tags.`vit.run_name` = 'submitted'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.total_steps"] == "40"
+    assert run.data.params["scale.num_workers"] == "2"
+    assert run.data.params["model.hidden_size"] == "64"
+    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec",
+                "perf/data_wait_frac", "fewshot/synthetic/1shot", "train/images_per_step"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["train/images_per_step"] == 64
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "checkpoint_uri.txt"} <= artifacts
+
+
+def test_two_nodes(tmp_path):
+    """Two workers forced onto two nodes of a `ray.cluster_utils.Cluster` (STRICT_SPREAD),
+    in a subprocess: a process can hold only one Ray connection."""
+    script = tmp_path / "two_nodes.py"
+    script.write_text(f'''
+import sys, ray
+sys.path.insert(0, {str(ROOT)!r})
+from ray.cluster_utils import Cluster
+from pipeline.train.config import apply_overrides, smoke
+from pipeline.train.run import pretrain
+cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2))
+cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address)
+try:
+    cfg = apply_overrides(smoke(), ["run.name=two-nodes", "run.storage={tmp_path / 'runs'}",
+                                    "scale.num_workers=2", "scale.placement_strategy=STRICT_SPREAD",
+                                    "train.total_steps=30", "train.fewshot_every=0"])
+    out = pretrain(cfg, tracking_uri="sqlite:///{tmp_path}/m.db")
+    nodes = {{a["node_id"] for a in ray.util.state.list_actors(
+        filters=[("class_name", "=", "RayTrainWorker")], limit=100)}}
+    print("RESULT", out.step, len(nodes))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+''')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    assert result == ["RESULT 30 2"], out.stdout[-2000:]
