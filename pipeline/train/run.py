@@ -139,8 +139,10 @@ def run_status():
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
-             tracking_uri: str | None = None) -> Outcome:
-    """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster."""
+             tracking_uri: str | None = None, dataset=None) -> Outcome:
+    """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster.
+    `dataset`: a Ray Dataset with the columns of `pipeline.data.source` to train on instead
+    of the one `cfg.data` describes."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -160,7 +162,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     if own:
         log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, own)
 
-    ds, manifest, health, probe = build_data(cfg, start)
+    if dataset is None:
+        ds, manifest, health, probe = build_data(cfg, start)
+    else:
+        ds, manifest, health, probe = dataset, None, None, None
 
     tracking_uri = tracking_uri or tracking.default_tracking_uri(
         root if not storage.is_s3(root) else DEFAULT_ROOT)
