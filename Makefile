@@ -1,5 +1,6 @@
 # One entry point for set-up and tests. Everything installs into ./.venv.
 #
+#   make demo                  install, write demo shards, pretrain a small ViT on local Ray
 #   make test                  install everything (torch first), then lint and run the tests
 #   make install               just the install
 #   make bench-model           our ViT against Hugging Face's, forward+backward images/s
@@ -16,7 +17,9 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test lint bench-model clean
+DEMO_DATA ?= $(HOME)/vit-runs/demo-shards
+
+.PHONY: install test lint demo bench-model bench-data bench-train clean
 
 install: $(VENV)/.installed
 
@@ -35,8 +38,21 @@ lint: install
 test: install lint
 	$(PY) -m pytest
 
+# The main job end to end on the embedded default: local Ray, demo shards written locally,
+# local MLflow (SQLite under ~/vit-runs). Prints where the checkpoint and the MLflow run are.
+demo: install
+	$(PY) jobs/make_shards.py synthetic - $(DEMO_DATA) --num-samples 2048 --num-classes 10 \
+	  --image-size 64 --shard-size-mb 1
+	$(PY) jobs/pretrain.py --preset smoke --data $(DEMO_DATA) --name demo
+
 bench-model: install
 	$(PY) bench/model.py
+
+bench-data: install
+	$(PY) bench/data.py
+
+bench-train: install
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
