@@ -283,7 +283,8 @@ def train_loop(config: dict) -> None:
         # to collect it (its poll interval, 2 s by default), so reporting every log step cost
         # the smoke run 90% of its throughput. Metrics go to MLflow from rank 0 instead.
         if step % cfg.train.checkpoint_every == 0 or last:
-            save_checkpoint(model, optimizer, cfg, step, metrics or {"step": step}, rank)
+            save_checkpoint(model, optimizer, cfg, step, metrics or {"step": step}, rank,
+                            config.get("data_plan"))
     if error is not None and rank == 0:
         # Told to the driver through its status actor, not by raising: an exception would
         # make Ray Train restart the workers (FailureConfig), and these errors would recur.
@@ -373,8 +374,17 @@ def fewshot_metrics(vit: ViT, probe: dict, device, amp) -> dict:
             for k in probe["shots"]}
 
 
+def data_position(plan: dict | None, cfg: PretrainConfig, samples: int) -> tuple[int, int]:
+    """(epoch, shard position in that epoch's order) of the stream after `samples`."""
+    if plan is None:  # synthetic: (epoch, sample index)
+        return divmod(samples, max(cfg.data.synthetic_samples, 1))
+    from pipeline.data.source import position_after
+
+    return position_after(plan["manifest"], plan["split"], plan["seed"], samples)
+
+
 def save_checkpoint(model, optimizer, cfg: PretrainConfig, step: int, metrics: dict,
-                    rank: int) -> None:
+                    rank: int, plan: dict | None = None) -> None:
     import ray.train
 
     model_state, optim_state = full_state(model, optimizer)  # collective
@@ -387,7 +397,9 @@ def save_checkpoint(model, optimizer, cfg: PretrainConfig, step: int, metrics: d
         train_state.write(tmp, vit_state=vit_state, vit_cfg=cfg.model,
                           optimizer_state=optim_state, objective_state=objective, step=step,
                           samples_seen=step * cfg.train.global_batch_size,
-                          data_position=(0, 0), config=cfg.to_dict(), run_name=cfg.run.name)
+                          data_position=data_position(plan, cfg,
+                                                      step * cfg.train.global_batch_size),
+                          config=cfg.to_dict(), run_name=cfg.run.name)
         ray.train.report({**metrics, "step": step},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{step:08d}")

@@ -202,7 +202,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
         train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
                            "health": health, "status": status, "resume": resume,
                            "init": init,
-                           "fewshot": probe, "spill_uri": storage.join(root, cfg.run.name)},
+                           "fewshot": probe, "spill_uri": storage.join(root, cfg.run.name),
+                           "data_plan": _data_plan(cfg, manifest)},
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers,
                                                use_gpu=scale.use_gpu,
                                                resources_per_worker=resources_per_worker,
@@ -236,6 +237,16 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
         tracking.finish_run(tracking_uri, run_id, "FINISHED")
     return Outcome(checkpoint=uri, step=int(metrics.get("step", 0)), metrics=metrics,
                    run_id=run_id, tracking_uri=tracking_uri, storage=root)
+
+
+def _data_plan(cfg: PretrainConfig, manifest: dict | None) -> dict | None:
+    """What a worker needs to turn samples seen into a data position: the shard sizes."""
+    if manifest is None:
+        return None
+    split = manifest["splits"][cfg.data.split]
+    slim = {"splits": {cfg.data.split: {"num_samples": split["num_samples"], "shards": [
+        {"samples": s["samples"]} for s in split["shards"]]}}}
+    return {"manifest": slim, "split": cfg.data.split, "seed": cfg.train.seed}
 
 
 def _manifest_tag(cfg: PretrainConfig, manifest: dict | None) -> str:

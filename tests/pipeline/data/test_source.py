@@ -209,3 +209,18 @@ def test_unreachable_endpoint(s3, monkeypatch):
     with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint "
                                                    "http://127.0.0.1:"):
         shard_dataset(InputConfig(uri=f"s3://{s3}/x"), 1)
+
+
+def test_position_after_maps_samples_to_the_shard_being_read():
+    from pipeline.data.source import position_after, shard_order
+
+    counts = [10, 5, 15]
+    manifest = {"splits": {"train": {"num_samples": 30, "shards": [
+        {"name": n, "samples": c} for n, c in zip("abc", counts, strict=True)]}}}
+    order = shard_order(3, seed=1, epoch=0)
+    assert position_after(manifest, "train", 1, 0) == (0, 0)
+    first = counts[order[0]]
+    assert position_after(manifest, "train", 1, first - 1) == (0, 0)
+    assert position_after(manifest, "train", 1, first) == (0, 1)
+    assert position_after(manifest, "train", 1, 30) == (1, 0)
+    assert position_after(manifest, "train", 1, 30 + counts[shard_order(3, 1, 1)[0]]) == (1, 1)
