@@ -92,6 +92,8 @@ def main():
         hist = MlflowClient(f"sqlite:///{tmp}/m.db").get_metric_history(
             out.run_id, "perf/images_per_sec")
         ray_rates = [m.value for m in sorted(hist, key=lambda m: m.step)][1:]
+        waits = [m.value for m in sorted(MlflowClient(f"sqlite:///{tmp}/m.db").get_metric_history(
+            out.run_id, "perf/data_wait_frac"), key=lambda m: m.step)][1:]
         ray.shutdown()
 
         torch.set_num_threads(int(args.cpus))
@@ -107,6 +109,7 @@ def main():
     print(f"{'plain single process':<28}{plain_ips:>10.1f}")
     print(f"{'Ray Train (1 worker)':<28}{ray_ips:>10.1f}")
     print(f"ratio Ray / plain: {ray_ips / plain_ips:.3f}   (goal >= 0.97)")
+    print(f"Ray loop time waiting for data: {statistics.median(waits):.1%} (median)")
     if args.gpu:
         flops = train_flops_per_image(cfg.model)
         peak = peak_flops(device)

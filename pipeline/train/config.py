@@ -135,6 +135,9 @@ class PretrainConfig:
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible "
                              f"by scale.num_workers x train.micro_batch_size "
                              f"({s.num_workers} x {t.micro_batch_size})")
+        if t.parallel == "fsdp" and not s.use_gpu:
+            raise ValueError("train.parallel='fsdp' needs GPUs (scale.use_gpu=true); Ray "
+                             "Train's FSDP does not run on CPU workers; use ddp")
         if t.objective == "mpp" and self.model.pool != "token":
             raise ValueError("masked patch prediction needs model.pool='token'")
         if self.optim.warmup_steps >= t.total_steps and t.total_steps > 1:

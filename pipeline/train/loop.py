@@ -135,8 +135,8 @@ def wrap(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
     import ray.train.torch
 
     strategy = cfg.train.parallel
-    if strategy == "auto":
-        strategy = "fsdp" if cfg.model.hidden_size >= 1024 else "ddp"
+    if strategy == "auto":  # FSDP for L and H on GPUs (Ray Train's FSDP is GPU-only)
+        strategy = "fsdp" if cfg.model.hidden_size >= 1024 and cfg.scale.use_gpu else "ddp"
     kwargs = None
     if strategy == "fsdp":
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -220,8 +220,9 @@ def train_loop(config: dict) -> None:
         tracker = Tracker(config["tracking_uri"], config["run_id"], config.get("spill_uri"))
     if rank == 0:
         log.info("start at step %d (%s); %d workers x %d micro-batch x %d accumulation = "
-                 "global batch %d", pos.step, pos.source, world, cfg.micro_batch,
-                 cfg.accumulation_steps, cfg.train.global_batch_size)
+                 "global batch %d; device %s, %d torch threads", pos.step, pos.source, world,
+                 cfg.micro_batch, cfg.accumulation_steps, cfg.train.global_batch_size, device,
+                 torch.get_num_threads())
         if tracker is not None:  # every (re)start is visible in the run's history
             tracker.log_metrics({"train/start_step": pos.step}, pos.step)
 

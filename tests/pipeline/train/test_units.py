@@ -134,6 +134,8 @@ def test_overrides_types_and_errors():
         apply_overrides(smoke(), ["train.total_steps=many"])
     with pytest.raises(ValueError, match=r"must be one of \['linear', 'cosine'\]"):
         apply_overrides(smoke(), ["optim.decay=step"])
+    with pytest.raises(ValueError, match="train.parallel='fsdp' needs GPUs"):
+        apply_overrides(smoke(), ["train.parallel=fsdp"])
     with pytest.raises(ValueError, match="not divisible by scale.num_workers"):
         apply_overrides(smoke(), ["scale.num_workers=3"])
     with pytest.raises(ValueError, match=r"not divisible by scale.num_workers x "
