@@ -236,6 +236,9 @@ def train_loop(config: dict) -> None:
     meter = Meter()
     meter.reset()
     step, error = pos.step, None
+    if step >= cfg.train.total_steps and rank == 0:
+        log.info("already at step %d of %d: nothing to train (raise train.total_steps to "
+                 "continue)", step, cfg.train.total_steps)
     while step < cfg.train.total_steps:
         t0 = time.perf_counter()
         try:

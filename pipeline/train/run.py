@@ -235,7 +235,10 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
         tracker.log_text(uri + "\n", "checkpoint_uri.txt")
         tracker.set_tags({"checkpoint": uri})
         tracking.finish_run(tracking_uri, run_id, "FINISHED")
-    return Outcome(checkpoint=uri, step=int(metrics.get("step", 0)), metrics=metrics,
+    step = int(metrics.get("step", 0))
+    if uri and not step:  # nothing left to train: the run was already at total_steps
+        step = int(json.loads(storage.read_bytes(storage.join(uri, "train_state.json")))["step"])
+    return Outcome(checkpoint=uri, step=step, metrics=metrics,
                    run_id=run_id, tracking_uri=tracking_uri, storage=root)
 
 
