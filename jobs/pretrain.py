@@ -131,7 +131,8 @@ def summary(cfg, out) -> None:
     for key, value in rows:
         print(f"  {key:<28} {value:.4g}")
     print(f"  checkpoint: {out.checkpoint}")
-    print(f"    evaluate: python eval/vtab.py --checkpoint {out.checkpoint}")
+    if (Path(__file__).resolve().parents[1] / "eval" / "vtab.py").exists():
+        print(f"    evaluate: python eval/vtab.py --checkpoint {out.checkpoint}")
     if out.run_id:
         print(f"  MLflow run: {out.run_id} (experiment {cfg.run.experiment!r})")
         from pipeline.tracking import redact
