@@ -164,7 +164,8 @@ def test_strict_mode_fails_the_run_naming_shard_and_key(ray_local, tmp_path):
     cfg = InputConfig(uri=str(tmp_path / "d"), augment=Augment("resize", 16), strict=True)
     ds, _, _ = shard_dataset(cfg, num_epochs=1)
     # (Ray shortens the worker's message from the front; the end names shard and key.)
-    with pytest.raises(Exception, match=r"in shard [abc]\.tar, key k\d+: "):
+    # Which defect comes first depends on the shard order: any of them, named.
+    with pytest.raises(Exception, match=r"in shard [abc]\.tar, key (k\d+|-): "):
         run_two_workers(ds, cfg, tmp_path / "out", tmp_path / "runs")
 
 
