@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from eval.tasks import Task
+from pipeline.data.shards import DatasetError, read_vtab_list
 from pipeline.data.transforms import Augment, decode_and_augment
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 
 
-class TaskDataError(ValueError):
+class TaskDataError(DatasetError):
     """A task whose data is missing or inconsistent, with one line naming the file."""
 
 
@@ -39,22 +40,11 @@ def read_list(root: str | Path, task: Task, split: str) -> list[tuple[Path, int]
     if not list_file.exists():
         raise TaskDataError(f"{task.name}: {list_file} is missing; expected the VTAB-1k layout "
                             f"(<root>/<task>/{split}.txt, images/{split}/...)")
-    pairs = []
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise TaskDataError(f"{list_file}:{n}: expected '<image path> <label>', got {line!r}")
-        label = int(parts[1])
-        if not 0 <= label < task.num_classes:
-            raise TaskDataError(f"{list_file}:{n}: label {label} outside [0, "
-                                f"{task.num_classes}) for {task.name}")
-        path = folder / parts[0]
-        if not path.exists():
-            raise TaskDataError(f"{list_file}:{n}: {parts[0]} does not exist; the list file "
-                                f"and the images disagree")
-        pairs.append((path, label))
+    try:
+        pairs = [(path, label) for _, path, label in
+                 read_vtab_list(list_file, folder, task.num_classes)]
+    except DatasetError as err:
+        raise TaskDataError(str(err)) from None
     if not pairs:
         raise TaskDataError(f"{list_file} lists no images")
     return pairs

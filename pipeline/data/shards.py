@@ -89,6 +89,28 @@ def image_folder(root: str | Path, split: str = "train") -> Source:
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 
 
+def read_vtab_list(list_file: Path, root: Path, num_classes: int | None = None
+                   ) -> list[tuple[str, Path, int]]:
+    """One VTAB-1k list file ("images/<split>/<i>.jpg <label>" per line), checked against
+    the images and the class count: [(relative path, path, label), ...]."""
+    pairs = []
+    for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DatasetError(f"{list_file}:{n}: expected '<image path> <integer label>', "
+                               f"got {line!r}")
+        path, label = Path(root) / parts[0], int(parts[1])
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise DatasetError(f"{list_file}:{n}: label {label} outside [0, {num_classes})")
+        if not path.exists():
+            raise DatasetError(f"{list_file}:{n}: {parts[0]} does not exist; the list file "
+                               f"and the images disagree")
+        pairs.append((parts[0], path, label))
+    return pairs
+
+
 def vtab_folder(root: str | Path, num_classes: int | None = None) -> Source:
     """One VTAB-1k task folder (`<task>/{train800,val200,train800val200,test}.txt` +
     `images/<split>/<i>.jpg`, ../shared/docs/vtab.md §5), keeping its splits."""
@@ -100,22 +122,10 @@ def vtab_folder(root: str | Path, num_classes: int | None = None) -> Source:
     splits, top = {}, -1
     for split, list_file in lists.items():
         refs = []
-        for n, line in enumerate(list_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise DatasetError(f"{list_file}:{n}: expected '<image path> <integer label>', "
-                                   f"got {line!r}")
-            path, label = root / parts[0], int(parts[1])
-            if label < 0 or (num_classes is not None and label >= num_classes):
-                raise DatasetError(f"{list_file}:{n}: label {label} outside [0, {num_classes})")
-            if not path.exists():
-                raise DatasetError(f"{list_file}:{n}: {parts[0]} does not exist; the list file "
-                                   f"and the images disagree")
+        for rel, path, label in read_vtab_list(list_file, root, num_classes):
             top = max(top, label)
             refs.append(SampleRef(key="", label=label, load=_file_loader(path),
-                                  extra={"path": parts[0]}))
+                                  extra={"path": rel}))
         splits[split] = refs
     k = num_classes if num_classes is not None else top + 1
     return Source("vtab", [str(i) for i in range(k)], splits, {"root": str(root),

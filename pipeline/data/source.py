@@ -208,11 +208,12 @@ def _to_block(rows: dict) -> dict:
 
 
 def shard_dataset(cfg: InputConfig, num_epochs: int, start: tuple[int, int] = (0, 0),
-                  health_name: str | None = None):
+                  health_name: str | None = None, manifest: dict | None = None):
     """-> (ray.data.Dataset of the training stream, manifest, data-health actor handle).
 
     Keep the handle for as long as the data is read: the actor goes when its last handle
-    does. Train workers can also find it by name (`health_name`)."""
+    does. Train workers can also find it by name (`health_name`). Pass `manifest` when the
+    caller has read it already."""
     import ray
 
     # Ray Data reserves a share of the CPUs per operator; on a pipeline that is one map, that
@@ -222,7 +223,7 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: tuple[int, int] = (0
     # Emit blocks of about `block_rows` images instead of one block per shard, so that the
     # first batch arrives after a few images, not after a whole shard.
     ctx.target_max_block_size = cfg.block_rows * 3 * cfg.augment.size**2 + (1 << 16)
-    manifest = read_manifest(cfg.uri)
+    manifest = manifest or read_manifest(cfg.uri)
     items = plan(manifest, cfg.split, cfg.seed, num_epochs, start)
     fs, root = storage.filesystem(cfg.uri)
     health = data_health(health_name or f"data-health-{uuid.uuid4().hex[:12]}")

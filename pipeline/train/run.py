@@ -103,7 +103,8 @@ def build_data(cfg: PretrainConfig, start_samples: int):
     epochs = source.epochs_for(manifest, d.split, needed)
     start = source.position_after(manifest, d.split, cfg.train.seed, start_samples)
     ds, _, health = source.shard_dataset(inp, epochs, start=start,
-                                         health_name=f"data-health-{cfg.run.name}")
+                                         health_name=f"data-health-{cfg.run.name}",
+                                         manifest=manifest)
     probe = None
     if cfg.train.fewshot_every and d.fewshot_split and d.fewshot_split in manifest["splits"]:
         probe = source.load_probe(d.uri, d.fewshot_split, m.image_size, d.fewshot_images)
