@@ -1,26 +1,44 @@
-"""VTAB-1k task data from the PyTorch on-disk layout (../shared/docs/vtab.md §5), decoded once
-per resolution into uint8 arrays that every trial of the task shares.
+"""VTAB-1k task data, local or on S3, in either of two layouts:
 
-    <root>/<task>/{train800,val200,train800val200,test}.txt  ("images/<split>/<i>.jpg <label>")
-    <root>/<task>/images/<split>/<i>.jpg
+- the PyTorch VTAB-1k folder layout (../shared/docs/vtab.md §5):
+      <root>/<task>/{train800,val200,train800val200,test}.txt  ("images/<split>/<i>.jpg <label>")
+      <root>/<task>/images/<split>/<i>.jpg
+- shards written by `jobs/make_shards.py vtab <root>/<task> <dst>/<task>`:
+      <root>/<task>/manifest.json + <split>-NNNNNN.tar   (the four splits kept)
 
-Training images are stored at the pre-crop size (448/384 of the resolution, BiT / ViT) for
-tasks that take a random crop, at the resolution for the others; evaluation images at the
-resolution. Random crops and flips are then cheap array slices per batch.
+Training splits are decoded once per resolution into uint8 arrays that every trial of the task
+shares through the Ray object store: at the pre-crop size (448/384 of the resolution, BiT /
+ViT) for tasks that take a random crop, at the resolution for the others, so that crops and
+flips are cheap slices per batch. The `test` split stays encoded (JPEG bytes) until a final
+trial evaluates it in chunks: decoded at 384 px the 19 test sets would take ~170 GB.
+
+Evaluation data must be complete: a missing list file, an image the list names but storage
+lacks, a label outside the task's classes, a corrupt image or a truncated shard is a
+`TaskDataError` naming the file, raised before any trial starts.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from eval.tasks import Task
-from pipeline.data.shards import DatasetError, read_vtab_list
+from pipeline import storage
+from pipeline.data.shards import (
+    MANIFEST,
+    DatasetError,
+    parse_vtab_list,
+    read_manifest,
+    read_vtab_list,
+)
 from pipeline.data.transforms import Augment, decode_and_augment
 
 SPLITS = ("train800", "val200", "train800val200", "test")
+IO_THREADS = 16
 
 
 class TaskDataError(DatasetError):
@@ -33,38 +51,193 @@ class Split:
     labels: np.ndarray     # int64 (N,)
 
 
-def read_list(root: str | Path, task: Task, split: str) -> list[tuple[Path, int]]:
-    """The (image path, label) pairs of one split, checked against the images and classes."""
-    folder = Path(root) / task.name
-    list_file = folder / f"{split}.txt"
-    if not list_file.exists():
-        raise TaskDataError(f"{task.name}: {list_file} is missing; expected the VTAB-1k layout "
-                            f"(<root>/<task>/{split}.txt, images/{split}/...)")
-    try:
-        pairs = [(path, label) for _, path, label in
-                 read_vtab_list(list_file, folder, task.num_classes)]
-    except DatasetError as err:
-        raise TaskDataError(str(err)) from None
-    if not pairs:
-        raise TaskDataError(f"{list_file} lists no images")
-    return pairs
+@dataclass(frozen=True)
+class Encoded:
+    images: list[bytes]    # JPEG / PNG bytes, in list order
+    labels: np.ndarray     # int64 (N,)
 
 
-def check_task(root: str | Path, task: Task) -> dict[str, int]:
-    """Validate every split of a task before any trial starts; -> split sizes."""
+def task_uri(root: str | os.PathLike, task: Task) -> str:
+    root = str(root)
+    return storage.join(root, task.name) if storage.is_s3(root) else str(Path(root) / task.name)
+
+
+def is_sharded(root: str | os.PathLike, task: Task) -> bool:
+    uri = storage.join(task_uri(root, task), MANIFEST)
+    if storage.is_s3(uri):
+        return storage.object_metadata(uri) is not None
+    return Path(uri).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking (cheap, before any trial): list files against images, or manifests against shards
+# ---------------------------------------------------------------------------------------------
+def check_task(root: str | os.PathLike, task: Task) -> dict[str, int]:
+    """Validate every split of a task; -> split sizes."""
+    if is_sharded(root, task):
+        sizes = {}
+        for split in SPLITS:
+            _shard_entries(root, task, split)
+            sizes[split] = _manifest_split(root, task, split)["num_samples"]
+        return sizes
     return {split: len(read_list(root, task, split)) for split in SPLITS}
 
 
-def load_split(root: str | Path, task: Task, split: str, resolution: int,
-               train: bool) -> Split:
-    """Decode one split at `resolution`: training images at the pre-crop size (when the
-    task crops), evaluation images at the resolution."""
-    pairs = read_list(root, task, split)
-    if train and task.crop:
-        aug = Augment("resize", int(round(resolution * 448 / 384)))
+def read_list(root: str | os.PathLike, task: Task, split: str) -> list[tuple[str, int]]:
+    """The (image URI or path, label) pairs of one split of the folder layout, checked
+    against the images and the task's classes."""
+    folder = task_uri(root, task)
+    list_uri = storage.join(folder, f"{split}.txt") if storage.is_s3(folder) \
+        else str(Path(folder) / f"{split}.txt")
+    hint = (f"expected the VTAB-1k layout (<root>/<task>/{split}.txt, images/{split}/...) "
+            f"or shards from jobs/make_shards.py vtab")
+    try:
+        if storage.is_s3(folder):
+            try:
+                text = storage.read_bytes(list_uri).decode()
+            except storage.StorageError as err:
+                if "no such" in str(err):
+                    raise TaskDataError(f"{task.name}: {list_uri} is missing; {hint}") from None
+                raise
+            pairs = parse_vtab_list(text, list_uri, task.num_classes)
+            present = set(storage.list_objects(storage.join(folder, f"images/{split}")))
+            for n, rel, _ in pairs:
+                if rel.split(f"images/{split}/", 1)[-1] not in present:
+                    raise TaskDataError(f"{list_uri}:{n}: {rel} does not exist; the list file "
+                                        f"and the images disagree")
+            pairs = [(storage.join(folder, rel), label) for _, rel, label in pairs]
+        else:
+            if not Path(list_uri).exists():
+                raise TaskDataError(f"{task.name}: {list_uri} is missing; {hint}")
+            pairs = [(str(path), label) for _, path, label in
+                     read_vtab_list(Path(list_uri), Path(folder), task.num_classes)]
+    except TaskDataError:
+        raise
+    except DatasetError as err:
+        raise TaskDataError(str(err)) from None
+    if not pairs:
+        raise TaskDataError(f"{list_uri} lists no images")
+    return pairs
+
+
+def _manifest_split(root, task: Task, split: str) -> dict:
+    uri = task_uri(root, task)
+    manifest = read_manifest(uri)
+    if split not in manifest["splits"]:
+        raise TaskDataError(f"{uri}: the shards have no {split!r} split (they have "
+                            f"{sorted(manifest['splits'])}); write them with "
+                            f"jobs/make_shards.py vtab from the task's VTAB-1k folder")
+    if manifest["num_classes"] > task.num_classes:
+        raise TaskDataError(f"{uri}: the shards have {manifest['num_classes']} classes but "
+                            f"{task.name} has {task.num_classes}; wrong task folder?")
+    return manifest["splits"][split]
+
+
+def _shard_entries(root, task: Task, split: str) -> tuple[str, list[str]]:
+    """(task URI, shard names) of one split, each checked to exist."""
+    uri = task_uri(root, task)
+    entries = [e["name"] for e in _manifest_split(root, task, split)["shards"]]
+    if storage.is_s3(uri):
+        present = set(storage.list_objects(uri))
     else:
-        aug = Augment("resize", resolution)
-    rng = np.random.default_rng(0)  # "resize" draws nothing; kept for the signature
-    images = np.stack([decode_and_augment(p.read_bytes(), aug, rng) for p, _ in pairs])
-    labels = np.asarray([label for _, label in pairs], dtype=np.int64)
-    return Split(images, labels)
+        present = {p.name for p in Path(uri).iterdir()}
+    for name in entries:
+        if name not in present:
+            raise TaskDataError(f"{uri}: shard {name} of split {split!r} is missing; "
+                                f"rewrite the task's shards with jobs/make_shards.py")
+    return uri, entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and decoding
+# ---------------------------------------------------------------------------------------------
+def read_encoded(root: str | os.PathLike, task: Task, split: str) -> Encoded:
+    """Every image of one split, encoded, with its label, in list (or shard) order."""
+    if is_sharded(root, task):
+        return _read_shards(root, task, split)
+    pairs = read_list(root, task, split)
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        images = list(pool.map(lambda p: storage.read_bytes(p[0]), pairs))
+    return Encoded(images, np.asarray([label for _, label in pairs], dtype=np.int64))
+
+
+def _read_shards(root, task: Task, split: str) -> Encoded:
+    from pipeline.data.reader import BadDataPolicy, DataError, iter_samples
+
+    uri, names = _shard_entries(root, task, split)
+    expected = _manifest_split(root, task, split)["num_samples"]
+    fs, base = storage.filesystem(uri)
+    policy = BadDataPolicy(strict=True)   # evaluation data must be complete
+    images, labels = [], []
+    for name in names:
+        try:
+            with fs.open_input_stream(f"{base.rstrip('/')}/{name}") as stream:
+                for sample in iter_samples(stream, name, policy, task.num_classes):
+                    images.append(sample.image)
+                    labels.append(sample.label)
+        except DataError as err:
+            raise TaskDataError(f"{uri}: {err}") from None
+    if len(images) != expected:
+        raise TaskDataError(f"{uri}: split {split!r} has {len(images)} samples but the manifest "
+                            f"says {expected}; rewrite the task's shards")
+    return Encoded(images, np.asarray(labels, dtype=np.int64))
+
+
+def train_size(task: Task, resolution: int) -> int:
+    """Stored size of training images: the pre-crop size when the task crops."""
+    return int(round(resolution * 448 / 384)) if task.crop else resolution
+
+
+def decode(encoded: Encoded, size: int, name: str = "") -> Split:
+    """Decode and resize (bilinear) every image to size x size, uint8."""
+    aug, rng = Augment("resize", size), np.random.default_rng(0)  # "resize" draws nothing
+
+    def one(i: int) -> np.ndarray:
+        try:
+            return decode_and_augment(encoded.images[i], aug, rng)
+        except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
+            raise TaskDataError(f"{name}: image {i} cannot be decoded "
+                                f"({type(err).__name__}); the file is corrupt") from None
+
+    if not encoded.images:
+        return Split(np.zeros((0, size, size, 3), np.uint8), encoded.labels)
+    # PIL releases the GIL while decoding and resizing: threads use every core given.
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        images = np.stack(list(pool.map(one, range(len(encoded.images)))))
+    return Split(images, encoded.labels)
+
+
+def load_split(root: str | os.PathLike, task: Task, split: str, resolution: int,
+               train: bool) -> Split:
+    """Read and decode one split: training images at `train_size`, evaluation images at the
+    resolution."""
+    size = train_size(task, resolution) if train else resolution
+    return decode(read_encoded(root, task, split), size, f"{task.name}/{split}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated tasks in the exact layout: for tests, the demo and the benchmark
+# ---------------------------------------------------------------------------------------------
+def write_synthetic_task(root: str | os.PathLike, task: Task, train: int = 40, val: int = 10,
+                         test: int = 40, image_size: int = 40, seed: int = 0) -> Path:
+    """A generated task in the VTAB-1k folder layout: real JPEG files and list files, with
+    `train` / `val` / `test` images standing in for 800 / 200 / the test split, and
+    train800val200 stored again as train800 + val200 (as NOAH's generator does). Labels are
+    learnable (pipeline.data.shards.synthetic: a hue and a grating per class)."""
+    from pipeline.data.shards import synthetic
+
+    folder = Path(root) / task.name
+    source = synthetic(train + val + test, task.num_classes, image_size, seed=seed,
+                       val_fraction=0.0)
+    refs = source.splits["train"]
+    parts = {"train800": refs[:train], "val200": refs[train:train + val],
+             "train800val200": refs[:train + val], "test": refs[train + val:]}
+    for split, items in parts.items():
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, ref in enumerate(items):
+            data, _ = ref.load()
+            (folder / "images" / split / f"{i:06d}.jpg").write_bytes(data)
+            lines.append(f"images/{split}/{i:06d}.jpg {ref.label}")
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return folder

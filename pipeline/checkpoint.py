@@ -131,6 +131,16 @@ def load_vit(uri: str | os.PathLike, **overrides) -> ViT:
     return _apply_overrides(model, overrides)
 
 
+def read_metadata(uri: str | os.PathLike) -> dict:
+    """The metadata our format keeps in `vit.json` (step, run name, MLflow run id); {} for
+    a checkpoint in another format or one that cannot be read."""
+    try:
+        doc = json.loads(storage.read_bytes(storage.join(str(uri), CONFIG_FILE)))
+    except (storage.StorageError, OSError, ValueError):
+        return {}
+    return doc.get("metadata", {}) if doc.get("format") == FORMAT else {}
+
+
 def _expected_structure(overrides: dict) -> dict:
     expected = {}
     variant = overrides.pop("variant", None)

@@ -89,25 +89,37 @@ def image_folder(root: str | Path, split: str = "train") -> Source:
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 
 
-def read_vtab_list(list_file: Path, root: Path, num_classes: int | None = None
-                   ) -> list[tuple[str, Path, int]]:
-    """One VTAB-1k list file ("images/<split>/<i>.jpg <label>" per line), checked against
-    the images and the class count: [(relative path, path, label), ...]."""
-    pairs = []
-    for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+def parse_vtab_list(text: str, list_name: str, num_classes: int | None = None
+                    ) -> list[tuple[int, str, int]]:
+    """The lines of a VTAB-1k list file ("images/<split>/<i>.jpg <label>"), checked for
+    format and label range: [(line number, relative path, label), ...]."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DatasetError(f"{list_file}:{n}: expected '<image path> <integer label>', "
+            raise DatasetError(f"{list_name}:{n}: expected '<image path> <integer label>', "
                                f"got {line!r}")
-        path, label = Path(root) / parts[0], int(parts[1])
+        label = int(parts[1])
         if label < 0 or (num_classes is not None and label >= num_classes):
-            raise DatasetError(f"{list_file}:{n}: label {label} outside [0, {num_classes})")
+            raise DatasetError(f"{list_name}:{n}: label {label} outside [0, {num_classes})")
+        out.append((n, parts[0], label))
+    return out
+
+
+def read_vtab_list(list_file: Path, root: Path, num_classes: int | None = None
+                   ) -> list[tuple[str, Path, int]]:
+    """One local VTAB-1k list file, checked against the images and the class count:
+    [(relative path, path, label), ...]."""
+    pairs = []
+    for n, rel, label in parse_vtab_list(Path(list_file).read_text(), str(list_file),
+                                         num_classes):
+        path = Path(root) / rel
         if not path.exists():
-            raise DatasetError(f"{list_file}:{n}: {parts[0]} does not exist; the list file "
+            raise DatasetError(f"{list_file}:{n}: {rel} does not exist; the list file "
                                f"and the images disagree")
-        pairs.append((parts[0], path, label))
+        pairs.append((rel, path, label))
     return pairs
 
 

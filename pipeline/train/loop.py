@@ -288,7 +288,7 @@ def train_loop(config: dict) -> None:
         # the smoke run 90% of its throughput. Metrics go to MLflow from rank 0 instead.
         if step % cfg.train.checkpoint_every == 0 or last:
             save_checkpoint(model, optimizer, cfg, step, metrics or {"step": step}, rank,
-                            config.get("data_plan"))
+                            config.get("data_plan"), config.get("run_id"))
     if error is not None and rank == 0:
         # Told to the driver through its status actor, not by raising: an exception would
         # make Ray Train restart the workers (FailureConfig), and these errors would recur.
@@ -388,7 +388,7 @@ def data_position(plan: dict | None, cfg: PretrainConfig, samples: int) -> tuple
 
 
 def save_checkpoint(model, optimizer, cfg: PretrainConfig, step: int, metrics: dict,
-                    rank: int, plan: dict | None = None) -> None:
+                    rank: int, plan: dict | None = None, run_id: str | None = None) -> None:
     import ray.train
 
     model_state, optim_state = full_state(model, optimizer)  # collective
@@ -403,7 +403,7 @@ def save_checkpoint(model, optimizer, cfg: PretrainConfig, step: int, metrics: d
                           samples_seen=step * cfg.train.global_batch_size,
                           data_position=data_position(plan, cfg,
                                                       step * cfg.train.global_batch_size),
-                          config=cfg.to_dict(), run_name=cfg.run.name)
+                          config=cfg.to_dict(), run_name=cfg.run.name, run_id=run_id)
         ray.train.report({**metrics, "step": step},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{step:08d}")

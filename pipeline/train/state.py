@@ -4,7 +4,7 @@ A training checkpoint is a directory that is also a model checkpoint in our form
 `load_vit` and `eval/vtab.py --checkpoint` take it as it is:
 
     model.safetensors   ViT weights             (pipeline.checkpoint format)
-    vit.json            ViT config + metadata   (step, run name)
+    vit.json            ViT config + metadata   (step, run name, MLflow run id)
     trainer.pt          optimizer state, objective head (MPP), torch RNG    (tensors only:
                         loads with torch.load(weights_only=True))
     train_state.json    step, samples seen, data position, Python / NumPy RNG, resolved config
@@ -63,11 +63,14 @@ def _tupled(x):
 
 def write(directory: str | os.PathLike, *, vit_state: dict, vit_cfg: ViTConfig,
           optimizer_state: dict, objective_state: dict | None, step: int, samples_seen: int,
-          data_position: tuple[int, int], config: dict, run_name: str) -> None:
+          data_position: tuple[int, int], config: dict, run_name: str,
+          run_id: str | None = None) -> None:
     """Write a training checkpoint into a local directory (rank 0)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_weights(vit_state, vit_cfg, directory, {"step": step, "run_name": run_name})
+    # The MLflow run id lets an evaluation link back to the pretraining run.
+    write_weights(vit_state, vit_cfg, directory,
+                  {"step": step, "run_name": run_name, "mlflow_run_id": run_id or ""})
     torch.save({"optimizer": optimizer_state, "objective": objective_state or {},
                 "torch_rng": torch.get_rng_state()}, directory / TRAINER_FILE)
     doc = {"step": step, "samples_seen": samples_seen, "data_position": list(data_position),

@@ -1,0 +1,86 @@
+"""The driver side of a VTAB-1k evaluation: validate everything, start Ray and the MLflow
+parent run, run the sweep, write the report. `eval/vtab.py` only parses and calls `evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from eval import report
+from eval.data import TaskDataError
+from eval.finetune import FinetuneError
+from eval.sweep import SweepConfig, SweepError, check_data, load_pretrained, run
+from pipeline import storage
+from pipeline.checkpoint import CheckpointError
+from pipeline.data.shards import DatasetError
+from pipeline.storage import StorageError
+
+log = logging.getLogger("eval.vtab")
+
+USER_ERRORS = (SweepError, CheckpointError, TaskDataError, DatasetError, StorageError,
+               FinetuneError)
+PIPELINE_ROOT = "~/vit-runs"     # the MLflow store pretraining uses, so runs can be compared
+
+
+def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None = None
+             ) -> tuple[dict, list[str]]:
+    """Run (or resume) the evaluation; -> (report document, lines saying where things are)."""
+    import ray
+
+    from pipeline import tracking
+
+    # Everything a user can get wrong fails here, before Ray starts a trial.
+    pretrained = load_pretrained(cfg)
+    sizes = check_data(cfg)
+    log.info("checkpoint %s: %s, %d px; %d task(s) checked: %s", cfg.checkpoint,
+             pretrained.config.get("hidden_size"), pretrained.config["image_size"],
+             len(sizes), ", ".join(f"{t} ({s['train800val200']}/{s['test']})"
+                                   for t, s in sizes.items()))
+    if storage.is_s3(cfg.root):
+        storage.check_bucket(cfg.root)
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    tracking_uri = tracking.default_tracking_uri(PIPELINE_ROOT)
+    artifact_root = None
+    if tracking_uri.startswith("sqlite"):
+        artifact_root = str(Path(PIPELINE_ROOT).expanduser().resolve() / "mlartifacts")
+    parent = report.start_parent(tracking_uri, cfg, pretrained.metadata, artifact_root)
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        repo = str(Path(__file__).resolve().parents[1])
+        ray.init(address=address, configure_logging=False, log_to_driver=True,
+                 runtime_env=None if address else {"env_vars": {"PYTHONPATH": repo}})
+    if cfg.gpus_per_trial and not ray.cluster_resources().get("GPU"):
+        log.info("the Ray cluster has no GPU: trials run on CPU (%s CPU each)",
+                 f"{cfg.cpus_per_trial:g}")
+        cfg = dataclasses.replace(cfg, gpus_per_trial=0.0)
+    try:
+        outcome = run(cfg, pretrained)
+    except BaseException:
+        if parent:
+            tracking.finish_run(tracking_uri, parent, "FAILED")
+        raise
+    doc = report.build(cfg, outcome, pretrained.metadata, reference)
+    local = Path(cfg.root) if not storage.is_s3(cfg.root) else \
+        Path(tempfile.mkdtemp(prefix="vtab-report-"))
+    files = report.write(doc, cfg.root, local)
+    where = [f"report: {storage.join(cfg.root, 'vtab.txt')} (.csv .json .png beside it)"]
+    if parent:
+        try:
+            report.log_results(tracking_uri, parent, doc, files)
+            where.append(f"MLflow run: {parent} (experiment {report.EXPERIMENT!r}, one nested "
+                         f"run per task)")
+            where.append(f"  open it:  mlflow ui --backend-store-uri "
+                         f"{tracking.redact(tracking_uri)}")
+        except Exception as err:  # noqa: BLE001
+            print(f"warning: could not log to MLflow ({type(err).__name__}); the report files "
+                  f"are complete", file=sys.stderr)
+    return doc, where

@@ -1,0 +1,282 @@
+"""The VTAB-1k report: per task, per group, the mean of the 19 tasks (ViT Table 9's "Mean")
+and the mean of the three group means (what parameter-efficient-tuning papers report), as a
+terminal table, CSV, JSON and a PNG chart; and the MLflow parent run with one nested run per
+task. Plain Python; matplotlib only for the chart.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from eval.tasks import BY_NAME, GROUPS, REFERENCE, summarize
+from pipeline import storage
+
+log = logging.getLogger("eval.vtab")
+
+SUMMARY_ROWS = (("natural", "Natural"), ("specialized", "Specialized"),
+                ("structured", "Structured"), ("mean", 'Mean of tasks (ViT Table 9 "Mean")'),
+                ("mean_of_groups", "Mean of the group means (PETL papers)"))
+
+
+def choices(cfg) -> list[str]:
+    """The protocol decisions of ../shared/docs/vtab.md §6, as this run made them."""
+    lrs = ", ".join(f"{lr:g}" for lr in cfg.lrs)
+    return [
+        f"resolution {cfg.resolution} px for every task (ViT; not BiT's task-specific sizes, "
+        f"not the 224 px of PETL papers)",
+        "preprocessing: train = resize to 448/384 of the resolution, random crop, random "
+        "flip, with BiT Supp. F's no-flip / no-crop exceptions; eval = resize; inputs in "
+        "[-1, 1] (vit_jax), not ImageNet mean/std",
+        "head: the whole pre-training head removed, one zero-initialised linear layer",
+        f"optimizer: SGD momentum 0.9, batch {cfg.batch_size}, {cfg.steps} steps, linear "
+        f"warmup {cfg.warmup} steps then cosine decay, no weight decay, clip at global norm 1",
+        f"selection: learning rates {{{lrs}}} fine-tuned on train800, scored on val200; "
+        + ("one rate for all tasks, the best on average (ViT)" if cfg.protocol == "vit"
+           else "the best rate per task (per-task)")
+        + ("" if len(cfg.lrs) > 1 else " (one rate given: no selection run)"),
+        f"final: retrained on train800val200 (800 + 200, not TA's first 1000 of trainval), "
+        f"top-1 on test; {cfg.seeds} seed(s)"
+        + (", mean and sample std" if cfg.seeds > 1 else ""),
+        "averages: mean of the tasks (ViT) and, named separately, mean of the group means "
+        "(PETL)",
+    ]
+
+
+def build(cfg, outcome: dict, pretrained_meta: dict, reference: str | None = None) -> dict:
+    """The report document (what vtab.json holds)."""
+    final = outcome["final"]
+    val = {}
+    for r in outcome["selection"]:
+        val.setdefault(r["task"], {})[f"{r['lr']:g}"] = r["top1"]
+    tasks, per_seed = [], {}
+    for name in cfg.tasks:
+        runs = sorted((r for r in final if r["task"] == name), key=lambda r: r["seed"])
+        scores = [r["top1"] for r in runs]
+        for r in runs:
+            per_seed.setdefault(r["seed"], {})[name] = r["top1"]
+        row = {"task": name, "group": BY_NAME[name].group,
+               "num_classes": BY_NAME[name].num_classes, "lr": outcome["lrs"][name],
+               "val200": val.get(name, {}), "top1": statistics.fmean(scores),
+               "std": statistics.stdev(scores) if len(scores) > 1 else None,
+               "seeds": scores}
+        if reference:
+            row["reference"] = REFERENCE[reference].get(name)
+        tasks.append(row)
+    summary = summarize({t["task"]: t["top1"] for t in tasks})
+    spread = {}
+    if cfg.seeds > 1:   # the std of each aggregate over seeds, as the paper's "±"
+        seeds = [summarize(s) for s in per_seed.values() if len(s) == len(cfg.tasks)]
+        spread = {k: statistics.stdev([s[k] for s in seeds]) for k in summary} \
+            if len(seeds) > 1 else {}
+    doc = {"checkpoint": cfg.checkpoint, "name": cfg.run_name, "data": cfg.data,
+           "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "settings": {"resolution": cfg.resolution, "lrs": list(cfg.lrs),
+                        "steps": cfg.steps, "warmup_steps": cfg.warmup,
+                        "batch_size": cfg.batch_size, "seeds": cfg.seeds,
+                        "protocol": cfg.protocol},
+           "choices": choices(cfg), "pretraining": pretrained_meta,
+           "tasks": tasks, "summary": summary, "summary_std": spread,
+           "trials": outcome["selection"] + final}
+    if reference:
+        ref = REFERENCE[reference]
+        doc["reference"] = {"name": reference,
+                            "summary": summarize({t: ref[t] for t in cfg.tasks})}
+    return doc
+
+
+def _fmt(v, std=None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:6.2f}" + (f" ± {std:4.2f}" if std is not None else "")
+
+
+def table(doc: dict) -> str:
+    """The terminal table."""
+    ref = doc.get("reference")
+    s = doc["settings"]
+    out = [f"VTAB-1k: {doc['checkpoint']}",
+           f"  {len(doc['tasks'])} task(s), {s['resolution']} px, {s['steps']} steps, batch "
+           f"{s['batch_size']}, protocol {s['protocol']}, {s['seeds']} seed(s)"]
+    head = f"{'task':<22}{'group':<13}{'lr':>8}{'val200':>9}  {'top-1 (test)':<16}"
+    if ref:
+        head += f"{ref['name']:>14}{'delta':>8}"
+    out += ["", head, "-" * len(head)]
+    for t in doc["tasks"]:
+        v = t["val200"].get(f"{t['lr']:g}")
+        line = (f"{t['task']:<22}{t['group']:<13}{t['lr']:>8g}{_fmt(v):>9}  "
+                f"{_fmt(t['top1'], t['std']):<16}")
+        if ref:
+            r = t.get("reference")
+            line += f"{_fmt(r):>14}{(t['top1'] - r if r is not None else 0):>+8.2f}"
+        out.append(line)
+    out.append("-" * len(head))
+    counts = {g: sum(t["group"] == g for t in doc["tasks"]) for g in GROUPS}
+    for key, label in SUMMARY_ROWS:
+        if key not in doc["summary"]:
+            continue
+        if key in counts:
+            label = f"{label} ({counts[key]})"
+        v = doc["summary"][key]
+        line = f"{label:<52}{_fmt(v, doc['summary_std'].get(key)):<16}"
+        if ref and key in ref["summary"]:
+            line += f"{_fmt(ref['summary'][key]):>14}{v - ref['summary'][key]:>+8.2f}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def to_csv(doc: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["task", "group", "lr", "val200", "top1", "std", "seeds", "reference"])
+    for t in doc["tasks"]:
+        w.writerow([t["task"], t["group"], t["lr"], t["val200"].get(f"{t['lr']:g}", ""),
+                    f"{t['top1']:.4f}", "" if t["std"] is None else f"{t['std']:.4f}",
+                    " ".join(f"{x:.4f}" for x in t["seeds"]), t.get("reference", "")])
+    ref = (doc.get("reference") or {}).get("summary", {})
+    for key, _ in SUMMARY_ROWS:
+        if key in doc["summary"]:
+            std = doc["summary_std"].get(key)
+            w.writerow([key, "", "", "", f"{doc['summary'][key]:.4f}",
+                        "" if std is None else f"{std:.4f}", "", ref.get(key, "")])
+    return buf.getvalue()
+
+
+def chart(doc: dict, path: str | Path) -> None:
+    """PNG: top-1 per task (bars coloured by group), reference marks, group means."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"natural": "#4C72B0", "specialized": "#DD8452", "structured": "#55A868"}
+    tasks = doc["tasks"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 0.35 * len(tasks) + 2.2),
+                                  gridspec_kw={"width_ratios": [3, 1.3]})
+    y = list(range(len(tasks)))[::-1]
+    ax.barh(y, [t["top1"] for t in tasks], xerr=[t["std"] or 0 for t in tasks],
+            color=[colours[t["group"]] for t in tasks])
+    ref = doc.get("reference")
+    if ref:
+        ry = [yy for yy, t in zip(y, tasks, strict=True) if t.get("reference") is not None]
+        ax.scatter([t["reference"] for t in tasks if t.get("reference") is not None], ry,
+                   marker="|", s=200, color="black", label=ref["name"], zorder=3)
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(y, [t["task"] for t in tasks], fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("top-1 on test (%)")
+    ax.set_title(f"VTAB-1k: {Path(doc['checkpoint'].rstrip('/')).name}", fontsize=10)
+    keys = [k for k, _ in SUMMARY_ROWS if k in doc["summary"]]
+    labels = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured",
+              "mean": "Mean (tasks)", "mean_of_groups": "Mean (groups)"}
+    xs = range(len(keys))
+    ax2.bar(xs, [doc["summary"][k] for k in keys],
+            color=[colours.get(k, "#8C8C8C") for k in keys])
+    if ref:
+        ax2.scatter([i for i, k in enumerate(keys) if k in ref["summary"]],
+                    [ref["summary"][k] for k in keys if k in ref["summary"]],
+                    marker="_", s=300, color="black", zorder=3)
+    ax2.set_xticks(list(xs), [labels[k] for k in keys], rotation=35, ha="right", fontsize=8)
+    ax2.set_ylim(0, 100)
+    ax2.set_title("groups and means", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(doc: dict, out_uri: str, local_dir: str | Path) -> dict[str, Path]:
+    """Write vtab.{txt,csv,json,png} into `local_dir` and, when `out_uri` differs (S3 or
+    another folder), copy them there; -> the local files."""
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    files = {"txt": local_dir / "vtab.txt", "csv": local_dir / "vtab.csv",
+             "json": local_dir / "vtab.json", "png": local_dir / "vtab.png"}
+    files["txt"].write_text(table(doc) + "\n")
+    files["csv"].write_text(to_csv(doc))
+    files["json"].write_text(json.dumps(doc, indent=2))
+    chart(doc, files["png"])
+    if storage.is_s3(out_uri) or Path(out_uri).resolve() != local_dir.resolve():
+        for path in files.values():
+            if storage.is_s3(out_uri):
+                storage.upload_file(path, storage.join(out_uri, path.name))
+            else:
+                Path(out_uri).mkdir(parents=True, exist_ok=True)
+                (Path(out_uri) / path.name).write_bytes(path.read_bytes())
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+# ---------------------------------------------------------------------------------------------
+EXPERIMENT = "vtab"
+
+
+def start_parent(tracking_uri: str, cfg, pretrained_meta: dict, artifact_root: str | None
+                 ) -> str | None:
+    """The parent run (created, or found again when the same command resumes)."""
+    from pipeline import tracking
+
+    params = {"checkpoint": cfg.checkpoint, "data": cfg.data, "tasks": ",".join(cfg.tasks),
+              "resolution": cfg.resolution, "lrs": ",".join(f"{lr:g}" for lr in cfg.lrs),
+              "steps": cfg.steps, "warmup_steps": cfg.warmup, "batch_size": cfg.batch_size,
+              "seeds": cfg.seeds, "protocol": cfg.protocol,
+              "gpus_per_trial": cfg.gpus_per_trial, "cpus_per_trial": cfg.cpus_per_trial}
+    tags = {"git_commit": tracking.git_commit(), "checkpoint": cfg.checkpoint,
+            "vit.kind": "vtab",
+            "mlflow.note.content": f"VTAB-1k evaluation of {cfg.checkpoint}"}
+    if pretrained_meta.get("mlflow_run_id"):
+        tags["pretrain_run_id"] = pretrained_meta["mlflow_run_id"]
+    if pretrained_meta.get("run_name"):
+        tags["pretrain_run_name"] = str(pretrained_meta["run_name"])
+    if pretrained_meta.get("step") is not None:
+        tags["pretrain_step"] = str(pretrained_meta["step"])
+    try:
+        return tracking.start_run(tracking_uri, EXPERIMENT, cfg.run_name, artifact_root,
+                                  params, tags, continuing=True)
+    except Exception as err:  # noqa: BLE001 - tracking must not stop the evaluation
+        log.warning("MLflow unavailable (%s); evaluating without tracking",
+                    tracking.redact(str(err).splitlines()[0][:160]) if str(err)
+                    else type(err).__name__)
+        return None
+
+
+def log_results(tracking_uri: str, parent_id: str, doc: dict, files: dict[str, Path]) -> None:
+    """Metrics on the parent, one nested run per task, the report files as artifacts."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    ts = int(time.time() * 1000)
+    metrics = [Metric(f"vtab/{t['task']}/top1", t["top1"], ts, 0) for t in doc["tasks"]]
+    metrics += [Metric(f"vtab/{k}", v, ts, 0) for k, v in doc["summary"].items()]
+    metrics += [Metric(f"vtab/{k}_std", v, ts, 0) for k, v in doc["summary_std"].items()]
+    client.log_batch(parent_id, metrics=metrics)
+    parent = client.get_run(parent_id)
+    existing = {r.data.tags.get("vtab.task"): r.info.run_id for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    for t in doc["tasks"]:
+        run_id = existing.get(t["task"])
+        if run_id is None:
+            run_id = client.create_run(
+                parent.info.experiment_id, run_name=f"{t['task']}",
+                tags={"mlflow.parentRunId": parent_id, "vtab.task": t["task"],
+                      "vtab.group": t["group"]}).info.run_id
+            client.log_batch(run_id, params=[
+                Param("lr", f"{t['lr']:g}"), Param("group", t["group"]),
+                Param("num_classes", str(t["num_classes"])),
+                Param("seeds", str(len(t["seeds"])))])
+        child = [Metric(f"vtab/{t['task']}/top1", t["top1"], ts, 0)]
+        child += [Metric(f"vtab/{t['task']}/top1_seed", v, ts, i)
+                  for i, v in enumerate(t["seeds"])]
+        child += [Metric(f"val200/lr_{lr}", v, ts, 0) for lr, v in t["val200"].items()
+                  if v is not None and v == v]
+        client.log_batch(run_id, metrics=child)
+        client.set_terminated(run_id, "FINISHED")
+    for path in files.values():
+        client.log_artifact(parent_id, str(path))
+    client.set_terminated(parent_id, "FINISHED")

@@ -1,0 +1,387 @@
+"""The VTAB-1k protocol on Ray Tune (../shared/docs/vtab.md §2, §6).
+
+    1. selection  one trial per (task, learning rate): fine-tune on train800, score val200;
+    2. choice     `vit`: the one learning rate best on average over the tasks (the paper's
+                  way); `per-task`: the best learning rate of each task;
+    3. final      one trial per (task, seed) at the chosen rate: fine-tune on train800val200,
+                  score test.
+With a single learning rate, step 1 has nothing to choose and is skipped.
+
+Each phase is one Tune experiment under `<storage>/<name>/{select,final}`; the same command
+after an interruption (driver killed, node lost) restores them and runs only the trials that
+did not finish. Trials are plain function trainables with fractional GPUs (`--gpus-per-trial
+0.25` packs four onto a device). A task's data is decoded once per phase, in Ray tasks, and
+shared by all its trials through the object store, as are the pre-trained weights; no trial
+re-reads storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eval.tasks import BY_NAME, Task
+from pipeline import storage
+
+log = logging.getLogger("eval.vtab")
+
+DEFAULT_STORAGE = "~/vit-runs/vtab"
+PROTOCOLS = ("vit", "per-task")
+
+
+class SweepError(RuntimeError):
+    """The evaluation cannot start or finish, for a reason a user must act on (one line)."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    checkpoint: str
+    data: str
+    tasks: tuple[str, ...]
+    resolution: int = 384
+    lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)
+    steps: int = 2500
+    warmup_steps: int | None = None          # None: min(500, steps // 5), as vit_jax's 500/2500
+    batch_size: int = 512
+    micro_batch_size: int | None = None
+    seeds: int = 1
+    protocol: str = "vit"
+    gpus_per_trial: float = 0.25
+    cpus_per_trial: float = 1.0
+    max_concurrent_trials: int = 0           # 0: as many as the resources allow
+    max_failures: int = 2                    # retries of a trial (e.g. its node was lost)
+    name: str | None = None
+    storage: str = DEFAULT_STORAGE
+    progress_reports: int = 4                # intermediate Tune reports per trial
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; use vit or per-task")
+        if not self.lrs or any(not lr > 0 for lr in self.lrs):
+            raise ValueError(f"learning rates must be positive, got {list(self.lrs)}")
+        if self.seeds < 1:
+            raise ValueError("--seeds must be at least 1")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("--steps and --batch-size must be positive")
+        if self.resolution < 1:
+            raise ValueError("--resolution must be positive")
+        if self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
+            raise ValueError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"--warmup-steps must be in [0, {self.steps})")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 5)
+
+    @property
+    def run_name(self) -> str:
+        """Stable for the same command: the name under which it resumes."""
+        if self.name:
+            return self.name
+        keys = {k: v for k, v in asdict(self).items()
+                if k not in ("name", "storage", "max_concurrent_trials", "max_failures",
+                             "gpus_per_trial", "cpus_per_trial", "progress_reports")}
+        digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+        stem = self.checkpoint.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
+        return f"vtab-{stem}-{digest}"
+
+    @property
+    def root(self) -> str:
+        base = self.storage if storage.is_s3(self.storage) else \
+            str(Path(self.storage).expanduser().resolve())
+        return storage.join(base, self.run_name)
+
+
+@dataclass
+class Pretrained:
+    config: dict              # ViTConfig fields
+    metadata: dict            # our format's vit.json metadata ({} for imports)
+    state: dict = field(repr=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: everything that can be wrong is found before any trial starts
+# ---------------------------------------------------------------------------------------------
+def load_pretrained(cfg: SweepConfig) -> Pretrained:
+    from pipeline.checkpoint import load_vit, read_metadata
+
+    model = load_vit(cfg.checkpoint)
+    patch = model.cfg.patch_size
+    if cfg.resolution % patch:
+        nearest = max(patch, cfg.resolution // patch * patch)
+        raise SweepError(f"--resolution {cfg.resolution} is not a multiple of the checkpoint's "
+                         f"patch size {patch}; use e.g. {nearest}")
+    return Pretrained(model.cfg.to_dict(), read_metadata(cfg.checkpoint),
+                      {k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def check_data(cfg: SweepConfig) -> dict[str, dict[str, int]]:
+    from eval.data import check_task
+
+    return {name: check_task(cfg.data, BY_NAME[name]) for name in cfg.tasks}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: decoded once per phase in Ray tasks, shared through the object store
+# ---------------------------------------------------------------------------------------------
+def _load(data_root: str, task_name: str, split: str, resolution: int, kind: str):
+    from eval.data import decode, read_encoded, train_size
+
+    task = BY_NAME[task_name]
+    encoded = read_encoded(data_root, task, split)
+    if kind == "encoded":
+        return encoded
+    size = train_size(task, resolution) if kind == "train" else resolution
+    return decode(encoded, size, f"{task_name}/{split}")
+
+
+def load_phase_data(cfg: SweepConfig, phase: str) -> dict[str, dict[str, object]]:
+    """{task: {"train": ref, "eval": ref}} for a phase; raises TaskDataError on bad data."""
+    import ray
+
+    load = ray.remote(num_cpus=1, max_retries=2)(_load)
+    train_split, eval_split, eval_kind = (("train800", "val200", "eval") if phase == "select"
+                                          else ("train800val200", "test", "encoded"))
+    refs = {name: {"train": load.remote(cfg.data, name, train_split, cfg.resolution, "train"),
+                   "eval": load.remote(cfg.data, name, eval_split, cfg.resolution, eval_kind)}
+            for name in cfg.tasks}
+    for per_task in refs.values():
+        for ref in per_task.values():
+            try:
+                ray.wait([ref], fetch_local=False)
+                ray.get(ref)  # surfaces a data error here, before any trial
+            except ray.exceptions.RayTaskError as err:
+                raise (err.cause if err.cause is not None else err) from None
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial (runs in a Tune actor)
+# ---------------------------------------------------------------------------------------------
+def trial(config: dict, *, data: dict, pretrained, settings: dict) -> None:
+    """One fine-tuning run: config = {"trial": {"task", "lr", "seed", "phase"}}."""
+    import numpy as np
+    import ray
+    import torch
+    from ray import tune
+
+    from eval.data import Encoded, decode
+    from eval.finetune import FinetuneConfig, FinetuneError, build_model, finetune, predict, top1
+
+    config = config["trial"]
+    task: Task = BY_NAME[config["task"]]
+    torch.set_num_threads(max(1, int(settings["cpus_per_trial"])))
+    use_gpu = settings["gpus_per_trial"] > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if use_gpu else "cpu")
+    if use_gpu and settings["gpus_per_trial"] < 1:
+        # Ray's GPU fractions are logical: cap this trial's share of the device memory, so
+        # that co-located trials cannot starve each other (the batch is accumulated instead).
+        torch.cuda.set_per_process_memory_fraction(settings["gpus_per_trial"])
+    weights = pretrained   # tune.with_parameters fetched it from the object store
+    res = settings["resolution"]
+    model = build_model(weights.config, weights.state, task.num_classes, res)
+    train = ray.get(data[task.name]["train"])
+    ft = FinetuneConfig(lr=config["lr"], steps=settings["steps"],
+                        warmup_steps=settings["warmup_steps"],
+                        batch_size=settings["batch_size"],
+                        micro_batch_size=settings["micro_batch_size"], seed=config["seed"])
+    every = max(1, ft.steps // max(1, settings["progress_reports"]))
+
+    def progress(step: int, loss: float) -> None:
+        if step < ft.steps:
+            tune.report({"step": step, "train_loss": loss})
+
+    try:
+        stats = finetune(model, train.images, train.labels, ft, resolution=res, crop=task.crop,
+                         flip=task.flip, device=device, progress=progress, progress_every=every)
+    except FinetuneError as err:
+        # A learning rate that diverges is a result of the sweep, not a failure of it.
+        tune.report({"step": ft.steps, "diverged": True, "top1": float("nan"),
+                     "error": str(err), "task": task.name})
+        return
+    del train
+    evaluation = ray.get(data[task.name]["eval"])
+    if isinstance(evaluation, Encoded):   # test: decoded in chunks, never whole
+        chunk = 512
+
+        def chunks():
+            for lo in range(0, len(evaluation.labels), chunk):
+                yield decode(Encoded(evaluation.images[lo:lo + chunk],
+                                     evaluation.labels[lo:lo + chunk]), res,
+                             f"{task.name}/test").images
+        preds = predict(model, chunks(), device)
+    else:
+        preds = predict(model, [evaluation.images], device)
+    labels = np.asarray(evaluation.labels)
+    tune.report({"step": ft.steps, "top1": top1(preds, labels), "eval_images": len(labels),
+                 "diverged": False, "task": task.name, **stats})
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+# ---------------------------------------------------------------------------------------------
+def _tune_storage(cfg: SweepConfig):
+    """(storage_path, filesystem) for Tune's RunConfig (explicit endpoint for S3)."""
+    root = cfg.root
+    if storage.is_s3(root):
+        fs, path = storage.filesystem(root)
+        return path, fs
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return root, None
+
+
+def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
+              pretrained: Pretrained) -> list[dict]:
+    """Run (or resume) one phase; -> one record per trial: config, metrics, error.
+    `tune.with_parameters` puts the weights and the dict of data refs into the object store
+    once; every trial reads them from there."""
+    from ray import tune
+
+    path, fs = _tune_storage(cfg)
+    settings = {"resolution": cfg.resolution, "steps": cfg.steps,
+                "warmup_steps": cfg.warmup, "batch_size": cfg.batch_size,
+                "micro_batch_size": cfg.micro_batch_size, "gpus_per_trial": cfg.gpus_per_trial,
+                "cpus_per_trial": cfg.cpus_per_trial, "progress_reports": cfg.progress_reports}
+    resources = {"cpu": cfg.cpus_per_trial}
+    if cfg.gpus_per_trial > 0:
+        resources["gpu"] = cfg.gpus_per_trial
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, data=data, pretrained=pretrained, settings=settings),
+        resources)
+    experiment = storage.join(cfg.root, phase)
+    restorable = tune.Tuner.can_restore(experiment, storage_filesystem=fs) if fs else \
+        tune.Tuner.can_restore(experiment)
+    if restorable:
+        log.info("%s: resuming %s (finished trials are kept)", phase, experiment)
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
+                                   restart_errored=True, storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search(combos)},
+            tune_config=tune.TuneConfig(
+                reuse_actors=True,
+                max_concurrent_trials=cfg.max_concurrent_trials or None,
+                trial_dirname_creator=_trial_name,
+                trial_name_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name=phase, storage_path=path, storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                callbacks=[progress_callback(phase, len(combos))], verbose=0))
+    grid = tuner.fit()
+    records = []
+    for result in grid:
+        conf = result.config["trial"]
+        metrics = dict(result.metrics or {})
+        records.append({"phase": phase, **conf, "top1": metrics.get("top1"),
+                        "diverged": bool(metrics.get("diverged", False)),
+                        "error": (str(result.error).strip().splitlines()[-1]
+                                  if result.error else metrics.get("error")),
+                        "train_time_s": metrics.get("train_time_s"),
+                        "images_per_s": metrics.get("images_per_s"),
+                        "micro_batch_size": metrics.get("micro_batch_size"),
+                        "finished_at": metrics.get("timestamp"),
+                        "trial_id": metrics.get("trial_id")})
+    return records
+
+
+def progress_callback(phase: str, total: int):
+    """A Tune callback (Tune is imported here, not when the CLI parses its arguments)."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        """One line per finished trial and a heartbeat a minute: readable for 95 trials."""
+
+        def __init__(self, phase: str, total: int, every_s: float = 60.0):
+            self.phase, self.total, self.every_s = phase, total, every_s
+            self.done, self.last = 0, time.monotonic()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            c, m = trial.config["trial"], trial.last_result or {}
+            what = "val200" if self.phase == "select" else "test"
+            score = (f"{what} top-1 {m['top1']:.2f}" if not m.get("diverged")
+                     else "diverged")
+            log.info("%s [%d/%d] %s lr %g seed %d: %s (%.0f s)", self.phase, self.done,
+                     self.total, c["task"], c["lr"], c["seed"], score,
+                     m.get("time_total_s", 0.0))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            c = trial.config["trial"]
+            log.warning("%s: trial %s lr %g seed %d failed (error file: %s)", self.phase,
+                        c["task"], c["lr"], c["seed"], trial.error_file)
+
+        def on_step_end(self, iteration, trials, **info):
+            if time.monotonic() - self.last < self.every_s:
+                return
+            self.last = time.monotonic()
+            states = [t.status for t in trials]
+            log.info("%s: %d/%d done, %d running, %d pending", self.phase,
+                     states.count("TERMINATED") + states.count("ERROR"), len(states),
+                     states.count("RUNNING"), states.count("PENDING"))
+
+    return Progress(phase, total)
+
+
+def _trial_name(t) -> str:
+    c = t.config["trial"]
+    return f"{c['task']}-lr{c['lr']:g}-seed{c['seed']}"
+
+
+def choose_lrs(cfg: SweepConfig, selection: list[dict]) -> dict[str, float]:
+    """The learning rate per task: `per-task` takes each task's best val200 score, `vit` the
+    single rate with the best mean over tasks. Ties go to the smaller rate; a diverged or
+    failed run scores below any real one."""
+    if len(cfg.lrs) == 1:
+        return {t: cfg.lrs[0] for t in cfg.tasks}
+
+    def score(r):
+        v = r.get("top1")
+        return v if v is not None and not math.isnan(v) else -1.0
+
+    by = {(r["task"], r["lr"]): score(r) for r in selection}
+    lrs = sorted(cfg.lrs)
+    if cfg.protocol == "per-task":
+        return {t: max(lrs, key=lambda lr: (by.get((t, lr), -1.0), -lr)) for t in cfg.tasks}
+    mean = {lr: sum(by.get((t, lr), -1.0) for t in cfg.tasks) / len(cfg.tasks) for lr in lrs}
+    best = max(lrs, key=lambda lr: (mean[lr], -lr))
+    return {t: best for t in cfg.tasks}
+
+
+def run(cfg: SweepConfig, pretrained: Pretrained) -> dict:
+    """Both phases; -> {"selection": [...], "final": [...], "lrs": {task: lr}}."""
+    selection: list[dict] = []
+    if len(cfg.lrs) > 1:
+        data = load_phase_data(cfg, "select")
+        combos = [{"task": t, "lr": lr, "seed": 0, "phase": "select"}
+                  for t in cfg.tasks for lr in cfg.lrs]
+        selection = run_phase(cfg, "select", combos, data, pretrained)
+        del data
+        _raise_failed(selection, "selection")
+    chosen = choose_lrs(cfg, selection)
+    data = load_phase_data(cfg, "final")
+    combos = [{"task": t, "lr": chosen[t], "seed": s, "phase": "final"}
+              for t in cfg.tasks for s in range(cfg.seeds)]
+    final = run_phase(cfg, "final", combos, data, pretrained)
+    _raise_failed(final, "final")
+    diverged = [f"{r['task']} (lr {r['lr']:g}, seed {r['seed']})" for r in final
+                if r["diverged"]]
+    if diverged:
+        raise SweepError(f"the final run diverged for {', '.join(diverged)}; choose smaller "
+                         f"--lrs")
+    return {"selection": selection, "final": final, "lrs": chosen}
+
+
+def _raise_failed(records: list[dict], phase: str) -> None:
+    failed = [r for r in records if r["error"] and not r["diverged"]]
+    if failed:
+        first = failed[0]
+        raise SweepError(f"{len(failed)} {phase} trial(s) failed, e.g. {first['task']} "
+                         f"(lr {first['lr']:g}, seed {first['seed']}): {first['error']}; run "
+                         f"the same command again to retry them (finished trials are kept)")

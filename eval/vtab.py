@@ -1,0 +1,154 @@
+"""Evaluate a ViT checkpoint on VTAB-1k with Ray Tune (../shared/docs/vtab.md).
+
+    python eval/vtab.py --checkpoint ~/vit-runs/demo/step_00000150 --data /data/vtab-1k
+    ray job submit --working-dir . -- python eval/vtab.py --checkpoint s3://bucket/ckpt \\
+        --data s3://bucket/vtab-1k --gpus-per-trial 0.25
+
+The protocol of the ViT paper (App. B.1.1): for each task and learning rate, fine-tune on
+train800 and score val200; keep the one rate best on average (`--protocol vit`) or each task's
+best (`--protocol per-task`); retrain on train800val200 and report top-1 on test. Fine-tuning
+drops the whole head for one zero-initialised linear layer and uses SGD momentum 0.9, batch
+512, warmup + cosine decay, no weight decay, clipping at norm 1, position embeddings resampled
+to the resolution, bf16 on GPU. Defaults follow the paper: 384 px, 2500 steps, batch 512,
+learning rates {0.001, 0.003, 0.01, 0.03} (the sweep of vit_jax's AugReg notebook).
+
+The checkpoint can be ours (a `jobs/pretrain.py` checkpoint), Hugging Face, timm or the
+authors' .npz. --data is a folder or s3:// prefix holding the VTAB-1k layout
+(<task>/{train800,val200,train800val200,test}.txt + images/) or, per task, shards written by
+`jobs/make_shards.py vtab`. The same command after an interruption resumes: finished trials
+are kept. Results: a table here, vtab.{txt,csv,json,png} in the output folder, and an MLflow
+parent run (experiment "vtab") with one nested run per task; MLFLOW_TRACKING_URI chooses the
+server (default: the local store that pretraining uses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run from a checkout: the repository, not this folder, on the path (eval/data.py must not
+# shadow anything named `data`).
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from eval.report import REFERENCE  # noqa: E402
+from eval.sweep import DEFAULT_STORAGE, PROTOCOLS, SweepConfig  # noqa: E402
+from eval.tasks import select  # noqa: E402
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from None
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="eval/vtab.py", description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, metavar="URI",
+                    help="the ViT to evaluate: folder or s3:// prefix of ours / Hugging Face, "
+                         "a timm or Hugging Face state dict, or the authors' .npz")
+    ap.add_argument("--data", default=os.environ.get("VTAB_DATA", "~/vtab-1k"),
+                    metavar="ROOT", help="VTAB-1k root, local or s3:// (default: $VTAB_DATA or "
+                                         "~/vtab-1k)")
+    ap.add_argument("--tasks", default="all",
+                    help="all, natural, specialized, structured, or comma-separated task names "
+                         "(default: all 19)")
+    ap.add_argument("--resolution", type=int, default=384,
+                    help="fine-tuning resolution, a multiple of the patch size (default: 384, "
+                         "the paper's)")
+    ap.add_argument("--lrs", type=_floats, default=(0.001, 0.003, 0.01, 0.03),
+                    help="learning rates to select from on val200 (default: "
+                         "0.001,0.003,0.01,0.03; one value skips the selection)")
+    ap.add_argument("--steps", type=int, default=2500, help="fine-tuning steps (default: 2500)")
+    ap.add_argument("--warmup-steps", type=int, default=None,
+                    help="linear warmup steps (default: min(500, steps / 5), vit_jax's 500 of "
+                         "2500)")
+    ap.add_argument("--batch-size", type=int, default=512,
+                    help="images per optimizer step (default: 512)")
+    ap.add_argument("--micro-batch-size", type=int, default=None,
+                    help="images per forward pass, accumulated to the batch (default: the "
+                         "whole batch on GPU, halved until it fits; 32 on CPU)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="final runs per task, reported as mean and std (default: 1; the paper "
+                         "used 3)")
+    ap.add_argument("--protocol", choices=PROTOCOLS, default="vit",
+                    help="vit: one learning rate for all tasks, best on average (default); "
+                         "per-task: each task's best")
+    ap.add_argument("--gpus-per-trial", type=float, default=0.25,
+                    help="GPU fraction per trial; small tasks pack onto one device (default: "
+                         "0.25; ignored where the cluster has no GPU)")
+    ap.add_argument("--cpus-per-trial", type=float, default=1.0,
+                    help="CPUs per trial (default: 1)")
+    ap.add_argument("--max-concurrent-trials", type=int, default=0,
+                    help="cap on trials at once (default: as many as resources allow)")
+    ap.add_argument("--reference", choices=sorted(REFERENCE),
+                    help="print ViT Table 9's numbers for this model beside ours")
+    ap.add_argument("--name", help="evaluation name (default: derived from the checkpoint and "
+                                   "settings, so the same command resumes)")
+    ap.add_argument("--storage", default=DEFAULT_STORAGE,
+                    help=f"where trials and reports go, a folder or s3:// prefix (default: "
+                         f"{DEFAULT_STORAGE})")
+    ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local "
+                                      "Ray started on demand)")
+    return ap.parse_args(argv)
+
+
+def config_from(args) -> SweepConfig:
+    tasks = tuple(t.name for t in select(args.tasks))
+    data = args.data if "://" in args.data else str(Path(args.data).expanduser())
+    checkpoint = args.checkpoint if "://" in args.checkpoint else \
+        str(Path(args.checkpoint).expanduser().resolve())
+    return SweepConfig(checkpoint=checkpoint, data=data, tasks=tasks,
+                       resolution=args.resolution, lrs=tuple(args.lrs), steps=args.steps,
+                       warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+                       micro_batch_size=args.micro_batch_size, seeds=args.seeds,
+                       protocol=args.protocol, gpus_per_trial=args.gpus_per_trial,
+                       cpus_per_trial=args.cpus_per_trial,
+                       max_concurrent_trials=args.max_concurrent_trials, name=args.name,
+                       storage=args.storage)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = config_from(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from eval.evaluate import evaluate
+    from eval.report import table
+
+    logging.basicConfig(level=os.environ.get("VIT_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        doc, where = evaluate(cfg, reference=args.reference, address=args.address)
+    except Exception as err:  # noqa: BLE001 - every failure ends in one line and exit != 0
+        from eval.evaluate import USER_ERRORS
+
+        if isinstance(err, USER_ERRORS):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        print(f"error: evaluation failed: {lines[-1] if lines else type(err).__name__}",
+              file=sys.stderr)
+        return 1
+    print()
+    print(table(doc))
+    print()
+    for line in where:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
