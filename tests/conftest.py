@@ -110,6 +110,35 @@ def stop_process_group(proc, timeout: float = 20) -> None:
     proc.wait()
 
 
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` on free ports, in its own process group, with token auth
+    (Ray's default); yields (dashboard address, environment for `ray job submit`)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    dash = free_port()
+    short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # socket paths must stay < 108 B
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray_bin, "start", "--head", "--block", "--num-cpus=4",
+           f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--temp-dir={short_tmp}", "--include-dashboard=true"]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "head.log", "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        stop_process_group(proc)
+        shutil.rmtree(short_tmp, ignore_errors=True)
+
+
 class MlflowServer:
     """A real MLflow tracking server process on 127.0.0.1 (SQLite backend, local artifacts).
     `stop()` / `start()` simulate an outage; the data survives a restart."""

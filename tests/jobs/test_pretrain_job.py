@@ -6,43 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import _wait_http, free_port, stop_process_group
-
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """`ray start --head --block` on free ports, in its own process group."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    dash = free_port()
-    short_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # socket paths must stay < 108 B
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=4",
-           f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-agent-listen-port={free_port()}",
-           f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--temp-dir={short_tmp}", "--include-dashboard=true"]
-    proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "head.log", "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc)
-        yield f"http://127.0.0.1:{dash}", env
-    finally:
-        stop_process_group(proc)
-        shutil.rmtree(short_tmp, ignore_errors=True)
 
 
 def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):

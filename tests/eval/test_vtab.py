@@ -1,0 +1,272 @@
+"""`eval/vtab.py` end to end on generated tasks in the exact VTAB-1k layout: from a checkpoint
+written by `jobs/pretrain.py --preset smoke`, on local Ray, directly and through
+`ray job submit`, into a real MLflow server; a killed driver resumes; bad input fails
+before any trial."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from eval.data import write_synthetic_task
+from eval.tasks import BY_NAME
+from eval.vtab import main
+from pipeline.checkpoint import save_vit
+from pipeline.model import ViT, ViTConfig
+from tests.conftest import stop_process_group
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+# Three tasks of the three groups, with 10, 4 and 16 classes; KITTI takes no random crop,
+# dSprites-orientation no flip.
+TASKS = ("eurosat", "kitti", "dsprites_ori")
+
+
+def make_tasks(root: Path, tasks=TASKS, **sizes) -> Path:
+    for i, name in enumerate(tasks):
+        write_synthetic_task(root, BY_NAME[name], seed=i, **sizes)
+    return root
+
+
+def run_vtab(args: list[str], env_extra: dict | None = None, timeout: float = 600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+           **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "eval" / "vtab.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def smoke_checkpoint(tmp_path_factory, mlflow_server):
+    """A checkpoint from `jobs/pretrain.py --preset smoke` (32 px, patch 8), logged to the
+    MLflow server; -> (checkpoint path, pretraining run id)."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset",
+                          "smoke", "--name", "for-vtab", "--storage", str(tmp),
+                          "--set", "train.total_steps=40", "--set", "train.fewshot_every=0"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("vit-smoke")
+    run = client.search_runs([exp.experiment_id], "tags.`vit.run_name` = 'for-vtab'")[0]
+    return tmp / "for-vtab" / "step_00000040", run.info.run_id
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.mlflow
+def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server, tmp_path):
+    checkpoint, pretrain_run = smoke_checkpoint
+    data = make_tasks(tmp_path / "vtab-1k")
+    out = run_vtab(["--checkpoint", str(checkpoint), "--data", str(data),
+                    "--tasks", ",".join(TASKS), "--resolution", "48",   # 32 -> 48 px
+                    "--lrs", "0.0001,0.03", "--steps", "25", "--batch-size", "16",
+                    "--seeds", "2", "--storage", str(tmp_path / "evals"), "--name", "e2e",
+                    "--reference", "vit-l16-i21k"],
+                   {"MLFLOW_TRACKING_URI": mlflow_server.uri})
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    report = json.loads((tmp_path / "evals" / "e2e" / "vtab.json").read_text())
+
+    # Selection: 3 tasks x 2 rates on val200, then 3 tasks x 2 seeds on test.
+    select = [t for t in report["trials"] if t["phase"] == "select"]
+    final = [t for t in report["trials"] if t["phase"] == "final"]
+    assert sorted((t["task"], t["lr"]) for t in select) == sorted(
+        (task, lr) for task in TASKS for lr in (0.0001, 0.03))
+    assert sorted((t["task"], t["seed"]) for t in final) == sorted(
+        (task, s) for task in TASKS for s in (0, 1))
+    # `vit` protocol: the one rate with the best mean val200 score, used for every task.
+    mean = {lr: sum(t["top1"] for t in select if t["lr"] == lr) / 3 for lr in (0.0001, 0.03)}
+    best = max(mean, key=mean.get)
+    assert mean[0.03] != mean[0.0001]
+    assert {t["lr"] for t in final} == {best}
+    assert {row["lr"] for row in report["tasks"]} == {best}
+    # The report's numbers are the trials' numbers, aggregated as documented.
+    rows = {row["task"]: row for row in report["tasks"]}
+    for task in TASKS:
+        seeds = sorted((t for t in final if t["task"] == task), key=lambda t: t["seed"])
+        assert rows[task]["seeds"] == [t["top1"] for t in seeds]
+        assert rows[task]["top1"] == pytest.approx(sum(rows[task]["seeds"]) / 2)
+    assert report["summary"]["mean"] == pytest.approx(
+        sum(rows[t]["top1"] for t in TASKS) / 3)
+    assert "natural" not in report["summary"]            # no natural task evaluated
+    assert report["summary"]["specialized"] == pytest.approx(rows["eurosat"]["top1"])
+    assert report["summary"]["structured"] == pytest.approx(
+        (rows["kitti"]["top1"] + rows["dsprites_ori"]["top1"]) / 2)
+    # Generated tasks are learnable: better than chance after 25 steps.
+    assert rows["eurosat"]["top1"] > 30 and rows["kitti"]["top1"] > 40
+
+    # The terminal table, CSV and PNG.
+    assert "Mean of tasks (ViT Table 9 \"Mean\")" in out.stdout
+    assert "Mean of the group means (PETL papers)" in out.stdout
+    assert "vit-l16-i21k" in out.stdout and "95.60" in out.stdout     # EuroSAT reference
+    csv_lines = (tmp_path / "evals" / "e2e" / "vtab.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("task,group,lr,val200,top1,std")
+    assert len(csv_lines) == 1 + 3 + 4          # header, tasks, 2 groups + 2 means
+    assert (tmp_path / "evals" / "e2e" / "vtab.png").read_bytes()[:4] == b"\x89PNG"
+
+    # MLflow: the parent with the metrics, linked to the pretraining run; nested runs.
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("vtab")
+    parent = client.search_runs([exp.experiment_id], "tags.`vit.run_name` = 'e2e'")[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["checkpoint"] == str(checkpoint)
+    assert parent.data.tags["pretrain_run_id"] == pretrain_run
+    for task in TASKS:
+        assert parent.data.metrics[f"vtab/{task}/top1"] == pytest.approx(rows[task]["top1"])
+    for key in ("specialized", "structured", "mean", "mean_of_groups"):
+        assert parent.data.metrics[f"vtab/{key}"] == pytest.approx(report["summary"][key])
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["vtab.task"] for c in children) == sorted(TASKS)
+    for child in children:
+        task = child.data.tags["vtab.task"]
+        assert child.data.metrics[f"vtab/{task}/top1"] == pytest.approx(rows[task]["top1"])
+        assert child.data.params["lr"] == f"{best:g}"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"vtab.txt", "vtab.csv", "vtab.json", "vtab.png"} <= artifacts
+    assert "testing-secret" not in json.dumps(parent.data.params)
+
+
+def _finished_trials(experiment: Path) -> dict[str, float]:
+    """Trial directory -> timestamp of its final result, for trials that finished."""
+    done = {}
+    for result in experiment.glob("*/result.json"):
+        lines = [json.loads(ln) for ln in result.read_text().splitlines() if ln.strip()]
+        final = [r for r in lines if "top1" in r]
+        if final:
+            done[result.parent.name] = final[-1]["timestamp"]
+    return done
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_resumes_without_redoing_finished_trials(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=2,
+                                        num_heads=2, mlp_dim=64, num_classes=10)),
+                          tmp_path / "ckpt")
+    data = make_tasks(tmp_path / "vtab-1k", ("eurosat", "kitti"))
+    args = ["--checkpoint", str(checkpoint), "--data", str(data), "--tasks", "eurosat,kitti",
+            "--resolution", "32", "--lrs", "0.01", "--steps", "150", "--batch-size", "16",
+            "--seeds", "3", "--max-concurrent-trials", "1", "--storage", str(tmp_path / "ev"),
+            "--name", "killed"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    experiment = tmp_path / "ev" / "killed" / "final"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval" / "vtab.py"), *args], env=env,
+                            stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(_finished_trials(experiment)) < 2:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)    # the driver and the Ray it started
+    finally:
+        stop_process_group(proc)
+    before = _finished_trials(experiment)
+    assert 2 <= len(before) < 6, before
+
+    out = run_vtab(args, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "resuming" in out.stderr
+    after = _finished_trials(experiment)
+    assert len(after) == 6
+    for trial, stamp in before.items():
+        assert after[trial] == stamp, f"{trial} ran again"
+    report = json.loads((tmp_path / "ev" / "killed" / "vtab.json").read_text())
+    assert sorted(len(row["seeds"]) for row in report["tasks"]) == [3, 3]
+    assert "Mean of tasks" in out.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_job_submit(ray_head, tmp_path):
+    address, env = ray_head
+    torch.manual_seed(0)
+    checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=2,
+                                        num_heads=2, mlp_dim=64, num_classes=10)),
+                          tmp_path / "ckpt")
+    data = make_tasks(tmp_path / "vtab-1k", ("kitti",), train=16, val=4, test=12)
+    runtime_env = json.dumps({"env_vars": {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "RAY_AUTH_MODE": "token"}})
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+           "--runtime-env-json", runtime_env, "--", sys.executable, "eval/vtab.py",
+           "--checkpoint", str(checkpoint), "--data", str(data), "--tasks", "kitti",
+           "--resolution", "32", "--lrs", "0.01", "--steps", "10", "--batch-size", "8",
+           "--storage", str(tmp_path / "ev"), "--name", "submitted"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "Mean of tasks" in log
+    report = json.loads((tmp_path / "ev" / "submitted" / "vtab.json").read_text())
+    assert [row["task"] for row in report["tasks"]] == ["kitti"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, before any trial, nothing written
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    torch.manual_seed(0)
+    checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=1,
+                                        num_heads=2, mlp_dim=64, num_classes=10)),
+                          tmp_path / "ckpt")
+    data = make_tasks(tmp_path / "vtab-1k", ("dtd", "kitti"), train=6, val=2, test=4,
+                      image_size=16)
+    return tmp_path, checkpoint, data
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown task", r"unknown VTAB task\(s\) \['cifar10'\]; use all, natural, specialized"),
+    ("missing data", r"svhn: .*/svhn/train800.txt is missing; expected the VTAB-1k layout"),
+    ("lists disagree", r"dtd/test.txt:3: images/test/000002.jpg does not exist; the list "
+                       r"file and the images disagree"),
+    ("bad label", r"kitti/val200.txt:1: label 4 outside \[0, 4\)"),
+    ("missing checkpoint", r"checkpoint not found: .*/nowhere"),
+    ("not a ViT", r"is not a ViT checkpoint"),
+    ("bad resolution", r"--resolution 36 is not a multiple of the checkpoint's patch size 8; "
+                       r"use e.g. 32"),
+])
+def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
+    tmp_path, checkpoint, data = small_setup
+    args = {"--checkpoint": str(checkpoint), "--data": str(data), "--tasks": "dtd,kitti",
+            "--resolution": "32", "--storage": str(tmp_path / "ev"), "--name": "bad"}
+    if case == "unknown task":
+        args["--tasks"] = "dtd,cifar10"
+    elif case == "missing data":
+        args["--tasks"] = "dtd,svhn"
+    elif case == "lists disagree":
+        (data / "dtd" / "images" / "test" / "000002.jpg").unlink()
+    elif case == "bad label":
+        (data / "kitti" / "val200.txt").write_text("images/val200/000000.jpg 4\n")
+    elif case == "missing checkpoint":
+        args["--checkpoint"] = str(tmp_path / "nowhere")
+    elif case == "not a ViT":
+        from safetensors.torch import save_file
+
+        save_file({"conv.weight": torch.zeros(4, 3, 3, 3)}, str(tmp_path / "resnet.safetensors"))
+        args["--checkpoint"] = str(tmp_path / "resnet.safetensors")
+    elif case == "bad resolution":
+        args["--resolution"] = "36"
+    code = main([x for kv in args.items() for x in kv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "ev").exists()              # no trial, no half-written output
+    assert not (tmp_path / "mlflow.db").exists()       # no MLflow run either
