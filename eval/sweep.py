@@ -131,33 +131,36 @@ def check_data(cfg: SweepConfig) -> dict[str, dict[str, int]]:
 # Data: decoded once per phase in Ray tasks, shared through the object store
 # ---------------------------------------------------------------------------------------------
 def _load(data_root: str, task_name: str, split: str, resolution: int, kind: str):
+    """-> (the split, decoded or encoded; its size). Two returns, so that the driver can
+    wait on the small one and never pull the images to itself."""
     from eval.data import decode, read_encoded, train_size
 
     task = BY_NAME[task_name]
     encoded = read_encoded(data_root, task, split)
     if kind == "encoded":
-        return encoded
+        return encoded, len(encoded.labels)
     size = train_size(task, resolution) if kind == "train" else resolution
-    return decode(encoded, size, f"{task_name}/{split}")
+    return decode(encoded, size, f"{task_name}/{split}"), len(encoded.labels)
 
 
 def load_phase_data(cfg: SweepConfig, phase: str) -> dict[str, dict[str, object]]:
-    """{task: {"train": ref, "eval": ref}} for a phase; raises TaskDataError on bad data."""
+    """{task: {"train": ref, "eval": ref}} for a phase, loaded in parallel Ray tasks and left
+    in the object store; raises TaskDataError on bad data."""
     import ray
 
-    load = ray.remote(num_cpus=1, max_retries=2)(_load)
+    load = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(_load)
     train_split, eval_split, eval_kind = (("train800", "val200", "eval") if phase == "select"
                                           else ("train800val200", "test", "encoded"))
-    refs = {name: {"train": load.remote(cfg.data, name, train_split, cfg.resolution, "train"),
-                   "eval": load.remote(cfg.data, name, eval_split, cfg.resolution, eval_kind)}
-            for name in cfg.tasks}
-    for per_task in refs.values():
-        for ref in per_task.values():
-            try:
-                ray.wait([ref], fetch_local=False)
-                ray.get(ref)  # surfaces a data error here, before any trial
-            except ray.exceptions.RayTaskError as err:
-                raise (err.cause if err.cause is not None else err) from None
+    refs, sizes = {}, []
+    for name in cfg.tasks:
+        train, n_train = load.remote(cfg.data, name, train_split, cfg.resolution, "train")
+        evaluation, n_eval = load.remote(cfg.data, name, eval_split, cfg.resolution, eval_kind)
+        refs[name] = {"train": train, "eval": evaluation}
+        sizes += [n_train, n_eval]
+    try:
+        ray.get(sizes)   # surfaces a data error here, before any trial
+    except ray.exceptions.RayTaskError as err:
+        raise (err.cause if err.cause is not None else err) from None
     return refs
 
 
@@ -355,27 +358,34 @@ def choose_lrs(cfg: SweepConfig, selection: list[dict]) -> dict[str, float]:
 
 
 def run(cfg: SweepConfig, pretrained: Pretrained) -> dict:
-    """Both phases; -> {"selection": [...], "final": [...], "lrs": {task: lr}}."""
+    """Both phases; -> {"selection": [...], "final": [...], "lrs": {task: lr},
+    "timings": {"<phase>/data_s", "<phase>/trials_s"}}."""
     selection: list[dict] = []
+    timings = {}
+
+    def phase(name: str, combos: list[dict]) -> list[dict]:
+        start = time.perf_counter()
+        data = load_phase_data(cfg, name)
+        timings[f"{name}/data_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        records = run_phase(cfg, name, combos, data, pretrained)
+        timings[f"{name}/trials_s"] = time.perf_counter() - start
+        return records
+
     if len(cfg.lrs) > 1:
-        data = load_phase_data(cfg, "select")
-        combos = [{"task": t, "lr": lr, "seed": 0, "phase": "select"}
-                  for t in cfg.tasks for lr in cfg.lrs]
-        selection = run_phase(cfg, "select", combos, data, pretrained)
-        del data
+        selection = phase("select", [{"task": t, "lr": lr, "seed": 0, "phase": "select"}
+                                     for t in cfg.tasks for lr in cfg.lrs])
         _raise_failed(selection, "selection")
     chosen = choose_lrs(cfg, selection)
-    data = load_phase_data(cfg, "final")
-    combos = [{"task": t, "lr": chosen[t], "seed": s, "phase": "final"}
-              for t in cfg.tasks for s in range(cfg.seeds)]
-    final = run_phase(cfg, "final", combos, data, pretrained)
+    final = phase("final", [{"task": t, "lr": chosen[t], "seed": s, "phase": "final"}
+                            for t in cfg.tasks for s in range(cfg.seeds)])
     _raise_failed(final, "final")
     diverged = [f"{r['task']} (lr {r['lr']:g}, seed {r['seed']})" for r in final
                 if r["diverged"]]
     if diverged:
         raise SweepError(f"the final run diverged for {', '.join(diverged)}; choose smaller "
                          f"--lrs")
-    return {"selection": selection, "final": final, "lrs": chosen}
+    return {"selection": selection, "final": final, "lrs": chosen, "timings": timings}
 
 
 def _raise_failed(records: list[dict], phase: str) -> None:

@@ -139,14 +139,14 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
     assert "testing-secret" not in json.dumps(parent.data.params)
 
 
-def _finished_trials(experiment: Path) -> dict[str, float]:
-    """Trial directory -> timestamp of its final result, for trials that finished."""
+def _finished_trials(experiment: Path) -> dict[str, dict]:
+    """Trial directory -> its final result (with pid, date, timings), for finished trials."""
     done = {}
     for result in experiment.glob("*/result.json"):
         lines = [json.loads(ln) for ln in result.read_text().splitlines() if ln.strip()]
         final = [r for r in lines if "top1" in r]
         if final:
-            done[result.parent.name] = final[-1]["timestamp"]
+            done[result.parent.name] = final[-1]
     return done
 
 
@@ -159,7 +159,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(tmp_path):
                           tmp_path / "ckpt")
     data = make_tasks(tmp_path / "vtab-1k", ("eurosat", "kitti"))
     args = ["--checkpoint", str(checkpoint), "--data", str(data), "--tasks", "eurosat,kitti",
-            "--resolution", "32", "--lrs", "0.01", "--steps", "150", "--batch-size", "16",
+            "--resolution", "32", "--lrs", "0.01", "--steps", "1500", "--batch-size", "32",
             "--seeds", "3", "--max-concurrent-trials", "1", "--storage", str(tmp_path / "ev"),
             "--name", "killed"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
@@ -184,8 +184,8 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(tmp_path):
     assert "resuming" in out.stderr
     after = _finished_trials(experiment)
     assert len(after) == 6
-    for trial, stamp in before.items():
-        assert after[trial] == stamp, f"{trial} ran again"
+    for trial, result in before.items():
+        assert after[trial] == result, f"{trial} ran again"
     report = json.loads((tmp_path / "ev" / "killed" / "vtab.json").read_text())
     assert sorted(len(row["seeds"]) for row in report["tasks"]) == [3, 3]
     assert "Mean of tasks" in out.stdout

@@ -1,0 +1,122 @@
+"""VTAB sweep overhead: the wall time of the Ray Tune sweep (`eval.sweep.run`: data decoded in
+Ray tasks, both protocol phases, one Tune trial per (task, lr) and (task, seed)) against the
+sum of its trials' pure training time (the `finetune` loop of each trial). Baseline in the
+same run: the same trials in a plain Python loop, no Ray, data decoded once.
+
+Trials run one at a time with every core (`--cpus-per-trial`), so the ratio is what the
+harness adds around training: data decoding and transfer, trial start-up, model build,
+evaluation, bookkeeping. Goal: <= 1.10x.
+
+    python bench/vtab.py                       # tiny ViT on CPU, 2 tasks x 2 lrs + 2 finals
+    python bench/vtab.py --steps 600 --tasks 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eval.data import decode, read_encoded, train_size, write_synthetic_task  # noqa: E402
+from eval.finetune import FinetuneConfig, build_model, finetune, predict, top1  # noqa: E402
+from eval.sweep import SweepConfig, choose_lrs, load_pretrained, run  # noqa: E402
+from eval.tasks import BY_NAME  # noqa: E402
+from pipeline.checkpoint import save_vit  # noqa: E402
+from pipeline.model import ViT, ViTConfig  # noqa: E402
+
+TASK_ORDER = ("eurosat", "kitti", "dsprites_ori", "dtd")
+
+
+def plain(cfg: SweepConfig, pretrained) -> tuple[float, float, list]:
+    """The same protocol without Ray: -> (wall s, sum of training s, records)."""
+    torch.set_num_threads(int(cfg.cpus_per_trial))
+    start = time.perf_counter()
+    train_s, records = 0.0, []
+
+    def one(task, split_train, split_eval, lr, seed):
+        nonlocal train_s
+        t = BY_NAME[task]
+        tr = decode(read_encoded(cfg.data, t, split_train), train_size(t, cfg.resolution))
+        ev = decode(read_encoded(cfg.data, t, split_eval), cfg.resolution)
+        model = build_model(pretrained.config, pretrained.state, t.num_classes, cfg.resolution)
+        stats = finetune(model, tr.images, tr.labels,
+                         FinetuneConfig(lr=lr, steps=cfg.steps, warmup_steps=cfg.warmup,
+                                        batch_size=cfg.batch_size, seed=seed),
+                         resolution=cfg.resolution, crop=t.crop, flip=t.flip)
+        train_s += stats["train_time_s"]
+        return {"task": task, "lr": lr, "top1": top1(predict(model, [ev.images]), ev.labels)}
+
+    selection = [one(t, "train800", "val200", lr, 0) for t in cfg.tasks for lr in cfg.lrs]
+    chosen = choose_lrs(cfg, selection)
+    records = selection + [one(t, "train800val200", "test", chosen[t], s)
+                           for t in cfg.tasks for s in range(cfg.seeds)]
+    return time.perf_counter() - start, train_s, records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", type=int, default=2, help="number of generated tasks")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--cpus-per-trial", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+
+    import ray
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-vtab-"))
+    tasks = TASK_ORDER[:args.tasks]
+    for i, name in enumerate(tasks):
+        write_synthetic_task(tmp / "vtab", BY_NAME[name], train=80, val=20, test=100,
+                             image_size=48, seed=i)
+    torch.manual_seed(0)
+    ckpt = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=96, depth=4,
+                                  num_heads=3, mlp_dim=384, num_classes=10)), tmp / "ckpt")
+    cfg = SweepConfig(checkpoint=str(ckpt), data=str(tmp / "vtab"), tasks=tasks,
+                      resolution=args.resolution, lrs=(0.003, 0.03), steps=args.steps,
+                      batch_size=args.batch_size, seeds=1, gpus_per_trial=0.0,
+                      cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=1,
+                      storage=str(tmp / "evals"), name="bench", progress_reports=4)
+    pretrained = load_pretrained(cfg)
+    trials = len(tasks) * (len(cfg.lrs) + cfg.seeds)
+    print(f"{trials} trials ({len(tasks)} tasks x {len(cfg.lrs)} lrs on val200, then "
+          f"{len(tasks)} finals), {args.steps} steps of batch {args.batch_size} at "
+          f"{args.resolution} px, {args.cpus_per_trial} CPU per trial, one at a time")
+
+    plain_wall, plain_train, _ = plain(cfg, pretrained)
+
+    ray.init(num_cpus=args.cpus_per_trial, include_dashboard=False, configure_logging=False,
+             log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    try:
+        start = time.perf_counter()
+        outcome = run(cfg, pretrained)
+        ray_wall = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    ray_train = sum(r["train_time_s"] for r in outcome["selection"] + outcome["final"])
+
+    print()
+    print(f"{'':<26}{'wall s':>9}{'training s':>12}{'ratio':>8}")
+    print(f"{'plain loop (no Ray)':<26}{plain_wall:>9.1f}{plain_train:>12.1f}"
+          f"{plain_wall / plain_train:>8.3f}")
+    print(f"{'Ray Tune sweep':<26}{ray_wall:>9.1f}{ray_train:>12.1f}"
+          f"{ray_wall / ray_train:>8.3f}")
+    t = outcome["timings"]
+    in_trials = sum(v for k, v in t.items() if k.endswith("trials_s"))
+    print("\nsweep parts (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+          + f"; per trial outside training: {(in_trials - ray_train) / trials:.2f} s")
+    print(f"overhead ratio (sweep wall / sum of trial training): {ray_wall / ray_train:.3f}x "
+          f"(goal <= 1.10x); sweep wall / plain wall: {ray_wall / plain_wall:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
