@@ -19,7 +19,7 @@ PIP := $(PY) -m pip
 
 DEMO_DATA ?= $(HOME)/vit-runs/demo-shards
 
-.PHONY: install test lint demo bench-model bench-data bench-train clean
+.PHONY: install test lint demo bench-model bench-data bench-train bench-vtab clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,9 @@ bench-data: install
 
 bench-train: install
 	$(PY) bench/train.py
+
+bench-vtab: install
+	$(PY) bench/vtab.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ from eval import report
 from eval.data import TaskDataError
 from eval.finetune import FinetuneError
 from eval.sweep import SweepConfig, SweepError, check_data, load_pretrained, run
+from eval.tasks import BY_NAME
 from pipeline import storage
 from pipeline.checkpoint import CheckpointError
 from pipeline.data.shards import DatasetError
@@ -41,6 +42,12 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
              pretrained.config.get("hidden_size"), pretrained.config["image_size"],
              len(sizes), ", ".join(f"{t} ({s['train800val200']}/{s['test']})"
                                    for t, s in sizes.items()))
+    unofficial = [f"{t} ({s['train800']}/{s['val200']}/{s['test']})" for t, s in sizes.items()
+                  if (s["train800"], s["val200"], s["test"]) != (800, 200,
+                                                                 BY_NAME[t].test_size)]
+    if unofficial:
+        log.warning("not the official VTAB-1k splits (train800/val200/test sizes): %s; the "
+                    "numbers are not comparable with published ones", ", ".join(unofficial))
     if storage.is_s3(cfg.root):
         storage.check_bucket(cfg.root)
 
@@ -69,6 +76,7 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
             tracking.finish_run(tracking_uri, parent, "FAILED")
         raise
     doc = report.build(cfg, outcome, pretrained.metadata, reference)
+    doc["split_sizes"], doc["official_splits"] = sizes, not unofficial
     local = Path(cfg.root) if not storage.is_s3(cfg.root) else \
         Path(tempfile.mkdtemp(prefix="vtab-report-"))
     files = report.write(doc, cfg.root, local)
@@ -78,8 +86,7 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
             report.log_results(tracking_uri, parent, doc, files)
             where.append(f"MLflow run: {parent} (experiment {report.EXPERIMENT!r}, one nested "
                          f"run per task)")
-            where.append(f"  open it:  mlflow ui --backend-store-uri "
-                         f"{tracking.redact(tracking_uri)}")
+            where.append(f"  open it:  {tracking.how_to_open(tracking_uri)}")
         except Exception as err:  # noqa: BLE001
             print(f"warning: could not log to MLflow ({type(err).__name__}); the report files "
                   f"are complete", file=sys.stderr)

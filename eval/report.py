@@ -103,6 +103,8 @@ def table(doc: dict) -> str:
     out = [f"VTAB-1k: {doc['checkpoint']}",
            f"  {len(doc['tasks'])} task(s), {s['resolution']} px, {s['steps']} steps, batch "
            f"{s['batch_size']}, protocol {s['protocol']}, {s['seeds']} seed(s)"]
+    if doc.get("official_splits") is False:
+        out.append("  note: not the official VTAB-1k split sizes; not comparable with papers")
     head = f"{'task':<22}{'group':<13}{'lr':>8}{'val200':>9}  {'top-1 (test)':<16}"
     if ref:
         head += f"{ref['name']:>14}{'delta':>8}"

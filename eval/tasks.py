@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.data.transforms import Augment
-
 GROUPS = ("natural", "specialized", "structured")
 
 
@@ -25,15 +23,6 @@ class Task:
     source: str          # the task_adaptation definition it comes from
     flip: bool = True    # random horizontal flip while fine-tuning
     crop: bool = True    # random crop while fine-tuning
-
-    def train_augment(self, resolution: int) -> Augment:
-        """BiT / ViT fine-tuning: resize to 448/384 of the resolution, random crop, flip;
-        with this task's exceptions."""
-        return Augment("resize_crop", resolution, flip=self.flip, crop=self.crop)
-
-    def eval_augment(self, resolution: int) -> Augment:
-        """Evaluation: resize to the resolution only."""
-        return Augment("resize", resolution, flip=False, crop=False)
 
 
 TASKS: tuple[Task, ...] = (

@@ -135,9 +135,9 @@ def summary(cfg, out) -> None:
         print(f"    evaluate: python eval/vtab.py --checkpoint {out.checkpoint}")
     if out.run_id:
         print(f"  MLflow run: {out.run_id} (experiment {cfg.run.experiment!r})")
-        from pipeline.tracking import redact
+        from pipeline.tracking import how_to_open
 
-        print(f"    open it:  mlflow ui --backend-store-uri {redact(out.tracking_uri)}")
+        print(f"    open it:  {how_to_open(out.tracking_uri)}")
 
 
 if __name__ == "__main__":

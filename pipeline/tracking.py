@@ -31,6 +31,13 @@ def default_tracking_uri(storage_root: str) -> str:
     return f"sqlite:///{Path(storage_root).expanduser().resolve() / 'mlflow.db'}"
 
 
+def how_to_open(tracking_uri: str) -> str:
+    """What a person runs or opens to see the runs of `tracking_uri`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {redact(tracking_uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
+
+
 def redact(value: str) -> str:
     """Strip credentials from URIs (scheme://user:pass@host -> scheme://host)."""
     if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
