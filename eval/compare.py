@@ -1,0 +1,280 @@
+"""Compare MLflow runs side by side: VTAB evaluations and pretraining runs.
+
+    python eval/compare.py RUN [RUN ...]                  # run ids or run names
+    python eval/compare.py --experiment vtab              # every finished run of an experiment
+    python eval/compare.py --experiment vit-smoke --filter "params.\\`optim.lr\\` = '0.001'"
+
+VTAB runs (experiment `vtab`): top-1 per task, per group, the mean of the tasks and the mean
+of the group means, each with its difference to the first run. Pretraining runs: final
+loss, few-shot accuracy, images/s, MFU, and the config values that differ. Printed as
+tables, written as CSV and a PNG (training-loss curves overlaid; VTAB group bars), and logged
+to MLflow as a run of the experiment `comparisons` (the runs compared are its params).
+MLFLOW_TRACKING_URI chooses the server (default: the local store under ~/vit-runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from eval.tasks import TASKS  # noqa: E402
+
+PRETRAIN_METRICS = (("train/loss", "final loss", "last"), ("perf/images_per_sec", "images/s",
+                                                           "mean"),
+                    ("perf/mfu", "MFU", "mean"))
+SUMMARY = (("natural", "Natural"), ("specialized", "Specialized"), ("structured", "Structured"),
+           ("mean", "Mean of tasks"), ("mean_of_groups", "Mean of group means"))
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class CompareError(ValueError):
+    """A run or experiment that cannot be found (one line)."""
+
+
+def resolve_runs(client, refs: list[str], experiment: str | None, filter_string: str = ""
+                 ) -> list:
+    """Run ids or names (and/or an experiment with a filter) -> MLflow runs, in order."""
+    runs = []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for ref in refs:
+        if RUN_ID.match(ref):
+            try:
+                runs.append(client.get_run(ref))
+                continue
+            except Exception:  # noqa: BLE001 - not an id after all; try it as a name
+                pass
+        found = client.search_runs(experiments, f"attributes.run_name = '{ref}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1) \
+            if experiments else []
+        if not found:
+            raise CompareError(f"no MLflow run with id or name {ref!r}; list them with "
+                               f"`mlflow runs list` or the MLflow UI")
+        runs.append(found[0])
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise CompareError(f"no MLflow experiment {experiment!r}")
+        query = " and ".join(x for x in (filter_string, "attributes.status = 'FINISHED'") if x)
+        found = client.search_runs([exp.experiment_id], query,
+                                   order_by=["attributes.start_time ASC"])
+        runs += [r for r in found if r.data.tags.get("mlflow.parentRunId") is None]
+    if len(runs) < 2:
+        raise CompareError(f"need at least two runs to compare, found {len(runs)}")
+    return runs
+
+
+def label(run) -> str:
+    return run.info.run_name or run.info.run_id[:8]
+
+
+def is_vtab(run) -> bool:
+    return any(k.startswith("vtab/") for k in run.data.metrics)
+
+
+def vtab_rows(runs) -> list[tuple[str, list[float | None]]]:
+    """(row name, value per run) for the tasks any run has, then groups and means."""
+    rows = []
+    for task in TASKS:
+        values = [r.data.metrics.get(f"vtab/{task.name}/top1") for r in runs]
+        if any(v is not None for v in values):
+            rows.append((task.name, values))
+    for key, name in SUMMARY:
+        values = [r.data.metrics.get(f"vtab/{key}") for r in runs]
+        if any(v is not None for v in values):
+            rows.append((name, values))
+    return rows
+
+
+def pretrain_rows(client, runs) -> list[tuple[str, list]]:
+    rows = []
+    for key, name, how in PRETRAIN_METRICS:
+        values = []
+        for r in runs:
+            if how == "last":
+                values.append(r.data.metrics.get(key))
+            else:
+                hist = [m.value for m in client.get_metric_history(r.info.run_id, key)]
+                values.append(sum(hist) / len(hist) if hist else None)
+        if any(v is not None for v in values):
+            rows.append((name, values))
+    fewshot = sorted({k for r in runs for k in r.data.metrics if k.startswith("fewshot/")})
+    rows += [(k, [r.data.metrics.get(k) for r in runs]) for k in fewshot]
+    rows.append(("steps", [_last_step(client, r) for r in runs]))
+    keys = sorted({k for r in runs for k in r.data.params})
+    for k in keys:
+        values = [r.data.params.get(k) for r in runs]
+        if len(set(values)) > 1 and k not in ("run.name", "resume", "init"):
+            rows.append((k, values))
+    return rows
+
+
+def _last_step(client, run):
+    hist = client.get_metric_history(run.info.run_id, "train/loss")
+    return max((m.step for m in hist), default=None)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1 else f"{v:.2f}"
+    text = str(v)
+    return text if len(text) <= 20 else "..." + text[-17:]
+
+
+def format_table(title: str, runs, rows, deltas: bool) -> str:
+    names = [label(r) for r in runs]
+    width = max([24] + [len(n) + 2 for n, _ in rows])
+    col = max(14, *(len(n) + 2 for n in names))
+    head = f"{'':<{width}}" + "".join(f"{n:>{col}}" for n in names)
+    out = [title, head, "-" * len(head)]
+    for name, values in rows:
+        line = f"{name:<{width}}"
+        for i, v in enumerate(values):
+            cell = _cell(v)
+            if deltas and i > 0 and isinstance(v, float) and isinstance(values[0], float):
+                cell += f" ({v - values[0]:+.2f})"
+            line += f"{cell:>{col}}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def to_csv(sections: list[tuple[str, list, list]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    for kind, runs, rows in sections:
+        w.writerow([kind] + [r.info.run_id for r in runs])
+        w.writerow(["run"] + [label(r) for r in runs])
+        for name, values in rows:
+            w.writerow([name] + ["" if v is None else v for v in values])
+    return buf.getvalue()
+
+
+def chart(client, vtab_runs, pretrain_runs, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = bool(pretrain_runs) + bool(vtab_runs)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    axes = list(axes[0])
+    if pretrain_runs:
+        ax = axes.pop(0)
+        for r in pretrain_runs:
+            hist = sorted(client.get_metric_history(r.info.run_id, "train/loss"),
+                          key=lambda m: m.step)
+            ax.plot([m.step for m in hist], [m.value for m in hist], label=label(r))
+        ax.set_xlabel("step")
+        ax.set_ylabel("train/loss")
+        ax.set_yscale("log")
+        ax.set_title("pretraining loss")
+        ax.legend(fontsize=8)
+    if vtab_runs:
+        ax = axes.pop(0)
+        keys = [k for k, _ in SUMMARY]
+        names = [n for _, n in SUMMARY]
+        n = len(vtab_runs)
+        for i, r in enumerate(vtab_runs):
+            xs = [j + (i - (n - 1) / 2) * 0.8 / n for j in range(len(keys))]
+            ax.bar(xs, [r.data.metrics.get(f"vtab/{k}", 0.0) for k in keys], width=0.8 / n,
+                   label=label(r))
+        ax.set_xticks(range(len(keys)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title("VTAB-1k groups and means")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(tracking_uri: str, refs: list[str], experiment: str | None = None,
+            filter_string: str = "", out_dir: str | Path | None = None, log: bool = True
+            ) -> dict:
+    """-> {"text", "csv", "png", "run_id"} (run_id of the comparison run, when logged)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = resolve_runs(client, refs, experiment, filter_string)
+    vtab = [r for r in runs if is_vtab(r)]
+    pre = [r for r in runs if not is_vtab(r)]
+    sections, texts = [], []
+    if len(vtab) >= 1:
+        rows = vtab_rows(vtab)
+        sections.append(("vtab", vtab, rows))
+        texts.append(format_table(f"VTAB-1k top-1 (%), differences to {label(vtab[0])}",
+                                  vtab, rows, deltas=True))
+    if len(pre) >= 1:
+        rows = pretrain_rows(client, pre)
+        sections.append(("pretraining", pre, rows))
+        texts.append(format_table("Pretraining runs (config values that differ below the "
+                                  "metrics)", pre, rows, deltas=False))
+    out_dir = Path(out_dir or Path.home() / "vit-runs" / "comparisons" /
+                   time.strftime("%Y%m%d-%H%M%S"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = "\n\n".join(texts)
+    (out_dir / "comparison.txt").write_text(text + "\n")
+    (out_dir / "comparison.csv").write_text(to_csv(sections))
+    chart(client, vtab, pre, out_dir / "comparison.png")
+    result = {"text": text, "csv": out_dir / "comparison.csv", "png": out_dir / "comparison.png",
+              "run_id": None}
+    if log:
+        from mlflow.entities import Param
+
+        exp = client.get_experiment_by_name("comparisons")
+        exp_id = exp.experiment_id if exp else client.create_experiment("comparisons")
+        run = client.create_run(exp_id, run_name=" vs ".join(label(r) for r in runs)[:250],
+                                tags={"vit.kind": "comparison",
+                                      "compared_runs": ",".join(r.info.run_id for r in runs)})
+        client.log_batch(run.info.run_id, params=[
+            Param(f"run_{i}", f"{label(r)} ({r.info.run_id})") for i, r in enumerate(runs)])
+        for name in ("comparison.txt", "comparison.csv", "comparison.png"):
+            client.log_artifact(run.info.run_id, str(out_dir / name))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        result["run_id"] = run.info.run_id
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="eval/compare.py", description=__doc__.split("\n")[0],
+                                 epilog=__doc__.split("\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="*", help="MLflow run ids or run names")
+    ap.add_argument("--experiment", help="add the finished top-level runs of this experiment")
+    ap.add_argument("--filter", default="", help="MLflow search filter for --experiment, e.g. "
+                                                 "\"params.protocol = 'vit'\"")
+    ap.add_argument("--out", help="folder for comparison.{txt,csv,png} (default: "
+                                  "~/vit-runs/comparisons/<time>)")
+    ap.add_argument("--no-log", action="store_true", help="do not log a comparison run")
+    args = ap.parse_args(argv)
+    from pipeline.tracking import default_tracking_uri, how_to_open
+
+    uri = default_tracking_uri("~/vit-runs")
+    try:
+        out = compare(uri, args.runs, args.experiment, args.filter, args.out,
+                      log=not args.no_log)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(out["text"])
+    print(f"\nwritten: {out['csv']} and {out['png'].name} beside it")
+    if out["run_id"]:
+        print(f"MLflow comparison run: {out['run_id']} (experiment 'comparisons'); "
+              f"{how_to_open(uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
