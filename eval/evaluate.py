@@ -28,6 +28,22 @@ USER_ERRORS = (SweepError, CheckpointError, TaskDataError, DatasetError, Storage
 PIPELINE_ROOT = "~/vit-runs"     # the MLflow store pretraining uses, so runs can be compared
 
 
+def resolve_checkpoint(uri: str) -> str:
+    """A pretraining run's folder (`<storage>/<run name>`) stands for its newest complete
+    checkpoint; anything else is taken as it is."""
+    from pipeline.checkpoint import read_metadata
+    from pipeline.train.run import latest_checkpoint
+
+    if "/" not in uri.rstrip("/") or read_metadata(uri):
+        return uri
+    parent, name = uri.rstrip("/").rsplit("/", 1)
+    latest = latest_checkpoint(parent, name)
+    if latest:
+        log.info("%s is a pretraining run: evaluating its newest checkpoint %s", uri, latest)
+        return latest
+    return uri
+
+
 def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None = None
              ) -> tuple[dict, list[str]]:
     """Run (or resume) the evaluation; -> (report document, lines saying where things are)."""
@@ -36,6 +52,7 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
     from pipeline import tracking
 
     # Everything a user can get wrong fails here, before Ray starts a trial.
+    cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
     pretrained = load_pretrained(cfg)
     sizes = check_data(cfg)
     log.info("checkpoint %s: %s, %d px; %d task(s) checked: %s", cfg.checkpoint,

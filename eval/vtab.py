@@ -55,8 +55,9 @@ def parse_args(argv=None):
         prog="eval/vtab.py", description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, metavar="URI",
-                    help="the ViT to evaluate: folder or s3:// prefix of ours / Hugging Face, "
-                         "a timm or Hugging Face state dict, or the authors' .npz")
+                    help="the ViT to evaluate: a checkpoint folder or s3:// prefix (ours or "
+                         "Hugging Face), a timm / Hugging Face state dict, the authors' .npz, "
+                         "or a pretraining run's folder (its newest checkpoint)")
     ap.add_argument("--data", default=os.environ.get("VTAB_DATA", "~/vtab-1k"),
                     metavar="ROOT", help="VTAB-1k root, local or s3:// (default: $VTAB_DATA or "
                                          "~/vtab-1k)")
