@@ -1,6 +1,6 @@
 # One entry point for set-up and tests. Everything installs into ./.venv.
 #
-#   make demo                  install, write demo shards, pretrain a small ViT on local Ray
+#   make demo                  install, then the whole product end to end (jobs/demo.py)
 #   make test                  install everything (torch first), then lint and run the tests
 #   make install               just the install
 #   make bench-model           our ViT against Hugging Face's, forward+backward images/s
@@ -17,7 +17,6 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-DEMO_DATA ?= $(HOME)/vit-runs/demo-shards
 
 .PHONY: install test lint demo bench-model bench-data bench-train bench-vtab clean
 
@@ -38,12 +37,11 @@ lint: install
 test: install lint
 	$(PY) -m pytest
 
-# The main job end to end on the embedded default: local Ray, demo shards written locally,
-# local MLflow (SQLite under ~/vit-runs). Prints where the checkpoint and the MLflow run are.
+# The whole product on the embedded default (jobs/demo.py): a local stack (Ray head, S3
+# endpoint, MLflow server), demo shards, two pretraining runs and their VTAB evaluations
+# through `ray job submit`, the VTAB tables and a comparison of the runs.
 demo: install
-	$(PY) jobs/make_shards.py synthetic - $(DEMO_DATA) --num-samples 2048 --num-classes 10 \
-	  --image-size 64 --shard-size-mb 1
-	$(PY) jobs/pretrain.py --preset smoke --data $(DEMO_DATA) --name demo
+	$(PY) jobs/demo.py
 
 bench-model: install
 	$(PY) bench/model.py

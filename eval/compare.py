@@ -135,18 +135,21 @@ def _cell(v) -> str:
 
 def format_table(title: str, runs, rows, deltas: bool) -> str:
     names = [label(r) for r in runs]
-    width = max([24] + [len(n) + 2 for n, _ in rows])
-    col = max(14, *(len(n) + 2 for n in names))
-    head = f"{'':<{width}}" + "".join(f"{n:>{col}}" for n in names)
-    out = [title, head, "-" * len(head)]
-    for name, values in rows:
-        line = f"{name:<{width}}"
+    cells = []
+    for _, values in rows:
+        row = []
         for i, v in enumerate(values):
             cell = _cell(v)
             if deltas and i > 0 and isinstance(v, float) and isinstance(values[0], float):
                 cell += f" ({v - values[0]:+.2f})"
-            line += f"{cell:>{col}}"
-        out.append(line)
+            row.append(cell)
+        cells.append(row)
+    width = max([24] + [len(n) + 2 for n, _ in rows])
+    col = max([12] + [len(n) for n in names] + [len(c) for row in cells for c in row]) + 2
+    head = f"{'':<{width}}" + "".join(f"{n:>{col}}" for n in names)
+    out = [title, head, "-" * len(head)]
+    for (name, _), row in zip(rows, cells, strict=True):
+        out.append(f"{name:<{width}}" + "".join(f"{c:>{col}}" for c in row))
     return "\n".join(out)
 
 

@@ -218,26 +218,51 @@ def load_split(root: str | os.PathLike, task: Task, split: str, resolution: int,
 # ---------------------------------------------------------------------------------------------
 # Generated tasks in the exact layout: for tests, the demo and the benchmark
 # ---------------------------------------------------------------------------------------------
+def synthetic_image(label: int, num_classes: int, size: int, rng: np.random.Generator,
+                    noise: float = 0.1) -> bytes:
+    """A JPEG whose class is the orientation of a grating (num_classes angles over 180
+    degrees); hue, frequency, phase and noise vary freely, so the task takes features that
+    see orientation, and fine classes are hard."""
+    import io
+
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    angle = np.pi * label / num_classes + rng.normal(0, 0.02)
+    freq = rng.uniform(2.0, 5.0)
+    wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle))
+                  + rng.uniform(0, 2 * np.pi))
+    colour = rng.uniform(0.2, 1.0, 3)
+    img = 0.5 + 0.35 * wave[..., None] * colour + rng.normal(0, noise, (size, size, 3))
+    buf = io.BytesIO()
+    Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def write_synthetic_task(root: str | os.PathLike, task: Task, train: int = 40, val: int = 10,
-                         test: int = 40, image_size: int = 40, seed: int = 0) -> Path:
+                         test: int = 40, image_size: int = 40, seed: int = 0,
+                         noise: float = 0.1) -> Path:
     """A generated task in the VTAB-1k folder layout: real JPEG files and list files, with
     `train` / `val` / `test` images standing in for 800 / 200 / the test split, and
-    train800val200 stored again as train800 + val200 (as NOAH's generator does). Labels are
-    learnable (pipeline.data.shards.synthetic: a hue and a grating per class)."""
-    from pipeline.data.shards import synthetic
-
+    train800val200 stored again as train800 + val200 (as NOAH's generator does). Classes are
+    balanced within each split (`synthetic_image`: the orientation of a grating)."""
     folder = Path(root) / task.name
-    source = synthetic(train + val + test, task.num_classes, image_size, seed=seed,
-                       val_fraction=0.0)
-    refs = source.splits["train"]
-    parts = {"train800": refs[:train], "val200": refs[train:train + val],
-             "train800val200": refs[:train + val], "test": refs[train + val:]}
+    rng = np.random.default_rng(seed)
+    K = task.num_classes
+
+    def draw(n: int) -> list[tuple[bytes, int]]:
+        labels = rng.permutation(np.arange(n) % K)
+        return [(synthetic_image(int(lab), K, image_size, rng, noise), int(lab))
+                for lab in labels]
+
+    train_items, val_items = draw(train), draw(val)
+    parts = {"train800": train_items, "val200": val_items,
+             "train800val200": train_items + val_items, "test": draw(test)}
     for split, items in parts.items():
         (folder / "images" / split).mkdir(parents=True, exist_ok=True)
         lines = []
-        for i, ref in enumerate(items):
-            data, _ = ref.load()
+        for i, (data, label) in enumerate(items):
             (folder / "images" / split / f"{i:06d}.jpg").write_bytes(data)
-            lines.append(f"images/{split}/{i:06d}.jpg {ref.label}")
+            lines.append(f"images/{split}/{i:06d}.jpg {label}")
         (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
     return folder

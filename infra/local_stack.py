@@ -103,7 +103,10 @@ def up(root: Path, num_cpus: int | None = None) -> dict:
                f"--temp-dir={state['ray_tmp']}"]
         if num_cpus:
             cmd.append(f"--num-cpus={num_cpus}")
+        # This interpreter's folder first on PATH: `python` in a submitted job's entrypoint
+        # is then the one with the project's dependencies.
         proc = _spawn(cmd, log, {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+                                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                                  **{k: v for k, v in settings(state).items()
                                     if k.startswith("AWS_")}})
         started.append(proc)

@@ -104,8 +104,9 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
     assert report["summary"]["specialized"] == pytest.approx(rows["eurosat"]["top1"])
     assert report["summary"]["structured"] == pytest.approx(
         (rows["kitti"]["top1"] + rows["dsprites_ori"]["top1"]) / 2)
-    # Generated tasks are learnable: better than chance after 25 steps.
-    assert rows["eurosat"]["top1"] > 30 and rows["kitti"]["top1"] > 40
+    # Generated tasks are learnable: clearly better than chance after 25 steps.
+    for task in TASKS:
+        assert rows[task]["top1"] > 1.5 * 100 / BY_NAME[task].num_classes, rows[task]
 
     # The terminal table, CSV and PNG.
     assert "Mean of tasks (ViT Table 9 \"Mean\")" in out.stdout
