@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import re
 import sys
 import time
@@ -262,6 +263,8 @@ def main(argv=None) -> int:
                                   "~/vit-runs/comparisons/<time>)")
     ap.add_argument("--no-log", action="store_true", help="do not log a comparison run")
     args = ap.parse_args(argv)
+    # This command says where the runs are; MLflow need not print a URL per run.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from pipeline.tracking import default_tracking_uri, how_to_open
 
     uri = default_tracking_uri("~/vit-runs")

@@ -121,6 +121,8 @@ def config_from(args) -> SweepConfig:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # This command says where the runs are; MLflow need not print a URL per run.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         cfg = config_from(args)
     except ValueError as err:
