@@ -257,10 +257,9 @@ def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
     trainable = tune.with_resources(
         tune.with_parameters(trial, data=data, pretrained=pretrained, settings=settings),
         resources)
-    experiment = storage.join(cfg.root, phase)
-    restorable = tune.Tuner.can_restore(experiment, storage_filesystem=fs) if fs else \
-        tune.Tuner.can_restore(experiment)
-    if restorable:
+    # With an explicit filesystem (S3), Tune wants the path without its scheme.
+    experiment = f"{path.rstrip('/')}/{phase}"
+    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         log.info("%s: resuming %s (finished trials are kept)", phase, experiment)
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                    restart_errored=True, storage_filesystem=fs)

@@ -271,3 +271,36 @@ def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
     assert re.search(message, err), err
     assert not (tmp_path / "ev").exists()              # no trial, no half-written output
     assert not (tmp_path / "mlflow.db").exists()       # no MLflow run either
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.s3
+def test_checkpoint_data_and_results_on_s3(s3, tmp_path, monkeypatch):
+    """Checkpoint, VTAB shards and the Tune experiments + report all on an S3 endpoint; the
+    same command again restores the finished experiment from S3 instead of rerunning it."""
+    from jobs.make_shards import main as make_shards
+    from pipeline import storage
+
+    torch.manual_seed(0)
+    checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=1,
+                                        num_heads=2, mlp_dim=64, num_classes=10)),
+                          f"s3://{s3}/ckpt")
+    local = make_tasks(tmp_path / "vtab-1k", ("kitti",), train=8, val=4, test=8)
+    assert make_shards(["vtab", str(local / "kitti"), f"s3://{s3}/vtab/kitti",
+                        "--num-classes", "4"]) == 0
+    args = ["--checkpoint", checkpoint, "--data", f"s3://{s3}/vtab", "--tasks", "kitti",
+            "--resolution", "32", "--lrs", "0.01", "--steps", "5", "--batch-size", "8",
+            "--storage", f"s3://{s3}/evals", "--name", "on-s3"]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    first = run_vtab(args, env)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    report = json.loads(storage.read_bytes(f"s3://{s3}/evals/on-s3/vtab.json"))
+    assert report["tasks"][0]["task"] == "kitti" and report["data"] == f"s3://{s3}/vtab"
+    assert any(k.startswith("final/kitti-lr0.01-seed0/")
+               for k in storage.list_objects(f"s3://{s3}/evals/on-s3"))
+    again = run_vtab(args, env)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "resuming" in again.stderr
+    assert json.loads(storage.read_bytes(f"s3://{s3}/evals/on-s3/vtab.json"))["trials"] == \
+        report["trials"]
