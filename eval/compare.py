@@ -187,8 +187,9 @@ def chart(client, vtab_runs, pretrain_runs, path: Path) -> None:
         ax.legend(fontsize=8)
     if vtab_runs:
         ax = axes.pop(0)
-        keys = [k for k, _ in SUMMARY]
-        names = [n for _, n in SUMMARY]
+        present = [(k, n) for k, n in SUMMARY
+                   if any(f"vtab/{k}" in r.data.metrics for r in vtab_runs)]
+        keys, names = [k for k, _ in present], [n for _, n in present]
         n = len(vtab_runs)
         for i, r in enumerate(vtab_runs):
             xs = [j + (i - (n - 1) / 2) * 0.8 / n for j in range(len(keys))]
