@@ -304,3 +304,28 @@ def test_checkpoint_data_and_results_on_s3(s3, tmp_path, monkeypatch):
     assert "resuming" in again.stderr
     assert json.loads(storage.read_bytes(f"s3://{s3}/evals/on-s3/vtab.json"))["trials"] == \
         report["trials"]
+
+
+@pytest.mark.ray
+def test_trials_read_the_object_store_not_storage(ray_local, tmp_path):
+    """Data is decoded once per phase into the object store: the trials still run after the
+    task folder is gone."""
+    import shutil
+
+    from eval.sweep import SweepConfig, load_phase_data, load_pretrained, run_phase
+
+    torch.manual_seed(0)
+    checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=1,
+                                        num_heads=2, mlp_dim=64, num_classes=10)),
+                          tmp_path / "ckpt")
+    data = make_tasks(tmp_path / "vtab-1k", ("kitti",), train=8, val=4, test=8)
+    cfg = SweepConfig(str(checkpoint), str(data), ("kitti",), resolution=32, lrs=(0.01, 0.1),
+                      steps=4, batch_size=4, gpus_per_trial=0.0, storage=str(tmp_path / "ev"),
+                      name="object-store")
+    refs = load_phase_data(cfg, "select")
+    shutil.rmtree(data)
+    records = run_phase(cfg, "select", [{"task": "kitti", "lr": lr, "seed": 0,
+                                         "phase": "select"} for lr in cfg.lrs],
+                        refs, load_pretrained(cfg))
+    assert sorted(r["lr"] for r in records) == [0.01, 0.1]
+    assert all(r["error"] is None and 0 <= r["top1"] <= 100 for r in records), records
