@@ -53,6 +53,36 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; see {log}")
 
 
+def wait_for_job_agent(address: str, timeout: float = 180.0) -> None:
+    """The dashboard answers before the head's job agent has registered ("No available
+    agent to submit job"): submit a no-op job until one is accepted, and let it finish."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"      # the client sends the token only with this
+    try:
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                client = JobSubmissionClient(address)
+                job = client.submit_job(entrypoint="true")
+                break
+            except (RuntimeError, ConnectionError) as err:
+                last = err
+                time.sleep(1.0)
+        else:
+            raise TimeoutError(f"{address}: job submission not ready after {timeout:.0f} s "
+                               f"({last})")
+        while time.monotonic() < deadline and client.get_job_status(job) not in (
+                JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            time.sleep(0.5)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
+
+
 def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True,
@@ -114,6 +144,7 @@ def up(root: Path, num_cpus: int | None = None) -> dict:
         wait_http(f"http://127.0.0.1:{state['mlflow_port']}/health", 180, started[1],
                   root / "mlflow.log")
         wait_http(f"http://127.0.0.1:{state['dashboard_port']}/api/version", 180, proc, log)
+        wait_for_job_agent(settings(state)["RAY_ADDRESS"])
 
         import boto3
 

@@ -133,6 +133,9 @@ def ray_head(tmp_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 180, proc)
+        from infra.local_stack import wait_for_job_agent
+
+        wait_for_job_agent(f"http://127.0.0.1:{dash}")
         yield f"http://127.0.0.1:{dash}", env
     finally:
         stop_process_group(proc)
