@@ -55,32 +55,18 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
 
 def wait_for_job_agent(address: str, timeout: float = 180.0) -> None:
     """The dashboard answers before the head's job agent has registered ("No available
-    agent to submit job"): submit a no-op job until one is accepted, and let it finish."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    before = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"      # the client sends the token only with this
-    try:
-        deadline, last = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            try:
-                client = JobSubmissionClient(address)
-                job = client.submit_job(entrypoint="true")
-                break
-            except (RuntimeError, ConnectionError) as err:
-                last = err
-                time.sleep(1.0)
-        else:
-            raise TimeoutError(f"{address}: job submission not ready after {timeout:.0f} s "
-                               f"({last})")
-        while time.monotonic() < deadline and client.get_job_status(job) not in (
-                JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            time.sleep(0.5)
-    finally:
-        if before is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = before
+    agent to submit job"): submit a no-op job with the CLI until one goes through. (A
+    subprocess, because Ray reads RAY_AUTH_MODE once per process.)"""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    deadline, out = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--",
+                              "true"], env=env, capture_output=True, text=True, timeout=120)
+        if out.returncode == 0:
+            return
+        time.sleep(1.0)
+    last = (out.stdout + out.stderr).strip().splitlines()[-1:] if out else []
+    raise TimeoutError(f"{address}: job submission not ready after {timeout:.0f} s {last}")
 
 
 def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
