@@ -116,7 +116,15 @@ def up(root: Path, num_cpus: int | None = None) -> dict:
         cmd = [str(BIN / "ray"), "start", "--head", "--block",
                f"--port={free_port()}", f"--dashboard-port={state['dashboard_port']}",
                "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-               f"--temp-dir={state['ray_tmp']}"]
+               f"--temp-dir={state['ray_tmp']}",
+               # Free ports for every agent: the defaults (e.g. 52365) may be held by another
+               # Ray on this machine, and an agent that cannot bind leaves the head without
+               # job submission ("No available agent to submit job").
+               f"--dashboard-agent-listen-port={free_port()}",
+               f"--dashboard-agent-grpc-port={free_port()}",
+               f"--metrics-export-port={free_port()}",
+               f"--ray-client-server-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}"]
         if num_cpus:
             cmd.append(f"--num-cpus={num_cpus}")
         # This interpreter's folder first on PATH: `python` in a submitted job's entrypoint
