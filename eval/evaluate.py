@@ -80,7 +80,9 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         repo = str(Path(__file__).resolve().parents[1])
-        ray.init(address=address, configure_logging=False, log_to_driver=True,
+        # No address: a new local Ray ("local"), never a stray `ray start` cluster that
+        # ray.init() would otherwise attach to (or a dead one it would wait for).
+        ray.init(address=address or "local", configure_logging=False, log_to_driver=True,
                  runtime_env=None if address else {"env_vars": {"PYTHONPATH": repo}})
     if cfg.gpus_per_trial and not ray.cluster_resources().get("GPU"):
         log.info("the Ray cluster has no GPU: trials run on CPU (%s CPU each)",

@@ -105,7 +105,9 @@ def main(argv=None) -> int:
     configure_logging()
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     address = args.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, configure_logging=False, log_to_driver=True)
+    # No address: a new local Ray ("local"), never a stray `ray start` cluster that
+    # ray.init() would otherwise attach to (or a dead one it would wait for).
+    ray.init(address=address or "local", configure_logging=False, log_to_driver=True)
     if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
         ray.data.DataContext.get_current().enable_progress_bars = False
     try:
