@@ -93,7 +93,7 @@ def bench_ray(root: Path, cores: int, batch: int) -> tuple[float, float, int]:
 
     from pipeline.data.source import InputConfig, shard_dataset
 
-    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:

@@ -77,7 +77,7 @@ def main():
     from pipeline.data.source import synthetic_dataset
     from pipeline.train.run import pretrain
 
-    ray.init(num_cpus=max(int(args.cpus), 1) + 1, include_dashboard=False,
+    ray.init(address="local", num_cpus=max(int(args.cpus), 1) + 1, include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     device = torch.device("cuda" if args.gpu else "cpu")

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
 
     plain_wall, plain_train, _ = plain(cfg, pretrained)
 
-    ray.init(num_cpus=args.cpus_per_trial, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=args.cpus_per_trial, include_dashboard=False,
+             configure_logging=False,
              log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     try:

@@ -64,7 +64,7 @@ def ray_local():
     import ray
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": root}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
