@@ -24,8 +24,8 @@ from pipeline.data.transforms import to_model_input  # noqa: E402
 from pipeline.model import ViT  # noqa: E402
 from pipeline.perf import peak_flops, train_flops_per_image  # noqa: E402
 from pipeline.train.config import apply_overrides, smoke  # noqa: E402
-from pipeline.train.loop import Pretrainer, decay_names, make_optimizer, train_step  # noqa: E402
 from pipeline.train.schedule import learning_rate  # noqa: E402
+from pipeline.train.step import Pretrainer, decay_names, make_optimizer, train_step  # noqa: E402
 
 
 def config(args, tmp):

@@ -32,12 +32,11 @@ def resolve_checkpoint(uri: str) -> str:
     """A pretraining run's folder (`<storage>/<run name>`) stands for its newest complete
     checkpoint; anything else is taken as it is."""
     from pipeline.checkpoint import read_metadata
-    from pipeline.train.run import latest_checkpoint
+    from pipeline.train.checkpoints import latest as latest_complete
 
     if "/" not in uri.rstrip("/") or read_metadata(uri):
         return uri
-    parent, name = uri.rstrip("/").rsplit("/", 1)
-    latest = latest_checkpoint(parent, name)
+    latest = latest_complete(uri.rstrip("/"))
     if latest:
         log.info("%s is a pretraining run: evaluating its newest checkpoint %s", uri, latest)
         return latest

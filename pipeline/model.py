@@ -219,13 +219,14 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.mlp_dim, cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-    def forward_first_token(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward(x)[:, :1]` (B, 1, D) without the work whose only use is other tokens."""
-        x = x[:, :1] + self.attn.forward_first_query(self.norm1(x))
+    def forward(self, x: torch.Tensor, first_token_only: bool = False) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with `first_token_only`, `forward(x)[:, :1]` (B, 1, D)
+        without the work whose only use is the other tokens. One entry point for both, so a
+        sharding wrapper (FSDP) that gathers parameters around `forward` sees every call."""
+        if first_token_only:
+            x = x[:, :1] + self.attn.forward_first_query(self.norm1(x))
+        else:
+            x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -313,7 +314,7 @@ class ViT(nn.Module):
         # work (about 80% of it; exact, see `test_first_token_path_is_exact`).
         for block in self.blocks[:-1]:
             x = block(x)
-        return self.norm(self.blocks[-1].forward_first_token(x))[:, 0]  # (B, D)
+        return self.norm(self.blocks[-1](x, first_token_only=True))[:, 0]  # (B, D)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Representation (B, D) -> logits (B, K); `pre_logits=True` stops before the head."""

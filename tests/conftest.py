@@ -39,9 +39,8 @@ def s3(s3_server, monkeypatch):
     import boto3
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for key, value in S3_TEST_ENV.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -57,15 +56,22 @@ def _few_threads():
     yield
 
 
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """A local Ray cluster for the session (4 logical CPUs on the 2-core machine, so that
-    2 Train workers and the data tasks fit); shut down, with all its processes, at the end."""
+    2 Train workers and the data tasks fit); shut down, with all its processes, at the end.
+    Its workers get the S3 test endpoint through the standard AWS variables, as the nodes of
+    a cluster get theirs: every process resolves storage from its own environment."""
     import ray
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root}})
+             runtime_env={"env_vars": {"PYTHONPATH": root, "AWS_ENDPOINT_URL": s3_server,
+                                       **S3_TEST_ENV}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray

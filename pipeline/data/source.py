@@ -3,8 +3,10 @@
 The training stream is a plan of (epoch, shard) reads: every epoch visits every shard of the
 split once, in an order drawn from (seed, epoch), and the epochs are concatenated. Training is
 counted in steps, so the worker iterates the stream once; the `epoch` column says where it is.
-Same seed -> same plan; a resumed run starts the plan at its saved position instead of
-re-reading from the top of an epoch.
+Same seed -> same plan (`StreamPlan`). A `DataPosition` records exactly which samples a run
+has consumed; a resumed run reads only the rest of the plan, so it trains on every sample of
+each epoch once, although what the workers had trained on at the checkpoint was not a prefix
+of the stream (they split it and shuffle locally).
 
 Ray Data reads the shards in parallel tasks (one per shard; a generator that streams the tar,
 decodes, augments and yields blocks of `block_rows` rows), and Ray Train's `DataConfig` splits
@@ -21,6 +23,7 @@ failing the read task (../shared/docs/ray.md §1.6).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -90,7 +93,7 @@ def data_health(name: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan
+# The plan, and an exact position in it
 # ---------------------------------------------------------------------------------------------
 def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     """The shard order of one epoch: a permutation drawn from (seed, epoch)."""
@@ -99,39 +102,218 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def plan(manifest: dict, split: str, seed: int, num_epochs: int,
-         start: tuple[int, int] = (0, 0)) -> list[dict]:
-    """Reads for epochs [start_epoch, num_epochs), beginning at position `start[1]` of the
-    first one: [{"epoch", "position", "shard", "name", "samples"}, ...]."""
-    if split not in manifest["splits"]:
-        raise DatasetError(f"no split {split!r} in the dataset; it has "
-                           f"{sorted(manifest['splits'])}")
-    shards = manifest["splits"][split]["shards"]
-    if not shards:
-        raise DatasetError(f"split {split!r} has no shards")
-    items = []
-    for epoch in range(start[0], num_epochs):
-        for pos, idx in enumerate(shard_order(len(shards), seed, epoch)):
-            if epoch == start[0] and pos < start[1]:
+@functools.lru_cache(maxsize=64)
+def _order(num_shards: int, seed: int, epoch: int) -> tuple[int, ...]:
+    # Cached: `advance` asks for the same few epochs on every call, and shuffling thousands
+    # of shards in Python is not free.
+    return tuple(shard_order(num_shards, seed, epoch))
+
+
+@functools.lru_cache(maxsize=64)
+def _ranks(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    """shard -> its position in the epoch's order."""
+    ranks = np.empty(num_shards, np.int64)
+    ranks[list(_order(num_shards, seed, epoch))] = np.arange(num_shards)
+    ranks.flags.writeable = False  # shared by every caller of the cache
+    return ranks
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """The training stream as (epoch, shard) reads: every epoch reads every shard once, in
+    `shard_order(len(sizes), seed, epoch)`, and the epochs follow each other.
+
+    `sizes`: samples per shard, in manifest order (a row's `shard` indexes it). The synthetic
+    source is one shard of `num_samples` samples."""
+
+    sizes: tuple[int, ...]
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.sizes or min(self.sizes) < 0 or sum(self.sizes) == 0:
+            # An epoch must hold a sample: the watermark walks past empty reads.
+            raise ValueError(f"StreamPlan needs shards with samples, got sizes {self.sizes}")
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, split: str, seed: int) -> StreamPlan:
+        if split not in manifest["splits"]:
+            raise DatasetError(f"no split {split!r} in the dataset; it has "
+                               f"{sorted(manifest['splits'])}")
+        shards = manifest["splits"][split]["shards"]
+        if not shards:
+            raise DatasetError(f"split {split!r} has no shards")
+        if not any(s["samples"] for s in shards):
+            raise DatasetError(f"split {split!r} has no samples")
+        return cls(tuple(int(s["samples"]) for s in shards), seed)
+
+    @classmethod
+    def synthetic(cls, num_samples: int, seed: int = 0) -> StreamPlan:
+        return cls((int(num_samples),), seed)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(self.sizes)
+
+    def order(self, epoch: int) -> list[int]:
+        """Shard indices of the epoch, in reading order."""
+        return list(_order(len(self.sizes), self.seed, epoch))
+
+    def rank(self, epoch: int, shard: int) -> int:
+        """The position of `shard` in the epoch's order."""
+        return int(_ranks(len(self.sizes), self.seed, epoch)[shard])
+
+    def reads(self, position: DataPosition, num_epochs: int) -> list[dict]:
+        """What is left to read of epochs [0, num_epochs) after `position`, in plan order:
+        [{"epoch", "position", "shard", "samples", "skip"}, ...]. Reads the position marks
+        fully consumed are left out; `skip` lists (sorted) the sample indices a partly
+        consumed read has delivered already, so that no sample is trained twice."""
+        items = []
+        for epoch in range(position.epoch, num_epochs):
+            first = position.position if epoch == position.epoch else 0
+            for pos, shard in enumerate(self.order(epoch)):
+                if pos < first or (epoch, shard) in position.done or not self.sizes[shard]:
+                    continue
+                items.append({"epoch": epoch, "position": pos, "shard": shard,
+                              "samples": self.sizes[shard],
+                              "skip": list(position.partial.get((epoch, shard), ()))})
+        return items
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Exactly which samples of the stream a run has consumed, so that a resumed run trains
+    on every sample of each epoch once.
+
+    Why not a sample count: Ray Train splits the stream across workers and each mixes it in
+    a local shuffle buffer, so what was trained at a checkpoint is mostly a prefix of the
+    plan with holes, not a prefix. Hence three parts:
+
+    - `(epoch, position)`: the watermark; every read before it in plan order is consumed.
+    - `done`: (epoch, shard) reads at or after the watermark that are fully consumed.
+    - `partial`: (epoch, shard) -> sorted sample indices consumed of a partly consumed read.
+
+    Immutable: `advance` returns a new position (treat `partial` as read-only). The JSON form
+    (`to_dict`) keeps index sets as [start, stop) ranges: consumed sets are mostly runs, so it
+    stays small even where a read never completes (a sample lost to bad data is never
+    consumed: its read stays partial, the watermark waits there, and a resumed run re-reads
+    that shard skipping what was consumed)."""
+
+    epoch: int = 0
+    position: int = 0
+    done: frozenset[tuple[int, int]] = frozenset()
+    partial: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
+
+    def advance(self, plan: StreamPlan, epoch, shard, index) -> DataPosition:
+        """The position after also consuming the samples (epoch[k], shard[k], index[k]): equal
+        length int arrays, in any order, of any reads. A sample consumed twice (in these
+        arrays, or already by this position) raises ValueError naming it: it means the stream
+        or its bookkeeping is wrong."""
+        epoch, shard, index = (np.asarray(a, np.int64).reshape(-1) for a in (epoch, shard, index))
+        if not len(epoch) == len(shard) == len(index):
+            raise ValueError(f"advance: epoch, shard, index differ in length "
+                             f"({len(epoch)}, {len(shard)}, {len(index)})")
+        if not len(epoch):
+            return self
+        sizes = np.asarray(plan.sizes, np.int64)
+        bad = (epoch < 0) | (shard < 0) | (shard >= len(sizes))
+        bad[~bad] = (index[~bad] < 0) | (index[~bad] >= sizes[shard[~bad]])
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"advance: no sample epoch {epoch[k]}, shard {shard[k]}, index "
+                             f"{index[k]} in a plan of {len(sizes)} shards")
+        # Group by read, and sort each read's indices: one pass over the arrays, then a loop
+        # over the (few) reads touched instead of over the samples.
+        read = epoch * len(sizes) + shard
+        by = np.lexsort((index, read))
+        read, index = read[by], index[by]
+        twice = (read[1:] == read[:-1]) & (index[1:] == index[:-1])
+        if twice.any():
+            k = int(np.flatnonzero(twice)[0])
+            e, s = divmod(int(read[k]), len(sizes))
+            raise ValueError(_twice(e, s, int(index[k]), "in this batch"))
+        cuts = np.flatnonzero(read[1:] != read[:-1]) + 1
+        done, partial = set(self.done), dict(self.partial)
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(read)], strict=True):
+            key = divmod(int(read[lo]), len(sizes))
+            new = index[lo:hi]
+            if key in done or key[0] < self.epoch or (
+                    key[0] == self.epoch and plan.rank(*key) < self.position):
+                raise ValueError(_twice(*key, int(new[0]), "already (its read is done)"))
+            if key in partial:
+                old = np.asarray(partial[key], np.int64)
+                both = np.intersect1d(old, new, assume_unique=True)
+                if len(both):
+                    raise ValueError(_twice(*key, int(both[0]), "already"))
+                new = np.union1d(old, new)
+            if len(new) == plan.sizes[key[1]]:
+                done.add(key)
+                partial.pop(key, None)
+            else:
+                partial[key] = tuple(new.tolist())
+        # Move the watermark past every leading done read, across epoch boundaries; it stops
+        # at the first read not done, which exists because every epoch holds a sample.
+        e, p, order = self.epoch, self.position, plan.order(self.epoch)
+        while True:
+            if p >= len(order):
+                e, p, order = e + 1, 0, plan.order(e + 1)
                 continue
-            items.append({"epoch": epoch, "position": pos, "shard": idx,
-                          "name": shards[idx]["name"], "samples": shards[idx]["samples"]})
-    return items
+            key = (e, order[p])
+            if key in done:
+                done.discard(key)
+            elif plan.sizes[key[1]]:
+                break
+            p += 1
+        return DataPosition(e, p, frozenset(done), partial)
+
+    def consumed_samples(self, plan: StreamPlan) -> int:
+        """How many samples of the stream this position has consumed."""
+        before = sum(plan.sizes[s] for s in plan.order(self.epoch)[:self.position])
+        return (self.epoch * plan.samples_per_epoch + before
+                + sum(plan.sizes[s] for _, s in self.done)
+                + sum(len(v) for v in self.partial.values()))
+
+    def to_dict(self) -> dict:
+        """Plain JSON: {"epoch", "position", "done": {"<epoch>": [[first shard, stop), ...]},
+        "partial": {"<epoch>": {"<shard>": [[first index, stop), ...]}}}."""
+        done: dict[int, list[int]] = {}
+        for e, s in self.done:
+            done.setdefault(e, []).append(s)
+        partial: dict[str, dict] = {}
+        for (e, s), idx in sorted(self.partial.items()):
+            partial.setdefault(str(e), {})[str(s)] = _to_ranges(idx)
+        return {"epoch": self.epoch, "position": self.position,
+                "done": {str(e): _to_ranges(sorted(s)) for e, s in sorted(done.items())},
+                "partial": partial}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataPosition:
+        done = frozenset((int(e), s) for e, ranges in d.get("done", {}).items()
+                         for s in _from_ranges(ranges))
+        partial = {(int(e), int(s)): tuple(_from_ranges(ranges))
+                   for e, shards in d.get("partial", {}).items()
+                   for s, ranges in shards.items()}
+        return cls(int(d.get("epoch", 0)), int(d.get("position", 0)), done, partial)
 
 
-def position_after(manifest: dict, split: str, seed: int, samples: int) -> tuple[int, int]:
-    """(epoch, position in that epoch's shard order) at which a run that has consumed
-    `samples` samples resumes: the shard that was being read (shard granularity)."""
-    info = manifest["splits"][split]
-    per_epoch = max(info["num_samples"], 1)
-    epoch, rem = divmod(samples, per_epoch)
-    counts = [s["samples"] for s in info["shards"]]
-    seen = 0
-    for pos, idx in enumerate(shard_order(len(counts), seed, epoch)):
-        if seen + counts[idx] > rem:
-            return epoch, pos
-        seen += counts[idx]
-    return epoch + 1, 0
+def _twice(epoch: int, shard: int, index: int, where: str) -> str:
+    return (f"sample epoch {epoch}, shard {shard}, index {index} consumed twice ({where}): "
+            f"the stream delivered it again, or a batch was recorded twice")
+
+
+def _to_ranges(sorted_ints) -> list[list[int]]:
+    """[0, 1, 2, 5, 6] -> [[0, 3], [5, 7]] (half-open runs)."""
+    a = np.asarray(sorted_ints, np.int64)
+    if not len(a):
+        return []
+    cuts = np.flatnonzero(np.diff(a) != 1) + 1
+    starts, ends = a[np.r_[0, cuts]], a[np.r_[cuts - 1, len(a) - 1]] + 1
+    return np.stack([starts, ends], axis=1).tolist()
+
+
+def _from_ranges(ranges) -> list[int]:
+    if not ranges:
+        return []
+    return np.concatenate([np.arange(int(a), int(b)) for a, b in ranges]).tolist()
 
 
 def epochs_for(manifest: dict, split: str, samples: int) -> int:
@@ -144,7 +326,9 @@ def epochs_for(manifest: dict, split: str, samples: int) -> int:
 # Reading (runs inside Ray Data tasks)
 # ---------------------------------------------------------------------------------------------
 class ShardReader:
-    """Ray Data UDF: a batch of plan items -> blocks of decoded, augmented rows."""
+    """Ray Data UDF: a batch of reads (`StreamPlan.reads` items with the shard's `name`) ->
+    blocks of decoded, augmented rows. The sample indices in a read's `skip` were trained on
+    before a resume: they are read past (a tar streams in order) but not decoded or yielded."""
 
     def __init__(self, fs, root: str, cfg: InputConfig, num_classes: int, health=None):
         self.fs, self.root, self.cfg = fs, root.rstrip("/"), cfg
@@ -159,9 +343,15 @@ class ShardReader:
         cfg = self.cfg
         policy = BadDataPolicy(cfg.strict, self._report)
         rows = _empty_rows()
-        for epoch, shard, name, expected in zip(batch["epoch"], batch["shard"], batch["name"],
-                                                batch["samples"], strict=True):
+        skips = batch.get("skip", [()] * len(batch["name"]))  # no `skip`: a read from the top
+        for epoch, shard, name, expected, skip in zip(batch["epoch"], batch["shard"],
+                                                      batch["name"], batch["samples"], skips,
+                                                      strict=True):
+            # An Arrow list column arrives as an object array per row (empty: dtype object).
+            skip = frozenset(np.asarray(skip, np.int64).tolist())
             for sample in self._samples(name, policy, int(expected)):
+                if sample.index in skip:
+                    continue
                 rng = np.random.default_rng([cfg.seed, int(epoch), int(shard), sample.index])
                 try:
                     image = decode_and_augment(sample.image, cfg.augment, rng)
@@ -207,13 +397,15 @@ def _to_block(rows: dict) -> dict:
             "index": np.asarray(rows["index"], dtype=np.int32)}
 
 
-def shard_dataset(cfg: InputConfig, num_epochs: int, start: tuple[int, int] = (0, 0),
+def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None = None,
                   health_name: str | None = None, manifest: dict | None = None):
     """-> (ray.data.Dataset of the training stream, manifest, data-health actor handle).
 
-    Keep the handle for as long as the data is read: the actor goes when its last handle
-    does. Train workers can also find it by name (`health_name`). Pass `manifest` when the
-    caller has read it already."""
+    The stream is epochs [0, num_epochs) of `StreamPlan.from_manifest(manifest, cfg.split,
+    cfg.seed)` minus what `start` (a resumed run's position) has consumed. Keep the handle
+    for as long as the data is read: the actor goes when its last handle does. Train workers
+    can also find it by name (`health_name`). Pass `manifest` when the caller has read it
+    already."""
     import ray
 
     # Ray Data reserves a share of the CPUs per operator; on a pipeline that is one map, that
@@ -224,11 +416,15 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: tuple[int, int] = (0
     # first batch arrives after a few images, not after a whole shard.
     ctx.target_max_block_size = cfg.block_rows * 3 * cfg.augment.size**2 + (1 << 16)
     manifest = manifest or read_manifest(cfg.uri)
-    items = plan(manifest, cfg.split, cfg.seed, num_epochs, start)
+    plan = StreamPlan.from_manifest(manifest, cfg.split, cfg.seed)
+    names = [s["name"] for s in manifest["splits"][cfg.split]["shards"]]
+    items = [{**r, "name": names[r["shard"]]}
+             for r in plan.reads(start or DataPosition(), num_epochs)]
     fs, root = storage.filesystem(cfg.uri)
     health = data_health(health_name or f"data-health-{uuid.uuid4().hex[:12]}")
     reader = ShardReader(fs, root, cfg, manifest["num_classes"], health)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # No items (the position is past the last epoch): an empty stream; Ray wants a block.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(reader, batch_size=1, num_cpus=cfg.num_cpus_per_read,
                         batch_format="numpy")
     return ds, manifest, health
@@ -251,15 +447,36 @@ def synthetic_rows(ids: np.ndarray, num_samples: int, num_classes: int, image_si
 
 
 def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int = 224,
-                      num_epochs: int = 1, block_rows: int = 64, learnable: bool = True):
+                      num_epochs: int = 1, block_rows: int = 64, learnable: bool = True,
+                      start: DataPosition | None = None, seed: int = 0):
     """Same columns as `shard_dataset`, generated in memory: for tests, and to ask "is the
-    accelerator starved?" (train on it and compare images/s with the real input)."""
+    accelerator starved?" (train on it and compare images/s with the real input).
+
+    Its plan is `StreamPlan.synthetic(num_samples, seed)`, one shard per epoch; the stream is
+    the sample ids (epoch * num_samples + index) of epochs [0, num_epochs) that `start` has
+    not consumed, in order."""
     import ray
 
-    def make(batch: dict) -> dict:
-        return synthetic_rows(batch["id"], num_samples, num_classes, image_size, learnable)
+    # The ids left, as [lo, hi) runs of global ids: a partly consumed epoch leaves few runs
+    # (its holes and the tail), so the id list itself is never materialised.
+    runs = []
+    for r in StreamPlan.synthetic(num_samples, seed).reads(start or DataPosition(), num_epochs):
+        base = r["epoch"] * num_samples
+        edges = np.r_[-1, np.asarray(r["skip"], np.int64), num_samples]
+        keep = edges[1:] - edges[:-1] > 1
+        runs += zip((base + edges[:-1][keep] + 1).tolist(), (base + edges[1:][keep]).tolist(),
+                    strict=True)
+    lo = np.asarray([a for a, _ in runs], np.int64)
+    end = np.cumsum([b - a for a, b in runs], dtype=np.int64)   # stream rows through each run
+    begin = end - (np.asarray([b for _, b in runs], np.int64) - lo)
+    total = int(end[-1]) if len(end) else 0
 
-    total = num_samples * num_epochs
+    def make(batch: dict) -> dict:
+        row = batch["id"].astype(np.int64)              # the row's place in the stream
+        run = np.searchsorted(end, row, side="right")
+        return synthetic_rows(lo[run] + row - begin[run], num_samples, num_classes, image_size,
+                              learnable)
+
     ds = ray.data.range(total, override_num_blocks=max(1, total // block_rows))
     return ds.map_batches(make, batch_size=block_rows, batch_format="numpy")
 

@@ -61,6 +61,12 @@ class DataConfig:
     fewshot_split: str = "val"     # split of the same dataset for the few-shot probe ("": off)
     fewshot_shots: tuple[int, ...] = (1, 5, 10)
     fewshot_images: int = 1000     # at most this many probe images
+    # A local folder where every worker appends "step epoch shard index" for each sample it
+    # trains on: an audit of the data order across restarts ("": off).
+    trace_dir: str = ""
+    # The same samples reach the same worker in the same order on every run (Ray Data's
+    # preserve_order): reproducible runs and comparisons, at some cost in throughput.
+    preserve_order: bool = False
 
     def __post_init__(self):
         if self.source not in ("shards", "synthetic"):
@@ -79,18 +85,28 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed (0: off)
+    checkpoint_async: bool = True  # write and upload in the background (False: the loop waits)
     keep_checkpoints: int = 3
     fewshot_every: int = 0         # 0: off
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on GPU
-    parallel: Literal["auto", "ddp", "fsdp"] = "auto"     # auto: FSDP for L and H
-    compile: bool = False
-    max_failures: int = 3          # worker-group restarts before the run fails
+    # ddp | fsdp (FSDP2, sharded over all workers) | hsdp (sharded within groups of
+    # shard_group_size workers, replicated across them); auto: FSDP for L and H on GPUs.
+    parallel: Literal["auto", "ddp", "fsdp", "hsdp"] = "auto"
+    shard_group_size: int = 0      # hsdp: workers per shard group (0: the workers of a node)
+    compile: Literal["auto", "on", "off"] = "auto"        # auto: torch.compile on GPU only
+    # Worker-group restarts (a crashed worker, a lost node) before the run gives up; node
+    # preemptions are counted apart and retried without limit. A multi-week run on hundreds
+    # of GPUs sees several failures a week, so the default leaves room for them.
+    max_failures: int = 20
 
     def __post_init__(self):
         for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every",
                      "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.shard_group_size < 0:
+            raise ValueError("train.shard_group_size must be >= 0")
         if self.objective not in ("softmax", "sigmoid", "mpp"):
             raise ValueError(f"train.objective must be softmax, sigmoid or mpp, got "
                              f"{self.objective!r}")
@@ -114,6 +130,9 @@ class RunConfig:
     name: str = "vit"              # stable: the same name resumes the same run
     experiment: str = "vit-pretrain"
     storage: str = ""              # local folder or s3://bucket/prefix; "" -> ~/vit-runs
+    # A local `storage` folder that every node of a multi-node cluster mounts (NFS, Lustre):
+    # without it, a multi-node run refuses a local folder (each node would see its own).
+    shared_storage: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,14 +154,17 @@ class PretrainConfig:
             raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible "
                              f"by scale.num_workers x train.micro_batch_size "
                              f"({s.num_workers} x {t.micro_batch_size})")
-        if t.parallel == "fsdp" and not s.use_gpu:
-            raise ValueError("train.parallel='fsdp' needs GPUs (scale.use_gpu=true); Ray "
-                             "Train's FSDP does not run on CPU workers; use ddp")
+        if t.parallel == "hsdp" and t.shard_group_size and s.num_workers % t.shard_group_size:
+            raise ValueError(f"train.shard_group_size={t.shard_group_size} does not divide "
+                             f"scale.num_workers={s.num_workers}")
         if t.objective == "mpp" and self.model.pool != "token":
             raise ValueError("masked patch prediction needs model.pool='token'")
         if self.optim.warmup_steps >= t.total_steps and t.total_steps > 1:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below "
                              f"train.total_steps={t.total_steps}")
+
+    def compile_enabled(self, gpu: bool) -> bool:
+        return self.train.compile == "on" or (self.train.compile == "auto" and gpu)
 
     @property
     def per_worker_batch(self) -> int:

@@ -1,191 +1,110 @@
-"""The Ray Train worker loop: build, wrap, restore, loop over `train_step`, log, checkpoint.
+"""The Ray Train worker: build, wrap, restore, loop over `train_step`, log, checkpoint.
 
-Everything numeric lives in plain PyTorch (`Pretrainer`, `train_step`); this file adds the
-distribution (Ray Train context, DDP / FSDP wrapping in `wrap`, the only place it happens),
-the data shard, MLflow from rank 0, and checkpoints through `ray.train.report`.
+Everything numeric is plain PyTorch (`step.py`); this file adds the distribution (the Ray
+Train context, `parallel.wrap`), the data shard and the exact data position, MLflow from
+rank 0, and checkpoints (`checkpoints.CheckpointWriter`). The worker receives one frozen
+`WorkerSpec` from the driver.
+
+The loop does not wait for the device between steps: losses and gradient norms accumulate on
+the device and are read (and checked for finiteness) at log steps, where one all-reduce makes
+`train/loss` the mean over all workers.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import math
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline.data.transforms import to_model_input
-from pipeline.model import NO_DECAY_NAMES, Block, ViT
-from pipeline.perf import peak_flops, train_flops_per_image
-from pipeline.train import state as train_state
+from pipeline.model import ViT
+from pipeline.train import checkpoints, parallel
 from pipeline.train.config import PretrainConfig
 from pipeline.train.fewshot import lsr_accuracy
-from pipeline.train.objectives import MaskedPatchPrediction, sigmoid_xent, softmax_xent
 from pipeline.train.schedule import learning_rate
+from pipeline.train.step import (
+    NonFiniteLoss,
+    Pretrainer,
+    decay_names,
+    make_optimizer,
+    train_step,
+)
 
 log = logging.getLogger("pipeline.train")
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What the driver hands every worker (pickled once into the TorchTrainer)."""
+
+    cfg: PretrainConfig
+    run_uri: str                        # this run's checkpoints: <storage>/<run name>
+    resume: str | None = None
+    init: str | None = None
+    run_id: str | None = None           # MLflow run, created by the driver
+    tracking_uri: str = ""
+    stream: Any = None                  # pipeline.data.source.StreamPlan, or None (no position)
+    status: Any = None                  # RunStatus actor: why a run stopped early
+    health: Any = None                  # DataHealth actor: skipped samples
+    probe: Any = None                   # ObjectRef of the few-shot probe set
 
 
-class Pretrainer(nn.Module):
-    """The ViT and its pretraining objective, as one module (so DDP / FSDP see every
-    trainable parameter, the MPP head and mask token included)."""
-
-    def __init__(self, vit: ViT, objective: str):
-        super().__init__()
-        self.vit = vit
-        self.objective = objective
-        self.mpp = MaskedPatchPrediction(vit.cfg.hidden_size) if objective == "mpp" else None
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.mpp is not None:
-            return self.mpp(self.vit, images)
-        logits = self.vit(images)
-        return sigmoid_xent(logits, labels) if self.objective == "sigmoid" else \
-            softmax_xent(logits, labels)
-
-
-def decay_names(module: nn.Module) -> set[str]:
-    """Parameters that take weight decay: weight matrices, not biases, norms, the position
-    embedding, the class token or the mask token."""
-    return {n for n, p in module.named_parameters()
-            if p.ndim >= 2 and n.split(".")[-1] not in NO_DECAY_NAMES + ("mask_token",)}
-
-
-def clean_name(name: str) -> str:
-    for wrapper in ("module.", "_fsdp_wrapped_module.", "_orig_mod.",
-                    "_checkpoint_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
-
-
-def make_optimizer(model: nn.Module, decay: set[str], cfg: PretrainConfig,
-                   device) -> torch.optim.Optimizer:
-    groups = {True: [], False: []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups[clean_name(name) in decay].append(p)
-    o = cfg.optim
-    return torch.optim.AdamW(
-        [{"params": groups[True], "weight_decay": o.weight_decay},
-         {"params": groups[False], "weight_decay": 0.0}],
-        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda")
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches, lr: float,
-               grad_clip: float, amp_dtype: torch.dtype | None) -> tuple[float, float]:
-    """One optimizer step over the micro-batches of this worker (gradient accumulation).
-    -> (mean loss on this worker, global grad norm before clipping). Raises NonFiniteLoss
-    before the update when the loss or the gradient is not finite."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    n = len(micro_batches)
-    total = 0.0
-    device_type = micro_batches[0][0].device.type
-    for i, (images, labels) in enumerate(micro_batches):
-        # Skip the gradient all-reduce on all but the last micro-batch.
-        sync = contextlib.nullcontext() if i == n - 1 or not hasattr(model, "no_sync") \
-            else model.no_sync()
-        with sync:
-            with torch.autocast(device_type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                loss = model(images, labels) / n
-            loss.backward()
-        total += loss.detach().float()
-    clip = grad_clip if grad_clip > 0 else math.inf
-    if hasattr(model, "clip_grad_norm_"):          # FSDP: the norm over all shards
-        grad_norm = model.clip_grad_norm_(clip)
-    else:
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
-    loss_value, norm_value = float(total), float(grad_norm)
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"loss {loss_value}, gradient norm {norm_value}")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_value, norm_value
+@dataclass(frozen=True)
+class WorkerEnv:
+    rank: int
+    world: int
+    device: torch.device
+    amp: torch.dtype | None
+    strategy: str
 
 
 @dataclass
-class Meter:
-    loss: float = 0.0
-    grad_norm: float = 0.0
-    steps: int = 0
-    images: int = 0                # images this worker trained on in the interval
-    data_s: float = 0.0
-    start: float = 0.0
-
-    def reset(self):
-        self.loss = self.grad_norm = self.data_s = 0.0
-        self.steps = self.images = 0
-        self.start = time.perf_counter()
-
-
-def wrap(model: nn.Module, cfg: PretrainConfig) -> nn.Module:
-    """DDP by default, FSDP for L and H (or when asked): the one place parallel wrapping
-    happens. The model itself never sees a process group."""
-    import ray.train.torch
-
-    strategy = cfg.train.parallel
-    if strategy == "auto":  # FSDP for L and H on GPUs (Ray Train's FSDP is GPU-only)
-        strategy = "fsdp" if cfg.model.hidden_size >= 1024 and cfg.scale.use_gpu else "ddp"
-    kwargs = None
-    if strategy == "fsdp":
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-        kwargs = {"auto_wrap_policy": functools.partial(transformer_auto_wrap_policy,
-                                                        transformer_layer_cls={Block}),
-                  "use_orig_params": True}
-    model = ray.train.torch.prepare_model(model, parallel_strategy=strategy,
-                                          parallel_strategy_kwargs=kwargs)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    return model
-
-
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Full (unsharded, CPU) model and optimizer state dicts, keyed by parameter name. A
-    collective under FSDP: every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=opts),
-            get_optimizer_state_dict(model, optimizer, options=opts))
-
-
-def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
+class Start:
+    step: int
+    position: Any                       # DataPosition or None
+    source: str
 
 
 # ---------------------------------------------------------------------------------------------
 # The worker function
 # ---------------------------------------------------------------------------------------------
 def train_loop(config: dict) -> None:
-    """Ray Train `train_loop_per_worker`. `config`: {"cfg": PretrainConfig dict, "run_id",
-    "tracking_uri", "health" (data-health actor or None), "resume", "init", "spill_uri",
-    "fewshot": prepared probe set or None}."""
-    import ray
-    import ray.train
+    """Ray Train `train_loop_per_worker`; `config` = {"spec": WorkerSpec}."""
+    spec: WorkerSpec = config["spec"]
+    env = worker_env(spec.cfg)
+    model, optimizer, start = build(spec, env)
+    writer = checkpoints.CheckpointWriter(env.rank, spec.cfg.train.checkpoint_async)
+    tracker = open_tracker(spec, env, start)
+    probe = _probe_set(spec)
+    error = None
+    try:
+        error = run(spec, env, model, optimizer, start, writer, tracker, probe)
+    finally:
+        writer.close()
+        if tracker is not None:
+            tracker.close()
+    if error is not None and env.rank == 0:
+        # Told to the driver through its status actor, not by raising: an exception would
+        # make Ray Train restart the workers (FailureConfig), and these errors would recur.
+        import ray
 
-    cfg = PretrainConfig.from_dict(config["cfg"])
+        log.error(error)
+        if spec.status is not None:
+            ray.get(spec.status.fail.remote(error))
+
+
+def worker_env(cfg: PretrainConfig) -> WorkerEnv:
+    import ray.train
+    import ray.train.torch
+
     _quiet_ray_reports()
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     gpu = device.type == "cuda"
     amp = torch.bfloat16 if (cfg.train.precision == "bf16" or
@@ -197,116 +116,302 @@ def train_loop(config: dict) -> None:
         # Subnormal floats appear as training goes on and make CPU math ~10x slower
         # (measured: 4.3k -> 0.32k images/s on the smoke run after 30 steps).
         torch.set_flush_denormal(True)
+    strategy = parallel.resolve_strategy(cfg.train.parallel, cfg.model.hidden_size, gpu)
+    return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, amp, strategy)
 
-    # Build on every rank from the same seed, so the replicas start identical.
+
+def build(spec: WorkerSpec, env: WorkerEnv):
+    """Build the model on every rank from the same seed, apply `--init`, compile, wrap, make
+    the optimizer, and load this run's (or `--resume`'s) checkpoint into the wrapped model.
+    -> (model, optimizer, Start)."""
+    cfg = spec.cfg
     torch.manual_seed(cfg.train.seed)
     module = Pretrainer(ViT(cfg.model), cfg.train.objective)
+    point = checkpoints.resume_point(spec.run_uri, spec.resume, spec.init)
+    if point.kind == "init":
+        checkpoints.init_model(module.vit, point.uri)
     decay = decay_names(module)
-    pos, optim_state = restore(module, cfg, config)
-    torch.manual_seed(cfg.train.seed + 1000 * rank + pos.step)  # dropout / MPP noise
-    np.random.seed((cfg.train.seed + 1000 * rank + pos.step) % 2**32)
-    model = wrap(module, cfg)
-    optimizer = make_optimizer(model, decay, cfg, device)
-    if optim_state is not None:
-        load_optimizer(model, optimizer, optim_state)
+    if cfg.compile_enabled(env.device.type == "cuda"):
+        for block in module.vit.blocks:     # in place: parameter names stay as they are
+            block.compile()
+    model = parallel.wrap(module, module.vit.blocks, env.strategy, env.device, env.amp,
+                          cfg.train.shard_group_size)
+    optimizer = make_optimizer(model, decay, cfg, env.device)
+    start = Start(0, _empty_position(spec), point.describe())
+    if point.kind in ("own", "resume"):
+        doc = checkpoints.load(point.uri, model, optimizer, cfg.model, point.describe())
+        start = Start(doc["step"], _position_from(spec, doc), point.describe())
+    # Dropout and MPP noise: a function of (seed, rank, step), so a resumed run draws what an
+    # uninterrupted one would have drawn from there.
+    torch.manual_seed(cfg.train.seed + 1000 * env.rank + start.step)
+    np.random.seed((cfg.train.seed + 1000 * env.rank + start.step) % 2**32)
+    return model, optimizer, start
 
-    probe = None
-    if rank == 0 and config.get("fewshot") is not None:
-        probe = ray.get(config["fewshot"])
-    tracker = None
-    if rank == 0 and config.get("run_id"):
-        from pipeline.tracking import Tracker
 
-        tracker = Tracker(config["tracking_uri"], config["run_id"], config.get("spill_uri"))
-    if rank == 0:
-        log.info("start at step %d (%s); %d workers x %d micro-batch x %d accumulation = "
-                 "global batch %d; device %s, %d torch threads", pos.step, pos.source, world,
-                 cfg.micro_batch, cfg.accumulation_steps, cfg.train.global_batch_size, device,
-                 torch.get_num_threads())
-        if tracker is not None:  # every (re)start is visible in the run's history
-            tracker.log_metrics({"train/start_step": pos.step}, pos.step)
+def _empty_position(spec: WorkerSpec):
+    if spec.stream is None:
+        return None
+    from pipeline.data.source import DataPosition
 
-    from pipeline.data.source import InputConfig, iter_batches
+    return DataPosition()
 
-    shard = ray.train.get_dataset_shard("train")
-    batches = iter(iter_batches(shard, cfg.micro_batch, InputConfig(
-        shuffle_buffer=cfg.data.shuffle_buffer), drop_last=True, seed=cfg.train.seed + rank))
-    flops = train_flops_per_image(cfg.model) if gpu else None
-    peak = peak_flops(device) if gpu else None
-    meter = Meter()
-    meter.reset()
-    step, error = pos.step, None
-    if step >= cfg.train.total_steps and rank == 0:
+
+def _position_from(spec: WorkerSpec, doc: dict):
+    """The checkpoint's data position, if it is a position in this run's data."""
+    from pipeline.data.source import DataPosition
+
+    if spec.stream is None:
+        return None
+    if checkpoints.same_data(doc, spec.cfg) and doc.get("data_position") is not None:
+        return DataPosition.from_dict(doc["data_position"])
+    return DataPosition()
+
+
+def open_tracker(spec: WorkerSpec, env: WorkerEnv, start: Start):
+    if env.rank == 0:
+        cfg = spec.cfg
+        log.info("start at step %d (%s); %d workers (%s) x %d micro-batch x %d accumulation = "
+                 "global batch %d; device %s", start.step, start.source, env.world,
+                 env.strategy, cfg.micro_batch, cfg.accumulation_steps,
+                 cfg.train.global_batch_size, env.device)
+    if env.rank != 0 or not spec.run_id:
+        return None
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(spec.tracking_uri, spec.run_id, spec.run_uri)
+    tracker.log_metrics({"train/start_step": start.step}, start.step)  # every (re)start
+    return tracker
+
+
+def _probe_set(spec: WorkerSpec):
+    if spec.probe is None or not spec.cfg.train.fewshot_every:
+        return None
+    import ray
+
+    return ray.get(spec.probe)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+class Meter:
+    """Per-interval sums kept on the device; `read` synchronises once."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.loss = torch.zeros((), device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+        # The first non-finite step of the interval (inf: none) and its loss / norm.
+        self.bad_step = torch.full((), math.inf, device=self.device)
+        self.bad = torch.zeros(2, device=self.device)
+        self.steps = self.images = 0
+        self.data_s = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, images: int):
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        first = ~finite & torch.isinf(self.bad_step)
+        self.bad_step = torch.where(first, float(step), self.bad_step)
+        self.bad = torch.where(first, torch.stack([loss, grad_norm]), self.bad)
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.steps += 1
+        self.images += images
+
+    def read(self, world: int) -> dict:
+        """All-reduce over workers (one collective), raise NonFiniteLoss for the first bad
+        step, -> interval means."""
+        summed = torch.stack([self.loss, torch.tensor(float(self.images), device=self.device)])
+        bad = self.bad_step.clone()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(summed)
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+            summed[0] /= world
+        loss_sum, images = summed.tolist()
+        bad_step = bad.item()
+        if math.isfinite(bad_step):
+            loss, norm = self.bad.tolist()
+            raise NonFiniteLoss(f"non-finite loss at step {int(bad_step)}: loss {loss}, "
+                                f"gradient norm {norm}")
+        return {"loss": loss_sum / max(self.steps, 1),
+                "grad_norm": self.grad_norm.item() / max(self.steps, 1),
+                "images_per_step": images / max(self.steps, 1)}
+
+
+@dataclass
+class Progress:
+    step: int
+    position: Any
+    consumed: list = field(default_factory=list)      # (epoch, shard, index) since last save
+    last_save: float = field(default_factory=time.monotonic)
+
+
+def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer, tracker,
+        probe) -> str | None:
+    """Train from `start` to `train.total_steps`. -> an error line for the driver, or None."""
+    cfg = spec.cfg
+    t = cfg.train
+    batches = _batches(cfg, env)
+    flops, peak = _mfu_terms(cfg, env)
+    meter = Meter(env.device)
+    progress = Progress(start.step, start.position)
+    trace = _trace_file(cfg, env, start.step)
+    if progress.step >= t.total_steps and env.rank == 0:
         log.info("already at step %d of %d: nothing to train (raise train.total_steps to "
-                 "continue)", step, cfg.train.total_steps)
-    while step < cfg.train.total_steps:
+                 "continue)", progress.step, t.total_steps)
+    while progress.step < t.total_steps:
         t0 = time.perf_counter()
         try:
             micro = [next(batches) for _ in range(cfg.accumulation_steps)]
         except StopIteration:
-            error = f"the data ran out at step {step}; check the dataset and data.split"
-            break
+            return f"the data ran out at step {progress.step}; check the dataset and data.split"
         except Exception as err:  # noqa: BLE001 - a data error ends the run with its message
             if "bad data in" not in str(err) and "DataError" not in repr(err):
                 raise
-            error = "data error: " + _last_line(err, "bad data in")
-            break
+            return "data error: " + _last_line(err, "bad data in")
         meter.data_s += time.perf_counter() - t0
-        micro = [(to_model_input(b["image"].to(device, non_blocking=True)),
-                  b["label"].to(device, non_blocking=True)) for b in micro]
-        lr = learning_rate(step, cfg.optim.lr, cfg.train.total_steps, cfg.optim.warmup_steps,
+        if progress.position is not None or trace is not None:
+            ids = [np.stack([b[c].numpy() for c in ("epoch", "shard", "index")]) for b in micro]
+            progress.consumed += ids
+            if trace is not None:
+                for a in ids:
+                    np.savetxt(trace, np.vstack([np.full(a.shape[1], progress.step + 1), a]).T,
+                               fmt="%d")
+                trace.flush()
+        inputs = [(to_model_input(b["image"].to(env.device, non_blocking=True)),
+                   b["label"].to(env.device, non_blocking=True)) for b in micro]
+        lr = learning_rate(progress.step, cfg.optim.lr, t.total_steps, cfg.optim.warmup_steps,
                            cfg.optim.decay, cfg.optim.end_lr)
-        try:
-            loss, grad_norm = train_step(model, optimizer, micro, lr, cfg.optim.grad_clip, amp)
-        except NonFiniteLoss as err:
-            error = f"non-finite loss at step {step + 1}: {err}; lower optim.lr or check the data"
-            break
-        step += 1
-        meter.images += sum(len(x) for x, _ in micro)
-        meter.loss += loss
-        meter.grad_norm += grad_norm
-        meter.steps += 1
-
-        last = step == cfg.train.total_steps
+        loss, grad_norm = train_step(model, optimizer, inputs, lr, cfg.optim.grad_clip, env.amp)
+        progress.step += 1
+        meter.add(progress.step, loss, grad_norm, sum(len(x) for x, _ in inputs))
+        step, last = progress.step, progress.step == t.total_steps
         metrics = None
-        if step % cfg.train.log_every == 0 or last:
-            metrics = interval_metrics(meter, cfg, lr, world, flops, peak)
-            # The batch that really went into each optimizer step, summed over workers.
-            metrics["train/images_per_step"] = _all_sum(meter.images, device) / meter.steps
-            if rank == 0 and config.get("health") is not None:
-                metrics["data/skipped_samples"] = _skipped(config["health"])
-            if probe is not None and cfg.train.fewshot_every and (
-                    step % cfg.train.fewshot_every == 0 or last):
-                metrics.update(fewshot_metrics(module.vit, probe, device, amp))
-            if rank == 0:
-                log.info(progress_line(step, cfg.train.total_steps, metrics))
-                if tracker is not None:
-                    tracker.log_metrics(metrics, step)
-            meter.reset()
+        save = step % t.checkpoint_every == 0 or last
+        try:
+            if step % t.log_every == 0 or last:
+                metrics = interval_metrics(meter, cfg, lr, env, flops, peak)
+                if probe is not None and t.fewshot_every and (step % t.fewshot_every == 0 or
+                                                              last):
+                    metrics.update(fewshot_metrics(model, probe, env))
+                if env.rank == 0:
+                    metrics.update(_skipped(spec.health))
+                    log.info(progress_line(step, t.total_steps, metrics))
+                    if tracker is not None:
+                        tracker.log_metrics(metrics, step)
+                save = save or _minutes_due(progress, t.checkpoint_minutes, env.world)
+                meter.reset()
+            elif save:
+                meter.read(env.world)        # never save weights a bad step has touched
+        except NonFiniteLoss as err:
+            return f"{err}; lower optim.lr or check the data"
         # Only checkpoints go through ray.train.report: each report waits for the controller
         # to collect it (its poll interval, 2 s by default), so reporting every log step cost
         # the smoke run 90% of its throughput. Metrics go to MLflow from rank 0 instead.
-        if step % cfg.train.checkpoint_every == 0 or last:
-            save_checkpoint(model, optimizer, cfg, step, metrics or {"step": step}, rank,
-                            config.get("data_plan"), config.get("run_id"))
-    if error is not None and rank == 0:
-        # Told to the driver through its status actor, not by raising: an exception would
-        # make Ray Train restart the workers (FailureConfig), and these errors would recur.
-        log.error(error)
-        if config.get("status") is not None:
-            ray.get(config["status"].fail.remote(error))
-    if tracker is not None:
-        tracker.close()
+        if save:
+            save_checkpoint(spec, env, model, optimizer, writer, progress, metrics or {})
+    return None
 
 
-def _all_sum(value: float, device) -> float:
+def save_checkpoint(spec: WorkerSpec, env: WorkerEnv, model, optimizer, writer, progress,
+                    metrics: dict) -> None:
+    cfg = spec.cfg
+    position = _advance(spec, env, progress)
+    doc = checkpoints.new_state(
+        step=progress.step, samples_seen=progress.step * cfg.train.global_batch_size,
+        data_position=position.to_dict() if position is not None else None,
+        config=cfg.to_dict(), run_name=cfg.run.name, run_id=spec.run_id,
+        world_size=env.world, strategy=env.strategy)
+    writer.save(model, optimizer, cfg.model, doc, metrics)
+    progress.last_save = time.monotonic()
+
+
+def _advance(spec: WorkerSpec, env: WorkerEnv, progress: Progress):
+    """The data position after every sample trained so far: the samples each worker trained
+    on since the last checkpoint, gathered on rank 0 and added to the position there (a
+    collective; the other ranks return None)."""
+    if progress.position is None:
+        return None
+    mine = np.concatenate(progress.consumed, axis=1) if progress.consumed else \
+        np.zeros((3, 0), np.int64)
+    progress.consumed = []
+    gathered = [mine]
+    if env.world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * env.world if env.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+    if env.rank != 0:
+        return None
+    ids = np.concatenate(gathered, axis=1)
+    progress.position = progress.position.advance(spec.stream, ids[0], ids[1], ids[2])
+    return progress.position
+
+
+def _minutes_due(progress: Progress, minutes: float, world: int) -> bool:
+    """Wall-clock cadence, agreed on by all workers (the slowest clock decides)."""
+    if minutes <= 0:
+        return False
+    elapsed = torch.tensor([(time.monotonic() - progress.last_save) / 60])
+    if world > 1:
+        import torch.distributed as dist
+
+        # On CPU through gloo: a tensor this small costs less than a step's noise.
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return float(elapsed) >= minutes
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    global _CPU_GROUP
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(value)
-    t = torch.tensor([float(value)], device=device)
-    dist.all_reduce(t)
-    return float(t.item())
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def _batches(cfg: PretrainConfig, env: WorkerEnv):
+    import ray.train
+
+    from pipeline.data.source import InputConfig, iter_batches
+
+    shard = ray.train.get_dataset_shard("train")
+    return iter(iter_batches(shard, cfg.micro_batch, InputConfig(
+        shuffle_buffer=cfg.data.shuffle_buffer), drop_last=True,
+        seed=cfg.train.seed + env.rank))
+
+
+def _trace_file(cfg: PretrainConfig, env: WorkerEnv, start_step: int):
+    """data.trace_dir: every worker appends "step epoch shard index" for each sample it trains
+    on (an audit of the data order; a restart writes a line "-1 <start step> 0 0" first)."""
+    if not cfg.data.trace_dir:
+        return None
+    path = Path(cfg.data.trace_dir) / f"rank{env.rank}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a")  # noqa: SIM115 - open for the whole run
+    f.write(f"-1 {start_step} 0 0\n")
+    return f
+
+
+def _mfu_terms(cfg: PretrainConfig, env: WorkerEnv):
+    if env.device.type != "cuda":
+        return None, None
+    from pipeline.perf import peak_flops, train_flops_per_image
+
+    try:
+        return train_flops_per_image(cfg.model), peak_flops(env.device)
+    except ValueError as err:
+        if env.rank == 0:
+            log.warning("%s: perf/mfu is not logged", err)
+        return None, None
 
 
 def _quiet_ray_reports() -> None:
@@ -326,26 +431,32 @@ def _last_line(err: Exception, marker: str) -> str:
     return text[i:].splitlines()[0] if i >= 0 else text.splitlines()[-1]
 
 
-def _skipped(health) -> float:
+def _skipped(health) -> dict:
+    if health is None:
+        return {}
     import ray
 
     try:
-        return float(ray.get(health.summary.remote(), timeout=10)["skipped"])
+        return {"data/skipped_samples": float(ray.get(health.summary.remote(),
+                                                      timeout=10)["skipped"])}
     except Exception:  # noqa: BLE001 - metrics must never stop training
-        return float("nan")
+        return {"data/skipped_samples": float("nan")}
 
 
-def interval_metrics(meter: Meter, cfg: PretrainConfig, lr: float, world: int,
+def interval_metrics(meter: Meter, cfg: PretrainConfig, lr: float, env: WorkerEnv,
                      flops: float | None, peak: float | None) -> dict:
+    means = meter.read(env.world)
     elapsed = max(time.perf_counter() - meter.start, 1e-9)
     images_per_sec = meter.steps * cfg.train.global_batch_size / elapsed
-    metrics = {"train/loss": meter.loss / max(meter.steps, 1),
+    metrics = {"train/loss": means["loss"],
                "train/lr": lr,
-               "train/grad_norm": meter.grad_norm / max(meter.steps, 1),
+               "train/grad_norm": means["grad_norm"],
+               # The batch that really went into each optimizer step, summed over workers.
+               "train/images_per_step": means["images_per_step"],
                "perf/images_per_sec": images_per_sec,
                "perf/data_wait_frac": meter.data_s / elapsed}
     if flops and peak:
-        metrics["perf/mfu"] = images_per_sec * flops / (peak * world)
+        metrics["perf/mfu"] = images_per_sec * flops / (peak * env.world)
     return metrics
 
 
@@ -362,84 +473,43 @@ def progress_line(step: int, total: int, m: dict) -> str:
 
 
 @torch.no_grad()
-def fewshot_metrics(vit: ViT, probe: dict, device, amp) -> dict:
-    """Closed-form few-shot accuracy of the frozen representation on the probe set."""
-    was_training = vit.training
-    vit.eval()
+def probe_features(model, images: np.ndarray, env: WorkerEnv, batch_size: int = 256
+                   ) -> torch.Tensor | None:
+    """Frozen representations of the probe images through the wrapped model, the work split
+    over the workers (every worker runs the same number of forward passes, as FSDP's
+    collectives require). -> all features on rank 0, None elsewhere."""
+    n = len(images)
+    per = -(-n // env.world)
+    mine = images[env.rank * per:(env.rank + 1) * per]
+    if len(mine) < per:  # pad the last worker's part to the common length
+        pad = images[:per - len(mine)] if len(mine) == 0 else mine[-1:].repeat(
+            per - len(mine), axis=0)
+        mine = np.concatenate([mine, pad]) if len(mine) else pad
+    was_training = model.training
+    model.eval()
     feats = []
-    images = probe["images"]
-    for i in range(0, len(images), 256):
-        x = to_model_input(torch.from_numpy(images[i:i + 256]).to(device))
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            feats.append(vit.forward_features(x).float().cpu())
-    vit.train(was_training)
-    feats, labels = torch.cat(feats), torch.from_numpy(probe["labels"])
+    for i in range(0, per, batch_size):
+        x = to_model_input(torch.from_numpy(mine[i:i + batch_size]).to(env.device))
+        with torch.autocast(env.device.type, dtype=env.amp or torch.float32,
+                            enabled=env.amp is not None):
+            feats.append(model(x).float())
+    model.train(was_training)
+    local = torch.cat(feats)                                           # (per, D)
+    if env.world > 1:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(local) for _ in range(env.world)]
+        dist.all_gather(parts, local.contiguous())
+        local = torch.cat(parts)
+    return local[:n].cpu() if env.rank == 0 else None
+
+
+def fewshot_metrics(model, probe: dict, env: WorkerEnv) -> dict:
+    """Closed-form few-shot accuracy of the frozen representation on the probe set (every
+    worker computes features; rank 0 scores them)."""
+    feats = probe_features(model, probe["images"], env)
+    if feats is None:
+        return {}
+    labels = torch.from_numpy(probe["labels"])
     return {f"fewshot/{probe['name']}/{k}shot": lsr_accuracy(feats, labels, k)
             for k in probe["shots"]}
-
-
-def data_position(plan: dict | None, cfg: PretrainConfig, samples: int) -> tuple[int, int]:
-    """(epoch, shard position in that epoch's order) of the stream after `samples`."""
-    if plan is None:  # synthetic: (epoch, sample index)
-        return divmod(samples, max(cfg.data.synthetic_samples, 1))
-    from pipeline.data.source import position_after
-
-    return position_after(plan["manifest"], plan["split"], plan["seed"], samples)
-
-
-def save_checkpoint(model, optimizer, cfg: PretrainConfig, step: int, metrics: dict,
-                    rank: int, plan: dict | None = None, run_id: str | None = None) -> None:
-    import ray.train
-
-    model_state, optim_state = full_state(model, optimizer)  # collective
-    if rank != 0:
-        ray.train.report({**metrics, "step": step}, checkpoint=None)
-        return
-    vit_state = {k[len("vit."):]: v for k, v in model_state.items() if k.startswith("vit.")}
-    objective = {k: v for k, v in model_state.items() if not k.startswith("vit.")}
-    with tempfile.TemporaryDirectory() as tmp:
-        train_state.write(tmp, vit_state=vit_state, vit_cfg=cfg.model,
-                          optimizer_state=optim_state, objective_state=objective, step=step,
-                          samples_seen=step * cfg.train.global_batch_size,
-                          data_position=data_position(plan, cfg,
-                                                      step * cfg.train.global_batch_size),
-                          config=cfg.to_dict(), run_name=cfg.run.name, run_id=run_id)
-        ray.train.report({**metrics, "step": step},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{step:08d}")
-
-
-def restore(module: Pretrainer, cfg: PretrainConfig, config: dict):
-    """The resume order: this run's latest checkpoint > --resume > --init > scratch.
-    Loads the weights into `module`; -> (Position, optimizer state or None)."""
-    import ray.train
-
-    own = ray.train.get_checkpoint()
-    if own is not None:
-        with own.as_directory() as d:
-            return _load_training_checkpoint(module, cfg, d, "this run's checkpoint")
-    if config.get("resume"):
-        from pipeline import storage
-
-        with tempfile.TemporaryDirectory() as tmp:
-            local = storage.fetch(config["resume"], tmp)
-            return _load_training_checkpoint(module, cfg, local, f"--resume {config['resume']}")
-    if config.get("init"):
-        train_state.init_weights(module.vit, config["init"])
-        return train_state.Position(source=f"--init {config['init']}"), None
-    return train_state.Position(source="scratch"), None
-
-
-def _load_training_checkpoint(module: Pretrainer, cfg: PretrainConfig, directory, where: str):
-    from pipeline.checkpoint import load_vit
-
-    doc, trainer = train_state.read(directory)
-    train_state.check_architecture(doc["config"]["model"], cfg.model, where)
-    vit = load_vit(directory)
-    state = {f"vit.{k}": v for k, v in vit.state_dict().items()}
-    state.update(trainer.get("objective", {}))
-    module.load_state_dict(state, strict=True)
-    torch.set_rng_state(trainer["torch_rng"])
-    train_state.set_rng_state(doc["rng"])
-    pos = train_state.Position(step=doc["step"], samples_seen=doc["samples_seen"], source=where)
-    return pos, trainer["optimizer"]

@@ -10,8 +10,10 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import storage
+from pipeline import storage, tracking
+from pipeline.train import checkpoints
 from pipeline.train.config import PretrainConfig
+from pipeline.train.loop import WorkerSpec, train_loop
 
 log = logging.getLogger("pipeline.train")
 
@@ -46,44 +48,74 @@ def ray_storage(root: str):
     return root, None
 
 
-def latest_checkpoint(root: str, name: str) -> str | None:
-    """This run's newest checkpoint directory in storage, if it has one."""
-    run_dir = storage.join(root, name)
-    try:
-        if storage.is_s3(root):
-            names = {k.split("/", 1)[0] for k in storage.list_objects(run_dir)}
-        else:
-            names = {p.name for p in Path(run_dir).iterdir()} if Path(run_dir).is_dir() else set()
-    except storage.StorageError:
-        return None
-    steps = sorted(n for n in names if n.startswith("step_"))
-    for candidate in reversed(steps):
-        uri = storage.join(run_dir, candidate)
-        try:
-            storage.read_bytes(storage.join(uri, "train_state.json"))
-            return uri
-        except storage.StorageError:
-            continue
-    return None
+def check_storage(cfg: PretrainConfig, root: str) -> None:
+    """Fail at start, not at the first checkpoint: a missing bucket, or a node-local folder
+    on a cluster of several nodes (each node would keep its own, partial checkpoints)."""
+    import ray
+
+    if storage.is_s3(root):
+        storage.check_bucket(root)
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not cfg.run.shared_storage:
+        raise PretrainError(f"--storage {root} is a local folder but the cluster has "
+                            f"{len(nodes)} nodes; use --storage s3://bucket/prefix (or set "
+                            f"run.shared_storage=true for a folder every node mounts)")
 
 
-def samples_seen(checkpoint_uri: str) -> int:
-    doc = json.loads(storage.read_bytes(storage.join(checkpoint_uri, "train_state.json")))
-    return int(doc["samples_seen"])
+def check_start(cfg: PretrainConfig, point: checkpoints.ResumePoint) -> None:
+    """--resume / --init are checked here, before any worker starts."""
+    if point.kind == "resume":
+        checkpoints.check_resume(point.uri, cfg.model)
+    elif point.kind == "init":
+        checkpoints.check_init(point.uri, cfg.model)
 
 
-def build_data(cfg: PretrainConfig, start_samples: int):
-    """-> (train dataset, manifest or None, data-health actor or None, probe set or None)."""
+@dataclass(frozen=True)
+class TrainData:
+    """Builds the training stream when a worker group starts (Ray Train calls it then, also
+    after a failure): from the data position of the checkpoint the workers will restore, so
+    that the stream continues exactly where the restored model stopped."""
 
+    cfg: PretrainConfig
+    run_uri: str
+    resume: str | None
+    init: str | None
+    manifest: dict | None
+    health_name: str
+
+    def __call__(self):
+        from pipeline.data import source
+        from pipeline.data.transforms import Augment
+
+        cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
+        point = checkpoints.resume_point(self.run_uri, self.resume, self.init)
+        start = checkpoints.start_position(point, cfg)
+        needed = cfg.train.total_steps * cfg.train.global_batch_size
+        if d.source == "synthetic":
+            epochs = -(-needed // d.synthetic_samples) + 1
+            return source.synthetic_dataset(d.synthetic_samples, d.synthetic_classes,
+                                            m.image_size, epochs, block_rows=d.block_rows,
+                                            start=start, seed=cfg.train.seed)
+        inp = source.InputConfig(uri=d.uri, split=d.split, augment=Augment(d.augment,
+                                                                           m.image_size),
+                                 seed=cfg.train.seed, strict=d.strict,
+                                 shuffle_buffer=d.shuffle_buffer, block_rows=d.block_rows,
+                                 num_cpus_per_read=d.num_cpus_per_read)
+        epochs = source.epochs_for(self.manifest, d.split, needed)
+        ds, _, _ = source.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
+                                        manifest=self.manifest)
+        return ds
+
+
+def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str | None):
+    """-> (dataset factory, stream plan, manifest or None, data-health actor or None,
+    probe set or None)."""
     from pipeline.data import source
-    from pipeline.data.transforms import Augment
 
     d, m = cfg.data, cfg.model
-    needed = cfg.train.total_steps * cfg.train.global_batch_size
+    health_name = f"data-health-{cfg.run.name}"
     if d.source == "synthetic":
-        epochs = -(-needed // d.synthetic_samples) + 1
-        ds = source.synthetic_dataset(d.synthetic_samples, d.synthetic_classes, m.image_size,
-                                      epochs, block_rows=d.block_rows)
         probe = None
         if cfg.train.fewshot_every and d.fewshot_split:
             import numpy as np
@@ -92,25 +124,22 @@ def build_data(cfg: PretrainConfig, start_samples: int):
             rows = source.synthetic_rows(ids, d.synthetic_samples, d.synthetic_classes,
                                          m.image_size)
             probe = {"images": rows["image"], "labels": rows["label"]}
-        return ds, None, None, _probe(probe, "synthetic", d.fewshot_shots)
-    inp = source.InputConfig(uri=d.uri, split=d.split, augment=Augment(d.augment, m.image_size),
-                             seed=cfg.train.seed, strict=d.strict, shuffle_buffer=d.shuffle_buffer,
-                             block_rows=d.block_rows, num_cpus_per_read=d.num_cpus_per_read)
+        stream = source.StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
+        factory = TrainData(cfg, run_uri, resume, init, None, health_name)
+        return factory, stream, None, None, _probe(probe, "synthetic", d.fewshot_shots)
     manifest = source.read_manifest(d.uri)
     if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
         raise PretrainError(f"the dataset has {manifest['num_classes']} classes but "
                             f"model.num_classes={m.num_classes}; set model.num_classes")
-    epochs = source.epochs_for(manifest, d.split, needed)
-    start = source.position_after(manifest, d.split, cfg.train.seed, start_samples)
-    ds, _, health = source.shard_dataset(inp, epochs, start=start,
-                                         health_name=f"data-health-{cfg.run.name}",
-                                         manifest=manifest)
+    stream = source.StreamPlan.from_manifest(manifest, d.split, cfg.train.seed)
+    health = source.data_health(health_name)     # the driver's handle keeps it alive
     probe = None
     if cfg.train.fewshot_every and d.fewshot_split and d.fewshot_split in manifest["splits"]:
         probe = source.load_probe(d.uri, d.fewshot_split, m.image_size, d.fewshot_images)
     elif cfg.train.fewshot_every and d.fewshot_split:
         log.warning("no split %r in %s: the few-shot probe is off", d.fewshot_split, d.uri)
-    return ds, manifest, health, _probe(probe, d.fewshot_split, d.fewshot_shots)
+    factory = TrainData(cfg, run_uri, resume, init, manifest, health_name)
+    return factory, stream, manifest, health, _probe(probe, d.fewshot_split, d.fewshot_shots)
 
 
 def _probe(probe, name, shots):
@@ -143,30 +172,56 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
              tracking_uri: str | None = None, dataset=None) -> Outcome:
     """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster.
     `dataset`: a Ray Dataset with the columns of `pipeline.data.source` to train on instead
-    of the one `cfg.data` describes."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline import tracking
-    from pipeline.train.loop import train_loop
-
+    of the one `cfg.data` describes (its data position is not tracked)."""
     # Bounded MLflow retries on the driver: an unreachable server costs seconds, not minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     root = storage_root(cfg)
-    if storage.is_s3(root):
-        storage.check_bucket(root)
-    path, fs = ray_storage(root)
-    own = latest_checkpoint(root, cfg.run.name)
-    start = samples_seen(own) if own else (samples_seen(resume) if resume else 0)
-    if own:
-        log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, own)
-
+    check_storage(cfg, root)
+    run_uri = storage.join(root, cfg.run.name)
+    point = checkpoints.resume_point(run_uri, resume, init)
+    check_start(cfg, point)
+    if point.kind == "own":
+        log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, point.uri)
     if dataset is None:
-        ds, manifest, health, probe = build_data(cfg, start)
+        factory, stream, manifest, health, probe = build_data(cfg, run_uri, resume, init)
     else:
-        ds, manifest, health, probe = dataset, None, None, None
+        factory, stream, manifest, health, probe = dataset, None, None, None, None
+    tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
+                                    continuing=point.kind == "own")
+    spec = WorkerSpec(cfg=cfg, run_uri=run_uri, resume=resume, init=init, run_id=run_id,
+                      tracking_uri=tracking_uri, stream=stream, status=run_status(),
+                      health=health, probe=probe)
+    trainer = make_trainer(cfg, spec, factory, root)
+    try:
+        result = trainer.fit()
+    except Exception:
+        if run_id:
+            tracking.finish_run(tracking_uri, run_id, "FAILED")
+        raise
+    import ray
+
+    error = ray.get(spec.status.get.remote())
+    if error:
+        if run_id:
+            tracking.finish_run(tracking_uri, run_id, "FAILED")
+        raise PretrainError(error)
+    uri = checkpoints.latest(run_uri) or ""
+    step = checkpoints.read_state(uri)["step"] if uri else 0
+    if run_id:
+        tracker = tracking.Tracker(tracking_uri, run_id)
+        tracker.log_text(uri + "\n", "checkpoint_uri.txt")
+        tracker.set_tags({"checkpoint": uri})
+        tracking.finish_run(tracking_uri, run_id, "FINISHED")
+    return Outcome(checkpoint=uri, step=step, metrics=dict(result.metrics or {}),
+                   run_id=run_id, tracking_uri=tracking_uri, storage=root)
+
+
+def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest: dict | None,
+             resume: str | None, init: str | None, continuing: bool) -> tuple[str, str | None]:
+    """Create (or reopen) the MLflow run on the driver -> (tracking URI, run id or None).
+    Tracking never stops training: without a server the run goes on untracked."""
+    import ray
 
     tracking_uri = tracking_uri or tracking.default_tracking_uri(
         root if not storage.is_s3(root) else DEFAULT_ROOT)
@@ -178,79 +233,53 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
                        f"CPU, {resources.get('GPU', 0):.0f} GPU",
             "data_manifest": _manifest_tag(cfg, manifest),
             "host": platform.node(), "mlflow.note.content": f"pretraining run {cfg.run.name}"}
-    run_id = None
     try:
         artifact_root = None if "://" in tracking_uri and not tracking_uri.startswith(
             "sqlite") else str(Path(root if not storage.is_s3(root) else
                                     Path(DEFAULT_ROOT).expanduser()) / "mlartifacts")
         params = {**cfg.flat(), "resume": resume or "", "init": init or ""}
         run_id = tracking.start_run(tracking_uri, cfg.run.experiment, cfg.run.name,
-                                    artifact_root, params, tags, continuing=own is not None)
-        tracker = tracking.Tracker(tracking_uri, run_id)
-        tracker.log_text(cfg.to_json(), "config.json")
+                                    artifact_root, params, tags, continuing=continuing)
+        tracking.Tracker(tracking_uri, run_id).log_text(cfg.to_json(), "config.json")
+        return tracking_uri, run_id
     except Exception as err:  # noqa: BLE001 - tracking must not stop training
         log.warning("MLflow unavailable at start (%s); training without tracking",
                     tracking.redact(str(err).splitlines()[0][:160]) if str(err) else
                     type(err).__name__)
+        return tracking_uri, None
 
-    status = run_status()
+
+def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    path, fs = ray_storage(root)
     scale = cfg.scale
     resources_per_worker = {"CPU": scale.cpus_per_worker}
     if scale.use_gpu:
         resources_per_worker["GPU"] = scale.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "run_id": run_id, "tracking_uri": tracking_uri,
-                           "health": health, "status": status, "resume": resume,
-                           "init": init,
-                           "fewshot": probe, "spill_uri": storage.join(root, cfg.run.name),
-                           "data_plan": _data_plan(cfg, manifest)},
+        train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers,
                                                use_gpu=scale.use_gpu,
                                                resources_per_worker=resources_per_worker,
                                                placement_strategy=scale.placement_strategy),
-        datasets={"train": ds},
+        datasets={"train": dataset},
+        dataset_config=_data_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
-    try:
-        result = trainer.fit()
-    except Exception:
-        if run_id:
-            tracking.finish_run(tracking_uri, run_id, "FAILED")
-        raise
-    metrics = dict(result.metrics or {})
-    error = ray.get(status.get.remote())
-    if error:
-        if run_id:
-            tracking.finish_run(tracking_uri, run_id, "FAILED")
-        raise PretrainError(error)
-    ckpt = result.checkpoint
-    uri = ckpt.path if ckpt is not None else ""
-    if storage.is_s3(root) and uri and not uri.startswith("s3://"):
-        uri = "s3://" + uri
-    if run_id:
-        tracker = tracking.Tracker(tracking_uri, run_id)
-        tracker.log_text(uri + "\n", "checkpoint_uri.txt")
-        tracker.set_tags({"checkpoint": uri})
-        tracking.finish_run(tracking_uri, run_id, "FINISHED")
-    step = int(metrics.get("step", 0))
-    if uri and not step:  # nothing left to train: the run was already at total_steps
-        step = int(json.loads(storage.read_bytes(storage.join(uri, "train_state.json")))["step"])
-    return Outcome(checkpoint=uri, step=step, metrics=metrics,
-                   run_id=run_id, tracking_uri=tracking_uri, storage=root)
 
 
-def _data_plan(cfg: PretrainConfig, manifest: dict | None) -> dict | None:
-    """What a worker needs to turn samples seen into a data position: the shard sizes."""
-    if manifest is None:
-        return None
-    split = manifest["splits"][cfg.data.split]
-    slim = {"splits": {cfg.data.split: {"num_samples": split["num_samples"], "shards": [
-        {"samples": s["samples"]} for s in split["shards"]]}}}
-    return {"manifest": slim, "split": cfg.data.split, "seed": cfg.train.seed}
+def _data_config(cfg: PretrainConfig):
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.preserve_order
+    return ray.train.DataConfig(execution_options=options)
 
 
 def _manifest_tag(cfg: PretrainConfig, manifest: dict | None) -> str:

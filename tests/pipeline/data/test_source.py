@@ -17,10 +17,12 @@ from pipeline.data import shards
 from pipeline.data.shards import DatasetError, ShardOptions, write_shards
 from pipeline.data.source import (
     COLUMNS,
+    DataPosition,
     InputConfig,
+    StreamPlan,
     iter_batches,
-    plan,
     shard_dataset,
+    shard_order,
     synthetic_dataset,
 )
 from pipeline.data.transforms import Augment
@@ -67,16 +69,135 @@ def ground_truth(folder: Path, manifest: dict, split="train") -> dict:
 def test_plan_reshuffles_each_epoch_from_the_seed():
     manifest = {"splits": {"train": {"num_samples": 80, "shards": [
         {"name": f"s{i}.tar", "samples": 10} for i in range(8)]}}}
-    a = plan(manifest, "train", seed=1, num_epochs=3)
-    assert [x["shard"] for x in a] == [x["shard"] for x in plan(manifest, "train", 1, 3)]
+    a = StreamPlan.from_manifest(manifest, "train", seed=1).reads(DataPosition(), 3)
+    again = StreamPlan.from_manifest(manifest, "train", 1).reads(DataPosition(), 3)
+    assert [x["shard"] for x in a] == [x["shard"] for x in again]
     orders = [[x["shard"] for x in a if x["epoch"] == e] for e in range(3)]
     assert all(sorted(o) == list(range(8)) for o in orders), "every shard once per epoch"
     assert len({tuple(o) for o in orders}) == 3, "a new order every epoch"
-    assert [x["shard"] for x in plan(manifest, "train", 2, 3)] != [x["shard"] for x in a]
-    resumed = plan(manifest, "train", 1, 3, start=(1, 5))
+    assert orders == [shard_order(8, 1, e) for e in range(3)]
+    other = StreamPlan.from_manifest(manifest, "train", 2).reads(DataPosition(), 3)
+    assert [x["shard"] for x in other] != [x["shard"] for x in a]
+    assert all(x["samples"] == 10 and x["skip"] == [] for x in a)
+    resumed = StreamPlan.from_manifest(manifest, "train", 1).reads(DataPosition(1, 5), 3)
     assert resumed == [x for x in a if (x["epoch"], x["position"]) >= (1, 5)]
     with pytest.raises(DatasetError, match="no split 'val'"):
-        plan(manifest, "val", 1, 1)
+        StreamPlan.from_manifest(manifest, "val", 1)
+    with pytest.raises(DatasetError, match="split 'train' has no shards"):
+        StreamPlan.from_manifest({"splits": {"train": {"shards": []}}}, "train", 1)
+
+
+# ---- DataPosition: exactly what was consumed ------------------------------------------------
+SIZES = (7, 3, 12, 5, 1, 9)
+
+
+def every_sample(sizes, epochs) -> set:
+    """All (epoch, shard, index) of the epochs, from the shard sizes alone."""
+    return {(e, s, i) for e in range(epochs) for s, n in enumerate(sizes) for i in range(n)}
+
+
+def delivered(reads) -> list:
+    """The samples a stream of these reads yields (ShardReader's rule: all but `skip`)."""
+    return [(r["epoch"], r["shard"], i) for r in reads for i in range(r["samples"])
+            if i not in set(r["skip"])]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reads_after_any_consumption_are_exactly_the_rest(seed):
+    """Workers consume a random subset, in random order and batches, across shards and two
+    epochs; after each batch the position's reads deliver exactly what was not consumed."""
+    rng = np.random.default_rng(seed)
+    plan = StreamPlan(SIZES, seed=seed)
+    everything = every_sample(SIZES, 2)
+    samples = sorted(everything)
+    taken = [samples[k] for k in rng.permutation(len(samples))[:rng.integers(1, len(samples))]]
+    position, consumed = DataPosition(), set()
+    for batch in np.array_split(np.asarray(taken), rng.integers(1, 6)):
+        position = position.advance(plan, batch[:, 0], batch[:, 1], batch[:, 2])
+        consumed |= {tuple(x) for x in batch.tolist()}
+        rest = delivered(plan.reads(position, 2))
+        assert len(rest) == len(set(rest)), "no sample delivered twice"
+        assert not set(rest) & consumed, "nothing consumed is delivered again"
+        assert set(rest) | consumed == everything, "nothing is lost"
+        assert position.consumed_samples(plan) == len(consumed)
+        # The watermark: every read before it consumed, the read at it not.
+        before = [(e, s) for e in range(2) for p, s in enumerate(shard_order(len(SIZES), seed, e))
+                  if (e, p) < (position.epoch, position.position)]
+        assert all({(e, s, i) for i in range(SIZES[s])} <= consumed for e, s in before)
+        at = shard_order(len(SIZES), seed, position.epoch)[position.position]
+        assert not {(position.epoch, at, i) for i in range(SIZES[at])} <= consumed
+        # Only partly consumed reads keep their indices.
+        for (_, s), idx in position.partial.items():
+            assert 0 < len(idx) < SIZES[s] and list(idx) == sorted(idx)
+        assert DataPosition.from_dict(json.loads(json.dumps(position.to_dict()))) == position
+
+
+def test_consuming_a_whole_epoch_moves_the_watermark_to_the_next():
+    plan = StreamPlan(SIZES, seed=3)
+    rng = np.random.default_rng(0)
+    epoch0 = np.asarray(sorted(every_sample(SIZES, 1)))
+    epoch0 = epoch0[rng.permutation(len(epoch0))]
+    position = DataPosition()
+    for batch in np.array_split(epoch0, 4):
+        position = position.advance(plan, *batch.T)
+    assert position == DataPosition(1, 0), "no done or partial read is left behind"
+    assert position.consumed_samples(plan) == sum(SIZES)
+
+    # A read of epoch 1 consumed ahead of the first one waits in `done` until the watermark
+    # reaches it.
+    first, second = plan.order(1)[:2]
+    ahead = position.advance(plan, [1] * SIZES[second], [second] * SIZES[second],
+                             range(SIZES[second]))
+    assert (ahead.epoch, ahead.position, ahead.done) == (1, 0, {(1, second)})
+    caught_up = ahead.advance(plan, [1] * SIZES[first], [first] * SIZES[first],
+                              range(SIZES[first]))
+    assert caught_up == DataPosition(1, 2)
+
+
+def test_a_sample_consumed_twice_raises_naming_it():
+    plan = StreamPlan(SIZES, seed=0)
+    one = DataPosition().advance(plan, [0, 0], [2, 2], [3, 4])
+    with pytest.raises(ValueError, match="epoch 0, shard 2, index 3 consumed twice"):
+        one.advance(plan, [0, 0], [2, 5], [3, 0])                         # a partial read
+    with pytest.raises(ValueError, match="epoch 1, shard 0, index 6 consumed twice"):
+        DataPosition().advance(plan, [1, 1, 1], [0, 0, 1], [6, 6, 0])     # in one batch
+    whole = DataPosition().advance(plan, [0] * 3, [1] * 3, [0, 1, 2])     # shard 1 is done
+    with pytest.raises(ValueError, match="epoch 0, shard 1, index 2 consumed twice"):
+        whole.advance(plan, [0], [1], [2])
+    with pytest.raises(ValueError, match="epoch 0, shard 4, index 0 consumed twice"):
+        DataPosition(1, 0).advance(plan, [0], [4], [0])                   # behind the watermark
+    with pytest.raises(ValueError, match="no sample epoch 0, shard 1, index 3"):
+        DataPosition().advance(plan, [0], [1], [3])
+    with pytest.raises(ValueError, match="no sample epoch 0, shard 6"):
+        DataPosition().advance(plan, [0], [6], [0])
+
+
+def test_position_json_is_plain_and_small():
+    plan = StreamPlan((10_000, 10_000, 500), seed=0)
+    # A checkpoint's usual picture: a long prefix of the first read with a few holes left by
+    # the shuffle buffers, a little of the next read, and the last read done out of order.
+    order = plan.order(0)
+    idx = np.setdiff1d(np.arange(9_000), [17, 4_000, 8_999])
+    e = np.zeros(len(idx) + 100 + plan.sizes[order[2]], np.int64)
+    s = np.r_[[order[0]] * len(idx), [order[1]] * 100, [order[2]] * plan.sizes[order[2]]]
+    i = np.r_[idx, np.arange(100), np.arange(plan.sizes[order[2]])]
+    position = DataPosition().advance(plan, e, s, i)
+    text = json.dumps(position.to_dict())
+    assert len(text) < 200, text
+    assert json.loads(text) == position.to_dict()
+    assert DataPosition.from_dict(json.loads(text)) == position
+    assert position.consumed_samples(plan) == len(i)
+    assert DataPosition.from_dict(DataPosition().to_dict()) == DataPosition()
+
+
+def test_synthetic_plan_is_one_shard_per_epoch():
+    plan = StreamPlan.synthetic(100, seed=5)
+    assert plan.order(0) == plan.order(7) == [0]
+    half = DataPosition().advance(plan, [0] * 50, [0] * 50, range(0, 100, 2))
+    assert plan.reads(half, 2) == [
+        {"epoch": 0, "position": 0, "shard": 0, "samples": 100, "skip": list(range(0, 100, 2))},
+        {"epoch": 1, "position": 0, "shard": 0, "samples": 100, "skip": []}]
+    assert half.advance(plan, [0] * 50, [0] * 50, range(1, 100, 2)) == DataPosition(1, 0)
 
 
 @pytest.mark.ray
@@ -182,6 +303,78 @@ def test_synthetic_source_has_the_same_interface(ray_local):
     assert {r["label"] for r in rows} == {0, 1, 2, 3}
 
 
+@pytest.mark.ray
+def test_a_resumed_stream_delivers_exactly_the_rest(ray_local, tmp_path):
+    """Stream two epochs, 'train' on a random part of it (a prefix with holes, a read done
+    out of order, a read untouched), resume at the position: the new stream holds every
+    other sample once, with the same augmentation as before."""
+    sizes = (4, 6, 5)
+    root = tmp_path / "d"
+    root.mkdir()
+    for n, (name, size) in enumerate(zip("abc", sizes, strict=True)):
+        write_tar(root / f"{name}.tar", [
+            {"__key__": f"{name}{i:03d}", "jpg": jpeg_bytes(10 * n + i), "cls": str(n).encode()}
+            for i in range(size)])
+    manifest = {"format": "webdataset", "num_classes": 3, "classes": ["x", "y", "z"],
+                "splits": {"train": {"num_samples": sum(sizes), "shards": [
+                    {"name": f"{n}.tar", "samples": k} for n, k in zip("abc", sizes,
+                                                                       strict=True)]}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    cfg = InputConfig(uri=str(root), augment=Augment("inception", 16), seed=4, block_rows=2)
+
+    def stream(start=None):
+        ds, _, _ = shard_dataset(cfg, num_epochs=2, start=start)
+        rows = [(r["epoch"], r["shard"], r["index"], r["image"].tobytes())
+                for r in ds.take_all()]
+        keys = [r[:3] for r in rows]
+        assert len(keys) == len(set(keys)), "each sample once"
+        return {r[:3]: r[3] for r in rows}
+
+    full = stream()
+    everything = every_sample(sizes, 2)
+    assert set(full) == everything
+
+    plan = StreamPlan(sizes, seed=4)
+    rng = np.random.default_rng(1)
+    first, second, _ = plan.order(0)
+    taken = [(0, first, i) for i in range(sizes[first]) if i != 1]           # a hole
+    taken += [(0, second, i) for i in range(sizes[second])]                  # done, ahead
+    taken += [k for k in sorted(everything) if k[0] == 1 and rng.random() < 0.4]
+    taken = np.asarray(taken)[rng.permutation(len(taken))]
+    position = DataPosition()
+    for batch in np.array_split(taken, 3):
+        position = position.advance(plan, *batch.T)
+    assert position.partial and position.done, "the test covers partial and done reads"
+
+    resumed = stream(DataPosition.from_dict(json.loads(json.dumps(position.to_dict()))))
+    consumed = {tuple(k) for k in taken.tolist()}
+    assert set(resumed) == everything - consumed
+    assert all(resumed[k] == full[k] for k in resumed), "same samples, same augmentation"
+
+    # Everything consumed: an empty stream, not an error.
+    rest = np.asarray(sorted(resumed))
+    assert not stream(position.advance(plan, *rest.T))
+
+
+@pytest.mark.ray
+def test_synthetic_source_resumes_at_a_position(ray_local):
+    plan = StreamPlan.synthetic(30, seed=2)
+    rng = np.random.default_rng(0)
+    # Most of epoch 0 (with holes) and a little of epoch 1, as two workers leave it.
+    taken = [(0, 0, i) for i in range(30) if rng.random() < 0.8]
+    taken += [(1, 0, i) for i in range(30) if rng.random() < 0.1]
+    taken = np.asarray(taken)
+    position = DataPosition().advance(plan, *taken.T)
+    ds = synthetic_dataset(30, num_classes=4, image_size=8, num_epochs=3, block_rows=4,
+                           start=position, seed=2)
+    rows = ds.take_all()
+    keys = [(r["epoch"], r["index"]) for r in rows]
+    expected = {(e, i) for e in range(3) for i in range(30)} - {(e, i) for e, _, i in taken}
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+    assert all(r["label"] == r["index"] % 4 and r["shard"] == 0 for r in rows)
+    assert len(synthetic_dataset(30, 4, 8, 1, start=DataPosition(1, 0)).take_all()) == 0
+
+
 # ---- storage errors: one clear line each ----------------------------------------------------
 @pytest.mark.s3
 def test_missing_bucket_and_prefix(s3):
@@ -213,18 +406,3 @@ def test_unreachable_endpoint(s3, monkeypatch):
     with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint "
                                                    "http://127.0.0.1:"):
         shard_dataset(InputConfig(uri=f"s3://{s3}/x"), 1)
-
-
-def test_position_after_maps_samples_to_the_shard_being_read():
-    from pipeline.data.source import position_after, shard_order
-
-    counts = [10, 5, 15]
-    manifest = {"splits": {"train": {"num_samples": 30, "shards": [
-        {"name": n, "samples": c} for n, c in zip("abc", counts, strict=True)]}}}
-    order = shard_order(3, seed=1, epoch=0)
-    assert position_after(manifest, "train", 1, 0) == (0, 0)
-    first = counts[order[0]]
-    assert position_after(manifest, "train", 1, first - 1) == (0, 0)
-    assert position_after(manifest, "train", 1, first) == (0, 1)
-    assert position_after(manifest, "train", 1, 30) == (1, 0)
-    assert position_after(manifest, "train", 1, 30 + counts[shard_order(3, 1, 1)[0]]) == (1, 1)

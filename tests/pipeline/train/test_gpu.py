@@ -8,7 +8,7 @@ import torch
 
 from pipeline.model import ViT, ViTConfig
 from pipeline.train.config import apply_overrides, smoke
-from pipeline.train.loop import Pretrainer, decay_names, make_optimizer, train_step
+from pipeline.train.step import Pretrainer, decay_names, make_optimizer, train_step
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,20 +10,13 @@ import pytest
 import torch
 
 from pipeline.model import ViT, ViTConfig
-from pipeline.train import state as train_state
+from pipeline.train import checkpoints
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke
 from pipeline.train.fewshot import lsr_accuracy
-from pipeline.train.loop import (
-    NonFiniteLoss,
-    Pretrainer,
-    _load_training_checkpoint,
-    decay_names,
-    load_optimizer,
-    make_optimizer,
-    train_step,
-)
+from pipeline.train.loop import Meter
 from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets
 from pipeline.train.schedule import learning_rate
+from pipeline.train.step import NonFiniteLoss, Pretrainer, decay_names, make_optimizer, train_step
 
 CPU = torch.device("cpu")
 
@@ -134,8 +127,10 @@ def test_overrides_types_and_errors():
         apply_overrides(smoke(), ["train.total_steps=many"])
     with pytest.raises(ValueError, match=r"must be one of \['linear', 'cosine'\]"):
         apply_overrides(smoke(), ["optim.decay=step"])
-    with pytest.raises(ValueError, match="train.parallel='fsdp' needs GPUs"):
-        apply_overrides(smoke(), ["train.parallel=fsdp"])
+    assert apply_overrides(smoke(), ["train.parallel=fsdp"]).train.parallel == "fsdp"  # CPU too
+    with pytest.raises(ValueError, match="shard_group_size=3 does not divide"):
+        apply_overrides(smoke(), ["train.parallel=hsdp", "train.shard_group_size=3",
+                                  "scale.num_workers=4"])
     with pytest.raises(ValueError, match="not divisible by scale.num_workers"):
         apply_overrides(smoke(), ["scale.num_workers=3"])
     with pytest.raises(ValueError, match=r"not divisible by scale.num_workers x "
@@ -190,34 +185,45 @@ def test_accumulation_equals_one_big_batch():
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
 
 
-def test_non_finite_loss_raises_before_the_update():
+def test_non_finite_loss_is_caught_on_the_device_and_named_with_its_step():
     _, model, opt = tiny_run()
-    before = [p.clone() for p in model.parameters()]
-    x, y = batch(2)
-    x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLoss, match="loss nan"):
-        train_step(model, opt, [(x, y)], 1e-3, 1.0, None)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    meter = Meter(CPU)
+    for step in (1, 2, 3):
+        x, y = batch(step)
+        if step == 2:
+            x[0, 0, 0, 0] = float("nan")
+        loss, norm = train_step(model, opt, [(x, y)], 1e-3, 1.0, None)
+        assert loss.device == CPU and loss.ndim == 0      # no host value per step
+        meter.add(step, loss, norm, len(x))
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 2: loss nan"):
+        meter.read(world=1)
+    fine = Meter(CPU)
+    _, model, opt = tiny_run()
+    for step in (1, 2):
+        fine.add(step, *train_step(model, opt, [batch(step)], 1e-3, 1.0, None), 16)
+    means = fine.read(world=1)
+    assert math.isfinite(means["loss"]) and means["images_per_step"] == 16
+
+
+def _write(tmp_path, cfg, model, opt, step):
+    doc = checkpoints.new_state(step=step, samples_seen=16 * step, data_position=None,
+                                config=cfg.to_dict(), run_name="t", run_id=None, world_size=1,
+                                strategy="ddp")
+    checkpoints.write_local(tmp_path, model, opt, cfg.model, doc)
 
 
 def test_resume_is_exact(tmp_path):
     cfg, model, opt = tiny_run()
     for s in range(3):
         train_step(model, opt, [batch(s)], 1e-3, 1.0, None)
-    from pipeline.train.loop import full_state
-
-    model_state, optim_state = full_state(model, opt)
-    train_state.write(tmp_path, vit_state={k[4:]: v for k, v in model_state.items()},
-                      vit_cfg=cfg.model, optimizer_state=optim_state, objective_state={},
-                      step=3, samples_seen=48, data_position=(0, 0), config=cfg.to_dict(),
-                      run_name="t")
+    _write(tmp_path, cfg, model, opt, 3)
+    assert checkpoints.is_complete(str(tmp_path))
     # A fresh process would build everything anew and restore:
     torch.manual_seed(123)
     fresh = Pretrainer(ViT(cfg.model), "softmax")
-    pos, ostate = _load_training_checkpoint(fresh, cfg, tmp_path, "test")
     fresh_opt = make_optimizer(fresh, decay_names(fresh), cfg, CPU)
-    load_optimizer(fresh, fresh_opt, ostate)
-    assert pos.step == 3 and pos.samples_seen == 48
+    doc = checkpoints.load(str(tmp_path), fresh, fresh_opt, cfg.model, "test")
+    assert doc["step"] == 3 and doc["samples_seen"] == 48
     a, b = opt.state_dict(), fresh_opt.state_dict()
     for k in a["state"]:
         for name, value in a["state"][k].items():
@@ -226,7 +232,7 @@ def test_resume_is_exact(tmp_path):
     x = batch(9)
     la, _ = train_step(model, opt, [x], 1e-3, 1.0, None)
     lb, _ = train_step(fresh, fresh_opt, [x], 1e-3, 1.0, None)
-    assert la == lb
+    assert torch.equal(la, lb)
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q)
     # The training checkpoint is also a model checkpoint in our format.
@@ -235,18 +241,51 @@ def test_resume_is_exact(tmp_path):
     assert load_vit(tmp_path).cfg == cfg.model
 
 
+def test_incomplete_checkpoints_are_never_latest(tmp_path):
+    cfg, model, opt = tiny_run()
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        _write(run / checkpoints.dir_name(step), cfg, model, opt, step)
+    assert checkpoints.latest(str(run)) == str(run / "step_00000030")
+    # An upload cut short: a truncated shard, a missing weights file, no train_state.json.
+    shard = next((run / "step_00000030" / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert not checkpoints.is_complete(str(run / "step_00000030"))
+    (run / "step_00000020" / "model.safetensors").unlink()
+    assert checkpoints.latest(str(run)) == str(run / "step_00000010")
+    (run / "step_00000010" / "train_state.json").unlink()
+    assert checkpoints.latest(str(run)) is None
+
+
+def test_dcp_metadata_is_read_without_unpickling_arbitrary_objects(tmp_path):
+    import pickle
+
+    cfg, model, opt = tiny_run()
+    _write(tmp_path, cfg, model, opt, 1)
+    assert checkpoints.read_dcp_metadata(str(tmp_path)).storage_data
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "state" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load builtins.print"):
+        checkpoints.read_dcp_metadata(str(tmp_path))
+    assert not checkpoints.is_complete(str(tmp_path))
+
+
 def test_resume_refuses_another_architecture(tmp_path):
     cfg, model, opt = tiny_run()
     from pipeline.checkpoint import CheckpointError
-    from pipeline.train.loop import full_state
 
-    ms, os_ = full_state(model, opt)
-    train_state.write(tmp_path, vit_state={k[4:]: v for k, v in ms.items()}, vit_cfg=cfg.model,
-                      optimizer_state=os_, objective_state={}, step=1, samples_seen=16,
-                      data_position=(0, 0), config=cfg.to_dict(), run_name="t")
+    _write(tmp_path, cfg, model, opt, 1)
     other = apply_overrides(cfg, ["model.depth=3"])
+    fresh = Pretrainer(ViT(other.model), "softmax")
     with pytest.raises(CheckpointError, match="depth: checkpoint 2 vs run 3"):
-        _load_training_checkpoint(Pretrainer(ViT(other.model), "softmax"), other, tmp_path, "x")
+        checkpoints.load(str(tmp_path), fresh, make_optimizer(fresh, decay_names(fresh), other,
+                                                              CPU), other.model, "x")
+    with pytest.raises(CheckpointError, match="depth: checkpoint 2 vs run 3"):
+        checkpoints.check_resume(str(tmp_path), other.model)
 
 
 def test_init_from_foreign_weights_keeps_our_head(tmp_path):
@@ -257,6 +296,22 @@ def test_init_from_foreign_weights_keeps_our_head(tmp_path):
     with torch.no_grad():
         src.blocks[0].mlp.fc1.weight.fill_(0.5)
     save_vit(src, tmp_path / "w")
-    train_state.init_weights(model.vit, str(tmp_path / "w"))
+    checkpoints.init_model(model.vit, str(tmp_path / "w"))
     assert torch.all(model.vit.blocks[0].mlp.fc1.weight == 0.5)
     assert model.vit.head.weight.shape[0] == 10 and model.vit.pos_embed.shape[1] == 17
+
+
+def test_compiled_blocks_keep_their_names_and_checkpoint_loads(tmp_path):
+    cfg, model, opt = tiny_run()
+    names = [n for n, _ in model.named_parameters()]
+    for block in model.vit.blocks:
+        block.compile(backend="eager")      # in place, as the loop does (any backend)
+    assert [n for n, _ in model.named_parameters()] == names
+    train_step(model, opt, [batch(1)], 1e-3, 1.0, None)
+    _write(tmp_path, cfg, model, opt, 1)
+    from pipeline.checkpoint import load_vit
+
+    loaded = load_vit(tmp_path)
+    x, _ = batch(2)
+    model.eval()
+    torch.testing.assert_close(loaded(x), model.vit(x))

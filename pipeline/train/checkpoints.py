@@ -1,0 +1,447 @@
+"""Training checkpoints: the layout, saving, loading, "latest complete", and the resume order.
+The one owner of all of it (as torchtitan's `CheckpointManager`); the driver, the workers and
+`eval/` ask this module.
+
+A run keeps its checkpoints in `<storage>/<run name>/step_<step:08d>/`:
+
+    state/.metadata, state/__<rank>_0.distcp   torch.distributed.checkpoint (DCP): the model
+                        (with the MPP head) and the AdamW state, each worker writing its own
+                        shard; loads into any number of workers and any parallel strategy
+    model.safetensors, vit.json    the ViT in our model format (pipeline.checkpoint), gathered
+                        from the shards: `load_vit` and `eval/vtab.py --checkpoint` take the
+                        directory as it is, without training code
+    train_state.json    step, samples seen, the exact data position, the resolved config,
+                        the MLflow run id, and the size of every file rank 0 wrote
+
+Written last (by rank 0, after its other files) and listing the sizes it expects,
+`train_state.json` plus the DCP `.metadata` (which names every shard file and the byte range
+each tensor needs) make a checkpoint verifiable: `is_complete` checks that every file is there
+with its size, so `latest` never returns a checkpoint that a killed upload left half-written.
+
+Saving never stalls the step for I/O: the sharded state is staged to host memory
+(`dcp.async_save`, on a gloo process group of its own), then written and uploaded in the
+background by Ray Train's asynchronous checkpoint upload (`CheckpointUploadMode.ASYNC`). The
+loop is blocked only for the staging copy and the gather of the ViT weights
+(`bench/checkpoint.py` measures it against the synchronous path).
+
+Nothing is unpickled on load: tensors come through `torch.load(weights_only=True)`, DCP's
+`.metadata` through an unpickler that admits only DCP's own metadata classes.
+
+Resume order (`resume_point`): this run's latest complete checkpoint (a restarted worker group,
+or the same command again) > `--resume CHECKPOINT` (another run's training checkpoint) >
+`--init WEIGHTS` (any format `load_vit` reads; heads re-initialised) > scratch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_vit,
+    write_weights,
+)
+from pipeline.model import ViT, ViTConfig
+
+log = logging.getLogger("pipeline.train")
+
+STATE_DIR = "state"                     # the DCP checkpoint
+STATE_FILE = "train_state.json"
+METADATA_FILE = f"{STATE_DIR}/.metadata"
+FORMAT = "vit-pipeline-train"
+FORMAT_VERSION = 2
+# Config fields that may differ between a checkpoint and the run resuming from it.
+RUNTIME_FIELDS = ("dropout", "attention_dropout")
+
+
+def step_dir(run_uri: str, step: int) -> str:
+    return storage.join(run_uri, dir_name(step))
+
+
+def dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where to start from
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResumePoint:
+    """Which rule of the resume order applies, and the checkpoint or weights it names."""
+
+    kind: str                       # "own" | "resume" | "init" | "scratch"
+    uri: str | None = None
+
+    def describe(self) -> str:
+        return {"own": f"this run's checkpoint {self.uri}", "resume": f"--resume {self.uri}",
+                "init": f"--init {self.uri}", "scratch": "scratch"}[self.kind]
+
+
+def resume_point(run_uri: str, resume: str | None, init: str | None) -> ResumePoint:
+    own = latest(run_uri)
+    if own:
+        return ResumePoint("own", own)
+    if resume:
+        return ResumePoint("resume", resume)
+    if init:
+        return ResumePoint("init", init)
+    return ResumePoint("scratch")
+
+
+def check_resume(uri: str, model_cfg: ViTConfig) -> dict:
+    """Validate `--resume` before any worker starts -> its train_state.json."""
+    try:
+        doc = read_state(uri)
+    except (storage.StorageError, OSError, ValueError) as err:
+        raise CheckpointError(f"--resume {uri}: not a training checkpoint ({_first(err)}); "
+                              f"to start from its weights use --init") from None
+    if not is_complete(uri):
+        raise CheckpointError(f"--resume {uri}: the checkpoint is incomplete (files missing or "
+                              f"truncated); pick an earlier step")
+    check_architecture(doc["config"]["model"], model_cfg, f"--resume {uri}")
+    return doc
+
+
+def check_init(uri: str, model_cfg: ViTConfig) -> None:
+    """Validate `--init` before any worker starts: the weights load into this architecture."""
+    init_model(ViT(model_cfg), uri)
+
+
+def check_architecture(ckpt_cfg: dict, run_cfg: ViTConfig, where: str) -> None:
+    """A resumed run must have the checkpoint's architecture (runtime fields may differ)."""
+    theirs = {k: v for k, v in ckpt_cfg.items() if k not in RUNTIME_FIELDS}
+    ours = {k: v for k, v in run_cfg.to_dict().items() if k not in RUNTIME_FIELDS}
+    diff = sorted(k for k in ours if theirs.get(k) != ours[k])
+    if diff:
+        pairs = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs run {ours[k]!r}" for k in diff)
+        raise CheckpointError(f"{where}: the checkpoint's model does not match this run's "
+                              f"({pairs}); use --init to start from its weights instead")
+
+
+def init_model(model: ViT, uri: str) -> None:
+    """--init: weights of any format `load_vit` reads; the body is loaded, the heads are
+    this run's fresh ones (the checkpoint's may have another number of classes), and the
+    position embedding is resampled to this run's resolution."""
+    cfg = model.cfg
+    src = load_vit(uri, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                   hidden_size=cfg.hidden_size, depth=cfg.depth, mlp_dim=cfg.mlp_dim,
+                   num_heads=cfg.num_heads)
+    body = {k: v for k, v in src.state_dict().items()
+            if not k.startswith(("head.", "pre_logits."))}
+    own = model.state_dict()
+    missing = [k for k in own if not k.startswith(("head.", "pre_logits.")) and k not in body]
+    if missing:
+        raise CheckpointError(f"{uri}: cannot initialise from it, missing {missing[:5]}")
+    own.update(body)
+    model.load_state_dict(own, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Completeness and "latest"
+# ---------------------------------------------------------------------------------------------
+def read_state(uri: str) -> dict:
+    doc = json.loads(storage.read_bytes(storage.join(uri, STATE_FILE)))
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{STATE_FILE} is not of format {FORMAT!r}")
+    return doc
+
+
+def _listing(uri: str) -> dict[str, int]:
+    """{relative path: size} of every file under `uri` (one recursive listing)."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise storage.StorageError(f"cannot list {uri}: {_first(err)}") from None
+    root = root.rstrip("/") + "/"
+    return {i.path[len(root):]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def is_complete(uri: str, files: dict[str, int] | None = None) -> bool:
+    """Every file of the checkpoint at `uri` is there with its full size. `files`: a listing
+    of `uri` taken already ({relative path: size})."""
+    files = _listing(uri) if files is None else files
+    if STATE_FILE not in files or METADATA_FILE not in files:
+        return False
+    try:
+        doc = read_state(uri)
+        metadata = read_dcp_metadata(uri)
+    except (storage.StorageError, OSError, ValueError, pickle.UnpicklingError, EOFError):
+        return False
+    for name, size in doc.get("files", {}).items():
+        if files.get(name) != size:
+            return False
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name = f"{STATE_DIR}/{info.relative_path}"
+        needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    return all(files.get(name, -1) >= end for name, end in needed.items())
+
+
+def latest(run_uri: str) -> str | None:
+    """The newest complete checkpoint of a run, or None. Incomplete ones (an upload cut off
+    by a kill) are skipped with a warning."""
+    try:
+        files = _listing(run_uri)
+    except storage.StorageError:
+        return None
+    by_step: dict[str, dict[str, int]] = {}
+    for path, size in files.items():
+        top, _, rest = path.partition("/")
+        if top.startswith("step_") and rest:
+            by_step.setdefault(top, {})[rest] = size
+    for name in sorted(by_step, reverse=True):
+        uri = storage.join(run_uri, name)
+        if is_complete(uri, by_step[name]):
+            return uri
+        log.warning("skipping incomplete checkpoint %s (files missing or truncated)", uri)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# DCP without unpickling arbitrary objects
+# ---------------------------------------------------------------------------------------------
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP writes `.metadata` with pickle; admit only the classes that metadata is made of."""
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.metadata  # noqa: F401 - the classes below
+
+        ok = (module.startswith("torch.distributed.checkpoint.")
+              or (module == "torch" and (name == "Size" or
+                                         isinstance(getattr(torch, name, None), torch.dtype)))
+              or (module in ("torch._utils", "torch.serialization") and name == "_get_layout")
+              or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath"))
+              or (module == "collections" and name == "OrderedDict"))
+        if not ok:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's "
+                                         f"DCP metadata")
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(uri: str):
+    return _MetadataUnpickler(io.BytesIO(storage.read_bytes(storage.join(uri, METADATA_FILE)))
+                              ).load()
+
+
+def _reader(uri: str):
+    """A DCP reader over local or S3 storage (ranged reads of just the bytes each rank needs),
+    with the safe metadata unpickler."""
+    from fsspec.implementations.arrow import ArrowFSWrapper
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem
+
+    class Reader(FileSystemReader):
+        def __init__(self):
+            super().__init__("/nonexistent")        # replaced below: fs and path are ours
+            pa_fs, root = storage.filesystem(storage.join(uri, STATE_DIR))
+            self.fs = FileSystem()
+            self.fs.fs = ArrowFSWrapper(pa_fs)
+            self.path = root
+
+        def read_metadata(self, *args, **kwargs):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata = read_dcp_metadata(uri)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader()
+
+
+def _load_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        """Non-tensor values (optimizer hyperparameters) with `weights_only=True`."""
+
+        def load_bytes(self, read_item, value):
+            value.seek(0)
+            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    return Planner()
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading into a (wrapped) model
+# ---------------------------------------------------------------------------------------------
+def load(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer, model_cfg: ViTConfig,
+         where: str) -> dict:
+    """Load the sharded model and optimizer state of a training checkpoint into the wrapped
+    `model` and its `optimizer` (a collective: every worker calls it). -> train_state.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    try:
+        doc = read_state(uri)
+    except (storage.StorageError, OSError, ValueError) as err:
+        raise CheckpointError(f"{where}: not a training checkpoint ({_first(err)})") from None
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: written by another version of this pipeline (format "
+                              f"{doc.get('format_version')}); start from its weights with --init")
+    check_architecture(doc["config"]["model"], model_cfg, where)
+    state = _dcp_state(model, optimizer)
+    dcp.load(state, storage_reader=_reader(uri), planner=_load_planner())
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+class CheckpointWriter:
+    """Saves training checkpoints from every worker through `ray.train.report`.
+
+    `save` blocks for the gather of the ViT weights (to rank 0's host memory) and the staging
+    of this worker's shards; with `asynchronous` the writing and the upload run in Ray Train's
+    upload thread while training goes on, and the checkpoint is registered when every
+    worker's upload is done. Ray Train keeps the last `keep_checkpoints` registered ones."""
+
+    def __init__(self, rank: int, asynchronous: bool):
+        import torch.distributed as dist
+
+        self.rank, self.asynchronous = rank, asynchronous
+        self.pending = None          # the previous asynchronous DCP write
+        # DCP's own collectives (plans, metadata) run in a background thread: give them a
+        # process group of their own so they never interleave with the training's.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, vit_cfg: ViTConfig,
+             doc: dict, metrics: dict) -> None:
+        import ray.train
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        step = doc["step"]
+        # The ViT in our format, on rank 0: a collective gather of the unsharded weights.
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+        vit_state = {k[len("vit."):]: v for k, v in full.items() if k.startswith("vit.")}
+        local = Path(tempfile.mkdtemp(prefix=f"vit-ckpt-{step}-"))
+        writer = dcp.FileSystemWriter(str(local / STATE_DIR))
+        if self.pending is not None:     # one write at a time on the checkpoint group
+            self.pending.result()
+        state = _dcp_state(model, optimizer)
+        if self.asynchronous:
+            self.pending = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+            pending = self.pending
+        else:
+            dcp.save(state, storage_writer=writer, process_group=self.group)
+            pending = None
+        rank = self.rank
+
+        def write_and_upload(checkpoint, checkpoint_dir_name):
+            if pending is not None:
+                pending.result()
+            if rank == 0:
+                write_weights(vit_state, vit_cfg, local, {
+                    "step": step, "run_name": doc.get("run_name", ""),
+                    "mlflow_run_id": doc.get("run_id") or ""})
+                files = {n: (local / n).stat().st_size for n in (WEIGHTS_FILE, CONFIG_FILE)}
+                (local / STATE_FILE).write_text(json.dumps({**doc, "files": files}))
+            return ray.train.get_context().get_storage().persist_current_checkpoint(
+                checkpoint, checkpoint_dir_name)
+
+        mode = ray.train.CheckpointUploadMode
+        try:
+            ray.train.report({**metrics, "step": step},
+                             checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                             checkpoint_dir_name=dir_name(step),
+                             checkpoint_upload_mode=mode.ASYNC if self.asynchronous else
+                             mode.SYNC, checkpoint_upload_fn=write_and_upload,
+                             delete_local_checkpoint_after_upload=True)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        """Wait for the last asynchronous write (Ray waits for the uploads)."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+
+def write_local(directory: str | os.PathLike, model: nn.Module,
+                optimizer: torch.optim.Optimizer, vit_cfg: ViTConfig, doc: dict) -> None:
+    """Write a whole training checkpoint into a local directory from one process (no Ray,
+    no process group): for tools and tests. Training writes through `CheckpointWriter`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    directory = Path(directory)
+    dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(
+        str(directory / STATE_DIR)), no_dist=True)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    write_weights({k[len("vit."):]: v for k, v in full.items() if k.startswith("vit.")},
+                  vit_cfg, directory, {"step": doc["step"], "run_name": doc.get("run_name", ""),
+                                       "mlflow_run_id": doc.get("run_id") or ""})
+    files = {n: (directory / n).stat().st_size for n in (WEIGHTS_FILE, CONFIG_FILE)}
+    (directory / STATE_FILE).write_text(json.dumps({**doc, "files": files}))
+
+
+def new_state(step: int, samples_seen: int, data_position: dict | None, config: dict,
+              run_name: str, run_id: str | None, world_size: int, strategy: str) -> dict:
+    """The contents of train_state.json (`files` is added when the files are written)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+            "samples_seen": samples_seen, "data_position": data_position, "config": config,
+            "run_name": run_name, "run_id": run_id, "world_size": world_size,
+            "strategy": strategy}
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The data position a start continues from
+# ---------------------------------------------------------------------------------------------
+def same_data(doc: dict, cfg) -> bool:
+    """Whether a checkpoint's data position is a position in `cfg`'s training stream (the
+    same data, split, seed and synthetic size)."""
+    theirs = doc.get("config", {}).get("data", {})
+    ours = cfg.data
+    keys = ("source", "uri", "split", "synthetic_samples")
+    return all(theirs.get(k) == getattr(ours, k) for k in keys) and \
+        doc.get("config", {}).get("train", {}).get("seed") == cfg.train.seed
+
+
+def start_position(point: ResumePoint, cfg):
+    """The DataPosition a run starting at `point` reads from (empty: from the top)."""
+    from pipeline.data.source import DataPosition
+
+    if point.kind in ("own", "resume"):
+        doc = read_state(point.uri)
+        if same_data(doc, cfg) and doc.get("data_position") is not None:
+            return DataPosition.from_dict(doc["data_position"])
+    return DataPosition()
