@@ -2,6 +2,7 @@
 #
 #   make demo                  install, then the whole product end to end (jobs/demo.py)
 #   make test                  install everything (torch first), then lint and run the tests
+#   make test-fast             the same without the slow tests (Ray clusters, services): ~2 min
 #   make install               just the install
 #   make bench-model           our ViT against Hugging Face's, forward+backward images/s
 #
@@ -18,7 +19,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
 
-.PHONY: install test lint demo bench-model bench-data bench-train bench-vtab clean
+.PHONY: install test test-fast lint demo bench-model bench-data bench-train bench-vtab bench-checkpoint clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +38,9 @@ lint: install
 test: install lint
 	$(PY) -m pytest
 
+test-fast: install lint
+	$(PY) -m pytest -m "not slow"
+
 # The whole product on the embedded default (jobs/demo.py): a local stack (Ray head, S3
 # endpoint, MLflow server), demo shards, two pretraining runs and their VTAB evaluations
 # through `ray job submit`, the VTAB tables and a comparison of the runs.
@@ -54,6 +58,9 @@ bench-train: install
 
 bench-vtab: install
 	$(PY) bench/vtab.py
+
+bench-checkpoint: install
+	$(PY) bench/checkpoint.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -94,14 +94,17 @@ def main() -> int:
                     help="seconds of training between checkpoints (default 20)")
     args = ap.parse_args()
 
+    import logging
+    import socket
+
     import boto3
     import ray
     from moto.server import ThreadedMotoServer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import free_port
-
-    port = free_port()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # one line per request otherwise
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",

@@ -1,6 +1,6 @@
 """VTAB-1k task data, local or on S3, in either of two layouts:
 
-- the PyTorch VTAB-1k folder layout (../shared/docs/vtab.md §5):
+- the PyTorch VTAB-1k folder layout (as NOAH / SSF / FacT ship it):
       <root>/<task>/{train800,val200,train800val200,test}.txt  ("images/<split>/<i>.jpg <label>")
       <root>/<task>/images/<split>/<i>.jpg
 - shards written by `jobs/make_shards.py vtab <root>/<task> <dst>/<task>`:

@@ -1,4 +1,4 @@
-"""Fine-tuning one VTAB-1k task: plain PyTorch, no Ray (../shared/docs/vtab.md §2).
+"""Fine-tuning one VTAB-1k task: plain PyTorch, no Ray (ViT paper App. B.1.1).
 
 The ViT recipe (App. B.1.1, Table 4): remove the whole pre-training head and attach one
 zero-initialised linear layer; resample the position embedding to the fine-tuning resolution;

@@ -25,7 +25,7 @@ SUMMARY_ROWS = (("natural", "Natural"), ("specialized", "Specialized"),
 
 
 def choices(cfg) -> list[str]:
-    """The protocol decisions of ../shared/docs/vtab.md §6, as this run made them."""
+    """The protocol decisions the paper leaves open, as this run made them."""
     lrs = ", ".join(f"{lr:g}" for lr in cfg.lrs)
     return [
         f"resolution {cfg.resolution} px for every task (ViT; not BiT's task-specific sizes, "

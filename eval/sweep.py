@@ -1,4 +1,4 @@
-"""The VTAB-1k protocol on Ray Tune (../shared/docs/vtab.md §2, §6).
+"""The VTAB-1k protocol on Ray Tune (ViT paper App. B.1.1).
 
     1. selection  one trial per (task, learning rate): fine-tune on train800, score val200;
     2. choice     `vit`: the one learning rate best on average over the tasks (the paper's

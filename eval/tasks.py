@@ -1,4 +1,4 @@
-"""The 19 VTAB-1k tasks as one table (../shared/docs/vtab.md §1, §2.2, §3.1).
+"""The 19 VTAB-1k tasks as one table (Zhai et al. 2019; BiT Supp. F; ViT Table 9).
 
 Each row: the task's folder name in the VTAB-1k on-disk layout, its group, its number of
 classes, the size of its `test` split, and BiT Supp. F's augmentation exceptions (no random

@@ -1,4 +1,4 @@
-"""Evaluate a ViT checkpoint on VTAB-1k with Ray Tune (../shared/docs/vtab.md).
+"""Evaluate a ViT checkpoint on VTAB-1k with Ray Tune (Zhai et al. 2019; ViT paper App. B.1.1).
 
     python eval/vtab.py --checkpoint ~/vit-runs/demo/step_00000150 --data /data/vtab-1k
     ray job submit --working-dir . -- python eval/vtab.py --checkpoint s3://bucket/ckpt \\

@@ -1,4 +1,4 @@
-"""Pretrain a ViT on Ray Train, as the paper defines it (../shared/docs/vit.md).
+"""Pretrain a ViT on Ray Train, as the paper defines it (Dosovitskiy et al., ICLR 2021).
 
     python jobs/pretrain.py --preset smoke                       # local Ray, CPU, ~1 minute
     ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_i21k \\

@@ -1,4 +1,4 @@
-"""Model FLOPs and accelerator peaks, for MFU (../shared/docs/perf.md §2)."""
+"""Model FLOPs and accelerator peaks, for MFU (PaLM, Chowdhery et al. 2022, App. B)."""
 
 from __future__ import annotations
 

@@ -116,6 +116,34 @@ def stop_process_group(proc, timeout: float = 20) -> None:
     proc.wait()
 
 
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and all its descendants at once (a driver and the Ray it started:
+    raylet, GCS, workers), as a lost machine would. -> the pids killed."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in os.listdir("/proc"):
+        if not stat.isdigit():
+            continue
+        try:
+            with open(f"/proc/{stat}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head --block` on free ports, in its own process group, with token auth

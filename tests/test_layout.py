@@ -1,4 +1,4 @@
-"""The import rules of ../shared/docs/style.md: jobs -> eval -> pipeline, never backwards;
+"""The import rules of the codebase: jobs -> eval -> pipeline, never backwards;
 Ray stays at the edges; nobody writes `import eval` (it shadows the builtin)."""
 
 from __future__ import annotations

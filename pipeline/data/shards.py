@@ -125,7 +125,7 @@ def read_vtab_list(list_file: Path, root: Path, num_classes: int | None = None
 
 def vtab_folder(root: str | Path, num_classes: int | None = None) -> Source:
     """One VTAB-1k task folder (`<task>/{train800,val200,train800val200,test}.txt` +
-    `images/<split>/<i>.jpg`, ../shared/docs/vtab.md §5), keeping its splits."""
+    `images/<split>/<i>.jpg`, as NOAH and SSF ship it), keeping its splits."""
     root = Path(root)
     lists = {s: root / f"{s}.txt" for s in VTAB_SPLITS if (root / f"{s}.txt").exists()}
     if not lists:

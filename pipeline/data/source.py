@@ -18,7 +18,7 @@ sample came from: with the manifest it identifies the sample).
 
 We read tars with our own reader instead of `ray.data.read_webdataset` so that one corrupt
 image or a truncated tar is skipped and counted (or raised, naming shard and key) instead of
-failing the read task (../shared/docs/ray.md §1.6).
+failing the read task.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def storage_root(cfg: PretrainConfig) -> str:
 def ray_storage(root: str):
     """(storage_path, storage_filesystem) for Ray Train's RunConfig."""
     if storage.is_s3(root):
-        fs, path = storage.filesystem(root)   # explicit endpoint: see ../shared/docs/ray.md §1.4
+        fs, path = storage.filesystem(root)   # explicit endpoint (apache/arrow#49643)
         return path, fs
     Path(root).mkdir(parents=True, exist_ok=True)
     return root, None
@@ -192,6 +192,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     spec = WorkerSpec(cfg=cfg, run_uri=run_uri, resume=resume, init=init, run_id=run_id,
                       tracking_uri=tracking_uri, stream=stream, status=run_status(),
                       health=health, probe=probe)
+    _warn_if_no_cpu_for_data(cfg)
     trainer = make_trainer(cfg, spec, factory, root)
     try:
         result = trainer.fit()
@@ -272,6 +273,19 @@ def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+
+
+def _warn_if_no_cpu_for_data(cfg: PretrainConfig) -> None:
+    """Workers that take every CPU leave none for the Ray Data tasks that feed them: the run
+    would wait for data forever. (A warning: an autoscaling cluster may still grow.)"""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    taken = cfg.scale.num_workers * cfg.scale.cpus_per_worker
+    if cpus - taken < min(cfg.data.num_cpus_per_read, 1.0):
+        log.warning("the %d workers take %.1f of the cluster's %.1f CPUs, leaving none for "
+                    "the data tasks; the run waits until the cluster grows (lower "
+                    "--cpus-per-worker, or add CPUs)", cfg.scale.num_workers, taken, cpus)
 
 
 def _data_config(cfg: PretrainConfig):

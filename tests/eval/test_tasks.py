@@ -1,4 +1,4 @@
-"""The VTAB-1k task table against ../shared/docs/vtab.md."""
+"""The VTAB-1k task table against the VTAB-1k definitions (Zhai et al. 2019)."""
 
 import pytest
 

@@ -59,15 +59,21 @@ import sys, ray
 sys.path.insert(0, {str(ROOT)!r})
 from ray.cluster_utils import Cluster
 from pipeline.train.config import apply_overrides, smoke
-from pipeline.train.run import pretrain
+from pipeline.train.run import PretrainError, pretrain
 cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2))
 cluster.add_node(num_cpus=2)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address)
 try:
-    cfg = apply_overrides(smoke(), ["run.name=two-nodes", "run.storage={tmp_path / 'runs'}",
-                                    "scale.num_workers=2", "scale.placement_strategy=STRICT_SPREAD",
-                                    "train.total_steps=30", "train.fewshot_every=0"])
+    sets = ["run.name=two-nodes", "run.storage={tmp_path / 'runs'}", "scale.num_workers=2",
+            "scale.placement_strategy=STRICT_SPREAD", "train.total_steps=30",
+            "train.fewshot_every=0"]
+    try:  # a node-local folder on two nodes: refused before anything starts
+        pretrain(apply_overrides(smoke(), sets), tracking_uri="sqlite:///{tmp_path}/m.db")
+    except PretrainError as err:
+        print("REFUSED", err)
+    # This test's "nodes" share one disk, as nodes mounting NFS do.
+    cfg = apply_overrides(smoke(), sets + ["run.shared_storage=true"])
     out = pretrain(cfg, tracking_uri="sqlite:///{tmp_path}/m.db")
     nodes = {{a["node_id"] for a in ray.util.state.list_actors(
         filters=[("class_name", "=", "RayTrainWorker")], limit=100)}}
@@ -80,5 +86,32 @@ finally:
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    refused = [ln for ln in out.stdout.splitlines() if ln.startswith("REFUSED")]
+    assert len(refused) == 1 and "use --storage s3://bucket/prefix" in refused[0], out.stdout
+    assert "2 nodes" in refused[0]
     result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
     assert result == ["RESULT 30 2"], out.stdout[-2000:]
+
+
+def test_bad_init_and_resume_fail_on_the_driver_with_one_line(tmp_path):
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    not_training = tmp_path / "model"
+    from pipeline.checkpoint import save_vit
+    from pipeline.model import ViT
+    from pipeline.train.config import smoke
+
+    save_vit(ViT(smoke().model), not_training)        # weights, but no training state
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    env.pop("RAY_ADDRESS", None)
+    for flag, path, says in (("--init", bad, "weights.safetensors"),
+                             ("--resume", not_training, "not a training checkpoint")):
+        out = subprocess.run([sys.executable, "jobs/pretrain.py", "--preset", "smoke",
+                              "--storage", str(tmp_path / "runs"), flag, str(path)], env=env,
+                             capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert out.returncode == 2, out.stderr[-3000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and says in last, last
+        assert "Traceback" not in out.stderr and "RayTrainWorker" not in out.stderr
+        assert not (tmp_path / "runs" / "smoke").exists(), "nothing started"

@@ -1,4 +1,4 @@
-"""FLOP counts against the published (timm fvcore) figures in ../shared/docs/perf.md."""
+"""FLOP counts against the published (timm fvcore) figures (timm's model tables)."""
 
 import pytest
 

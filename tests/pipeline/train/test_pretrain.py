@@ -103,7 +103,7 @@ def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
 
 def _kill_a_worker_after_a_checkpoint(run_dir: Path, killed: list, stop: threading.Event):
     # Ray's controller collects a reported checkpoint on its next poll (2 s); a kill before
-    # that loses it (../shared/docs/ray.md §3, catch 1). Wait for the second checkpoint and
+    # that loses it (Ray's own test_elastic_e2e.py notes it). Wait for the second checkpoint and
     # one poll, so that the first is registered and the resume point is known to be >= 10.
     while not stop.is_set():
         if (run_dir / "step_00000020" / "train_state.json").exists():
