@@ -19,7 +19,7 @@ def s3_server():
     """A real S3 endpoint over HTTP: moto's server on 127.0.0.1 (as Ray's own tests use)."""
     import logging
 
-    from moto.server import ThreadedMotoServer
+    ThreadedMotoServer = pytest.importorskip("moto.server").ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     port = free_port()
@@ -66,7 +66,7 @@ def ray_local(s3_server):
     2 Train workers and the data tasks fit); shut down, with all its processes, at the end.
     Its workers get the S3 test endpoint through the standard AWS variables, as the nodes of
     a cluster get theirs: every process resolves storage from its own environment."""
-    import ray
+    ray = pytest.importorskip("ray")     # GPU machines run the plain-PyTorch tests without it
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,

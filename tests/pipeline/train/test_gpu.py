@@ -42,3 +42,12 @@ def test_fsdp_run_on_one_gpu(ray_local, tmp_path):
     from pipeline.checkpoint import load_vit
 
     assert load_vit(out.checkpoint).cfg == cfg.model
+
+
+def test_fsdp2_bf16_mixed_precision_on_one_gpu_matches_the_plain_step():
+    """FSDP2 with the bf16 policy (bf16 parameters and compute, fp32 reductions and master
+    weights) against the plain module under bf16 autocast: the same losses to bf16 rounding."""
+    from tests.pipeline.train.test_units import _fsdp_one_process
+
+    for plain, sharded in _fsdp_one_process("cuda", torch.bfloat16):
+        assert sharded == pytest.approx(plain, rel=2e-2)

@@ -315,3 +315,38 @@ def test_compiled_blocks_keep_their_names_and_checkpoint_loads(tmp_path):
     x, _ = batch(2)
     model.eval()
     torch.testing.assert_close(loaded(x), model.vit(x))
+
+
+def _fsdp_one_process(device: str, amp):
+    """FSDP2 over a world of one (a process group of its own), against the plain module, on
+    the same batches: the wrapping, the first-token path and the sharded optimizer."""
+    import torch.distributed as dist
+
+    from pipeline.train.parallel import wrap
+
+    cfg = apply_overrides(smoke(), ["train.total_steps=20"])
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    plain = Pretrainer(ViT(cfg.model), "softmax").to(dev)
+    torch.manual_seed(0)
+    sharded = Pretrainer(ViT(cfg.model), "softmax")
+    try:
+        sharded = wrap(sharded, sharded.vit.blocks, "fsdp", dev, amp)
+        assert type(sharded.vit.blocks[0].norm1.weight).__name__ == "DTensor"
+        opts = [make_optimizer(m, decay_names(m), cfg, dev) for m in (plain, sharded)]
+        losses = []
+        for step in range(3):
+            x, y = batch(step)
+            losses.append([train_step(m, o, [(x.to(dev), y.to(dev))], 1e-3, 1.0, amp)[0].item()
+                           for m, o in zip((plain, sharded), opts, strict=True)])
+        features = sharded(x.to(dev))               # the probe's path, through the wrapper
+        assert features.shape == (16, cfg.model.hidden_size)
+        return losses
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_fsdp2_in_one_process_matches_the_plain_module():
+    for plain, sharded in _fsdp_one_process("cpu", None):
+        assert sharded == pytest.approx(plain, rel=1e-5)
