@@ -171,7 +171,7 @@ def _read_shards(root, task: Task, split: str) -> Encoded:
     images, labels = [], []
     for name in names:
         try:
-            with fs.open_input_stream(f"{base.rstrip('/')}/{name}") as stream:
+            with storage.open_read(fs, f"{base.rstrip('/')}/{name}") as stream:
                 for sample in iter_samples(stream, name, policy, task.num_classes):
                     images.append(sample.image)
                     labels.append(sample.label)

@@ -17,10 +17,12 @@ re-reads storage.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -276,7 +278,8 @@ def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
                 name=phase, storage_path=path, storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 callbacks=[progress_callback(phase, len(combos))], verbose=0))
-    grid = tuner.fit()
+    with quiet_tune():
+        grid = tuner.fit()
     records = []
     for result in grid:
         conf = result.config["trial"]
@@ -291,6 +294,26 @@ def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
                         "finished_at": metrics.get("timestamp"),
                         "trial_id": metrics.get("trial_id")})
     return records
+
+
+@contextlib.contextmanager
+def quiet_tune():
+    """Tune's own terminal output (the boxed experiment tables, the TensorBoard hint, the
+    "wrote the experiment state" lines) says nothing our one line per finished trial and the
+    heartbeat do not; keep it off the user's terminal. Tune reads the variable per call."""
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"         # the legacy reporter: silent at verbose=0
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    tune_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        tune_log.setLevel(level)
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
 
 
 def progress_callback(phase: str, total: int):

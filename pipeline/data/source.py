@@ -373,7 +373,7 @@ class ShardReader:
     def _samples(self, name: str, policy: BadDataPolicy, expected: int):
         path = f"{self.root}/{name}"
         try:
-            stream = self.fs.open_input_stream(path)
+            stream = storage.open_read(self.fs, path)
         except (FileNotFoundError, OSError) as err:
             if "not found" in str(err).lower() or "no such" in str(err).lower() or isinstance(
                     err, FileNotFoundError):
@@ -508,7 +508,7 @@ def load_probe(uri: str, split: str, image_size: int, max_images: int, seed: int
     policy = BadDataPolicy(strict=False)
     for entry in manifest["splits"][split]["shards"]:
         try:
-            stream = fs.open_input_stream(f"{root.rstrip('/')}/{entry['name']}")
+            stream = storage.open_read(fs, f"{root.rstrip('/')}/{entry['name']}")
         except (FileNotFoundError, OSError):
             continue
         with stream:

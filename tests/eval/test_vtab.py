@@ -77,6 +77,10 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
                    {"MLFLOW_TRACKING_URI": mlflow_server.uri})
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
+    # One line per finished trial and a heartbeat; none of Tune's boxes or hints.
+    for noise in ("Configuration for experiment", "╭", "tensorboard --logdir",
+                  "Wrote the latest version"):
+        assert noise not in log, noise
     report = json.loads((tmp_path / "evals" / "e2e" / "vtab.json").read_text())
 
     # Selection: 3 tasks x 2 rates on val200, then 3 tasks x 2 seeds on test.
