@@ -5,8 +5,10 @@
     python jobs/make_shards.py synthetic - runs/demo-shards --num-samples 2048 --num-classes 10
 
 DST is a local folder or s3://bucket/prefix (any S3 endpoint through AWS_ENDPOINT_URL).
-Re-running the same command resumes an interrupted write: identical shards already at DST
-are kept; the manifest is written last.
+Every image is decoded while writing: a file that is not a decodable image is skipped, logged
+with its path and listed in the manifest (--strict: an error naming it). Re-running the same
+command resumes an interrupted write: identical shards already at DST are kept; the manifest
+is written last.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def parse_args(argv=None):
     ap.add_argument("--val-fraction", type=float, default=0.1,
                     help="synthetic: fraction written as the 'val' split (default: 0.1)")
     ap.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes that decode and verify images (default: every core)")
+    ap.add_argument("--strict", action="store_true",
+                    help="stop at the first file that is not a decodable image (or has a label "
+                         "out of range), naming it; default: skip it, log it and list it in "
+                         "the manifest")
     return ap.parse_args(argv)
 
 
@@ -64,12 +72,15 @@ def main(argv=None) -> int:
         options = shards.ShardOptions(shard_size_mb=args.shard_size_mb,
                                       resize_short=args.resize_short,
                                       shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
-        manifest = shards.write_shards(source, args.dst, options)
+        manifest = shards.write_shards(source, args.dst, options, workers=args.workers,
+                                       strict=args.strict)
     except (shards.DatasetError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for split, info in manifest["splits"].items():
-        print(f"  {split:<16} {info['num_samples']:>9} samples in {len(info['shards'])} shards")
+        skipped = f", {info['num_skipped']} skipped" if info.get("num_skipped") else ""
+        print(f"  {split:<16} {info['num_samples']:>9} samples in {len(info['shards'])} shards"
+              f"{skipped}")
     print(f"  classes: {manifest['num_classes']}")
     return 0
 

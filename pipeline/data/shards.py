@@ -60,10 +60,14 @@ class Source:
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
-def _file_loader(path: Path) -> Callable[[], tuple[bytes, str]]:
-    def load():
-        return path.read_bytes(), IMAGE_EXTS.get(path.suffix.lower(), "jpg")
-    return load
+@dataclass(frozen=True)
+class FileLoader:
+    """Loads one image file (a picklable callable: the writer's worker processes call it)."""
+
+    path: Path
+
+    def __call__(self) -> tuple[bytes, str]:
+        return self.path.read_bytes(), IMAGE_EXTS.get(self.path.suffix.lower(), "jpg")
 
 
 def image_folder(root: str | Path, split: str = "train") -> Source:
@@ -79,7 +83,7 @@ def image_folder(root: str | Path, split: str = "train") -> Source:
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):
             if path.suffix.lower() in IMAGE_EXTS:
-                refs.append(SampleRef(key="", label=label, load=_file_loader(path),
+                refs.append(SampleRef(key="", label=label, load=FileLoader(path),
                                       extra={"path": f"{name}/{path.name}", "class": name}))
     if not refs:
         raise DatasetError(f"{root}: no .jpg/.jpeg/.png images in the class subfolders")
@@ -136,7 +140,7 @@ def vtab_folder(root: str | Path, num_classes: int | None = None) -> Source:
         refs = []
         for rel, path, label in read_vtab_list(list_file, root, num_classes):
             top = max(top, label)
-            refs.append(SampleRef(key="", label=label, load=_file_loader(path),
+            refs.append(SampleRef(key="", label=label, load=FileLoader(path),
                                   extra={"path": rel}))
         splits[split] = refs
     k = num_classes if num_classes is not None else top + 1
@@ -149,27 +153,11 @@ def synthetic(num_samples: int = 1024, num_classes: int = 10, image_size: int = 
     """Procedural images whose labels are learnable: each class has its own hue and the
     orientation and frequency of a sinusoidal grating; phase, brightness and noise vary per
     image. Real JPEGs, so decoding costs what it costs on real data."""
-    def loader(index: int, label: int):
-        def load():
-            rng = np.random.default_rng([seed, index])
-            yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
-            angle = np.pi * ((label * 7) % num_classes) / num_classes
-            freq = 2 + 3 * (label % 3)
-            wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle))
-                          + rng.uniform(0, 2 * np.pi))
-            colour = 0.15 + 0.6 * np.array(_hue_rgb(label / num_classes))
-            img = colour + 0.15 * wave[..., None] + rng.uniform(-0.05, 0.05)
-            img = img + rng.normal(0, 0.03, img.shape)
-            arr = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-            return buf.getvalue(), "jpg"
-        return load
-
     rng = random.Random(seed)
     labels = [i % num_classes for i in range(num_samples)]
     rng.shuffle(labels)
-    refs = [SampleRef("", lab, loader(i, lab), {"index": i}) for i, lab in enumerate(labels)]
+    refs = [SampleRef("", lab, SyntheticLoader(seed, i, lab, num_classes, image_size),
+                      {"index": i}) for i, lab in enumerate(labels)]
     n_val = int(round(num_samples * val_fraction))
     splits = {"train": refs[n_val:]}
     if n_val:
@@ -177,6 +165,33 @@ def synthetic(num_samples: int = 1024, num_classes: int = 10, image_size: int = 
     info = dict(num_samples=num_samples, num_classes=num_classes, image_size=image_size,
                 seed=seed)
     return Source("synthetic", [f"class_{i}" for i in range(num_classes)], splits, info)
+
+
+@dataclass(frozen=True)
+class SyntheticLoader:
+    """One procedural image of `synthetic` (picklable, like `FileLoader`)."""
+
+    seed: int
+    index: int
+    label: int
+    num_classes: int
+    image_size: int
+
+    def __call__(self) -> tuple[bytes, str]:
+        size, label, num_classes = self.image_size, self.label, self.num_classes
+        rng = np.random.default_rng([self.seed, self.index])
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        angle = np.pi * ((label * 7) % num_classes) / num_classes
+        freq = 2 + 3 * (label % 3)
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle))
+                      + rng.uniform(0, 2 * np.pi))
+        colour = 0.15 + 0.6 * np.array(_hue_rgb(label / num_classes))
+        img = colour + 0.15 * wave[..., None] + rng.uniform(-0.05, 0.05)
+        img = img + rng.normal(0, 0.03, img.shape)
+        arr = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+        return buf.getvalue(), "jpg"
 
 
 def _hue_rgb(h: float) -> tuple[float, float, float]:
@@ -217,95 +232,159 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-class Progress:
-    """One self-updating line: samples, shards, MB written/uploaded, rate."""
+def prepare(ref: SampleRef, num_classes: int, resize_short: int | None, jpeg_quality: int
+            ) -> tuple[bytes, str] | str:
+    """Load one sample and prove it is usable: the label in range and the image decoded in
+    full (a truncated or corrupt file fails here, not in a training job weeks later).
+    -> (bytes, extension), or the reason it is not usable."""
+    if not 0 <= ref.label < num_classes:
+        return f"label {ref.label} outside [0, {num_classes})"
+    try:
+        data, ext = ref.load()
+    except OSError as err:
+        return f"unreadable ({type(err).__name__}: {str(err)[:80]})"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as err:  # noqa: BLE001 - whatever PIL raises, the file is not an image
+        return f"not a decodable image ({type(err).__name__}: {str(err)[:80]})"
+    if resize_short:
+        data, ext = _resize_short(data, ext, resize_short, jpeg_quality)
+    return data, ext
 
-    def __init__(self, total: int, label: str, stream=None):
-        import sys
 
-        self.total, self.label, self.done, self.mb = total, label, 0, 0.0
-        self.stream = stream or sys.stderr
-        self.start = self.last = time.monotonic()
-        self.tty = self.stream.isatty()
+def _prepare_chunk(args) -> list:
+    refs, num_classes, resize_short, quality = args
+    return [prepare(r, num_classes, resize_short, quality) for r in refs]
 
-    def update(self, samples: int = 0, mb: float = 0.0, note: str = "") -> None:
-        self.done += samples
-        self.mb += mb
-        now = time.monotonic()
-        if now - self.last < (0.2 if self.tty else 5.0) and self.done < self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        pct = 100 * self.done / max(self.total, 1)
-        line = (f"{self.label}: {self.done}/{self.total} samples ({pct:5.1f}%), "
-                f"{self.mb:.1f} MB, {rate:.0f} samples/s {note}")
-        self.stream.write(("\r" + line) if self.tty else line + "\n")
-        self.stream.flush()
 
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+def _prepared(refs: list[SampleRef], num_classes: int, options: ShardOptions, workers: int):
+    """`prepare` over `refs`, in order; in `workers` processes when there is enough work.
+    Decoding every image (and resizing) is the expensive part of writing shards."""
+    args = (num_classes, options.resize_short, options.jpeg_quality)
+    if workers <= 1 or len(refs) < 256:
+        for ref in refs:
+            yield prepare(ref, *args)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunk = 32
+    chunks = [(refs[i:i + chunk], *args) for i in range(0, len(refs), chunk)]
+    # spawn: the caller may have threads (an S3 client, Ray), which fork does not survive.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for results in pool.map(_prepare_chunk, chunks):
+            yield from results
 
 
 def write_shards(source: Source, dst: str, options: ShardOptions = ShardOptions(),
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, workers: int | None = None,
+                 strict: bool = False) -> dict:
     """Write every split of `source` as shards under `dst`, then the manifest; returns it.
 
-    Re-running with the same source and options resumes: identical shards already at `dst`
-    are kept, missing or different ones are written.
+    Every image is decoded while writing; a file that is not a decodable image, or whose label
+    is out of range, is skipped, logged with its path and listed in the manifest
+    (`num_skipped`, `skipped`), and with `strict` it is an error naming the file. The
+    manifest's counts are the samples written. `workers` processes decode in parallel
+    (default: every core). Re-running with the same source and options resumes: identical
+    shards already at `dst` are kept, missing or different ones are written.
     """
+    import sys
+
+    from tqdm import tqdm
+
     dst = str(dst).rstrip("/")
     if storage.is_s3(dst):
         storage.check_bucket(dst)
+    workers = workers or os.cpu_count() or 1
     target_bytes = int(options.shard_size_mb * 1e6)
+    num_classes = len(source.classes)
     manifest = {"format": "webdataset", "version": 1, "created_by": "jobs/make_shards.py",
                 "source": {"kind": source.kind, **source.info},
                 "options": {"shard_size_mb": options.shard_size_mb,
                             "resize_short": options.resize_short,
                             "shuffle_seed": options.shuffle_seed},
-                "classes": source.classes, "num_classes": len(source.classes), "splits": {}}
+                "classes": source.classes, "num_classes": num_classes, "splits": {}}
     kept = written = 0
+    start = time.monotonic()
+    total = 0
     for split, refs in source.splits.items():
         refs = list(refs)
         if options.shuffle_seed is not None:
             random.Random(f"{options.shuffle_seed}-{split}").shuffle(refs)
-        progress = Progress(len(refs), f"{split} -> {dst}")
-        shards: list[dict] = []
+        skipped: list[dict] = []
+        bar = tqdm(total=len(refs), desc=f"{split} -> {dst}", unit="img", file=sys.stderr,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
         with tempfile.TemporaryDirectory() as tmp:
-            writer = None
-            for i, ref in enumerate(refs):
-                if writer is None:
-                    name = f"{split}-{len(shards):06d}.tar"
-                    local = Path(tmp) / name
-                    writer = _open_tar(local)
-                    count = size = 0
-                data, ext = ref.load()
-                if options.resize_short:
-                    data, ext = _resize_short(data, ext, options.resize_short,
-                                              options.jpeg_quality)
-                key = f"{split}_{i:08d}"
-                extra = {**ref.extra, "label": ref.label}
-                meta = json.dumps(extra, sort_keys=True).encode()
-                writer.write({"__key__": key, ext: data, "cls": ref.label, "json": meta})
-                count += 1
-                size += len(data) + len(meta) + 3 * 1024  # tar headers and padding
-                progress.update(1)
-                if size >= target_bytes or i == len(refs) - 1:
-                    writer.close()
-                    entry, fresh = _publish(local, dst, name, count)
-                    shards.append(entry)
-                    written, kept = written + fresh, kept + (not fresh)
-                    progress.update(0, entry["bytes"] / 1e6, f"[{len(shards)} shards]")
-                    local.unlink()
-                    writer = None
-        progress.close()
-        manifest["splits"][split] = {"num_samples": len(refs), "shards": shards}
+            out = _SplitWriter(split, dst, Path(tmp), target_bytes)
+            for i, (ref, result) in enumerate(zip(refs, _prepared(refs, num_classes, options,
+                                                                    workers), strict=True)):
+                bar.update(1)
+                if isinstance(result, str):
+                    where = ref.extra.get("path") or ref.key or f"{split}[{i}]"
+                    if strict:
+                        bar.close()
+                        raise DatasetError(f"{where}: {result}; remove or fix the file (or "
+                                           f"write without --strict to skip it)")
+                    with tqdm.external_write_mode(file=sys.stderr):  # not through the bar
+                        log(f"skipping {where}: {result}")
+                    skipped.append({"path": where, "reason": result})
+                    continue
+                data, ext = result
+                meta = json.dumps({**ref.extra, "label": ref.label}, sort_keys=True).encode()
+                out.add({"__key__": f"{split}_{i:08d}", ext: data, "cls": ref.label,
+                         "json": meta}, len(data) + len(meta))
+                bar.set_postfix(shards=len(out.shards), refresh=False)
+            out.finish()
+        bar.close()
+        shards = out.shards
+        written, kept = written + out.written, kept + out.kept
+        n = sum(e["samples"] for e in shards)
+        total += n
+        manifest["splits"][split] = {"num_samples": n, "num_skipped": len(skipped),
+                                     "skipped": skipped[:1000], "shards": shards}
     # The manifest goes last: a reader never sees a half-written dataset.
     storage.write_bytes(storage.join(dst, MANIFEST),
                         json.dumps(manifest, indent=1, sort_keys=True).encode())
-    log(f"wrote {written} shard(s), kept {kept} identical shard(s) already at {dst}; "
-        f"manifest: {storage.join(dst, MANIFEST)}")
+    elapsed = time.monotonic() - start
+    skipped_all = sum(v["num_skipped"] for v in manifest["splits"].values())
+    log(f"wrote {written} shard(s), kept {kept} identical shard(s) already at {dst}: {total} "
+        f"images in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.0f} images/s, {workers} "
+        f"process(es)); skipped {skipped_all}; manifest: {storage.join(dst, MANIFEST)}")
     return manifest
+
+
+class _SplitWriter:
+    """Packs the samples of one split into shards of about `target_bytes`, each published
+    (uploaded, or kept when identical) as soon as it is full."""
+
+    def __init__(self, split: str, dst: str, tmp: Path, target_bytes: int):
+        self.split, self.dst, self.tmp, self.target = split, dst, tmp, target_bytes
+        self.shards: list[dict] = []
+        self.written = self.kept = 0
+        self.writer = None
+
+    def add(self, sample: dict, nbytes: int) -> None:
+        if self.writer is None:
+            self.name = f"{self.split}-{len(self.shards):06d}.tar"
+            self.local = self.tmp / self.name
+            self.writer = _open_tar(self.local)
+            self.count = self.size = 0
+        self.writer.write(sample)
+        self.count += 1
+        self.size += nbytes + 3 * 1024  # tar headers and padding
+        if self.size >= self.target:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        entry, fresh = _publish(self.local, self.dst, self.name, self.count)
+        self.shards.append(entry)
+        self.written, self.kept = self.written + fresh, self.kept + (not fresh)
+        self.local.unlink()
+        self.writer = None
 
 
 def _open_tar(path: Path):

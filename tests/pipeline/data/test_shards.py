@@ -162,7 +162,8 @@ def test_cli_to_s3_and_errors(s3, tmp_path):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "train" in out.stdout and "58 samples" in out.stdout
-    assert "samples/s" in out.stderr, "progress is shown"
+    assert "img/s" in out.stderr, "progress is shown"
+    assert "images/s" in out.stdout, "throughput is reported"
     assert "testing-secret" not in out.stdout + out.stderr
     assert shards.read_manifest(f"s3://{s3}/demo")["num_classes"] == 4
 
@@ -176,3 +177,58 @@ def test_cli_to_s3_and_errors(s3, tmp_path):
                               env=env, capture_output=True, text=True, timeout=60)
     assert nobucket.returncode == 2 and "bucket 'no-such-bucket-x' does not exist" in \
         nobucket.stderr
+
+
+def _folder_with_bad_files(root):
+    src = image_folder(root, per_class=4)
+    good = (src / "cat" / "img.0.jpg").read_bytes()
+    (src / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 20)
+    (src / "dog" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (src / "emu" / "notes.png").write_text("this is text, not a PNG")
+    return src
+
+
+def test_undecodable_files_are_skipped_logged_and_counted(tmp_path, capsys):
+    from jobs.make_shards import main as make_shards
+
+    src = _folder_with_bad_files(tmp_path / "src")
+    assert make_shards(["folder", str(src), str(tmp_path / "out"), "--shard-size-mb",
+                        "0.01"]) == 0
+    out = capsys.readouterr()
+    manifest = shards.read_manifest(str(tmp_path / "out"))
+    train = manifest["splits"]["train"]
+    assert train["num_samples"] == 12 and train["num_skipped"] == 3
+    assert sum(s["samples"] for s in train["shards"]) == 12
+    assert sorted(x["path"] for x in train["skipped"]) == [
+        "cat/corrupt.jpg", "dog/truncated.jpg", "emu/notes.png"]
+    assert all("not a decodable image" in x["reason"] for x in train["skipped"])
+    for path in ("cat/corrupt.jpg", "dog/truncated.jpg", "emu/notes.png"):
+        assert f"skipping {path}" in out.out
+    assert "12 samples in" in out.out and "3 skipped" in out.out
+    samples = read_back(tmp_path / "out", manifest, "train")
+    assert len(samples) == 12
+    for s in samples:                                   # every sample is a whole image
+        Image.open(io.BytesIO(s["jpg"])).load()
+    assert not {json.loads(s["json"])["path"] for s in samples} & {
+        "cat/corrupt.jpg", "dog/truncated.jpg", "emu/notes.png"}
+
+
+def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path, capsys):
+    from jobs.make_shards import main as make_shards
+
+    src = _folder_with_bad_files(tmp_path / "src")
+    assert make_shards(["folder", str(src), str(tmp_path / "out"), "--strict",
+                        "--no-shuffle"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: cat/corrupt.jpg: not a decodable image") and "--strict" in err
+    assert not (tmp_path / "out" / shards.MANIFEST).exists()
+
+
+def test_parallel_writing_gives_the_same_shards(tmp_path):
+    src = shards.synthetic(num_samples=300, num_classes=5, image_size=24, val_fraction=0)
+    opts = ShardOptions(shard_size_mb=0.1)
+    serial = write_shards(src, str(tmp_path / "one"), opts, workers=1)
+    parallel = write_shards(src, str(tmp_path / "two"), opts, workers=2)
+    assert [s["sha256"] for s in serial["splits"]["train"]["shards"]] == [
+        s["sha256"] for s in parallel["splits"]["train"]["shards"]]
+    assert parallel["splits"]["train"]["num_samples"] == 300
