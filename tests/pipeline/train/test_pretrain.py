@@ -1,15 +1,10 @@
 """Pretraining end to end on a local Ray cluster: 2 CPU workers over gloo, shards and
-checkpoints on the S3 test endpoint, a real MLflow server; resume, a SIGKILLed worker, a
-non-finite loss, the effective global batch."""
+checkpoints on the S3 test endpoint, a real MLflow server; resume, a non-finite loss, the
+effective global batch. (Killed workers and drivers: test_restarts.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -99,47 +94,6 @@ def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
                      resume=first.checkpoint, tracking_uri=mlflow_server.uri)
     assert third.run_id != first.run_id and third.step == 25
     assert history(client, third.run_id, "train/start_step") == [(20, 20.0)]
-
-
-def _kill_a_worker_after_a_checkpoint(run_dir: Path, killed: list, stop: threading.Event):
-    # Ray's controller collects a reported checkpoint on its next poll (2 s); a kill before
-    # that loses it (Ray's own test_elastic_e2e.py notes it). Wait for the second checkpoint and
-    # one poll, so that the first is registered and the resume point is known to be >= 10.
-    while not stop.is_set():
-        if (run_dir / "step_00000020" / "train_state.json").exists():
-            time.sleep(2.5)
-            pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
-                                  text=True).stdout.split()
-            if pids:
-                os.kill(int(pids[-1]), signal.SIGKILL)
-                killed.append(int(pids[-1]))
-                return
-        time.sleep(0.2)
-
-
-@pytest.mark.mlflow
-def test_sigkilled_worker_is_replaced_and_the_run_finishes(ray_local, mlflow_server, tmp_path):
-    cfg = cfg_for(tmp_path, "killed", "scale.num_workers=2", "model.hidden_size=128",
-                  "model.depth=4", "model.mlp_dim=512", "model.image_size=64",
-                  "train.global_batch_size=128", "train.total_steps=60",
-                  "train.checkpoint_every=10", "train.log_every=5", "train.fewshot_every=0",
-                  "train.max_failures=2")
-    killed, stop = [], threading.Event()
-    killer = threading.Thread(target=_kill_a_worker_after_a_checkpoint,
-                              args=(tmp_path / "runs" / "killed", killed, stop), daemon=True)
-    killer.start()
-    try:
-        out = pretrain(cfg, tracking_uri=mlflow_server.uri)
-    finally:
-        stop.set()
-        killer.join()
-    assert killed, "a worker was killed"
-    assert out.step == 60
-    starts = history(MlflowClient(mlflow_server.uri), out.run_id, "train/start_step")
-    assert len(starts) == 2 and starts[0] == (0, 0.0) and starts[1][1] >= 10, \
-        f"restarted from a checkpoint, not from scratch: {starts}"
-    state = json.loads((Path(out.checkpoint) / "train_state.json").read_text())
-    assert state["step"] == 60
 
 
 def test_non_finite_loss_stops_with_the_step(ray_local, tmp_path):
