@@ -363,11 +363,7 @@ class CheckpointWriter:
             if pending is not None:
                 pending.result()
             if rank == 0:
-                write_weights(vit_state, vit_cfg, local, {
-                    "step": step, "run_name": doc.get("run_name", ""),
-                    "mlflow_run_id": doc.get("run_id") or ""})
-                files = {n: (local / n).stat().st_size for n in (WEIGHTS_FILE, CONFIG_FILE)}
-                (local / STATE_FILE).write_text(json.dumps({**doc, "files": files}))
+                _write_model_and_state(local, vit_state, vit_cfg, doc)
             return ray.train.get_context().get_storage().persist_current_checkpoint(
                 checkpoint, checkpoint_dir_name)
 
@@ -401,9 +397,17 @@ def write_local(directory: str | os.PathLike, model: nn.Module,
     dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(
         str(directory / STATE_DIR)), no_dist=True)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    write_weights({k[len("vit."):]: v for k, v in full.items() if k.startswith("vit.")},
-                  vit_cfg, directory, {"step": doc["step"], "run_name": doc.get("run_name", ""),
-                                       "mlflow_run_id": doc.get("run_id") or ""})
+    _write_model_and_state(directory, {k[len("vit."):]: v for k, v in full.items()
+                                       if k.startswith("vit.")}, vit_cfg, doc)
+
+
+def _write_model_and_state(directory: Path, vit_state: dict, vit_cfg: ViTConfig,
+                           doc: dict) -> None:
+    """Rank 0's files: the ViT in our model format, then train_state.json, which lists their
+    sizes and so goes last."""
+    write_weights(vit_state, vit_cfg, directory, {
+        "step": doc["step"], "run_name": doc.get("run_name", ""),
+        "mlflow_run_id": doc.get("run_id") or ""})
     files = {n: (directory / n).stat().st_size for n in (WEIGHTS_FILE, CONFIG_FILE)}
     (directory / STATE_FILE).write_text(json.dumps({**doc, "files": files}))
 
