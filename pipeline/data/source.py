@@ -8,10 +8,21 @@ has consumed; a resumed run reads only the rest of the plan, so it trains on eve
 each epoch once, although what the workers had trained on at the checkpoint was not a prefix
 of the stream (they split it and shuffle locally).
 
-Ray Data reads the shards in parallel tasks (one per shard; a generator that streams the tar,
-decodes, augments and yields blocks of `block_rows` rows), and Ray Train's `DataConfig` splits
-the stream across workers, so the workers see disjoint parts of each epoch. On the worker,
-`iter_torch_batches` prefetches and mixes samples in a local shuffle buffer (`batches`).
+Ray Data reads the shards in a bounded number of long-lived read tasks ("slots"). The plan
+is never listed: a read is a number, `epoch * num_shards + position`, and a read task turns
+it into a shard itself from (seed, epoch, position). A small actor (`ReadDealer`) hands the
+numbers out in plan order to whichever task is free, so the reads in flight are always the
+next few of the plan, on any cluster size; it remembers which numbers went to which slot, so
+a retried or re-executed task reads exactly what it read before (Ray replays generator
+outputs by index, so they must not change). Each read streams the tar, decodes, augments and
+yields blocks of `block_rows` rows. With `preserve_order` the slots instead take contiguous
+runs of the plan, fixed in advance, so the stream is the plan in order. Why: Ray Data spends
+about a millisecond of driver time per input block and per task, so one block per read made
+a 90-epoch x 5,000-shard plan minutes of start-up (`bench/data.py --plan`).
+
+Ray Train's `DataConfig` splits the stream across workers, so the workers see disjoint parts
+of each epoch. On the worker, `iter_torch_batches` prefetches and mixes samples in a local
+shuffle buffer (`batches`).
 
 Rows: `image` uint8 (S, S, 3), `label` int64, `epoch`, `shard`, `index` int32 (where the
 sample came from: with the manifest it identifies the sample).
@@ -23,11 +34,13 @@ failing the read task.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
 import random
 import uuid
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -56,6 +69,8 @@ class InputConfig:
     prefetch_batches: int = 2
     block_rows: int = 64            # rows per block a read task yields
     num_cpus_per_read: float = 1.0
+    read_tasks: int = 0             # long-lived read tasks (0: twice what the CPUs run at once)
+    preserve_order: bool = False    # the stream in plan order (with Ray Data's preserve_order)
 
     def __post_init__(self):
         if self.block_rows <= 0:
@@ -157,6 +172,10 @@ class StreamPlan:
     def order(self, epoch: int) -> list[int]:
         """Shard indices of the epoch, in reading order."""
         return list(_order(len(self.sizes), self.seed, epoch))
+
+    def shard_at(self, epoch: int, position: int) -> int:
+        """The shard read at `position` of the epoch's order."""
+        return _order(len(self.sizes), self.seed, epoch)[position]
 
     def rank(self, epoch: int, shard: int) -> int:
         """The position of `shard` in the epoch's order."""
@@ -325,14 +344,85 @@ def epochs_for(manifest: dict, split: str, samples: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Reading (runs inside Ray Data tasks)
 # ---------------------------------------------------------------------------------------------
-class ShardReader:
-    """Ray Data UDF: a batch of reads (`StreamPlan.reads` items with the shard's `name`) ->
-    blocks of decoded, augmented rows. The sample indices in a read's `skip` were trained on
-    before a resume: they are read past (a tar streams in order) but not decoded or yielded."""
+def read_dealer(first: int, stop: int):
+    """The actor that hands out the read numbers [first, stop) in plan order (see the module
+    docstring), pinned to this node: it lives as long as the dataset that holds its handle."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def __init__(self, fs, root: str, cfg: InputConfig, num_classes: int, health=None):
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(ReadDealer).options(scheduling_strategy=here).remote(
+        first, stop)
+
+
+class ReadDealer:
+    """Read numbers in plan order, each to one slot, and the same ones again to a slot that
+    starts over (a retried task, or the dataset executed again): `deal(slot, n)` is the n-th
+    read number of `slot`, -1 when the plan is exhausted. Memory: 8 bytes per read dealt."""
+
+    def __init__(self, first: int, stop: int):
+        self.next, self.stop = first, stop
+        self.dealt: dict[int, array] = {}
+
+    def deal(self, slot: int, n: int) -> int:
+        mine = self.dealt.setdefault(slot, array("q"))
+        if n < len(mine):
+            return mine[n]
+        if self.next >= self.stop:
+            return -1
+        mine.append(self.next)
+        self.next += 1
+        return mine[-1]
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What the read tasks read: the plan numbers [first, stop) (number = epoch * num_shards
+    + position) of `plan`, minus what `start` marks consumed, split over `slots` tasks: dealt
+    by `dealer`, or with none, contiguous runs (`preserve_order`)."""
+
+    plan: StreamPlan
+    names: tuple[str, ...]
+    start: DataPosition
+    stop: int
+    slots: int
+    dealer: object = None
+
+    @property
+    def first(self) -> int:
+        return self.start.epoch * len(self.plan.sizes) + self.start.position
+
+    def numbers(self, slot: int) -> Iterator[int]:
+        if self.dealer is None:
+            per = -(-(self.stop - self.first) // self.slots)
+            yield from range(self.first + slot * per,
+                             min(self.first + (slot + 1) * per, self.stop))
+            return
+        import ray
+
+        n = 0
+        while (number := ray.get(self.dealer.deal.remote(slot, n))) >= 0:
+            yield number
+            n += 1
+
+    def read(self, number: int) -> tuple[int, int, frozenset[int]] | None:
+        """-> (epoch, shard, sample indices to skip), or None for a read with nothing left."""
+        epoch, position = divmod(number, len(self.plan.sizes))
+        shard = self.plan.shard_at(epoch, position)
+        if not self.plan.sizes[shard] or (epoch, shard) in self.start.done:
+            return None
+        return epoch, shard, frozenset(self.start.partial.get((epoch, shard), ()))
+
+
+class ShardReader:
+    """Ray Data UDF: a read task's slot number -> blocks of decoded, augmented rows of the
+    reads `Reads.numbers(slot)` gives it. Sample indices a read must skip were trained on
+    before a resume: they are read past (a tar streams in order) but not decoded."""
+
+    def __init__(self, fs, root: str, cfg: InputConfig, num_classes: int, reads: Reads,
+                 health=None):
         self.fs, self.root, self.cfg = fs, root.rstrip("/"), cfg
-        self.num_classes, self.health = num_classes, health
+        self.num_classes, self.reads, self.health = num_classes, reads, health
 
     def _report(self, problem: Problem) -> None:
         if self.health is not None:  # fire and forget: reporting never slows the read
@@ -343,37 +433,36 @@ class ShardReader:
         cfg = self.cfg
         policy = BadDataPolicy(cfg.strict, self._report)
         rows = _empty_rows()
-        skips = batch.get("skip", [()] * len(batch["name"]))  # no `skip`: a read from the top
-        for epoch, shard, name, expected, skip in zip(batch["epoch"], batch["shard"],
-                                                      batch["name"], batch["samples"], skips,
-                                                      strict=True):
-            # An Arrow list column arrives as an object array per row (empty: dtype object).
-            skip = frozenset(np.asarray(skip, np.int64).tolist())
-            for sample in self._samples(name, policy, int(expected)):
-                if sample.index in skip:
+        for slot in batch["id"]:
+            for number in self.reads.numbers(int(slot)):
+                if (read := self.reads.read(number)) is None:
                     continue
-                rng = np.random.default_rng([cfg.seed, int(epoch), int(shard), sample.index])
-                try:
-                    image = decode_and_augment(sample.image, cfg.augment, rng)
-                except Exception as err:  # noqa: BLE001 - any decoder failure is bad data
-                    policy(Problem(name, sample.key, f"corrupt image ({type(err).__name__}: "
-                                                     f"{str(err)[:60]})"))
-                    continue
-                rows["image"].append(image)
-                rows["label"].append(sample.label)
-                rows["epoch"].append(epoch)
-                rows["shard"].append(shard)
-                rows["index"].append(sample.index)
-                if len(rows["image"]) >= cfg.block_rows:
-                    yield _to_block(rows)
-                    rows = _empty_rows()
+                epoch, shard, skip = read
+                name = self.reads.names[shard]
+                for sample in self._samples(name, policy, self.reads.plan.sizes[shard]):
+                    if sample.index in skip:
+                        continue
+                    rng = np.random.default_rng([cfg.seed, epoch, shard, sample.index])
+                    try:
+                        image = decode_and_augment(sample.image, cfg.augment, rng)
+                    except Exception as err:  # noqa: BLE001 - any decoder failure is bad data
+                        policy(Problem(name, sample.key, f"corrupt image ({type(err).__name__}"
+                                                         f": {str(err)[:60]})"))
+                        continue
+                    rows["image"].append(image)
+                    rows["label"].append(sample.label)
+                    rows["epoch"].append(epoch)
+                    rows["shard"].append(shard)
+                    rows["index"].append(sample.index)
+                    if len(rows["image"]) >= cfg.block_rows:
+                        yield _to_block(rows)
+                        rows = _empty_rows()
         if rows["image"]:
             yield _to_block(rows)
 
     def _samples(self, name: str, policy: BadDataPolicy, expected: int):
-        path = f"{self.root}/{name}"
         try:
-            stream = storage.open_read(self.fs, path)
+            stream = open_shard(self.fs, self.root, name)
         except (FileNotFoundError, OSError) as err:
             if "not found" in str(err).lower() or "no such" in str(err).lower() or isinstance(
                     err, FileNotFoundError):
@@ -383,6 +472,16 @@ class ShardReader:
             raise
         with stream:
             yield from iter_samples(stream, name, policy, self.num_classes, expected)
+
+
+def open_shard(fs, root: str, name: str):
+    """A buffered stream of a manifest's shard. Its name is relative to the dataset root, or
+    a full path or URI: an index of shards stored elsewhere (`jobs/make_shards.py index`)."""
+    if "://" in name or name.startswith("/"):
+        fs, path = storage.filesystem(name)
+    else:
+        path = f"{root.rstrip('/')}/{name}"
+    return storage.open_read(fs, path)
 
 
 def _empty_rows() -> dict:
@@ -397,6 +496,20 @@ def _to_block(rows: dict) -> dict:
             "index": np.asarray(rows["index"], dtype=np.int32)}
 
 
+def read_slots(reads: int, read_tasks: int = 0, cpus_per_read: float = 1.0) -> int:
+    """How many read tasks: `cfg.read_tasks`, else twice the tasks the cluster's CPUs run at
+    once (room for an autoscaler to add nodes; a slot that starts after the plan is dealt
+    ends at once), never more than the reads (a slot with no read would still be a task)."""
+    import ray
+
+    if read_tasks:
+        slots = read_tasks
+    else:
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        slots = min(max(int(2 * cpus / max(cpus_per_read, 0.05)), 4), 4096)
+    return max(1, min(slots, reads))
+
+
 def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None = None,
                   health_name: str | None = None, manifest: dict | None = None):
     """-> (ray.data.Dataset of the training stream, manifest, data-health actor handle).
@@ -405,7 +518,7 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
     cfg.seed)` minus what `start` (a resumed run's position) has consumed. Keep the handle
     for as long as the data is read: the actor goes when its last handle does. Train workers
     can also find it by name (`health_name`). Pass `manifest` when the caller has read it
-    already."""
+    already. Driver cost: independent of the plan's length (one task per slot)."""
     import ray
 
     # Ray Data reserves a share of the CPUs per operator; on a pipeline that is one map, that
@@ -417,14 +530,17 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
     ctx.target_max_block_size = cfg.block_rows * 3 * cfg.augment.size**2 + (1 << 16)
     manifest = manifest or read_manifest(cfg.uri)
     plan = StreamPlan.from_manifest(manifest, cfg.split, cfg.seed)
-    names = [s["name"] for s in manifest["splits"][cfg.split]["shards"]]
-    items = [{**r, "name": names[r["shard"]]}
-             for r in plan.reads(start or DataPosition(), num_epochs)]
+    start = start or DataPosition()
+    names = tuple(s["name"] for s in manifest["splits"][cfg.split]["shards"])
+    reads = Reads(plan, names, start, stop=max(num_epochs * len(names), 0), slots=1)
+    slots = read_slots(max(reads.stop - reads.first, 0), cfg.read_tasks, cfg.num_cpus_per_read)
+    dealer = None if cfg.preserve_order else read_dealer(reads.first, reads.stop)
+    reads = dataclasses.replace(reads, slots=slots, dealer=dealer)
     fs, root = storage.filesystem(cfg.uri)
     health = data_health(health_name or f"data-health-{uuid.uuid4().hex[:12]}")
-    reader = ShardReader(fs, root, cfg, manifest["num_classes"], health)
-    # No items (the position is past the last epoch): an empty stream; Ray wants a block.
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    reader = ShardReader(fs, root, cfg, manifest["num_classes"], reads, health)
+    # One row per slot, one block per row: each becomes one long-lived read task.
+    ds = ray.data.range(slots, override_num_blocks=slots)
     ds = ds.map_batches(reader, batch_size=1, num_cpus=cfg.num_cpus_per_read,
                         batch_format="numpy")
     return ds, manifest, health
@@ -433,11 +549,13 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
 def synthetic_rows(ids: np.ndarray, num_samples: int, num_classes: int, image_size: int,
                    learnable: bool = True) -> dict:
     """Rows of the synthetic source for global sample ids (epoch * num_samples + index).
-    `learnable`: the red channel of each image encodes its label, so the loss can fall."""
+    `learnable`: the red channel of each image encodes its label, so the loss can fall. A
+    sample's pixels depend on its id only, not on how the stream is cut into blocks."""
     n = len(ids)
     labels = (ids % num_samples) % num_classes
-    rng = np.random.default_rng(int(ids[0]) if n else 0)
-    images = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+    images = np.empty((n, image_size, image_size, 3), np.uint8)
+    for row, i in enumerate(ids.tolist()):
+        images[row] = np.random.default_rng(i).integers(0, 256, images.shape[1:], np.uint8)
     if learnable:
         shade = (labels * (192 // max(num_classes - 1, 1))).astype(np.int32)   # 0..192
         images[..., 0] = (images[..., 0] // 4 + shade[:, None, None]).astype(np.uint8)
@@ -457,6 +575,8 @@ def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int =
     not consumed, in order."""
     import ray
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.target_max_block_size = block_rows * 3 * image_size**2 + (1 << 16)  # as shard_dataset
     # The ids left, as [lo, hi) runs of global ids: a partly consumed epoch leaves few runs
     # (its holes and the tail), so the id list itself is never materialised.
     runs = []
@@ -477,7 +597,9 @@ def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int =
         return synthetic_rows(lo[run] + row - begin[run], num_samples, num_classes, image_size,
                               learnable)
 
-    ds = ray.data.range(total, override_num_blocks=max(1, total // block_rows))
+    # A bounded number of read tasks, each making its run of ids block by block: Ray Data's
+    # driver cost grows with the number of input blocks, not with their size.
+    ds = ray.data.range(total, override_num_blocks=read_slots(max(1, total // block_rows)))
     return ds.map_batches(make, batch_size=block_rows, batch_format="numpy")
 
 
@@ -508,7 +630,7 @@ def load_probe(uri: str, split: str, image_size: int, max_images: int, seed: int
     policy = BadDataPolicy(strict=False)
     for entry in manifest["splits"][split]["shards"]:
         try:
-            stream = storage.open_read(fs, f"{root.rstrip('/')}/{entry['name']}")
+            stream = open_shard(fs, root, entry["name"])
         except (FileNotFoundError, OSError):
             continue
         with stream:

@@ -101,7 +101,8 @@ class TrainData:
                                                                            m.image_size),
                                  seed=cfg.train.seed, strict=d.strict,
                                  shuffle_buffer=d.shuffle_buffer, block_rows=d.block_rows,
-                                 num_cpus_per_read=d.num_cpus_per_read)
+                                 num_cpus_per_read=d.num_cpus_per_read,
+                                 preserve_order=d.preserve_order)
         epochs = source.epochs_for(self.manifest, d.split, needed)
         ds, _, _ = source.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
                                         manifest=self.manifest)

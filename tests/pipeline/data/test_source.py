@@ -19,6 +19,7 @@ from pipeline.data.source import (
     COLUMNS,
     DataPosition,
     InputConfig,
+    ReadDealer,
     StreamPlan,
     iter_batches,
     shard_dataset,
@@ -373,6 +374,77 @@ def test_synthetic_source_resumes_at_a_position(ray_local):
     assert len(keys) == len(set(keys)) and set(keys) == expected
     assert all(r["label"] == r["index"] % 4 and r["shard"] == 0 for r in rows)
     assert len(synthetic_dataset(30, 4, 8, 1, start=DataPosition(1, 0)).take_all()) == 0
+
+
+def test_the_dealer_hands_out_reads_in_order_and_replays_a_slot_that_starts_over():
+    dealer = ReadDealer(first=5, stop=10)
+    assert [dealer.deal(0, 0), dealer.deal(1, 0), dealer.deal(0, 1)] == [5, 6, 7]
+    # Slot 0's task is retried (or the dataset runs again): the same reads, in its order,
+    # then new ones; a read is never dealt to two slots.
+    assert [dealer.deal(0, 0), dealer.deal(0, 1), dealer.deal(0, 2)] == [5, 7, 8]
+    assert [dealer.deal(1, 1), dealer.deal(2, 0), dealer.deal(1, 2)] == [9, -1, -1]
+    assert dealer.deal(1, 0) == 6, "what was dealt stays replayable after the end"
+
+
+def one_sample_shards(root: Path, count: int) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    return [str(write_tar(root / f"s{i}.tar", [{"__key__": f"k{i}", "jpg": jpeg_bytes(i),
+                                                "cls": b"0"}])) for i in range(count)]
+
+
+@pytest.mark.ray
+def test_a_plan_of_90_epochs_of_5000_shards_is_never_listed(ray_local, tmp_path):
+    """ImageNet-21k-sized plan (the shards named by absolute path, ten real files reused):
+    the stream starts with the first reads of epoch 0 in plan order, computed by the read
+    tasks. (Listing the plan as Ray Data blocks took minutes here: bench/data.py --plan.)"""
+    paths = one_sample_shards(tmp_path / "s", 10)
+    num_shards, epochs = 5000, 90
+    manifest = {"format": "webdataset", "num_classes": 1, "classes": ["x"], "splits": {
+        "train": {"num_samples": num_shards, "shards": [
+            {"name": paths[i % 10], "samples": 1} for i in range(num_shards)]}}}
+    cfg = InputConfig(uri=str(tmp_path / "elsewhere"), augment=Augment("resize", 16), seed=3,
+                      read_tasks=4, block_rows=1)
+    ds, _, _ = shard_dataset(cfg, num_epochs=epochs, manifest=manifest)
+    rows = ds.take(12)
+    order = StreamPlan((1,) * num_shards, seed=3).order(0)
+    got = sorted((int(r["epoch"]), int(r["shard"])) for r in rows)
+    # Four slots take reads in plan order: the first 12 rows come from the first 12 + 4
+    # reads (a slot may still be on its read when the others have moved on).
+    assert {e for e, _ in got} == {0}
+    assert {s for _, s in got} <= set(order[:16]) and len(set(got)) == 12
+    # Every row is the file its shard names (the index says which sample; labels intact).
+    assert all(r["label"] == 0 and r["index"] == 0 for r in rows)
+
+
+@pytest.mark.ray
+def test_a_stream_run_twice_is_the_same_stream(ray_local, tmp_path):
+    """Ray Data executes a dataset again (a second iteration, a retried task): the dealer
+    replays each slot's reads, so every sample comes once, with the same augmentation."""
+    src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
+    write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.01))
+    cfg = InputConfig(uri=str(tmp_path), augment=Augment("inception", 16), read_tasks=3)
+    ds, _, _ = shard_dataset(cfg, num_epochs=2)
+    first = {(r["epoch"], r["shard"], r["index"]): r["image"].tobytes() for r in ds.take_all()}
+    again = ds.take_all()
+    assert len(first) == len(again) == 80
+    assert {(r["epoch"], r["shard"], r["index"]): r["image"].tobytes() for r in again} == first
+
+
+@pytest.mark.ray
+def test_preserve_order_streams_the_plan_in_order(ray_local, tmp_path):
+    src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
+    manifest = write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.01))
+    num_shards = len(manifest["splits"]["train"]["shards"])
+    assert num_shards >= 4
+    cfg = InputConfig(uri=str(tmp_path), augment=Augment("resize", 16), read_tasks=3,
+                      preserve_order=True)
+    ds, _, _ = shard_dataset(cfg, num_epochs=2)
+    ds.context.execution_options.preserve_order = True
+    rows = [(int(r["epoch"]), int(r["shard"]), int(r["index"])) for r in ds.iter_rows()]
+    plan = StreamPlan.from_manifest(manifest, "train", 0)
+    expected = [(r["epoch"], r["shard"], i) for r in plan.reads(DataPosition(), 2)
+                for i in range(r["samples"])]
+    assert rows == expected
 
 
 # ---- storage errors: one clear line each ----------------------------------------------------
