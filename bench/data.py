@@ -1,24 +1,32 @@
-"""Input pipeline throughput: Ray Data over WebDataset shards, against a plain webdataset +
-torch DataLoader and against the raw decode+crop limit of one core.
+"""Input pipeline throughput: Ray Data over WebDataset shards on local disk and on "remote"
+S3, against a plain webdataset + torch DataLoader and against the raw decode+crop limit of
+one core. With --plan: what building the stream of a long run costs the driver.
 
-All three decode the same real JPEGs from the same shards and make the same 224-px
-Inception-style random-resized crops + flips (`pipeline.data.transforms`), as uint8 batches.
+All decode the same real JPEGs from the same shards and make the same 224-px Inception-style
+random-resized crops + flips (`pipeline.data.transforms`), as uint8 batches.
 
   raw        one process, samples already in memory: decode + crop in a tight loop
   dataloader webdataset.WebDataset(shards) -> DataLoader(num_workers=N), batches of B
-  ray        pipeline.data.source.shard_dataset -> iter_torch_batches(B), ray.init(num_cpus=N)
+  ray local  pipeline.data.source.shard_dataset -> iter_torch_batches(B), ray.init(num_cpus=N)
+  ray remote the same, the shards in an S3 bucket (moto's server) behind a proxy that adds
+             cloud-like latency and a per-connection bandwidth cap (infra/s3_proxy.py)
 
 Reported: images/s, images/s per core (N cores for the pipelines, 1 for raw), the ratios, and
-the time from building the pipeline to its first batch.
+the time from building the pipeline to its first batch. The S3 server and the proxy run on
+the same cores here (on a cluster they are elsewhere): remote pays for them twice.
 
     python bench/data.py                 # 2 cores, 2000 images of 320 px (written once)
-    python bench/data.py --cores 8 --images 8000
+    python bench/data.py --cores 8 --images 8000 --latency-ms 30 --mbps 100
+    python bench/data.py --plan          # 90 epochs x 5,000 shards: driver seconds to start
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import socket
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -88,7 +96,7 @@ def bench_dataloader(paths: list[str], cores: int, batch: int) -> tuple[float, f
     return n / (time.perf_counter() - t_first), first, n
 
 
-def bench_ray(root: Path, cores: int, batch: int) -> tuple[float, float, int]:
+def bench_ray(uri: str, cores: int, batch: int) -> tuple[float, float, int]:
     import ray
 
     from pipeline.data.source import InputConfig, shard_dataset
@@ -105,7 +113,7 @@ def bench_ray(root: Path, cores: int, batch: int) -> tuple[float, float, int]:
 
         ray.get([ray.remote(warm).remote() for _ in range(cores)])
         start = time.perf_counter()
-        cfg = InputConfig(uri=str(root), augment=AUG, block_rows=64)
+        cfg = InputConfig(uri=uri, augment=AUG, block_rows=64)
         ds, _, _ = shard_dataset(cfg, num_epochs=EPOCHS)
         n, first, t_first = 0, None, 0.0
         for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4):
@@ -119,35 +127,172 @@ def bench_ray(root: Path, cores: int, batch: int) -> tuple[float, float, int]:
         ray.shutdown()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 30.0) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError as err:
+            if getattr(err, "code", None):      # an HTTP error status: it is up
+                return
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class RemoteS3:
+    """moto's S3 server and the slow proxy in front of it, as subprocesses; the shards
+    uploaded. Sets the AWS variables for this process and the Ray workers it starts."""
+
+    def __init__(self, root: Path, latency_ms: float, mbps: float):
+        self.root, self.latency_ms, self.mbps = root, latency_ms, mbps
+
+    def __enter__(self) -> str:
+        import boto3
+
+        s3_port, proxy_port = free_port(), free_port()
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        self.procs = [subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        self.procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve().parents[1] / "infra/s3_proxy.py"),
+             "--upstream", f"http://127.0.0.1:{s3_port}", "--port", str(proxy_port),
+             "--latency-ms", str(self.latency_ms), "--mbps", str(self.mbps)],
+            env=env, stdout=subprocess.DEVNULL))
+        wait_for(f"http://127.0.0.1:{s3_port}")
+        wait_for(f"http://127.0.0.1:{proxy_port}")
+        os.environ.update({k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                               "AWS_DEFAULT_REGION")})
+        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{s3_port}"   # upload directly
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="bench")
+        for f in sorted(self.root.iterdir()):
+            client.upload_file(str(f), "bench", f"data/{f.name}")
+        os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy_port}"  # read slowly
+        return "s3://bench/data"
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.terminate()
+            p.wait(timeout=10)
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+def throughput(args) -> None:
+    root = Path(args.data) / f"{args.images}x{args.image_size}-2mb"
+    manifest = make_data(root, args.images, args.image_size)
+    paths = shard_paths(root, manifest)
+    print(f"{args.images} JPEGs of {args.image_size}px in {len(paths)} shards; "
+          f"{AUG.size}px inception crops + flip; batch {args.batch_size}; {args.cores} cores; "
+          f"remote S3: {args.latency_ms:g} ms per request, {args.mbps:g} MB/s per connection")
+
+    raw = bench_raw(paths, limit=min(args.images, 1000))
+    dl, dl_first, _ = bench_dataloader(paths, args.cores, args.batch_size)
+    local, local_first, _ = bench_ray(str(root), args.cores, args.batch_size)
+    with RemoteS3(root, args.latency_ms, args.mbps) as uri:
+        remote, remote_first, _ = bench_ray(uri, args.cores, args.batch_size)
+
+    rows = [("raw decode+crop (1 core)", raw, raw, None),
+            (f"webdataset + DataLoader ({args.cores} workers)", dl, dl / args.cores, dl_first),
+            (f"Ray Data, local files ({args.cores} CPUs)", local, local / args.cores,
+             local_first),
+            (f"Ray Data, remote S3 ({args.cores} CPUs)", remote, remote / args.cores,
+             remote_first)]
+    print(f"{'pipeline':<40}{'images/s':>10}{'per core':>10}{'first batch':>13}")
+    for name, total, per_core, first in rows:
+        first_s = f"{first:.2f} s" if first is not None else "-"
+        print(f"{name:<40}{total:>10.1f}{per_core:>10.1f}{first_s:>13}")
+    print(f"remote / local:              {remote / local:.3f}   (goal >= 0.9)")
+    print(f"Ray local / raw per core:    {local / args.cores / raw:.3f}   (goal >= 0.9)")
+    print(f"Ray local / DataLoader:      {local / dl:.3f}")
+    print(f"Ray time to first batch:     {local_first:.2f} s local, {remote_first:.2f} s remote")
+
+
+def plan_cost(args) -> None:
+    """Driver seconds from building the stream of `epochs` x `shards` reads to its first
+    row: today's reader (bounded read tasks that compute the plan) against the stream as it
+    was built before (the plan listed, one Ray Data block per read)."""
+    import ray
+
+    from pipeline.data.source import DataPosition, InputConfig, StreamPlan, shard_dataset
+    from pipeline.data.transforms import Augment
+
+    root = Path(args.data) / "plan-shards"
+    root.mkdir(parents=True, exist_ok=True)
+    src = shards.synthetic(num_samples=10, num_classes=2, image_size=32, val_fraction=0)
+    files = [str(root / f"s{i}.tar") for i in range(10)]
+    for i, f in enumerate(files):
+        if not Path(f).exists():
+            with tarfile.open(f, "w") as tar:
+                ref = src.splits["train"][i]
+                for suffix, data in (("jpg", ref.load()[0]), ("cls", b"%d" % ref.label)):
+                    info = tarfile.TarInfo(f"k{i}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    n, epochs = args.shards, args.epochs
+    manifest = {"format": "webdataset", "num_classes": 2, "classes": ["a", "b"], "splits": {
+        "train": {"num_samples": n, "shards": [{"name": files[i % 10], "samples": 1}
+                                               for i in range(n)]}}}
+    ray.init(address="local", num_cpus=args.cores, include_dashboard=False,
+             configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ray.get([ray.remote(lambda: None).remote() for _ in range(args.cores)])  # warm
+        start = time.perf_counter()
+        ds, _, _ = shard_dataset(InputConfig(uri=str(root), augment=Augment("resize", 32)),
+                                 epochs, manifest=manifest)
+        next(iter(ds.iter_rows()))
+        now = time.perf_counter() - start
+
+        base_epochs = max(1, round(epochs * args.baseline_fraction))
+        start = time.perf_counter()
+        items = StreamPlan.from_manifest(manifest, "train", 0).reads(DataPosition(),
+                                                                     base_epochs)
+        listed = time.perf_counter() - start
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        next(iter(ds.map_batches(lambda b: b, batch_size=1).iter_rows()))
+        before = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    scale = epochs / base_epochs
+    print(f"plan of {epochs} epochs x {n} shards = {epochs * n:,} reads, {args.cores} CPUs")
+    print(f"{'stream':<52}{'driver s to first row':>22}")
+    print(f"{'bounded read tasks, plan computed in them (now)':<52}{now:>22.2f}")
+    what = f"plan listed, one block per read ({base_epochs} epochs"
+    what += f", x{scale:g})" if scale != 1 else ")"
+    print(f"{what:<52}{before * scale:>22.2f}")
+    print(f"  of which listing the plan in Python: {listed * scale:.2f} s")
+    print(f"now: {now:.2f} s (goal < 5 s); {before * scale / now:.0f}x less than before")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--image-size", type=int, default=320)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--latency-ms", type=float, default=30.0, help="remote S3, per request")
+    ap.add_argument("--mbps", type=float, default=100.0, help="remote S3, MB/s per connection")
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "vit-bench-data"))
+    ap.add_argument("--plan", action="store_true", help="measure the cost of the plan instead")
+    ap.add_argument("--epochs", type=int, default=90, help="--plan: epochs")
+    ap.add_argument("--shards", type=int, default=5000, help="--plan: shards")
+    ap.add_argument("--baseline-fraction", type=float, default=0.1,
+                    help="--plan: build the old stream for this fraction of the epochs and "
+                         "scale linearly (1: all of it, minutes)")
     args = ap.parse_args()
-
-    root = Path(args.data) / f"{args.images}x{args.image_size}-2mb"
-    manifest = make_data(root, args.images, args.image_size)
-    paths = shard_paths(root, manifest)
-    print(f"{args.images} JPEGs of {args.image_size}px in {len(paths)} shards; "
-          f"{AUG.size}px inception crops + flip; batch {args.batch_size}; {args.cores} cores")
-
-    raw = bench_raw(paths, limit=min(args.images, 1000))
-    dl, dl_first, _ = bench_dataloader(paths, args.cores, args.batch_size)
-    rd, rd_first, _ = bench_ray(root, args.cores, args.batch_size)
-
-    rows = [("raw decode+crop (1 core)", raw, raw, None),
-            (f"webdataset + DataLoader ({args.cores} workers)", dl, dl / args.cores, dl_first),
-            (f"Ray Data pipeline ({args.cores} CPUs)", rd, rd / args.cores, rd_first)]
-    print(f"{'pipeline':<40}{'images/s':>10}{'per core':>10}{'first batch':>13}")
-    for name, total, per_core, first in rows:
-        first_s = f"{first:.2f} s" if first is not None else "-"
-        print(f"{name:<40}{total:>10.1f}{per_core:>10.1f}{first_s:>13}")
-    print(f"Ray / raw per core:        {rd / args.cores / raw:.3f}   (goal >= 0.9)")
-    print(f"Ray / DataLoader:          {rd / dl:.3f}   (goal >= 1.0)")
-    print(f"Ray time to first batch:   {rd_first:.2f} s (goal < 5 s)")
+    plan_cost(args) if args.plan else throughput(args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ S3 goes through boto3, which honours the standard AWS settings: `AWS_ENDPOINT_UR
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from pathlib import Path
 
 
@@ -166,6 +168,90 @@ READ_BUFFER_BYTES = 32 << 20
 def open_read(fs, path: str):
     """A buffered sequential reader over a whole file or object of `fs`."""
     return fs.open_input_stream(path, buffer_size=READ_BUFFER_BYTES)
+
+
+class ReadAhead:
+    """A sequential reader of a whole file or object that fetches its next chunk
+    (`READ_BUFFER_BYTES`, one ranged GET on S3) in a background thread while the caller
+    decodes the current one: per-request latency and transfer time hide behind the work,
+    where a plain buffered stream makes the caller wait for each chunk. The object is opened
+    in the thread too, so a reader can be started for the next shard before it is needed;
+    `wait_open()` raises what opening raised (FileNotFoundError for a missing object).
+    Memory: at most three chunks (one read, one queued, one being fetched)."""
+
+    def __init__(self, fs, path: str, chunk: int = READ_BUFFER_BYTES):
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._opened, self._stop = threading.Event(), threading.Event()
+        self._open_error: BaseException | None = None
+        self._buf, self._pos, self._eof = b"", 0, False
+        self._thread = threading.Thread(target=self._fetch, args=(fs, path, chunk),
+                                        daemon=True, name=f"read-ahead {path[-60:]}")
+        self._thread.start()
+
+    def _fetch(self, fs, path: str, chunk: int) -> None:
+        try:
+            f = fs.open_input_stream(path)
+        except BaseException as err:  # noqa: BLE001 - handed to the reader's thread
+            self._open_error = err
+            self._opened.set()
+            return
+        self._opened.set()
+        try:
+            with f:
+                while not self._stop.is_set():
+                    data = f.read(chunk)
+                    self._put(data)
+                    if not data:
+                        return
+        except BaseException as err:  # noqa: BLE001 - raised where the data is read
+            self._put(err)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def wait_open(self) -> ReadAhead:
+        self._opened.wait()
+        if self._open_error is not None:
+            raise self._open_error
+        return self
+
+    def read(self, n: int = -1) -> bytes:
+        self.wait_open()
+        parts, want = [], n if n >= 0 else float("inf")
+        while want > 0:
+            if self._pos >= len(self._buf):
+                if self._eof:
+                    break
+                item = self._queue.get()
+                if isinstance(item, BaseException):
+                    self._eof = True
+                    raise item
+                if not item:
+                    self._eof = True
+                    break
+                self._buf, self._pos = item, 0
+            take = self._buf[self._pos:self._pos + min(want, len(self._buf) - self._pos)]
+            self._pos += len(take)
+            want -= len(take)
+            parts.append(take)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._queue.empty():    # unblock the fetcher
+            self._queue.get_nowait()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def filesystem(uri: str):

@@ -69,7 +69,7 @@ class InputConfig:
     prefetch_batches: int = 2
     block_rows: int = 64            # rows per block a read task yields
     num_cpus_per_read: float = 1.0
-    read_tasks: int = 0             # long-lived read tasks (0: twice what the CPUs run at once)
+    read_tasks: int = 0             # long-lived read tasks (0: as many as the CPUs run)
     preserve_order: bool = False    # the stream in plan order (with Ray Data's preserve_order)
 
     def __post_init__(self):
@@ -434,12 +434,9 @@ class ShardReader:
         policy = BadDataPolicy(cfg.strict, self._report)
         rows = _empty_rows()
         for slot in batch["id"]:
-            for number in self.reads.numbers(int(slot)):
-                if (read := self.reads.read(number)) is None:
-                    continue
-                epoch, shard, skip = read
+            for epoch, shard, skip, stream in self._streams(int(slot)):
                 name = self.reads.names[shard]
-                for sample in self._samples(name, policy, self.reads.plan.sizes[shard]):
+                for sample in self._samples(name, stream, policy, self.reads.plan.sizes[shard]):
                     if sample.index in skip:
                         continue
                     rng = np.random.default_rng([cfg.seed, epoch, shard, sample.index])
@@ -460,9 +457,29 @@ class ShardReader:
         if rows["image"]:
             yield _to_block(rows)
 
-    def _samples(self, name: str, policy: BadDataPolicy, expected: int):
+    def _streams(self, slot: int):
+        """(epoch, shard, skip, stream) for each read of the slot, the next read's shard
+        already fetching (`storage.ReadAhead`) while this one is decoded: no wait for the
+        first bytes at a shard boundary."""
+        pending = None
         try:
-            stream = open_shard(self.fs, self.root, name)
+            for number in self.reads.numbers(slot):
+                if (read := self.reads.read(number)) is None:
+                    continue
+                started = (*read, open_shard(self.fs, self.root, self.reads.names[read[1]]))
+                if pending is not None:
+                    yield pending
+                    pending[3].close()
+                pending = started
+            if pending is not None:
+                yield pending
+        finally:
+            if pending is not None:
+                pending[3].close()
+
+    def _samples(self, name: str, stream, policy: BadDataPolicy, expected: int):
+        try:
+            stream.wait_open()
         except (FileNotFoundError, OSError) as err:
             if "not found" in str(err).lower() or "no such" in str(err).lower() or isinstance(
                     err, FileNotFoundError):
@@ -470,18 +487,18 @@ class ShardReader:
                                           "storage)", expected))
                 return
             raise
-        with stream:
-            yield from iter_samples(stream, name, policy, self.num_classes, expected)
+        yield from iter_samples(stream, name, policy, self.num_classes, expected)
 
 
-def open_shard(fs, root: str, name: str):
-    """A buffered stream of a manifest's shard. Its name is relative to the dataset root, or
-    a full path or URI: an index of shards stored elsewhere (`jobs/make_shards.py index`)."""
+def open_shard(fs, root: str, name: str, read_ahead: bool = True):
+    """A stream of a manifest's shard (read ahead in a thread, or buffered). Its name is
+    relative to the dataset root, or a full path or URI: an index of shards stored elsewhere
+    (`jobs/make_shards.py index`). With read-ahead, opening errors come from `wait_open()`."""
     if "://" in name or name.startswith("/"):
         fs, path = storage.filesystem(name)
     else:
         path = f"{root.rstrip('/')}/{name}"
-    return storage.open_read(fs, path)
+    return storage.ReadAhead(fs, path) if read_ahead else storage.open_read(fs, path)
 
 
 def _empty_rows() -> dict:
@@ -497,17 +514,17 @@ def _to_block(rows: dict) -> dict:
 
 
 def read_slots(reads: int, read_tasks: int = 0, cpus_per_read: float = 1.0) -> int:
-    """How many read tasks: `cfg.read_tasks`, else twice the tasks the cluster's CPUs run at
-    once (room for an autoscaler to add nodes; a slot that starts after the plan is dealt
-    ends at once), never more than the reads (a slot with no read would still be a task)."""
+    """How many read tasks: `read_tasks`, else as many as the cluster's CPUs run at once;
+    never more than the reads. Not more: a task waiting on the dealer (`ray.get`) lends its
+    CPU to Ray, which then starts a waiting task, so spare slots end up decoding at the same
+    time on too few cores (bench/data.py: 4 slots on 2 CPUs ran at 0.7x of 2 slots). A
+    cluster that grows gets more read tasks when the stream is built again (a restart)."""
     import ray
 
-    if read_tasks:
-        slots = read_tasks
-    else:
+    if not read_tasks:
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        slots = min(max(int(2 * cpus / max(cpus_per_read, 0.05)), 4), 4096)
-    return max(1, min(slots, reads))
+        read_tasks = min(max(int(cpus / max(cpus_per_read, 0.05)), 1), 4096)
+    return max(1, min(read_tasks, reads))
 
 
 def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None = None,
@@ -630,7 +647,7 @@ def load_probe(uri: str, split: str, image_size: int, max_images: int, seed: int
     policy = BadDataPolicy(strict=False)
     for entry in manifest["splits"][split]["shards"]:
         try:
-            stream = open_shard(fs, root, entry["name"])
+            stream = open_shard(fs, root, entry["name"], read_ahead=False)
         except (FileNotFoundError, OSError):
             continue
         with stream:

@@ -102,7 +102,7 @@ class TrainData:
                                  seed=cfg.train.seed, strict=d.strict,
                                  shuffle_buffer=d.shuffle_buffer, block_rows=d.block_rows,
                                  num_cpus_per_read=d.num_cpus_per_read,
-                                 preserve_order=d.preserve_order)
+                                 read_tasks=_read_tasks(cfg), preserve_order=d.preserve_order)
         epochs = source.epochs_for(self.manifest, d.split, needed)
         ds, _, _ = source.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
                                         manifest=self.manifest)
@@ -274,6 +274,15 @@ def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+
+
+def _read_tasks(cfg: PretrainConfig) -> int:
+    """Read tasks for the CPUs the Train workers leave (at least one)."""
+    import ray
+
+    free = ray.cluster_resources().get("CPU", 0) - (cfg.scale.num_workers
+                                                     * cfg.scale.cpus_per_worker)
+    return max(1, int(free / max(cfg.data.num_cpus_per_read, 0.05)))
 
 
 def _warn_if_no_cpu_for_data(cfg: PretrainConfig) -> None:

@@ -117,7 +117,8 @@ def test_no_secret_in_what_ray_pickles(s3, tmp_path):
     from pipeline.train.run import TrainData, ray_storage
 
     fs = storage.s3_filesystem()
-    reader = source.ShardReader(fs, f"{s3}/data", source.InputConfig(), 10)
+    reads = source.Reads(source.StreamPlan((1,)), ("a.tar",), source.DataPosition(), 1, 1)
+    reader = source.ShardReader(fs, f"{s3}/data", source.InputConfig(), 10, reads)
     path, run_fs = ray_storage(f"s3://{s3}/runs")
     cfg = apply_overrides(smoke(), [f"run.storage=s3://{s3}/runs"])
     spec = WorkerSpec(cfg=cfg, run_uri=f"s3://{s3}/runs/smoke")

@@ -407,11 +407,11 @@ def test_a_plan_of_90_epochs_of_5000_shards_is_never_listed(ray_local, tmp_path)
     ds, _, _ = shard_dataset(cfg, num_epochs=epochs, manifest=manifest)
     rows = ds.take(12)
     order = StreamPlan((1,) * num_shards, seed=3).order(0)
-    got = sorted((int(r["epoch"]), int(r["shard"])) for r in rows)
-    # Four slots take reads in plan order: the first 12 rows come from the first 12 + 4
-    # reads (a slot may still be on its read when the others have moved on).
-    assert {e for e, _ in got} == {0}
-    assert {s for _, s in got} <= set(order[:16]) and len(set(got)) == 12
+    got = {(int(r["epoch"]), int(r["shard"])) for r in rows}
+    # Four slots take reads in plan order and a block holds up to ~85 of these tiny rows, so
+    # the first rows come from the first few hundred reads of epoch 0's order (of 450,000).
+    assert len(got) == 12 and {e for e, _ in got} == {0}
+    assert {s for _, s in got} <= set(order[:500])
     # Every row is the file its shard names (the index says which sample; labels intact).
     assert all(r["label"] == 0 and r["index"] == 0 for r in rows)
 
