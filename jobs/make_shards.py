@@ -1,8 +1,16 @@
-"""Write WebDataset shards (+ manifest) from an image folder, a VTAB-1k task or a synthetic set.
+"""Write WebDataset shards (+ manifest) from an image folder, a VTAB-1k task or a synthetic set,
+or index shards that exist already.
 
     python jobs/make_shards.py folder /data/imagenet/train s3://bucket/imagenet --resize-short 256
     python jobs/make_shards.py vtab /data/vtab-1k/cifar s3://bucket/vtab/cifar
     python jobs/make_shards.py synthetic - runs/demo-shards --num-samples 2048 --num-classes 10
+    python jobs/make_shards.py index "s3://bucket/imagenet-train-{000000..001281}.tar" --split train
+    python jobs/make_shards.py index "s3://public/in1k-val-{0000..0049}.tar" /data/in1k --split val
+
+`index` reads shards written elsewhere (a brace pattern, one tar, or a folder/prefix of tars;
+`jpg`+`cls`/`json` members; multi-label `cls` lists or `labels` in `json`) once, counts their
+samples, and writes manifest.json to DST (default: the shards' folder), adding the split to
+what is there. The shards are not rewritten; train with --data DST.
 
 DST is a local folder or s3://bucket/prefix (any S3 endpoint through AWS_ENDPOINT_URL).
 Every image is decoded while writing: a file that is not a decodable image is skipped, logged
@@ -26,14 +34,16 @@ from pipeline.storage import StorageError  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split(
         "\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["folder", "vtab", "synthetic"],
+    ap.add_argument("kind", choices=["folder", "vtab", "synthetic", "index"],
                     help="folder: SRC/<class>/<image>; vtab: one VTAB-1k task folder (keeps "
                          "train800/val200/train800val200/test); synthetic: procedural images "
-                         "(SRC is ignored, write '-')")
-    ap.add_argument("src", help="source folder ('-' for synthetic)")
-    ap.add_argument("dst", help="destination: a local folder or s3://bucket/prefix")
-    ap.add_argument("--split", default="train", help="split name for a folder source "
-                                                     "(default: train)")
+                         "(SRC is ignored, write '-'); index: SRC names existing shards")
+    ap.add_argument("src", help="source folder ('-' for synthetic; shards for index)")
+    ap.add_argument("dst", nargs="?", default=None,
+                    help="destination: a local folder or s3://bucket/prefix (index: where "
+                         "manifest.json goes; default: the shards' folder)")
+    ap.add_argument("--split", default="train", help="split name for a folder source or an "
+                                                     "index (default: train)")
     ap.add_argument("--shard-size-mb", type=float, default=256.0,
                     help="target shard size in MB (default: 256)")
     ap.add_argument("--resize-short", type=int, default=None,
@@ -51,7 +61,8 @@ def parse_args(argv=None):
                     help="synthetic: fraction written as the 'val' split (default: 0.1)")
     ap.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     ap.add_argument("--workers", type=int, default=None,
-                    help="processes that decode and verify images (default: every core)")
+                    help="processes that decode and verify images (default: every core); "
+                         "index: shards read at once (default: 16)")
     ap.add_argument("--strict", action="store_true",
                     help="stop at the first file that is not a decodable image (or has a label "
                          "out of range), naming it; default: skip it, log it and list it in "
@@ -61,7 +72,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dst is None and args.kind != "index":
+        print(f"error: {args.kind} needs a destination (DST: a folder or s3://bucket/prefix)",
+              file=sys.stderr)
+        return 2
     try:
+        if args.kind == "index":
+            from pipeline.data.index import index_shards
+
+            index_shards(args.src, args.split, args.dst, args.num_classes, args.workers or 16)
+            return 0
         if args.kind == "folder":
             source = shards.image_folder(args.src, split=args.split)
         elif args.kind == "vtab":

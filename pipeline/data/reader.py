@@ -4,14 +4,21 @@ A long run must neither die on one bad image nor train on it unseen. Each proble
 skipped and reported (shard, key, reason, how many samples it cost) or, in strict mode,
 raised as `DataError` naming the shard and the key:
 
-- a corrupt image (does not decode)         - a sample with no label (`.cls`)
+- a corrupt image (does not decode)         - a sample with no label
 - a label that is not an integer or is      - a truncated tar (the rest of the shard is lost;
   outside [0, num_classes)                    the manifest says how many samples that was)
 - a sample with no image                    - an empty shard, or one that vanished
+- more labels than the set allows (`max_labels` in the manifest; 1 unless multi-label)
+
+Labels, as public WebDataset collections write them: `.cls` holds an integer, or several
+(a JSON list `[3, 17]`, or separated by commas or spaces) for multi-label sets such as JFT;
+without `.cls`, a `.json` member's `labels` (a list) or `label` / `cls` (an integer), as in
+the ImageNet WebDataset copies on the Hugging Face Hub.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tarfile
 from collections.abc import Callable, Iterator
@@ -39,7 +46,39 @@ class RawSample:
     key: str
     index: int       # position in the shard
     image: bytes
-    label: int
+    label: int | tuple[int, ...]   # a tuple for a multi-label sample
+
+
+def parse_label(members: dict[str, bytes]) -> int | tuple[int, ...]:
+    """The label(s) of a sample's members (see the module docstring). Raises ValueError
+    saying what is wrong; KeyError when the sample has no label at all."""
+    if "cls" in members:
+        text = members["cls"].decode("utf-8", "replace").strip()
+        if text.startswith("["):
+            values = json.loads(text)
+        elif "," in text or " " in text:
+            values = [v for v in text.replace(",", " ").split()]
+        else:
+            return _integer(text)
+        return tuple(_integer(v) for v in values)
+    if "json" in members:
+        doc = json.loads(members["json"])
+        if isinstance(doc, dict):
+            if isinstance(doc.get("labels"), list):
+                return tuple(_integer(v) for v in doc["labels"])
+            for field in ("label", "cls"):
+                if field in doc:
+                    return _integer(doc[field])
+    raise KeyError("no label (.cls member, or labels/label in .json)")
+
+
+def _integer(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"label {str(value)[:20]!r} is not an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"label {str(value)[:20]!r} is not an integer") from None
 
 
 class BadDataPolicy:
@@ -69,10 +108,12 @@ def _split_name(name: str) -> tuple[str, str]:
 
 
 def iter_samples(stream, shard: str, policy: BadDataPolicy, num_classes: int | None = None,
-                 expected: int | None = None) -> Iterator[RawSample]:
+                 expected: int | None = None, max_labels: int = 1) -> Iterator[RawSample]:
     """Samples of one tar stream (read sequentially, never whole into memory).
 
-    `expected` (from the manifest) turns a truncation into a count of lost samples.
+    `expected` (from the manifest) turns a truncation into a count of lost samples. With
+    `max_labels` 1, a sample's label is an int; above, a tuple of up to that many. Returns
+    (as StopIteration's value) how many samples the tar holds, bad ones included.
     """
     index, good, key, members = 0, 0, None, {}
 
@@ -84,17 +125,28 @@ def iter_samples(stream, shard: str, policy: BadDataPolicy, num_classes: int | N
         if image is None:
             policy(Problem(shard, key, f"no image member (has {sorted(members)})"))
             return None
-        if "cls" not in members:
-            policy(Problem(shard, key, "no label (.cls member)"))
-            return None
         try:
-            label = int(members["cls"].strip())
-        except ValueError:
-            policy(Problem(shard, key, f"label {members['cls'][:20]!r} is not an integer"))
+            label = parse_label(members)
+        except KeyError as err:
+            policy(Problem(shard, key, err.args[0]))
             return None
-        if label < 0 or (num_classes is not None and label >= num_classes):
-            policy(Problem(shard, key, f"label {label} outside [0, {num_classes})"))
+        except ValueError as err:   # json.JSONDecodeError included
+            policy(Problem(shard, key, str(err)[:80]))
             return None
+        labels = label if isinstance(label, tuple) else (label,)
+        if not labels:
+            policy(Problem(shard, key, "no label (an empty label list)"))
+            return None
+        if len(labels) > max_labels:
+            policy(Problem(shard, key, f"{len(labels)} labels, the set allows {max_labels} "
+                                       f"(index it with `jobs/make_shards.py index` to record "
+                                       f"a multi-label set)"))
+            return None
+        bad = [v for v in labels if v < 0 or (num_classes is not None and v >= num_classes)]
+        if bad:
+            policy(Problem(shard, key, f"label {bad[0]} outside [0, {num_classes})"))
+            return None
+        label = labels[0] if max_labels == 1 else labels
         return RawSample(key, i, image, label)
 
     try:
@@ -119,9 +171,10 @@ def iter_samples(stream, shard: str, policy: BadDataPolicy, num_classes: int | N
         lost = max(expected - index, 1) if expected is not None else 1
         policy(Problem(shard, key or "-", f"truncated or unreadable tar after {index} samples "
                                           f"({type(err).__name__}: {str(err)[:80]})", lost))
-        return
+        return index
     if index == 0:
         policy(Problem(shard, "-", "empty shard (no samples)", expected or 0))
     elif expected is not None and index < expected:
         policy(Problem(shard, "-", f"shard has {index} samples, the manifest says {expected}",
                        expected - index))
+    return index

@@ -419,14 +419,20 @@ def _publish(local: Path, dst: str, name: str, count: int) -> tuple[dict, bool]:
 
 
 def read_manifest(uri: str) -> dict:
-    """The manifest of a dataset written by `write_shards`, with one clear error if absent."""
+    """The manifest of a dataset written by `write_shards` (or by `index.index_shards`), with
+    one clear error if absent."""
+    if "{" in uri or uri.endswith(".tar"):
+        raise DatasetError(f"{uri} names shards, not a dataset folder: index them once with "
+                           f"`python jobs/make_shards.py index '{uri}'` and pass the folder "
+                           f"that holds manifest.json")
     path = storage.join(uri, MANIFEST)
     try:
         doc = json.loads(storage.read_bytes(path))
     except storage.StorageError as err:
         if "no such" in str(err):
-            raise DatasetError(f"{uri}: no {MANIFEST}; the dataset is incomplete or the path is "
-                               f"wrong (write it with jobs/make_shards.py)") from None
+            raise DatasetError(f"{uri}: no {MANIFEST}; the path is wrong, the dataset is "
+                               f"incomplete, or its shards were written elsewhere (index them "
+                               f"with `python jobs/make_shards.py index {uri}`)") from None
         raise
     except json.JSONDecodeError:
         raise DatasetError(f"{path}: not valid JSON; rewrite the dataset") from None

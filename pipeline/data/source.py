@@ -24,8 +24,9 @@ Ray Train's `DataConfig` splits the stream across workers, so the workers see di
 of each epoch. On the worker, `iter_torch_batches` prefetches and mixes samples in a local
 shuffle buffer (`batches`).
 
-Rows: `image` uint8 (S, S, 3), `label` int64, `epoch`, `shard`, `index` int32 (where the
-sample came from: with the manifest it identifies the sample).
+Rows: `image` uint8 (S, S, 3), `label` int64 (for a multi-label set, the manifest's
+`max_labels` class indices padded with -1), `epoch`, `shard`, `index` int32 (where the sample
+came from: with the manifest it identifies the sample).
 
 We read tars with our own reader instead of `ray.data.read_webdataset` so that one corrupt
 image or a truncated tar is skipped and counted (or raised, naming shard and key) instead of
@@ -420,9 +421,10 @@ class ShardReader:
     before a resume: they are read past (a tar streams in order) but not decoded."""
 
     def __init__(self, fs, root: str, cfg: InputConfig, num_classes: int, reads: Reads,
-                 health=None):
+                 health=None, max_labels: int = 1):
         self.fs, self.root, self.cfg = fs, root.rstrip("/"), cfg
         self.num_classes, self.reads, self.health = num_classes, reads, health
+        self.max_labels = max_labels
 
     def _report(self, problem: Problem) -> None:
         if self.health is not None:  # fire and forget: reporting never slows the read
@@ -452,10 +454,10 @@ class ShardReader:
                     rows["shard"].append(shard)
                     rows["index"].append(sample.index)
                     if len(rows["image"]) >= cfg.block_rows:
-                        yield _to_block(rows)
+                        yield _to_block(rows, self.max_labels)
                         rows = _empty_rows()
         if rows["image"]:
-            yield _to_block(rows)
+            yield _to_block(rows, self.max_labels)
 
     def _streams(self, slot: int):
         """(epoch, shard, skip, stream) for each read of the slot, the next read's shard
@@ -487,7 +489,8 @@ class ShardReader:
                                           "storage)", expected))
                 return
             raise
-        yield from iter_samples(stream, name, policy, self.num_classes, expected)
+        yield from iter_samples(stream, name, policy, self.num_classes, expected,
+                                self.max_labels)
 
 
 def open_shard(fs, root: str, name: str, read_ahead: bool = True):
@@ -501,13 +504,25 @@ def open_shard(fs, root: str, name: str, read_ahead: bool = True):
     return storage.ReadAhead(fs, path) if read_ahead else storage.open_read(fs, path)
 
 
+def label_array(labels: list, max_labels: int = 1) -> np.ndarray:
+    """int64 (n,) class indices; for a multi-label set (`max_labels` > 1), (n, max_labels)
+    index lists padded with -1 (the objectives turn them into multi-hot targets)."""
+    if max_labels == 1:
+        return np.asarray(labels, dtype=np.int64)
+    out = np.full((len(labels), max_labels), -1, np.int64)
+    for row, label in enumerate(labels):
+        label = label if isinstance(label, tuple) else (label,)
+        out[row, :len(label)] = label
+    return out
+
+
 def _empty_rows() -> dict:
     return {c: [] for c in COLUMNS}
 
 
-def _to_block(rows: dict) -> dict:
+def _to_block(rows: dict, max_labels: int = 1) -> dict:
     return {"image": np.stack(rows["image"]),
-            "label": np.asarray(rows["label"], dtype=np.int64),
+            "label": label_array(rows["label"], max_labels),
             "epoch": np.asarray(rows["epoch"], dtype=np.int32),
             "shard": np.asarray(rows["shard"], dtype=np.int32),
             "index": np.asarray(rows["index"], dtype=np.int32)}
@@ -555,7 +570,8 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
     reads = dataclasses.replace(reads, slots=slots, dealer=dealer)
     fs, root = storage.filesystem(cfg.uri)
     health = data_health(health_name or f"data-health-{uuid.uuid4().hex[:12]}")
-    reader = ShardReader(fs, root, cfg, manifest["num_classes"], reads, health)
+    reader = ShardReader(fs, root, cfg, manifest["num_classes"], reads, health,
+                         max_labels=int(manifest.get("max_labels", 1)))
     # One row per slot, one block per row: each becomes one long-lived read task.
     ds = ray.data.range(slots, override_num_blocks=slots)
     ds = ds.map_batches(reader, batch_size=1, num_cpus=cfg.num_cpus_per_read,
@@ -651,12 +667,16 @@ def load_probe(uri: str, split: str, image_size: int, max_images: int, seed: int
         except (FileNotFoundError, OSError):
             continue
         with stream:
-            for sample in iter_samples(stream, entry["name"], policy, manifest["num_classes"]):
+            for sample in iter_samples(stream, entry["name"], policy, manifest["num_classes"],
+                                       max_labels=int(manifest.get("max_labels", 1))):
                 try:
                     images.append(decode_and_augment(sample.image, aug, rng))
                 except Exception:  # noqa: BLE001
                     continue
-                labels.append(sample.label)
+                # A multi-label sample counts as its first label: the linear few-shot probe
+                # classifies one class per image.
+                labels.append(sample.label[0] if isinstance(sample.label, tuple)
+                              else sample.label)
                 if len(images) >= max_images:
                     break
         if len(images) >= max_images:

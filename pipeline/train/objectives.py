@@ -10,18 +10,34 @@ from torch import nn
 from pipeline.model import ViT
 
 
+def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Float (B, K) targets from class indices (B,), from integer index lists padded with -1
+    (B, L) (what the data stream carries for a multi-label set), or a float (B, K) target."""
+    if labels.is_floating_point():
+        return labels
+    if labels.ndim == 1:
+        return F.one_hot(labels, num_classes).float()
+    hot = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
+    hot.scatter_(1, torch.where(labels < 0, num_classes, labels), 1.0)   # -1 -> a spare column
+    return hot[:, :num_classes]
+
+
 def softmax_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels)
+    """Cross-entropy against class indices; a multi-label sample's target is spread evenly
+    over its classes (each label equally likely), so the loss stays on the usual scale."""
+    if labels.ndim == 1 and not labels.is_floating_point():
+        return F.cross_entropy(logits.float(), labels)
+    target = multi_hot(labels, logits.shape[-1])
+    target = target / target.sum(-1, keepdim=True).clamp(min=1)
+    return -(target * F.log_softmax(logits.float(), -1)).sum(-1).mean()
 
 
 def sigmoid_xent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Multi-label loss (JFT): per-class binary cross-entropy, summed over classes and
     averaged over the batch (big_vision `sigmoid_xent`). `labels` are class indices (one
-    positive each) or a multi-hot (B, K) matrix."""
+    positive each), -1-padded index lists, or a multi-hot (B, K) matrix."""
     logits = logits.float()
-    if labels.ndim == 1:
-        labels = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype),
+    return F.binary_cross_entropy_with_logits(logits, multi_hot(labels, logits.shape[-1]),
                                               reduction="none").sum(-1).mean()
 
 
