@@ -177,3 +177,37 @@ def test_index_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     assert make_shards(["index", str(tmp_path / "empty")]) == 2
     assert make_shards(["folder", str(tmp_path)]) == 2   # no destination
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pretrain_multi_label_on_an_indexed_set(ray_local, tmp_path):
+    """JFT-like: several labels per image, sigmoid cross-entropy, through jobs' real path
+    (Ray Data -> Ray Train worker -> objective), on shards known only by their index."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.config import apply_overrides, smoke
+    from pipeline.train.run import pretrain
+
+    folder = tmp_path / "jft"
+    folder.mkdir()
+    for s in range(3):
+        write_tar(folder / f"jft-{s:02d}.tar", [
+            {"__key__": f"s{s}_{i:03d}", "jpg": jpeg_bytes(100 * s + i, (40, 40)),
+             "cls": json.dumps(sorted({i % 6, (i * 5 + s) % 6})).encode()}
+            for i in range(24)])
+    assert make_shards(["index", f"{folder}/jft-{{00..02}}.tar", str(tmp_path / "idx")]) == 0
+    assert read_manifest(str(tmp_path / "idx"))["max_labels"] == 2
+
+    cfg = apply_overrides(smoke(), [
+        "run.name=jft", f"run.storage={tmp_path / 'runs'}", "data.source=shards",
+        f"data.uri={tmp_path / 'idx'}", "data.augment=inception", "model.num_classes=6",
+        "train.objective=sigmoid", "train.total_steps=6", "train.global_batch_size=16",
+        "train.log_every=1", "train.fewshot_every=0", "train.checkpoint_every=6",
+        "data.shuffle_buffer=16", "optim.warmup_steps=2"])
+    uri = f"sqlite:///{tmp_path}/m.db"
+    out = pretrain(cfg, tracking_uri=uri)
+    losses = [m.value for m in MlflowClient(uri).get_metric_history(out.run_id, "train/loss")]
+    # Sigmoid xent summed over 6 classes starts near 6 * log(2) = 4.16 (zero-init head).
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert losses[0] == pytest.approx(6 * np.log(2), rel=0.05)
