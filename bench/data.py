@@ -23,6 +23,7 @@ the same cores here (on a cluster they are elsewhere): remote pays for them twic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import socket
@@ -98,8 +99,9 @@ def bench_dataloader(paths: list[str], cores: int, batch: int) -> tuple[float, f
     return n / wall, first, (time.process_time() - cpu) / wall
 
 
-def bench_ray(uri: str, cores: int, batch: int) -> tuple[float, float, float]:
-    """-> (images/s, seconds to the first batch, cores the consuming process used)."""
+def bench_ray(uri: str, cores: int, batch: int, during=None) -> tuple[float, float, float]:
+    """-> (images/s, seconds to the first batch, cores the consuming process used).
+    `during`: a context manager entered for the timed part (after the first batch)."""
     import ray
 
     from pipeline.data.source import InputConfig, shard_dataset
@@ -118,14 +120,16 @@ def bench_ray(uri: str, cores: int, batch: int) -> tuple[float, float, float]:
         start = time.perf_counter()
         cfg = InputConfig(uri=uri, augment=AUG, block_rows=64)
         ds, _, _ = shard_dataset(cfg, num_epochs=EPOCHS)
-        n, first, t_first = 0, None, 0.0
-        for b in ds.iter_torch_batches(batch_size=batch, prefetch_batches=4):
-            if first is None:
-                first = time.perf_counter() - start
-                t_first, cpu = time.perf_counter(), time.process_time()
-            else:
+        n = 0
+        batches = ds.iter_torch_batches(batch_size=batch, prefetch_batches=4)
+        first_batch = next(iter_batches := iter(batches))
+        first = time.perf_counter() - start
+        del first_batch
+        with during or contextlib.nullcontext():
+            t_first, cpu = time.perf_counter(), time.process_time()
+            for b in iter_batches:
                 n += len(b["image"])
-        wall = time.perf_counter() - t_first
+            wall = time.perf_counter() - t_first
         return n / wall, first, (time.process_time() - cpu) / wall
     finally:
         ray.shutdown()
@@ -192,6 +196,20 @@ class RemoteS3:
             p.wait(timeout=10)
         os.environ.pop("AWS_ENDPOINT_URL", None)
 
+    @contextlib.contextmanager
+    def measured(self):
+        """Cores the S3 server and the proxy use while the block runs -> `self.cores`."""
+        def cpu() -> float:
+            ticks = 0
+            for p in self.procs:
+                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])        # utime + stime
+            return ticks / os.sysconf("SC_CLK_TCK")
+
+        start, t0 = cpu(), time.perf_counter()
+        yield self
+        self.cores = (cpu() - start) / (time.perf_counter() - t0)
+
 
 def throughput(args) -> None:
     root = Path(args.data) / f"{args.images}x{args.image_size}-2mb"
@@ -204,8 +222,11 @@ def throughput(args) -> None:
     raw = bench_raw(paths, limit=min(args.images, 1000))
     dl, dl_first, dl_cpu = bench_dataloader(paths, args.cores, args.batch_size)
     local, local_first, local_cpu = bench_ray(str(root), args.cores, args.batch_size)
-    with RemoteS3(root, args.latency_ms, args.mbps) as uri:
-        remote, remote_first, remote_cpu = bench_ray(uri, args.cores, args.batch_size)
+    server = RemoteS3(root, args.latency_ms, args.mbps)
+    with server as uri:
+        remote, remote_first, remote_cpu = bench_ray(uri, args.cores, args.batch_size,
+                                                     during=server.measured())
+    remote_cpu += server.cores      # on a cluster, the storage is not on the node
 
     c = args.cores
     rows = [("raw decode+crop (1 core)", raw, 1.0, None, None),
@@ -221,9 +242,12 @@ def throughput(args) -> None:
         print(f"{name:<40}{total:>10.1f}{total / cores:>10.1f}{first_s:>13}{cons:>10}"
               f"{left:>15}")
     print("consumer: cores the process iterating the batches used (it shares the machine with "
-          "the decoders here;\n  on a GPU node it is the trainer). per core left: images/s "
-          "per core the consumer left.")
-    print(f"remote / local:              {remote / local:.3f}   (goal >= 0.9)")
+          "the decoders here;\n  on a GPU node it is the trainer), for remote S3 plus the "
+          f"cores its server and proxy used ({server.cores:.2f}).\n  per core left: images/s "
+          "per core that these left to the pipeline.")
+    left = remote / max(c - remote_cpu, 0.1) / (local / max(c - local_cpu, 0.1))
+    print(f"remote / local:              {remote / local:.3f}   (goal >= 0.9); per core left "
+          f"by consumer and storage: {left:.3f}")
     print(f"Ray local / raw per core:    {local / c / raw:.3f}   (goal >= 0.9); per core left "
           f"by the consumer: {local / max(c - local_cpu, 0.1) / raw:.3f}")
     print(f"Ray local / DataLoader:      {local / dl:.3f}")

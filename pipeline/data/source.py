@@ -35,6 +35,7 @@ failing the read task.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -55,6 +56,7 @@ from pipeline.data.transforms import Augment, decode_and_augment
 log = logging.getLogger(__name__)
 
 COLUMNS = ("image", "label", "epoch", "shard", "index")
+READS_AHEAD = 2     # shards a read task fetches ahead of the one it decodes
 
 
 @dataclass(frozen=True)
@@ -460,24 +462,26 @@ class ShardReader:
             yield _to_block(rows, self.max_labels)
 
     def _streams(self, slot: int):
-        """(epoch, shard, skip, stream) for each read of the slot, the next read's shard
-        already fetching (`storage.ReadAhead`) while this one is decoded: no wait for the
-        first bytes at a shard boundary."""
-        pending = None
+        """(epoch, shard, skip, stream) for each read of the slot, the next `READS_AHEAD`
+        reads' shards already fetching (`storage.ReadAhead`) while this one is decoded: no
+        wait for the first bytes at a shard boundary, even with small shards on a slow
+        store. Memory: two chunks per shard ahead at most."""
+        started: collections.deque = collections.deque()
         try:
             for number in self.reads.numbers(slot):
                 if (read := self.reads.read(number)) is None:
                     continue
-                started = (*read, open_shard(self.fs, self.root, self.reads.names[read[1]]))
-                if pending is not None:
-                    yield pending
-                    pending[3].close()
-                pending = started
-            if pending is not None:
-                yield pending
+                started.append((*read, open_shard(self.fs, self.root,
+                                                  self.reads.names[read[1]])))
+                if len(started) > READS_AHEAD:
+                    yield started[0]
+                    started.popleft()[3].close()
+            while started:
+                yield started[0]
+                started.popleft()[3].close()
         finally:
-            if pending is not None:
-                pending[3].close()
+            for *_, stream in started:
+                stream.close()
 
     def _samples(self, name: str, stream, policy: BadDataPolicy, expected: int):
         try:
