@@ -126,7 +126,7 @@ def build(spec: WorkerSpec, env: WorkerEnv):
     -> (model, optimizer, Start)."""
     cfg = spec.cfg
     torch.manual_seed(cfg.train.seed)
-    module = Pretrainer(ViT(cfg.model), cfg.train.objective)
+    module = Pretrainer(ViT(cfg.model), cfg.train.objective, cfg.train.head_bias)
     point = checkpoints.resume_point(spec.run_uri, spec.resume, spec.init)
     if point.kind == "init":
         checkpoints.init_model(module.vit, point.uri)

@@ -26,11 +26,15 @@ class Pretrainer(nn.Module):
     module's `forward`, where FSDP gathers the parameters.
 
     `forward(images, labels)` -> the mean loss; `forward(images)` -> the representation
-    (B, D) the few-shot probe uses."""
+    (B, D) the few-shot probe uses. `head_bias`: the classifier's initial bias
+    (`TrainConfig.head_bias`)."""
 
-    def __init__(self, vit: ViT, objective: str):
+    def __init__(self, vit: ViT, objective: str, head_bias: float = 0.0):
         super().__init__()
         self.vit = vit
+        if vit.head is not None and head_bias:
+            with torch.no_grad():
+                vit.head.bias.fill_(head_bias)
         self.objective = objective
         self.mpp = MaskedPatchPrediction(vit.cfg.hidden_size) if objective == "mpp" else None
 

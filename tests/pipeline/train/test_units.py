@@ -158,6 +158,27 @@ def test_presets_follow_table_3():
         3e-4, 0.1, 14, 32)
     m = PRESETS["vit_b16_mpp"]()
     assert m.train.objective == "mpp" and m.optim.lr == 2e-4 and m.optim.decay == "cosine"
+    # The authors' i21k models: sigmoid xent, head bias -10 (big_vision configs/vit_i21k.py);
+    # clipping "for ImageNet" (Table 3) and in big_vision's i21k config, not for JFT.
+    for name in ("vit_b16_i21k", "vit_l16_i21k", "vit_b16_jft", "vit_h14_jft"):
+        p = PRESETS[name]()
+        assert (p.train.objective, p.train.head_bias) == ("sigmoid", -10.0), name
+        assert p.optim.grad_clip == (1.0 if "i21k" in name else 0.0), name
+
+
+def test_head_bias_starts_the_sigmoid_loss_near_ten():
+    cfg = smoke().model.replace(num_classes=1000)
+    images = torch.randn(4, 3, cfg.image_size, cfg.image_size)
+    labels = torch.tensor([1, 5, 999, 0])
+    torch.manual_seed(0)
+    at_zero = Pretrainer(ViT(cfg), "sigmoid")(images, labels).item()
+    torch.manual_seed(0)
+    model = Pretrainer(ViT(cfg), "sigmoid", head_bias=-10.0)
+    assert torch.all(model.vit.head.bias == -10.0)
+    assert at_zero == pytest.approx(1000 * math.log(2), rel=1e-5)
+    # one positive at p = sigmoid(-10), 999 negatives at 1 - p: -log p + 999 * log(1 + e^-10)
+    expected = math.log1p(math.exp(10)) + 999 * math.log1p(math.exp(-10))
+    assert model(images, labels).item() == pytest.approx(expected, rel=1e-4)   # float32
     for preset in PRESETS.values():
         assert PretrainConfig.from_dict(preset().to_dict()) == preset(), "round-trips"
         assert "python jobs/pretrain.py --preset " + preset.__name__ in preset.__doc__
