@@ -115,10 +115,11 @@ def load_pretrained(cfg: SweepConfig) -> Pretrained:
 
     model = load_vit(cfg.checkpoint)
     patch = model.cfg.patch_size
-    if cfg.resolution % patch:
-        nearest = max(patch, cfg.resolution // patch * patch)
-        raise SweepError(f"--resolution {cfg.resolution} is not a multiple of the checkpoint's "
-                         f"patch size {patch}; use e.g. {nearest}")
+    if cfg.resolution < patch:
+        raise SweepError(f"--resolution {cfg.resolution} is smaller than the checkpoint's "
+                         f"patch size {patch}; use at least {patch}")
+    # Not a multiple (H/14 at the paper's 384 px): the last resolution % patch rows and
+    # columns go unused, as in vit_jax (VALID patch convolution; see ViTConfig.grid_size).
     return Pretrained(model.cfg.to_dict(), read_metadata(cfg.checkpoint),
                       {k: v.detach().cpu() for k, v in model.state_dict().items()})
 

@@ -65,8 +65,9 @@ def parse_args(argv=None):
                     help="all, natural, specialized, structured, or comma-separated task names "
                          "(default: all 19)")
     ap.add_argument("--resolution", type=int, default=384,
-                    help="fine-tuning resolution, a multiple of the patch size (default: 384, "
-                         "the paper's)")
+                    help="fine-tuning resolution (default: 384, the paper's); where it is not "
+                         "a multiple of the patch size, the last pixels go unused, as in "
+                         "vit_jax (H/14 at 384: 27 x 27 patches)")
     ap.add_argument("--lrs", type=_floats, default=(0.001, 0.003, 0.01, 0.03),
                     help="learning rates to select from on val200 (default: "
                          "0.001,0.003,0.01,0.03; one value skips the selection)")

@@ -166,10 +166,10 @@ def _apply_overrides(model: ViT, overrides: dict) -> ViT:
         model = ViT(cfg)
         model.load_state_dict(state, strict=True)
     if image_size is not None:
-        if image_size % model.cfg.patch_size:
+        if image_size < model.cfg.patch_size:
             raise CheckpointError(
-                f"image_size={image_size} is not a multiple of the checkpoint's patch size "
-                f"{model.cfg.patch_size}; choose a multiple")
+                f"image_size={image_size} is smaller than the checkpoint's patch size "
+                f"{model.cfg.patch_size}; choose at least one patch")
         model.set_image_size(image_size)
     if num_classes is not None:
         model.reset_head(num_classes)

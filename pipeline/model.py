@@ -92,10 +92,10 @@ class ViTConfig:
             raise ValueError(
                 f"ViTConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}")
-        if self.image_size % self.patch_size:
+        if self.image_size < self.patch_size:
             raise ValueError(
-                f"ViTConfig.image_size={self.image_size} is not a multiple of "
-                f"patch_size={self.patch_size}; choose a multiple")
+                f"ViTConfig.image_size={self.image_size} is smaller than "
+                f"patch_size={self.patch_size}; choose at least one patch")
         if self.pool not in ("token", "gap"):
             raise ValueError(f"ViTConfig.pool must be 'token' or 'gap', got {self.pool!r}")
         for name in ("dropout", "attention_dropout"):
@@ -127,6 +127,10 @@ class ViTConfig:
 
     @property
     def grid_size(self) -> int:
+        """Patches per side. A size that is not a multiple of the patch leaves its last
+        image_size % patch_size rows and columns unused, as vit_jax's patch embedding (a
+        stride-P convolution with VALID padding) does: H/14 at 384 px sees 27 x 27 patches,
+        the pixels of 378 px."""
         return self.image_size // self.patch_size
 
     @property

@@ -5,9 +5,11 @@ in vit_jax and big_vision) happens on the training device (`to_model_input`), wh
 and the transfer is 4x smaller than float32.
 
 Augmentations:
-- "inception": Inception-style random-resized crop (area 8%-100%, aspect 3/4-4/3, as
-  torchvision's RandomResizedCrop and big_vision's `inception_crop`) + horizontal flip:
-  pretraining.
+- "inception": Inception-style random-resized crop + horizontal flip: pretraining. Area
+  5%-100% and aspect 3/4-4/3 as big_vision's `inception_crop` (area_min=5, TF's
+  `sample_distorted_bounding_box`); the sampling is torchvision's RandomResizedCrop (10 tries
+  at an area and log-uniform aspect, else a central crop) where TF makes 100 tries and then
+  takes the whole image: the same crops whenever a try fits, which is almost always.
 - "resize_crop": resize to `resize_to` (square) then a random S x S crop + flip: BiT / ViT
   fine-tuning (§2.2 of vtab.md); VTAB tasks switch the crop and / or flip off (Supp. F).
 - "resize": resize to S x S: evaluation.
@@ -33,7 +35,7 @@ class Augment:
     flip: bool = True
     crop: bool = True                # resize_crop only: False -> plain resize to `size`
     resize_to: int | None = None     # resize_crop only: pre-crop size (default 448/384 * size)
-    area: tuple[float, float] = (0.08, 1.0)
+    area: tuple[float, float] = (0.05, 1.0)        # big_vision's inception_crop
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
     def __post_init__(self):
@@ -58,7 +60,7 @@ def decode(data: bytes, draft_to: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
-def inception_box(w: int, h: int, rng: np.random.Generator, area=(0.08, 1.0),
+def inception_box(w: int, h: int, rng: np.random.Generator, area=(0.05, 1.0),
                   ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
     """A random crop box (left, top, right, bottom): 10 tries at a random area fraction and
     log-uniform aspect ratio, else the central crop at the nearest allowed ratio."""
@@ -107,7 +109,8 @@ def augment(img: Image.Image, aug: Augment, rng: np.random.Generator) -> np.ndar
 def decode_and_augment(data: bytes, aug: Augment, rng: np.random.Generator) -> np.ndarray:
     # The draft size keeps enough pixels for the smallest crop the augmentation can take.
     if aug.kind == "inception":
-        draft = aug.size * 3        # crops down to ~11% of the area keep full resolution
+        # the smallest crop (area[0] of the image) still has S pixels a side
+        draft = math.ceil(aug.size / math.sqrt(aug.area[0]))
     elif aug.kind == "resize_crop" and aug.crop:
         draft = aug.resize_to or int(round(aug.size * 448 / 384))
     else:

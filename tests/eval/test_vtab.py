@@ -243,8 +243,8 @@ def small_setup(tmp_path, monkeypatch):
     ("bad label", r"kitti/val200.txt:1: label 4 outside \[0, 4\)"),
     ("missing checkpoint", r"checkpoint not found: .*/nowhere"),
     ("not a ViT", r"is not a ViT checkpoint"),
-    ("bad resolution", r"--resolution 36 is not a multiple of the checkpoint's patch size 8; "
-                       r"use e.g. 32"),
+    ("bad resolution", r"--resolution 6 is smaller than the checkpoint's patch size 8; "
+                       r"use at least 8"),
 ])
 def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
     tmp_path, checkpoint, data = small_setup
@@ -266,7 +266,7 @@ def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
         save_file({"conv.weight": torch.zeros(4, 3, 3, 3)}, str(tmp_path / "resnet.safetensors"))
         args["--checkpoint"] = str(tmp_path / "resnet.safetensors")
     elif case == "bad resolution":
-        args["--resolution"] = "36"
+        args["--resolution"] = "6"
     code = main([x for kv in args.items() for x in kv])
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -63,8 +63,9 @@ def test_overrides_head_and_resolution(tmp_path):
     assert ft.pre_logits is None
     assert torch.equal(ft.eval()(torch.randn(2, 3, 48, 48)), torch.zeros(2, 9))
     assert torch.equal(ft.blocks[1].mlp.fc1.weight, model.blocks[1].mlp.fc1.weight)
-    with pytest.raises(CheckpointError, match="image_size=50 is not a multiple of .* patch"):
-        load_vit(tmp_path / "c", image_size=50)
+    assert load_vit(tmp_path / "c", image_size=50).cfg.grid_size == 50 // model.cfg.patch_size
+    with pytest.raises(CheckpointError, match="image_size=4 is smaller than .* patch size"):
+        load_vit(tmp_path / "c", image_size=4)
 
 
 # ---- Hugging Face transformers ------------------------------------------------------------

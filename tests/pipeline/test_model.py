@@ -66,8 +66,24 @@ def test_variant_table():
     assert ViTConfig.from_variant("B/32").variant == "B/32"
     with pytest.raises(ValueError, match="unknown ViT variant 'X/16'"):
         ViTConfig.from_variant("X/16")
-    with pytest.raises(ValueError, match="not a multiple of patch_size"):
-        ViTConfig.from_variant("B/16", image_size=200)
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        ViTConfig.from_variant("B/16", image_size=8)
+
+
+def test_a_size_that_is_not_a_multiple_of_the_patch_drops_the_remainder():
+    """H/14 at 384 px, as vit_jax runs it (VALID convolution): 27 x 27 patches, the same
+    model as at 378 px on the image without its last 6 rows and columns."""
+    small = ViTConfig(patch_size=14, hidden_size=32, depth=1, num_heads=2, mlp_dim=64,
+                      num_classes=5)
+    at_384 = ViT(small.replace(image_size=384)).eval()
+    assert at_384.cfg.grid_size == 27 and at_384.pos_embed.shape[1] == 27 * 27 + 1
+    at_378 = ViT(small.replace(image_size=378)).eval()
+    at_378.load_state_dict(at_384.state_dict())
+    torch.nn.init.normal_(at_384.head.weight)
+    at_378.head.weight.data.copy_(at_384.head.weight)
+    x = torch.randn(2, 3, 384, 384)
+    torch.testing.assert_close(at_384(x), at_378(x[:, :, :378, :378]))
+    assert not torch.allclose(at_384(x), at_378(x[:, :, 6:, 6:]))
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         ViTConfig(hidden_size=50, num_heads=3)
 

@@ -25,8 +25,9 @@ CPU = torch.device("cpu")
 # ---- schedule -------------------------------------------------------------------------------
 def test_warmup_then_linear_decay_to_end_lr():
     lr = lambda s: learning_rate(s, 1e-3, 1000, 100, "linear", 1e-5)  # noqa: E731
-    assert lr(0) == pytest.approx(1e-5) and lr(49) == pytest.approx(5e-4)
-    assert lr(99) == pytest.approx(1e-3) and lr(100) == pytest.approx(1e-3)
+    # vit_jax's schedule at optax's update count: the first update (count 0) has lr 0.
+    assert lr(0) == 0.0 and lr(50) == pytest.approx(5e-4)
+    assert lr(99) == pytest.approx(0.99e-3) and lr(100) == pytest.approx(1e-3)
     assert lr(550) == pytest.approx(1e-3 - (1e-3 - 1e-5) * 0.5)
     assert lr(1000) == pytest.approx(1e-5)
     assert all(lr(s) >= lr(s + 1) for s in range(100, 999))
