@@ -93,7 +93,8 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
         if parent:
             tracking.finish_run(tracking_uri, parent, "FAILED")
         raise
-    doc = report.build(cfg, outcome, pretrained.metadata, reference)
+    doc = report.build(cfg, outcome, pretrained.metadata, reference,
+                       dropout=pretrained.config["dropout"])
     doc["split_sizes"], doc["official_splits"] = sizes, not unofficial
     local = Path(cfg.root) if not storage.is_s3(cfg.root) else \
         Path(tempfile.mkdtemp(prefix="vtab-report-"))

@@ -53,9 +53,20 @@ class FinetuneConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
 
+# vit_jax's fine-tuning dropout per model (`vit_jax/configs/models.py`, `dropout_rate`; the
+# attention dropout is 0 for all): 0.1 for L/16, H/14 and R50+B/16, 0 for the others.
+FINETUNE_DROPOUT = {"L/16": 0.1, "H/14": 0.1}
+
+
+def finetune_dropout(cfg: ViTConfig) -> float:
+    """The dropout vit_jax fine-tunes this model with (0 for sizes it does not name)."""
+    return FINETUNE_DROPOUT.get(cfg.variant or "", 0.0)
+
+
 def build_model(config: dict, state: dict[str, torch.Tensor], num_classes: int,
                 resolution: int) -> ViT:
-    """The pre-trained ViT with the fine-tuning head (zero-init, K classes) at `resolution`."""
+    """The pre-trained ViT with the fine-tuning head (zero-init, K classes) at `resolution`;
+    `config` carries the fine-tuning dropout (`finetune_dropout`), not the checkpoint's."""
     model = ViT(ViTConfig.from_dict(config))
     model.load_state_dict(state, strict=True)
     model.reset_head(num_classes)

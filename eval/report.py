@@ -24,9 +24,23 @@ SUMMARY_ROWS = (("natural", "Natural"), ("specialized", "Specialized"),
                 ("mean_of_groups", "Mean of the group means (PETL papers)"))
 
 
-def choices(cfg) -> list[str]:
+REFERENCE_PROTOCOL = "paper: lr 0.01, 2500 steps, mean of 3 runs (ViT App. B.1.1)"
+
+
+def choices(cfg, dropout: float | None = None) -> list[str]:
     """The protocol decisions the paper leaves open, as this run made them."""
     lrs = ", ".join(f"{lr:g}" for lr in cfg.lrs)
+    if cfg.protocol == "paper":
+        selection = "selection: none, lr 0.01 for every task (protocol paper, as Table 9)"
+    else:
+        selection = (f"selection: learning rates {{{lrs}}} fine-tuned on train800, scored on "
+                     f"val200; "
+                     + ("one rate for all tasks, the best on average (ViT)"
+                        if cfg.protocol == "vit" else "the best rate per task (per-task)")
+                     + ("" if len(cfg.lrs) > 1 else " (one rate given: no selection run)"))
+    drop = [] if dropout is None else [
+        f"dropout {dropout:g} while fine-tuning, attention dropout 0 ("
+        + ("--dropout" if cfg.dropout is not None else "vit_jax's value for the model") + ")"]
     return [
         f"resolution {cfg.resolution} px for every task (ViT; not BiT's task-specific sizes, "
         f"not the 224 px of PETL papers)",
@@ -36,10 +50,8 @@ def choices(cfg) -> list[str]:
         "head: the whole pre-training head removed, one zero-initialised linear layer",
         f"optimizer: SGD momentum 0.9, batch {cfg.batch_size}, {cfg.steps} steps, linear "
         f"warmup {cfg.warmup} steps then cosine decay, no weight decay, clip at global norm 1",
-        f"selection: learning rates {{{lrs}}} fine-tuned on train800, scored on val200; "
-        + ("one rate for all tasks, the best on average (ViT)" if cfg.protocol == "vit"
-           else "the best rate per task (per-task)")
-        + ("" if len(cfg.lrs) > 1 else " (one rate given: no selection run)"),
+        selection,
+        *drop,
         f"final: retrained on train800val200 (800 + 200, not TA's first 1000 of trainval), "
         f"top-1 on test; {cfg.seeds} seed(s)"
         + (", mean and sample std" if cfg.seeds > 1 else ""),
@@ -48,8 +60,9 @@ def choices(cfg) -> list[str]:
     ]
 
 
-def build(cfg, outcome: dict, pretrained_meta: dict, reference: str | None = None) -> dict:
-    """The report document (what vtab.json holds)."""
+def build(cfg, outcome: dict, pretrained_meta: dict, reference: str | None = None,
+          dropout: float | None = None) -> dict:
+    """The report document (what vtab.json holds). `dropout`: the fine-tuning dropout used."""
     final = outcome["final"]
     val = {}
     for r in outcome["selection"]:
@@ -79,13 +92,14 @@ def build(cfg, outcome: dict, pretrained_meta: dict, reference: str | None = Non
            "settings": {"resolution": cfg.resolution, "lrs": list(cfg.lrs),
                         "steps": cfg.steps, "warmup_steps": cfg.warmup,
                         "batch_size": cfg.batch_size, "seeds": cfg.seeds,
-                        "protocol": cfg.protocol},
-           "choices": choices(cfg), "pretraining": pretrained_meta,
+                        "protocol": cfg.protocol, "dropout": dropout},
+           "choices": choices(cfg, dropout), "pretraining": pretrained_meta,
            "tasks": tasks, "summary": summary, "summary_std": spread,
            "trials": outcome["selection"] + final}
     if reference:
         ref = REFERENCE[reference]
-        doc["reference"] = {"name": reference,
+        doc["reference"] = {"name": reference, "protocol": REFERENCE_PROTOCOL,
+                            "same_protocol": cfg.protocol == "paper",
                             "summary": summarize({t: ref[t] for t in cfg.tasks})}
     return doc
 
@@ -105,6 +119,11 @@ def table(doc: dict) -> str:
            f"{s['batch_size']}, protocol {s['protocol']}, {s['seeds']} seed(s)"]
     if doc.get("official_splits") is False:
         out.append("  note: not the official VTAB-1k split sizes; not comparable with papers")
+    if ref:
+        out.append(f"  reference {ref['name']}: protocol {ref.get('protocol', '?')}")
+        if not ref.get("same_protocol", True):
+            out.append(f"  note: ours used protocol {s['protocol']}, not the reference's; the "
+                       f"delta mixes model and protocol (use --protocol paper to compare)")
     head = f"{'task':<22}{'group':<13}{'lr':>8}{'val200':>9}  {'top-1 (test)':<16}"
     if ref:
         head += f"{ref['name']:>14}{'delta':>8}"

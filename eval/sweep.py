@@ -33,7 +33,11 @@ from pipeline import storage
 log = logging.getLogger("eval.vtab")
 
 DEFAULT_STORAGE = "~/vit-runs/vtab"
-PROTOCOLS = ("vit", "per-task")
+# paper: ViT App. B.1.1 as Table 9 was made: lr 0.01, 2,500 steps, mean of 3 runs, no sweep.
+# vit: the sweep over learning rates, one for all tasks (best mean on val200); per-task: each
+# task's best rate.
+PROTOCOLS = ("paper", "vit", "per-task")
+PAPER = {"lrs": (0.01,), "steps": 2500, "seeds": 3}
 
 
 class SweepError(RuntimeError):
@@ -53,6 +57,7 @@ class SweepConfig:
     micro_batch_size: int | None = None
     seeds: int = 1
     protocol: str = "vit"
+    dropout: float | None = None             # None: vit_jax's value for the model
     gpus_per_trial: float = 0.25
     cpus_per_trial: float = 1.0
     max_concurrent_trials: int = 0           # 0: as many as the resources allow
@@ -63,7 +68,13 @@ class SweepConfig:
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}; use vit or per-task")
+            raise ValueError(f"unknown protocol {self.protocol!r}; use {', '.join(PROTOCOLS)}")
+        if self.protocol == "paper" and (tuple(self.lrs), self.steps, self.seeds) != (
+                PAPER["lrs"], PAPER["steps"], PAPER["seeds"]):
+            raise ValueError("--protocol paper fixes lr 0.01, 2500 steps and 3 seeds (ViT App. "
+                             "B.1.1); drop --lrs/--steps/--seeds, or use --protocol vit")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"learning rates must be positive, got {list(self.lrs)}")
         if self.seeds < 1:
@@ -120,7 +131,13 @@ def load_pretrained(cfg: SweepConfig) -> Pretrained:
                          f"patch size {patch}; use at least {patch}")
     # Not a multiple (H/14 at the paper's 384 px): the last resolution % patch rows and
     # columns go unused, as in vit_jax (VALID patch convolution; see ViTConfig.grid_size).
-    return Pretrained(model.cfg.to_dict(), read_metadata(cfg.checkpoint),
+    from eval.finetune import finetune_dropout
+
+    # Fine-tuning dropout: vit_jax's per-model value, not whatever the checkpoint was
+    # pretrained with (0.1 for ours, 0.0 for imports), unless --dropout says otherwise.
+    config = {**model.cfg.to_dict(), "attention_dropout": 0.0,
+              "dropout": cfg.dropout if cfg.dropout is not None else finetune_dropout(model.cfg)}
+    return Pretrained(config, read_metadata(cfg.checkpoint),
                       {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 

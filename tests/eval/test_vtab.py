@@ -116,6 +116,13 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
     assert "Mean of tasks (ViT Table 9 \"Mean\")" in out.stdout
     assert "Mean of the group means (PETL papers)" in out.stdout
     assert "vit-l16-i21k" in out.stdout and "95.60" in out.stdout     # EuroSAT reference
+    # A sweep set on the command line is not the reference's protocol: both are named.
+    assert report["settings"]["protocol"] == "vit"
+    assert report["reference"]["protocol"].startswith("paper: lr 0.01, 2500 steps, mean of 3")
+    assert report["reference"]["same_protocol"] is False
+    assert "ours used protocol vit, not the reference's" in out.stdout
+    # The smoke model is no paper variant: vit_jax's fine-tuning dropout for it is 0.
+    assert report["settings"]["dropout"] == 0.0
     csv_lines = (tmp_path / "evals" / "e2e" / "vtab.csv").read_text().splitlines()
     assert csv_lines[0].startswith("task,group,lr,val200,top1,std")
     assert len(csv_lines) == 1 + 3 + 4          # header, tasks, 2 groups + 2 means
@@ -333,3 +340,29 @@ def test_trials_read_the_object_store_not_storage(ray_local, tmp_path):
                         refs, load_pretrained(cfg))
     assert sorted(r["lr"] for r in records) == [0.01, 0.1]
     assert all(r["error"] is None and 0 <= r["top1"] <= 100 for r in records), records
+
+
+def test_reference_defaults_to_the_papers_protocol():
+    from eval.vtab import config_from, parse_args
+
+    base = ["--checkpoint", "c", "--data", "d", "--tasks", "dtd"]
+    paper = config_from(parse_args([*base, "--reference", "vit-l16-i21k"]))
+    assert (paper.protocol, paper.lrs, paper.steps, paper.seeds) == ("paper", (0.01,), 2500, 3)
+    sweep = config_from(parse_args(base))
+    assert (sweep.protocol, sweep.lrs, sweep.seeds) == ("vit", (0.001, 0.003, 0.01, 0.03), 1)
+    mixed = config_from(parse_args([*base, "--reference", "vit-l16-i21k", "--seeds", "1"]))
+    assert mixed.protocol == "vit", "a command that sets the sweep keeps it, named as such"
+    with pytest.raises(ValueError, match="--protocol paper fixes lr 0.01, 2500 steps and 3"):
+        config_from(parse_args([*base, "--protocol", "paper", "--lrs", "0.1"]))
+    assert parse_args([*base, "--dropout", "0.2"]).dropout == 0.2
+
+
+def test_finetune_dropout_is_vit_jax_s_per_model_value():
+    from eval.finetune import finetune_dropout
+    from pipeline.model import ViTConfig
+
+    got = {v: finetune_dropout(ViTConfig.from_variant(v)) for v in
+           ("Ti/16", "S/16", "B/16", "B/32", "L/16", "L/32", "H/14")}
+    # vit_jax/configs/models.py: dropout_rate 0.1 for L/16 and H/14 (L/32 sets it back to 0).
+    assert got == {"Ti/16": 0.0, "S/16": 0.0, "B/16": 0.0, "B/32": 0.0, "L/16": 0.1,
+                   "L/32": 0.0, "H/14": 0.1}
