@@ -70,6 +70,10 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # Tune saves which trials finished every few seconds ("auto"), so a driver killed soon
+    # after a trial finished re-ran that trial on resume. Locally the state is a small file:
+    # save it at every controller step. On S3 every save is a PUT: every 10 s there.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10" if storage.is_s3(cfg.root) else "0")
     tracking_uri = tracking.default_tracking_uri(PIPELINE_ROOT)
     artifact_root = None
     if tracking_uri.startswith("sqlite"):

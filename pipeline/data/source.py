@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("image", "label", "epoch", "shard", "index")
 READS_AHEAD = 2     # shards a read task fetches ahead of the one it decodes
+SYNTHETIC_MAX_BLOCKS = 2048
 
 
 @dataclass(frozen=True)
@@ -532,6 +533,14 @@ def _to_block(rows: dict, max_labels: int = 1) -> dict:
             "index": np.asarray(rows["index"], dtype=np.int32)}
 
 
+def block_bytes(rows: int, image_size: int) -> int:
+    """Ray Data's block size limit for blocks of exactly `rows` rows: the images plus 64
+    bytes a row for the other columns and Arrow's metadata. A looser limit let Ray merge
+    uneven blocks (85 rows of 64), and Ray Train's split then gave workers different
+    samples from run to run even with preserve_order (test_parallel.py)."""
+    return rows * (3 * image_size**2 + 64) + 4096
+
+
 def read_slots(reads: int, read_tasks: int = 0, cpus_per_read: float = 1.0) -> int:
     """How many read tasks: `read_tasks`, else as many as the cluster's CPUs run at once;
     never more than the reads. Not more: a task waiting on the dealer (`ray.get`) lends its
@@ -561,9 +570,9 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
     # left half the CPUs idle (bench/data.py: 0.89k -> 1.34k images/s on 2 CPUs).
     ctx = ray.data.DataContext.get_current()
     ctx.op_resource_reservation_enabled = False
-    # Emit blocks of about `block_rows` images instead of one block per shard, so that the
-    # first batch arrives after a few images, not after a whole shard.
-    ctx.target_max_block_size = cfg.block_rows * 3 * cfg.augment.size**2 + (1 << 16)
+    # Emit blocks of `block_rows` images instead of one block per shard, so that the first
+    # batch arrives after a few images, not after a whole shard.
+    ctx.target_max_block_size = block_bytes(cfg.block_rows, cfg.augment.size)
     manifest = manifest or read_manifest(cfg.uri)
     plan = StreamPlan.from_manifest(manifest, cfg.split, cfg.seed)
     start = start or DataPosition()
@@ -613,7 +622,7 @@ def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int =
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.target_max_block_size = block_rows * 3 * image_size**2 + (1 << 16)  # as shard_dataset
+    ctx.target_max_block_size = block_bytes(block_rows, image_size)
     # The ids left, as [lo, hi) runs of global ids: a partly consumed epoch leaves few runs
     # (its holes and the tail), so the id list itself is never materialised.
     runs = []
@@ -634,9 +643,13 @@ def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int =
         return synthetic_rows(lo[run] + row - begin[run], num_samples, num_classes, image_size,
                               learnable)
 
-    # A bounded number of read tasks, each making its run of ids block by block: Ray Data's
-    # driver cost grows with the number of input blocks, not with their size.
-    ds = ray.data.range(total, override_num_blocks=read_slots(max(1, total // block_rows)))
+    # One input block per `block_rows` ids, up to SYNTHETIC_MAX_BLOCKS (Ray Data's driver
+    # cost grows with the number of input blocks: 2,048 cost ~3 s); longer streams get longer
+    # blocks. Few long blocks would be cheaper still, but then two workers under
+    # `preserve_order` no longer saw the same samples run after run (test_parallel.py: FSDP
+    # and DDP differed from the step after a checkpoint with a probe); not understood yet.
+    ds = ray.data.range(total, override_num_blocks=max(1, min(total // block_rows,
+                                                               SYNTHETIC_MAX_BLOCKS)))
     return ds.map_batches(make, batch_size=block_rows, batch_format="numpy")
 
 

@@ -490,8 +490,10 @@ def probe_features(model, images: np.ndarray, env: WorkerEnv, batch_size: int = 
     feats = []
     for i in range(0, per, batch_size):
         x = to_model_input(torch.from_numpy(mine[i:i + batch_size]).to(env.device))
-        with torch.autocast(env.device.type, dtype=env.amp or torch.float32,
-                            enabled=env.amp is not None):
+        # No graph: a forward with grad on leaves FSDP2 waiting for a backward that never
+        # comes, and the next training step then differed from DDP's (test_parallel.py).
+        with torch.no_grad(), torch.autocast(env.device.type, dtype=env.amp or torch.float32,
+                                             enabled=env.amp is not None):
             feats.append(model(x).float())
     model.train(was_training)
     local = torch.cat(feats)                                           # (per, D)
