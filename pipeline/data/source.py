@@ -665,6 +665,41 @@ def iter_batches(data_iterator, batch_size: int, cfg: InputConfig | None = None,
         local_shuffle_buffer_size=shuffle, local_shuffle_seed=seed if shuffle else None)
 
 
+def load_fewshot_set(uri: str, image_size: int, max_images: int) -> dict:
+    """A downstream set for the few-shot probe, at most `max_images` of each split, resized to
+    the model's resolution: {"train_images", "train_labels", "test_images", "test_labels",
+    "num_classes"}. `uri`: shards with a manifest (train split `train800val200` or `train`,
+    test split `test` or `val`: what `jobs/make_shards.py vtab` or `folder` writes) or a
+    local VTAB-1k task folder (train800val200 and test)."""
+    from pathlib import Path
+
+    from pipeline.data import shards
+
+    if not storage.is_s3(uri) and (Path(uri) / "train800val200.txt").exists():
+        src = shards.vtab_folder(uri)
+        aug, rng = Augment("resize", image_size), np.random.default_rng(0)
+        parts = {}
+        for part, split in (("train", "train800val200"), ("test", "test")):
+            refs = src.splits.get(split, [])[:max_images]
+            parts[f"{part}_images"] = np.stack([decode_and_augment(r.load()[0], aug, rng)
+                                                for r in refs]) if refs else np.zeros(
+                (0, image_size, image_size, 3), np.uint8)
+            parts[f"{part}_labels"] = np.asarray([r.label for r in refs], np.int64)
+        return {**parts, "num_classes": len(src.classes)}
+    manifest = read_manifest(uri)
+    have = manifest["splits"]
+    train = next((s for s in ("train800val200", "train") if s in have), None)
+    test = next((s for s in ("test", "val") if s in have), None)
+    if train is None or test is None:
+        raise DatasetError(f"{uri}: a few-shot set needs a train split (train800val200 or "
+                           f"train) and a test split (test or val); it has {sorted(have)}")
+    tr = load_probe(uri, train, image_size, max_images)
+    te = load_probe(uri, test, image_size, max_images)
+    return {"train_images": tr["images"], "train_labels": tr["labels"],
+            "test_images": te["images"], "test_labels": te["labels"],
+            "num_classes": int(manifest["num_classes"])}
+
+
 def load_probe(uri: str, split: str, image_size: int, max_images: int, seed: int = 0) -> dict:
     """A small labelled set for the few-shot probe, read directly (no Ray Data), resized to
     the model's resolution: {"images": uint8 (n, S, S, 3), "labels": int64 (n,)}. Bad samples

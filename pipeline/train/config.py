@@ -58,9 +58,14 @@ class DataConfig:
     num_cpus_per_read: float = 1.0
     synthetic_samples: int = 4096
     synthetic_classes: int = 10
-    fewshot_split: str = "val"     # split of the same dataset for the few-shot probe ("": off)
+    # Downstream sets of the few-shot probe (big_vision's fewshot_lsr), "name=URI" each: shards
+    # with train(800val200) and test/val splits, or a local VTAB-1k task folder; logged as
+    # fewshot/<name>/<k>shot. None given: the synthetic set for the synthetic source, else
+    # `fewshot_split` of the pretraining data, halved into a train pool and a test set.
+    fewshot_sets: tuple[str, ...] = ()
+    fewshot_split: str = "val"     # the fallback's split of the pretraining data ("": off)
     fewshot_shots: tuple[int, ...] = (1, 5, 10)
-    fewshot_images: int = 1000     # at most this many probe images
+    fewshot_images: int = 1000     # at most this many images per split of each set
     # A local folder where every worker appends "step epoch shard index" for each sample it
     # trains on: an audit of the data order across restarts ("": off).
     trace_dir: str = ""

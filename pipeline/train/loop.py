@@ -26,7 +26,7 @@ from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT
 from pipeline.train import checkpoints, parallel
 from pipeline.train.config import PretrainConfig
-from pipeline.train.fewshot import lsr_accuracy
+from pipeline.train.fewshot import fewshot_accuracy
 from pipeline.train.schedule import learning_rate
 from pipeline.train.step import (
     NonFiniteLoss,
@@ -507,11 +507,15 @@ def probe_features(model, images: np.ndarray, env: WorkerEnv, batch_size: int = 
 
 
 def fewshot_metrics(model, probe: dict, env: WorkerEnv) -> dict:
-    """Closed-form few-shot accuracy of the frozen representation on the probe set (every
-    worker computes features; rank 0 scores them)."""
-    feats = probe_features(model, probe["images"], env)
-    if feats is None:
-        return {}
-    labels = torch.from_numpy(probe["labels"])
-    return {f"fewshot/{probe['name']}/{k}shot": lsr_accuracy(feats, labels, k)
-            for k in probe["shots"]}
+    """big_vision's few-shot linear probe on each downstream set: every worker computes
+    pre-logits for its part of the images, rank 0 fits and scores -> fewshot/<set>/<k>shot."""
+    out = {}
+    for s in probe["sets"]:
+        train = probe_features(model, s["train_images"], env)
+        test = probe_features(model, s["test_images"], env)
+        if train is None:
+            continue
+        for k in probe["shots"]:
+            out[f"fewshot/{s['name']}/{k}shot"] = fewshot_accuracy(
+                train, s["train_labels"], test, s["test_labels"], s["num_classes"], k)
+    return out

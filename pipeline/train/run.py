@@ -117,38 +117,68 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
     d, m = cfg.data, cfg.model
     health_name = f"data-health-{cfg.run.name}"
     if d.source == "synthetic":
-        probe = None
-        if cfg.train.fewshot_every and d.fewshot_split:
-            import numpy as np
-
-            ids = np.arange(min(d.fewshot_images, 50 * d.synthetic_classes)) + 10**9
-            rows = source.synthetic_rows(ids, d.synthetic_samples, d.synthetic_classes,
-                                         m.image_size)
-            probe = {"images": rows["image"], "labels": rows["label"]}
         stream = source.StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
         factory = TrainData(cfg, run_uri, resume, init, None, health_name)
-        return factory, stream, None, None, _probe(probe, "synthetic", d.fewshot_shots)
+        return factory, stream, None, None, _probe(cfg, None)
     manifest = source.read_manifest(d.uri)
     if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
         raise PretrainError(f"the dataset has {manifest['num_classes']} classes but "
                             f"model.num_classes={m.num_classes}; set model.num_classes")
     stream = source.StreamPlan.from_manifest(manifest, d.split, cfg.train.seed)
     health = source.data_health(health_name)     # the driver's handle keeps it alive
-    probe = None
-    if cfg.train.fewshot_every and d.fewshot_split and d.fewshot_split in manifest["splits"]:
-        probe = source.load_probe(d.uri, d.fewshot_split, m.image_size, d.fewshot_images)
-    elif cfg.train.fewshot_every and d.fewshot_split:
-        log.warning("no split %r in %s: the few-shot probe is off", d.fewshot_split, d.uri)
     factory = TrainData(cfg, run_uri, resume, init, manifest, health_name)
-    return factory, stream, manifest, health, _probe(probe, d.fewshot_split, d.fewshot_shots)
+    return factory, stream, manifest, health, _probe(cfg, manifest)
 
 
-def _probe(probe, name, shots):
+def _probe(cfg: PretrainConfig, manifest: dict | None):
+    """The few-shot probe in the object store: {"sets": probe_sets(...), "shots": [...]}, or
+    None when it is off."""
     import ray
 
-    if probe is None or not len(probe["labels"]):
+    if not cfg.train.fewshot_every:
         return None
-    return ray.put({**probe, "name": name, "shots": list(shots)})
+    sets = probe_sets(cfg, manifest)
+    return ray.put({"sets": sets, "shots": list(cfg.data.fewshot_shots)}) if sets else None
+
+
+def probe_sets(cfg: PretrainConfig, manifest: dict | None) -> list[dict]:
+    """The few-shot probe's downstream sets: [{"name", "train_images", "train_labels",
+    "test_images", "test_labels", "num_classes"}] (see `DataConfig.fewshot_sets`)."""
+    import numpy as np
+
+    from pipeline.data import source
+
+    d, size = cfg.data, cfg.model.image_size
+    sets = []
+    for spec in d.fewshot_sets:
+        name, sep, uri = spec.partition("=")
+        if not sep or not name or not uri:
+            raise PretrainError(f"data.fewshot_sets entry {spec!r}: write name=URI (shards or "
+                                f"a VTAB-1k task folder)")
+        sets.append({"name": name, **source.load_fewshot_set(uri, size, d.fewshot_images)})
+    if not sets and d.source == "synthetic":
+        n = min(d.fewshot_images, 50 * d.synthetic_classes)
+        part = {}
+        for which, base in (("train", 10**9), ("test", 2 * 10**9)):
+            rows = source.synthetic_rows(np.arange(n) + base, d.synthetic_samples,
+                                         d.synthetic_classes, size)
+            part[f"{which}_images"], part[f"{which}_labels"] = rows["image"], rows["label"]
+        sets.append({"name": "synthetic", **part, "num_classes": d.synthetic_classes})
+    elif not sets and d.fewshot_split and manifest and d.fewshot_split in manifest["splits"]:
+        pool = source.load_probe(d.uri, d.fewshot_split, size, 2 * d.fewshot_images)
+        half = len(pool["labels"]) // 2
+        log.warning("the few-shot probe draws from the first %d images of %s's %r split "
+                    "(halved: train pool and test set); with many classes few have k images. "
+                    "Give downstream sets with data.fewshot_sets=name=URI,...",
+                    len(pool["labels"]), d.uri, d.fewshot_split)
+        sets.append({"name": d.fewshot_split, "train_images": pool["images"][:half],
+                     "train_labels": pool["labels"][:half],
+                     "test_images": pool["images"][half:], "test_labels": pool["labels"][half:],
+                     "num_classes": int(manifest["num_classes"])})
+    elif not sets and d.fewshot_split:
+        log.warning("no split %r in %s and no data.fewshot_sets: the few-shot probe is off",
+                    d.fewshot_split, d.uri)
+    return [s for s in sets if len(s["train_labels"]) and len(s["test_labels"])]
 
 
 def run_status():

@@ -25,8 +25,8 @@ class Pretrainer(nn.Module):
     parameter (the MPP head and mask token included), and every computation goes through this
     module's `forward`, where FSDP gathers the parameters.
 
-    `forward(images, labels)` -> the mean loss; `forward(images)` -> the representation
-    (B, D) the few-shot probe uses. `head_bias`: the classifier's initial bias
+    `forward(images, labels)` -> the mean loss; `forward(images)` -> the pre-logits (B, D)
+    the few-shot probe uses. `head_bias`: the classifier's initial bias
     (`TrainConfig.head_bias`)."""
 
     def __init__(self, vit: ViT, objective: str, head_bias: float = 0.0):
@@ -39,8 +39,8 @@ class Pretrainer(nn.Module):
         self.mpp = MaskedPatchPrediction(vit.cfg.hidden_size) if objective == "mpp" else None
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if labels is None:
-            return self.vit.forward_features(images)
+        if labels is None:      # the pre-logits, as big_vision's few-shot evaluator reads
+            return self.vit.forward_head(self.vit.forward_features(images), pre_logits=True)
         if self.mpp is not None:
             return self.mpp(self.vit, images)
         logits = self.vit(images)

@@ -13,7 +13,7 @@ import torch
 from pipeline.model import ViT, ViTConfig
 from pipeline.train import checkpoints
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke
-from pipeline.train.fewshot import lsr_accuracy
+from pipeline.train.fewshot import fewshot_accuracy, seed_accuracy
 from pipeline.train.loop import Meter
 from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets
 from pipeline.train.schedule import learning_rate
@@ -101,15 +101,68 @@ def test_mpp_loss_falls():
 
 
 # ---- few-shot probe -------------------------------------------------------------------------
+def big_vision_fewshot(repr_train, labels_train, repr_test, labels_test, num_classes, shots,
+                       seed, l2_reg=2.0**10):
+    """big_vision/evaluators/fewshot_lsr.py transcribed to NumPy: `compute_fewshot_metrics`'
+    draw, `_precompute_cache` (whitening, bias 100, {-1, 1} targets, eigh of the smaller
+    Gram matrix) and `_eig_fewshot_acc_fn`."""
+    rng = np.random.default_rng(seed)
+    class_indices = [rng.permutation(np.where(labels_train == c)[0]) for c in range(num_classes)]
+    all_idx = np.concatenate([indices[:shots] for indices in class_indices], axis=0)
+    x, y = repr_train[all_idx], labels_train[all_idx]
+    mean = np.mean(x, axis=0, keepdims=True)
+    std = np.std(x, axis=0, keepdims=True) + 1e-5
+    x = np.pad((x - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+    y = 2.0 * np.eye(num_classes)[y] - 1.0
+    num_points, dim = x.shape
+    if num_points >= dim:
+        eigs, q = np.linalg.eigh(x.T @ x)
+        rhs, lhs = q.T @ (x.T @ y), q
+    else:
+        eigs, q = np.linalg.eigh(x @ x.T)
+        rhs, lhs = q.T @ y, x.T @ q
+    x_test = np.pad((repr_test - mean) / std, ((0, 0), (0, 1)), constant_values=100.0)
+    w = (lhs * (1.0 / (eigs + l2_reg)).reshape((1, -1))) @ rhs
+    return np.mean(np.argmax(x_test @ w, axis=1) == labels_test)
+
+
+@pytest.mark.parametrize("dim, shots", [(16, 10), (64, 1), (64, 5), (200, 10)])
+def test_fewshot_probe_matches_big_vision(dim, shots):
+    """The same accuracy as big_vision's evaluator on the same features, per seed, in both
+    regimes (more points than dimensions and fewer); a class with fewer than k images."""
+    rng = np.random.default_rng(dim + shots)
+    num_classes = 7
+    labels_train = rng.integers(0, num_classes - 1, 300)   # class 6 absent, others uneven
+    labels_train[:2] = 5                                   # ... and some classes rare
+    centres = rng.normal(0, 1, (num_classes, dim))
+    noise = 0.6 * np.sqrt(dim)          # hard enough that the probe errs in every regime
+    repr_train = centres[labels_train] + rng.normal(0, noise, (300, dim))
+    labels_test = rng.integers(0, num_classes - 1, 150)
+    repr_test = centres[labels_test] + rng.normal(0, noise, (150, dim))
+    accs = []
+    for seed in range(3):
+        ref = big_vision_fewshot(repr_train, labels_train, repr_test, labels_test,
+                                 num_classes, shots, seed)
+        ours = seed_accuracy(torch.from_numpy(repr_train), labels_train,
+                             torch.from_numpy(repr_test), labels_test, num_classes, shots, seed)
+        assert ours == ref, (seed, ours, ref)
+        accs.append(ref)
+    assert fewshot_accuracy(torch.from_numpy(repr_train), labels_train,
+                            torch.from_numpy(repr_test), labels_test, num_classes,
+                            shots) == pytest.approx(np.mean(accs)), "the mean over 3 seeds"
+    assert 1 / num_classes < np.mean(accs) < 1.0, "a probe that learns, not a trivial case"
+
+
 def test_fewshot_probe_separates_separable_features():
     g = torch.Generator().manual_seed(0)
-    labels = torch.arange(5).repeat_interleave(20)
+    labels = np.repeat(np.arange(5), 20)
     centres = torch.randn(5, 16, generator=g) * 3
     feats = centres[labels] + torch.randn(100, 16, generator=g) * 0.5
-    assert lsr_accuracy(feats, labels, shots=5) > 0.95
+    test = centres[labels] + torch.randn(100, 16, generator=g) * 0.5
+    assert fewshot_accuracy(feats, labels, test, labels, 5, shots=5) > 0.95
     noise = torch.randn(100, 16, generator=g)
-    assert lsr_accuracy(noise, labels, shots=5) < 0.5
-    assert math.isnan(lsr_accuracy(feats[:5], labels[:5], shots=5))
+    assert fewshot_accuracy(noise, labels, noise, labels[::-1].copy(), 5, shots=5) < 0.5
+    assert math.isnan(fewshot_accuracy(feats[:0], labels[:0], test, labels, 5, shots=5))
 
 
 # ---- config ---------------------------------------------------------------------------------
@@ -373,3 +426,27 @@ def _fsdp_one_process(device: str, amp):
 def test_fsdp2_in_one_process_matches_the_plain_module():
     for plain, sharded in _fsdp_one_process("cpu", None):
         assert sharded == pytest.approx(plain, rel=1e-5)
+
+
+def test_probe_sets_from_vtab_folders_and_shards(tmp_path):
+    """`data.fewshot_sets`: a VTAB-1k task folder and the shards `make_shards.py vtab` writes
+    from it give the same labels, resized to the model's resolution."""
+    from eval.data import write_synthetic_task
+    from eval.tasks import BY_NAME
+    from jobs.make_shards import main as make_shards
+    from pipeline.train.run import PretrainError, probe_sets
+
+    folder = write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], train=40, val=10,
+                                  test=30, image_size=40)
+    assert make_shards(["vtab", str(folder), str(tmp_path / "shards"), "--no-shuffle"]) == 0
+    cfg = apply_overrides(smoke(), [
+        f"data.fewshot_sets=folder={folder},shards={tmp_path / 'shards'}",
+        "data.fewshot_images=25"])
+    a, b = probe_sets(cfg, None)
+    assert (a["name"], b["name"]) == ("folder", "shards")
+    for s in (a, b):
+        assert s["train_images"].shape == (25, 32, 32, 3) and s["num_classes"] == 10
+        assert len(s["test_labels"]) == 25
+    assert sorted(a["train_labels"]) == sorted(b["train_labels"])
+    with pytest.raises(PretrainError, match="write name=URI"):
+        probe_sets(apply_overrides(smoke(), [f"data.fewshot_sets={folder}"]), None)
