@@ -12,11 +12,11 @@ in parallel, and counted:
     python jobs/make_shards.py index "s3://b/imagenet-val-{000000..000049}.tar" --split val
 
 Each command adds (or replaces) its split in `manifest.json` of the destination (by default
-the folder holding the shards; `--out DIR` when that is not writable, the shards then named
-by full URI). Counting streams each tar once (a tar has no index) and does not decode
-images: bad samples are found, skipped and counted by the training stream as usual. Labels as
-`reader.parse_label` reads them; a set where some sample has several is recorded as
-multi-label (`max_labels`).
+the folder holding the shards; a DST folder after the pattern when that is not writable, the
+shards then named by full URI). Counting streams each tar once (a tar has no index) and
+does not decode images: bad samples are found, skipped and counted by the training stream
+as usual. Labels as `reader.parse_label` reads them; a set where some sample has several
+is recorded as multi-label (`max_labels`).
 """
 
 from __future__ import annotations
