@@ -134,8 +134,9 @@ def load_pretrained(cfg: SweepConfig) -> Pretrained:
     from eval.finetune import finetune_dropout
 
     # Fine-tuning dropout: vit_jax's per-model value, not whatever the checkpoint was
-    # pretrained with (0.1 for ours, 0.0 for imports), unless --dropout says otherwise.
-    config = {**model.cfg.to_dict(), "attention_dropout": 0.0,
+    # pretrained with (0.1 for ours, 0.0 for imports), unless --dropout says otherwise; no
+    # stochastic depth ("No AugReg during fine-tuning", vit_jax configs/augreg.py).
+    config = {**model.cfg.to_dict(), "attention_dropout": 0.0, "drop_path": 0.0,
               "dropout": cfg.dropout if cfg.dropout is not None else finetune_dropout(model.cfg)}
     return Pretrained(config, read_metadata(cfg.checkpoint),
                       {k: v.detach().cpu() for k, v in model.state_dict().items()})

@@ -110,7 +110,7 @@ def load_vit(uri: str | os.PathLike, **overrides) -> ViT:
       - `num_classes=K`: remove the whole head and attach a zero-initialised K-way linear head
         (the fine-tuning head, §3.2);
       - `image_size=S`: resample the position embedding to S (bilinear, as vit_jax);
-      - `dropout`, `attention_dropout`: set for training;
+      - `dropout`, `attention_dropout`, `drop_path`: set for training;
       - `variant="B/16"` or structural fields (`patch_size`, `hidden_size`, `depth`,
         `num_heads`, `mlp_dim`, ...): must agree with the checkpoint (an error otherwise);
         `num_heads` also fills in what a bare state dict cannot tell.
@@ -156,8 +156,8 @@ def _expected_structure(overrides: dict) -> dict:
 def _apply_overrides(model: ViT, overrides: dict) -> ViT:
     num_classes = overrides.pop("num_classes", None)
     image_size = overrides.pop("image_size", None)
-    runtime = {k: overrides.pop(k) for k in ("dropout", "attention_dropout", "norm_eps")
-               if k in overrides}
+    runtime = {k: overrides.pop(k) for k in (
+        "dropout", "attention_dropout", "drop_path", "norm_eps") if k in overrides}
     if overrides:
         raise TypeError(f"load_vit got unknown overrides {sorted(overrides)}")
     if runtime:

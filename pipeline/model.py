@@ -76,6 +76,10 @@ class ViTConfig:
     representation_size: int | None = None
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    # Stochastic depth (Huang et al., 2016; AugReg's "sd"): each residual branch of block i is
+    # dropped for a whole sample with probability drop_path * i / (depth - 1), linear from 0
+    # at the first block to drop_path at the last (big_vision's schedule, models/mlp_mixer.py).
+    drop_path: float = 0.0
     # "token": the class token is the representation (the paper); "gap": mean of all tokens
     # and no class token (big_vision's default, needed to import such checkpoints).
     pool: Literal["token", "gap"] = "token"
@@ -98,7 +102,7 @@ class ViTConfig:
                 f"patch_size={self.patch_size}; choose at least one patch")
         if self.pool not in ("token", "gap"):
             raise ValueError(f"ViTConfig.pool must be 'token' or 'gap', got {self.pool!r}")
-        for name in ("dropout", "attention_dropout"):
+        for name in ("dropout", "attention_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
 
@@ -213,11 +217,23 @@ class MLP(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
-class Block(nn.Module):
-    """Pre-LN encoder block: z' = MSA(LN(z)) + z; z = MLP(LN(z')) + z'."""
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch (B, ...): zero it for a random p of the samples
+    and scale the rest by 1 / (1 - p), so its expectation, and evaluation, are unchanged
+    (timm's and DeiT's form; big_vision's Mixer drops without rescaling)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
 
-    def __init__(self, cfg: ViTConfig):
+
+class Block(nn.Module):
+    """Pre-LN encoder block: z' = MSA(LN(z)) + z; z = MLP(LN(z')) + z'. `drop_path`: this
+    block's stochastic-depth rate."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.attention_dropout, cfg.dropout)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -227,11 +243,12 @@ class Block(nn.Module):
         """(B, N, D) -> (B, N, D); with `first_token_only`, `forward(x)[:, :1]` (B, 1, D)
         without the work whose only use is the other tokens. One entry point for both, so a
         sharding wrapper (FSDP) that gathers parameters around `forward` sees every call."""
+        p, training = self.drop_path, self.training
         if first_token_only:
-            x = x[:, :1] + self.attn.forward_first_query(self.norm1(x))
+            x = x[:, :1] + drop_path(self.attn.forward_first_query(self.norm1(x)), p, training)
         else:
-            x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+            x = x + drop_path(self.attn(self.norm1(x)), p, training)
+        return x + drop_path(self.mlp(self.norm2(x)), p, training)
 
 
 class ViT(nn.Module):
@@ -246,7 +263,8 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "token" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + cfg.num_prefix_tokens, D))
         self.pos_drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(cfg, cfg.drop_path * i / max(cfg.depth - 1, 1)) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.pre_logits = (nn.Linear(D, cfg.representation_size)
                            if cfg.representation_size else None)

@@ -26,6 +26,13 @@ def train_flops_per_image(cfg: ViTConfig) -> float:
     return 3.0 * forward_flops_per_image(cfg)
 
 
+def accelerator_hours(cfg, peak: float = PEAK_BF16["H100"], mfu: float = 0.45) -> float:
+    """Hours of one accelerator a pretraining config takes: train FLOPs per image x the
+    images of `train.total_steps` at `train.global_batch_size`, at `mfu` of `peak`."""
+    images = cfg.train.total_steps * cfg.train.global_batch_size
+    return train_flops_per_image(cfg.model) * images / (peak * mfu) / 3600
+
+
 def peak_flops(device: torch.device | str) -> float:
     """Dense bf16 peak of a CUDA device; raises for devices not in the table."""
     name = torch.cuda.get_device_name(device)

@@ -65,7 +65,7 @@ METADATA_FILE = f"{STATE_DIR}/.metadata"
 FORMAT = "vit-pipeline-train"
 FORMAT_VERSION = 2
 # Config fields that may differ between a checkpoint and the run resuming from it.
-RUNTIME_FIELDS = ("dropout", "attention_dropout")
+RUNTIME_FIELDS = ("dropout", "attention_dropout", "drop_path")
 
 
 def step_dir(run_uri: str, step: int) -> str:

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.data.augreg import LEVELS
 from pipeline.model import ViTConfig
 
 
@@ -52,6 +53,13 @@ class DataConfig:
     uri: str = ""
     split: str = "train"
     augment: Literal["inception", "resize_crop", "resize"] = "inception"
+    # AugReg (Steiner et al., 2021) on the training device, after the read tasks' crop and
+    # flip (pipeline/data/augreg.py): RandAugment with `randaug_layers` ops per image (0: off)
+    # at magnitude `randaug_magnitude` (0-30, the authors' scale of 10), then Mixup with a
+    # Beta(mixup, mixup) ratio (0: off). The paper's named settings: augreg.LEVELS.
+    randaug_layers: int = 0
+    randaug_magnitude: float = 0.0
+    mixup: float = 0.0
     strict: bool = False
     shuffle_buffer: int = 4096
     block_rows: int = 64
@@ -76,6 +84,11 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in ("shards", "synthetic"):
             raise ValueError(f"data.source must be 'shards' or 'synthetic', got {self.source!r}")
+        from pipeline.data.augreg import RandAugment
+
+        RandAugment(self.randaug_layers, self.randaug_magnitude)     # validates both
+        if self.mixup < 0:
+            raise ValueError(f"data.mixup must be >= 0 (0: off), got {self.mixup}")
         if self.source == "shards" and not self.uri:
             raise ValueError("data.uri is required for data.source='shards' (a folder or "
                              "s3:// prefix with manifest.json; see jobs/make_shards.py)")
@@ -169,12 +182,23 @@ class PretrainConfig:
                              f"scale.num_workers={s.num_workers}")
         if t.objective == "mpp" and self.model.pool != "token":
             raise ValueError("masked patch prediction needs model.pool='token'")
+        if t.objective == "mpp" and self.data.mixup:
+            raise ValueError("data.mixup mixes class targets; masked patch prediction has "
+                             "none: set data.mixup=0")
         if self.optim.warmup_steps >= t.total_steps and t.total_steps > 1:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} must be below "
                              f"train.total_steps={t.total_steps}")
 
     def compile_enabled(self, gpu: bool) -> bool:
         return self.train.compile == "on" or (self.train.compile == "auto" and gpu)
+
+    @property
+    def batch_augment(self):
+        """The device-side augmentation (RandAugment, Mixup) of this run."""
+        from pipeline.data.augreg import BatchAugment
+
+        d = self.data
+        return BatchAugment(d.randaug_layers, d.randaug_magnitude, d.mixup)
 
     @property
     def per_worker_batch(self) -> int:
@@ -346,7 +370,7 @@ def vit_b16_i21k() -> PretrainConfig:
 
         ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_i21k \\
             --set data.uri=s3://bucket/imagenet21k --workers 64 --gpus-per-worker 1
-    About 312k steps; ~10k GPU-hours of H100 at 45% MFU.
+    About 312k steps; ~85 H100-hours at 45% MFU (`pipeline.perf.accelerator_hours`).
     """
     return _table3("B/16", 1e-3, 0.03, 0.1, 90 * I21K_STEPS_PER_EPOCH, "i21k", "vit-b16-i21k")
 
@@ -357,7 +381,7 @@ def vit_l16_i21k() -> PretrainConfig:
 
         ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_l16_i21k \
             --set data.uri=s3://bucket/imagenet21k --workers 128 --gpus-per-worker 1
-    About 312k steps; ~35k H100-hours at 45% MFU."""
+    About 312k steps; ~295 H100-hours at 45% MFU."""
     return _table3("L/16", 1e-3, 0.03, 0.1, 90 * I21K_STEPS_PER_EPOCH, "i21k", "vit-l16-i21k")
 
 
@@ -367,7 +391,7 @@ def vit_b16_jft() -> PretrainConfig:
 
         ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_jft \
             --set data.uri=s3://bucket/jft300m --workers 128 --gpus-per-worker 1
-    About 517k steps; ~17k H100-hours at 45% MFU."""
+    About 517k steps; ~140 H100-hours at 45% MFU."""
     return _table3("B/16", 8e-4, 0.1, 0.0, 7 * JFT_STEPS_PER_EPOCH, "jft", "vit-b16-jft")
 
 
@@ -376,7 +400,7 @@ def vit_h14_jft() -> PretrainConfig:
 
         ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_h14_jft \
             --set data.uri=s3://bucket/jft300m --workers 512 --gpus-per-worker 1
-    About 1.03M steps; ~330k H100-hours at 45% MFU (the paper: 2.5k TPUv3-core-days)."""
+    About 1.03M steps; ~2.7k H100-hours at 45% MFU (the paper: 2.5k TPUv3-core-days)."""
     return _table3("H/14", 3e-4, 0.1, 0.0, 14 * JFT_STEPS_PER_EPOCH, "jft", "vit-h14-jft")
 
 
@@ -387,12 +411,71 @@ def vit_b16_mpp() -> PretrainConfig:
 
         ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_mpp \
             --set data.uri=s3://bucket/jft300m --workers 128 --gpus-per-worker 1
-    The paper reports 79.9% ImageNet top-1 after fine-tuning; ~33k H100-hours at 45% MFU."""
+    The paper reports 79.9% ImageNet top-1 after fine-tuning; ~270 H100-hours at 45% MFU."""
     cfg = _table3("B/16", 2e-4, 0.1, 0.0, 1_000_000, "jft", "vit-b16-mpp", decay="cosine")
     return dataclasses.replace(
         cfg, model=cfg.model.replace(num_classes=0, representation_size=None),
         train=dataclasses.replace(cfg.train, objective="mpp", fewshot_every=5000))
 
 
+def _augreg(variant: str, setting: str, wd: float, name: str) -> PretrainConfig:
+    """The AugReg paper's ImageNet-21k recipe (Steiner et al., 2021; big_vision
+    `configs/vit_i21k.py`): 300 epochs at batch 4096; Adam, lr 1e-3, 10k warmup, cosine decay
+    to 0, clipping at global norm 1; sigmoid cross-entropy, head bias -10; Inception crop and
+    flip, then the named `setting`'s RandAugment and Mixup (augreg.LEVELS); dropout and
+    stochastic depth 0; the class-token head without a pre-logits layer (vit_jax's AugReg
+    models). Each preset's setting and weight decay are those of the released checkpoint
+    vit_jax recommends for the size (best ImageNet-21k validation accuracy of the sweep,
+    README "Available ViT models"), e.g. `B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-
+    sd_0.0`. Weight decay is AdamW's (decay lr x wd per step): the paper's wd 0.1 is big_vision's
+    `wd=1e-4`, which its optimizer does not multiply by the base lr."""
+    layers, magnitude, p = LEVELS[setting]
+    return PretrainConfig(
+        model=ViTConfig.from_variant(variant, num_classes=21843),
+        optim=OptimConfig(lr=1e-3, weight_decay=wd, warmup_steps=10_000, decay="cosine",
+                          grad_clip=1.0),
+        data=DataConfig(source="shards", uri="s3://CHANGE-ME/i21k", augment="inception",
+                        randaug_layers=layers, randaug_magnitude=magnitude, mixup=p),
+        train=TrainConfig(total_steps=300 * I21K_STEPS_PER_EPOCH, global_batch_size=4096,
+                          objective="sigmoid", head_bias=-10.0, checkpoint_every=2000,
+                          fewshot_every=5000),
+        scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=8),
+        run=RunConfig(name=name, experiment="vit-pretrain"))
+
+
+def vit_s16_i21k_augreg() -> PretrainConfig:
+    """ViT-S/16 on ImageNet-21k, AugReg (`_augreg`): 300 epochs, "light1" (RandAugment(2, 0),
+    no Mixup), wd 0.03. The released checkpoint reaches 83.73% on ImageNet after fine-tuning
+    at 384 px (vit_jax README).
+
+        ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_s16_i21k_augreg \
+            --set data.uri=s3://bucket/imagenet21k --workers 16 --gpus-per-worker 1
+    About 1.04M steps; ~75 H100-hours at 45% MFU."""
+    return _augreg("S/16", "light1", 0.03, "vit-s16-i21k-augreg")
+
+
+def vit_b16_i21k_augreg() -> PretrainConfig:
+    """ViT-B/16 on ImageNet-21k, AugReg (`_augreg`): 300 epochs, "medium1" (RandAugment(2, 15),
+    Mixup p 0.2), wd 0.1. The released checkpoint reaches 85.49% on ImageNet after
+    fine-tuning at 384 px (vit_jax README).
+
+        ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_i21k_augreg \
+            --set data.uri=s3://bucket/imagenet21k --workers 64 --gpus-per-worker 1
+    About 1.04M steps; ~280 H100-hours at 45% MFU."""
+    return _augreg("B/16", "medium1", 0.1, "vit-b16-i21k-augreg")
+
+
+def vit_l16_i21k_augreg() -> PretrainConfig:
+    """ViT-L/16 on ImageNet-21k, AugReg (`_augreg`): 300 epochs, "strong1" (RandAugment(2, 20),
+    Mixup p 0.5), wd 0.1; FSDP. The released checkpoint reaches 85.59% on ImageNet after
+    fine-tuning at 384 px (vit_jax README).
+
+        ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_l16_i21k_augreg \
+            --set data.uri=s3://bucket/imagenet21k --workers 128 --gpus-per-worker 1
+    About 1.04M steps; ~980 H100-hours at 45% MFU."""
+    return _augreg("L/16", "strong1", 0.1, "vit-l16-i21k-augreg")
+
+
 PRESETS = {f.__name__: f for f in (smoke, vit_b16_i21k, vit_l16_i21k, vit_b16_jft, vit_h14_jft,
-                                   vit_b16_mpp)}
+                                   vit_b16_mpp, vit_s16_i21k_augreg, vit_b16_i21k_augreg,
+                                   vit_l16_i21k_augreg)}

@@ -283,8 +283,7 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
                     np.savetxt(trace, np.vstack([np.full(a.shape[1], progress.step + 1), a]).T,
                                fmt="%d")
                 trace.flush()
-        inputs = [(to_model_input(b["image"].to(env.device, non_blocking=True)),
-                   b["label"].to(env.device, non_blocking=True)) for b in micro]
+        inputs = [model_inputs(b, cfg, env, progress.step, i) for i, b in enumerate(micro)]
         lr = learning_rate(progress.step, cfg.optim.lr, t.total_steps, cfg.optim.warmup_steps,
                            cfg.optim.decay, cfg.optim.end_lr)
         loss, grad_norm = train_step(model, optimizer, inputs, lr, cfg.optim.grad_clip, env.amp)
@@ -316,6 +315,19 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
         if save:
             save_checkpoint(spec, env, model, optimizer, writer, progress, metrics or {})
     return None
+
+
+def model_inputs(batch: dict, cfg: PretrainConfig, env: WorkerEnv, step: int, micro: int):
+    """A micro-batch on the device as the model takes it: images (B, 3, H, W) in [-1, 1] after
+    the device-side augmentation (RandAugment, Mixup; `data.randaug_*`, `data.mixup`), and
+    labels (float targets where Mixup mixed them)."""
+    images = batch["image"].to(env.device, non_blocking=True)
+    labels = batch["label"].to(env.device, non_blocking=True)
+    aug = cfg.batch_augment
+    if not aug.active:
+        return to_model_input(images), labels
+    rng = aug.rng(cfg.train.seed, env.rank, step, micro)
+    return aug(images, labels, cfg.model.num_classes, rng)
 
 
 def save_checkpoint(spec: WorkerSpec, env: WorkerEnv, model, optimizer, writer, progress,

@@ -220,6 +220,86 @@ def test_presets_follow_table_3():
         assert p.optim.grad_clip == (1.0 if "i21k" in name else 0.0), name
 
 
+def test_augreg_presets_are_the_released_checkpoints_recipe():
+    """vit_jax's recommended AugReg checkpoints: S_16-...-aug_light1-wd_0.03,
+    B_16-...-aug_medium1-wd_0.1, L_16-...-aug_strong1-wd_0.1, all 300ep, lr 0.001, do 0,
+    sd 0; big_vision configs/vit_i21k.py for the rest of the recipe."""
+    want = {"vit_s16_i21k_augreg": ("S/16", 0.03, (2, 0, 0.0)),
+            "vit_b16_i21k_augreg": ("B/16", 0.1, (2, 15, 0.2)),
+            "vit_l16_i21k_augreg": ("L/16", 0.1, (2, 20, 0.5))}
+    for name, (variant, wd, (layers, magnitude, mixup)) in want.items():
+        p = PRESETS[name]()
+        assert p.model.variant == variant and p.model.num_classes == 21843, name
+        assert p.model.representation_size is None and p.model.pool == "token", name
+        assert (p.model.dropout, p.model.drop_path) == (0.0, 0.0), name
+        assert (p.optim.lr, p.optim.weight_decay, p.optim.decay, p.optim.warmup_steps,
+                p.optim.grad_clip) == (1e-3, wd, "cosine", 10_000, 1.0), name
+        assert (p.data.randaug_layers, p.data.randaug_magnitude, p.data.mixup) == (
+            layers, magnitude, mixup), name
+        assert p.data.augment == "inception"
+        assert (p.train.objective, p.train.head_bias) == ("sigmoid", -10.0), name
+        epochs = p.train.total_steps * p.train.global_batch_size / 14_197_122
+        assert p.train.global_batch_size == 4096 and 299.9 < epochs <= 300, name
+
+
+def test_preset_costs_in_the_docstrings_are_the_flops():
+    """Each preset's "~N H100-hours" is its training FLOPs at 45% of H100's bf16 peak."""
+    import re
+
+    from pipeline.perf import accelerator_hours
+
+    for name, preset in PRESETS.items():
+        found = re.search(r"~([\d.]+)(k?) H100-hours at 45% MFU", preset.__doc__ or "")
+        if name == "smoke":
+            continue
+        assert found, f"{name}: no cost in its docstring"
+        stated = float(found.group(1)) * (1000 if found.group(2) else 1)
+        assert stated == pytest.approx(accelerator_hours(preset()), rel=0.1), name
+
+
+def test_stochastic_depth_is_linear_over_depth_and_per_sample():
+    from pipeline.model import drop_path
+
+    cfg = smoke().model.replace(depth=5, drop_path=0.2)
+    model = ViT(cfg)
+    assert [b.drop_path for b in model.blocks] == pytest.approx([0, 0.05, 0.1, 0.15, 0.2])
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3, 2)
+    out = drop_path(x, 0.25, training=True)
+    kept = out[:, 0, 0] != 0
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.75))
+    assert torch.all(out[~kept] == 0)
+    assert torch.equal(out, out[:, :1, :1].expand_as(out)), "whole samples, not elements"
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    assert torch.equal(drop_path(x, 0.25, training=False), x)
+    # In eval mode the model is the one without stochastic depth.
+    plain = ViT(cfg.replace(drop_path=0.0))
+    plain.load_state_dict(model.state_dict())
+    images = torch.randn(64, 3, cfg.image_size, cfg.image_size)
+    # (features: the zero-initialised head's logits are 0 either way)
+    assert torch.equal(model.eval().forward_features(images),
+                       plain.eval().forward_features(images))
+    # In training the blocks drop and rescale branches; without drop_path nothing changes.
+    assert not torch.allclose(model.train().forward_features(images),
+                              plain.eval().forward_features(images))
+    assert torch.equal(plain.train().forward_features(images),
+                       plain.eval().forward_features(images))
+    with pytest.raises(ValueError, match="drop_path must be in"):
+        cfg.replace(drop_path=1.0)
+
+
+def test_augreg_settings_are_validated():
+    cfg = apply_overrides(smoke(), ["data.randaug_layers=2", "data.randaug_magnitude=9",
+                                    "data.mixup=0.2", "model.drop_path=0.1"])
+    assert cfg.batch_augment.active and cfg.model.drop_path == 0.1
+    with pytest.raises(ValueError, match="magnitude must be in"):
+        apply_overrides(smoke(), ["data.randaug_magnitude=45"])
+    with pytest.raises(ValueError, match="data.mixup must be >= 0"):
+        apply_overrides(smoke(), ["data.mixup=-1"])
+    with pytest.raises(ValueError, match="masked patch prediction has none"):
+        apply_overrides(PRESETS["vit_b16_mpp"](), ["data.mixup=0.2"])
+
+
 def test_head_bias_starts_the_sigmoid_loss_near_ten():
     cfg = smoke().model.replace(num_classes=1000)
     images = torch.randn(4, 3, cfg.image_size, cfg.image_size)
