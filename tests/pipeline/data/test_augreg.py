@@ -15,8 +15,16 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from scipy import special, stats
 
-from pipeline.data.augreg import (LEVELS, OPS, BatchAugment, RandAugment, apply_op, level,
-                                  mixup, op_argument)
+from pipeline.data.augreg import (
+    LEVELS,
+    OPS,
+    BatchAugment,
+    RandAugment,
+    apply_op,
+    level,
+    mixup,
+    op_argument,
+)
 
 H, W = 40, 56        # not square: rows and columns must not be swapped anywhere
 
@@ -153,7 +161,8 @@ def test_solarize_add_and_cutout_match_the_tf_code():
     centres = [(0, 0), (20, 30), (39, 55), (3, 50)]
     for pad in (0, 6, 25):
         got = ours("Cutout", images, pad, centres)
-        want = np.stack([cutout_reference(im, pad, r, c) for im, (r, c) in zip(images, centres)])
+        want = np.stack([cutout_reference(im, pad, r, c)
+                         for im, (r, c) in zip(images, centres, strict=True)])
         assert np.array_equal(got, want), pad
 
 
