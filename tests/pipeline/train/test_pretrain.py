@@ -68,6 +68,24 @@ def test_two_workers_from_s3_into_mlflow(ray_local, s3, mlflow_server, tmp_path)
 
 
 @pytest.mark.mlflow
+def test_learns_under_randaugment_mixup_and_stochastic_depth(ray_local, mlflow_server,
+                                                             tmp_path):
+    """The AugReg regularisers together (RandAugment(2, 10), Mixup 0.2, stochastic depth 0.1)
+    on the smoke run: the loss still falls and the few-shot probe is far above chance (0.1)."""
+    cfg = cfg_for(tmp_path, "augreg", "data.randaug_layers=2", "data.randaug_magnitude=10",
+                  "data.mixup=0.2", "model.drop_path=0.1", "train.log_every=25")
+    out = pretrain(cfg, tracking_uri=mlflow_server.uri)
+    client = MlflowClient(mlflow_server.uri)
+    loss = [v for _, v in history(client, out.run_id, "train/loss")]
+    assert len(loss) == 6 and loss[-1] < 0.92 * loss[0], f"loss falls: {loss}"
+    assert out.metrics["fewshot/synthetic/1shot"] > 0.3, out.metrics
+    assert out.metrics["fewshot/synthetic/5shot"] > 0.4, out.metrics
+    params = client.get_run(out.run_id).data.params
+    assert (params["data.randaug_layers"], params["data.mixup"], params["model.drop_path"]) == (
+        "2", "0.2", "0.1")
+
+
+@pytest.mark.mlflow
 def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
     # One worker with gradient accumulation: 4 micro-batches of 16 make the global 64.
     first = pretrain(cfg_for(tmp_path, "resume", "train.total_steps=20",

@@ -300,6 +300,28 @@ def test_augreg_settings_are_validated():
         apply_overrides(PRESETS["vit_b16_mpp"](), ["data.mixup=0.2"])
 
 
+def test_the_loop_augments_each_micro_batch_on_the_device():
+    """`model_inputs` (what the training loop feeds the model) applies RandAugment and Mixup
+    when configured, differently per step, micro-batch and rank, and the same on a rerun."""
+    from pipeline.train.loop import WorkerEnv, model_inputs
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8, generator=g),
+             "label": torch.arange(16) % 10}
+    env = WorkerEnv(0, 1, CPU, None, "ddp")
+    plain_x, plain_y = model_inputs(batch, smoke(), env, 0, 0)
+    assert torch.equal(plain_y, batch["label"])
+    cfg = apply_overrides(smoke(), ["data.randaug_layers=2", "data.randaug_magnitude=10",
+                                    "data.mixup=0.5"])
+    x, y = model_inputs(batch, cfg, env, 0, 0)
+    assert y.shape == (16, 10) and torch.allclose(y.sum(1), torch.ones(16))
+    assert not torch.allclose(x, plain_x) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(model_inputs(batch, cfg, env, 0, 0)[0], x), "reproducible"
+    for other in (model_inputs(batch, cfg, env, 1, 0), model_inputs(batch, cfg, env, 0, 1),
+                  model_inputs(batch, cfg, WorkerEnv(1, 2, CPU, None, "ddp"), 0, 0)):
+        assert not torch.equal(other[0], x)
+
+
 def test_head_bias_starts_the_sigmoid_loss_near_ten():
     cfg = smoke().model.replace(num_classes=1000)
     images = torch.randn(4, 3, cfg.image_size, cfg.image_size)
