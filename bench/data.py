@@ -18,6 +18,13 @@ the same cores here (on a cluster they are elsewhere): remote pays for them twic
     python bench/data.py                 # 2 cores, 2000 images of 320 px (written once)
     python bench/data.py --cores 8 --images 8000 --latency-ms 30 --mbps 100
     python bench/data.py --plan          # 90 epochs x 5,000 shards: driver seconds to start
+    python bench/data.py --augment medium1   # AugReg's RandAugment + Mixup: what they cost
+
+With --augment LEVEL (one of pipeline.data.augreg.LEVELS): the device-side augmentation alone
+(images/s on the training device: the GPU when there is one, else one CPU core), and Ray Data
+from local files with and without the consumer applying it to every batch on that device, as
+the training loop does. The read tasks do the same work either way; what AugReg costs is the
+consumer's device time.
 """
 
 from __future__ import annotations
@@ -99,9 +106,11 @@ def bench_dataloader(paths: list[str], cores: int, batch: int) -> tuple[float, f
     return n / wall, first, (time.process_time() - cpu) / wall
 
 
-def bench_ray(uri: str, cores: int, batch: int, during=None) -> tuple[float, float, float]:
+def bench_ray(uri: str, cores: int, batch: int, during=None, consume=None
+              ) -> tuple[float, float, float]:
     """-> (images/s, seconds to the first batch, cores the consuming process used).
-    `during`: a context manager entered for the timed part (after the first batch)."""
+    `during`: a context manager entered for the timed part (after the first batch);
+    `consume`: a function the consumer applies to each batch (the trainer's device work)."""
     import ray
 
     from pipeline.data.source import InputConfig, shard_dataset
@@ -129,6 +138,8 @@ def bench_ray(uri: str, cores: int, batch: int, during=None) -> tuple[float, flo
             t_first, cpu = time.perf_counter(), time.process_time()
             for b in iter_batches:
                 n += len(b["image"])
+                if consume is not None:
+                    consume(b)
             wall = time.perf_counter() - t_first
         return n / wall, first, (time.process_time() - cpu) / wall
     finally:
@@ -254,6 +265,83 @@ def throughput(args) -> None:
     print(f"Ray time to first batch:     {local_first:.2f} s local, {remote_first:.2f} s remote")
 
 
+def augment_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def augmenter(name: str, device):
+    """The training loop's device work on a batch: upload, AugReg `name`, scale to [-1, 1]."""
+    import torch
+
+    from pipeline.data.augreg import level
+
+    aug, step = level(name), iter(range(1 << 62))
+
+    def apply(batch):
+        images = batch["image"].to(device, non_blocking=True)
+        x, _ = aug(images, batch["label"].to(device), 1000, aug.rng(0, 0, next(step), 0))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return x
+    return apply
+
+
+def bench_augment_alone(name: str, device, batch: int, rounds: int = 6) -> float:
+    """images/s of AugReg `name` alone on uint8 224-px batches on `device` (on CPU with one
+    thread, set by the caller: comparable with the raw decode of one core)."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, AUG.size, AUG.size, 3), dtype=torch.uint8,
+                           generator=g)
+    apply = augmenter(name, device)
+    fake = {"image": images, "label": torch.zeros(batch, dtype=torch.long)}
+    apply(fake)                                      # warm-up (kernels, allocator)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        apply(fake)
+    return rounds * batch / (time.perf_counter() - start)
+
+
+def augment_cost(args) -> None:
+    root = Path(args.data) / f"{args.images}x{args.image_size}-2mb"
+    manifest = make_data(root, args.images, args.image_size)
+    paths = shard_paths(root, manifest)
+    device = augment_device()
+    from pipeline.data.augreg import LEVELS
+
+    layers, magnitude, p = LEVELS[args.augment]
+    print(f"{args.images} JPEGs of {args.image_size}px; {AUG.size}px inception crops + flip; "
+          f"batch {args.batch_size}; {args.cores} cores; AugReg {args.augment!r}: "
+          f"RandAugment({layers}, {magnitude}), Mixup p={p:g}, on {device}")
+    import torch
+
+    torch.set_num_threads(1)    # the consumer: one thread, as a trainer feeding a GPU uses
+    raw = bench_raw(paths, limit=min(args.images, 1000))
+    alone = bench_augment_alone(args.augment, device, args.batch_size)
+    plain, _, plain_cpu = bench_ray(str(root), args.cores, args.batch_size)
+    augd, _, aug_cpu = bench_ray(str(root), args.cores, args.batch_size,
+                                 consume=augmenter(args.augment, device))
+    c = args.cores
+    where = "1 GPU" if device.type == "cuda" else "1 core"
+    print(f"{'':<46}{'images/s':>10}{'per core':>10}{'consumer':>10}{'per core left':>15}")
+    print(f"{'raw decode+crop (1 core)':<46}{raw:>10.1f}{raw:>10.1f}{'-':>10}{'-':>15}")
+    print(f"{f'AugReg {args.augment} alone ({where})':<46}{alone:>10.1f}{'-':>10}{'-':>10}"
+          f"{'-':>15}")
+    for label, rate, cons in ((f"Ray Data, local files ({c} CPUs)", plain, plain_cpu),
+                              (f"  + AugReg on the consumer's {device.type}", augd, aug_cpu)):
+        print(f"{label:<46}{rate:>10.1f}{rate / c:>10.1f}{cons:>10.2f}"
+              f"{rate / max(c - cons, 0.1):>15.1f}")
+    print(f"AugReg alone / raw decode per core:          {alone / raw:.2f}")
+    print(f"with / without AugReg, per core left:        "
+          f"{(augd / max(c - aug_cpu, 0.1)) / (plain / max(c - plain_cpu, 0.1)):.3f}"
+          f"   (goal >= 0.9: the read tasks are not slowed)")
+    print(f"with / without AugReg, images/s:             {augd / plain:.3f}"
+          + ("" if device.type == "cuda" else "   (on CPU the consumer's augmentation "
+             "takes cores the decoders would use)"))
+
+
 def plan_cost(args) -> None:
     """Driver seconds from building the stream of `epochs` x `shards` reads to its first
     row: today's reader (bounded read tasks that compute the plan) against the stream as it
@@ -326,8 +414,15 @@ def main():
     ap.add_argument("--baseline-fraction", type=float, default=0.1,
                     help="--plan: build the old stream for this fraction of the epochs and "
                          "scale linearly (1: all of it, minutes)")
+    ap.add_argument("--augment", metavar="LEVEL",
+                    help="measure AugReg's device-side augmentation at this named level")
     args = ap.parse_args()
-    plan_cost(args) if args.plan else throughput(args)
+    if args.plan:
+        plan_cost(args)
+    elif args.augment:
+        augment_cost(args)
+    else:
+        throughput(args)
 
 
 if __name__ == "__main__":
