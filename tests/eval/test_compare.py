@@ -27,6 +27,7 @@ def _run(client, experiment, name, params, metrics, histories=()):
     return run.info.run_id
 
 
+@pytest.mark.slow
 def test_vtab_and_pretraining_runs_side_by_side(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server.uri)
     tag = uuid.uuid4().hex[:6]

@@ -57,6 +57,7 @@ def _fingerprint(encoded):
                   for img, label in zip(encoded.images, encoded.labels, strict=True))
 
 
+@pytest.mark.slow
 @pytest.mark.s3
 def test_shards_and_folder_layout_on_s3_give_the_same_data(tmp_path, s3):
     """The same generated task three ways: the folder layout locally, the folder layout on

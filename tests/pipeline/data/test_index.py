@@ -74,6 +74,7 @@ def test_index_a_brace_pattern_on_s3_without_touching_the_shards(s3, tmp_path):
     assert "max_labels" not in manifest and info["num_skipped"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.s3
 def test_stream_from_an_index_kept_apart_from_read_only_shards(ray_local, s3, tmp_path):

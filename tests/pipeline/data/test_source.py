@@ -201,6 +201,7 @@ def test_synthetic_plan_is_one_shard_per_epoch():
     assert half.advance(plan, [0] * 50, [0] * 50, range(1, 100, 2)) == DataPosition(1, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.s3
 def test_every_key_once_per_epoch_across_two_workers_from_s3(ray_local, s3, tmp_path):
@@ -229,6 +230,7 @@ def test_every_key_once_per_epoch_across_two_workers_from_s3(ray_local, s3, tmp_
             assert label == truth[(s, i)], "labels intact"
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_same_seed_same_stream(ray_local, tmp_path):
     src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
@@ -263,6 +265,7 @@ def bad_dataset(root: Path) -> tuple[dict, int]:
     return manifest, 4
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_bad_data_is_skipped_and_counted_through_ray(ray_local, tmp_path):
     import ray
@@ -280,6 +283,7 @@ def test_bad_data_is_skipped_and_counted_through_ray(ray_local, tmp_path):
     assert any(r.startswith("a.tar:k001: corrupt image") for r in summary["recent"])
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_strict_mode_fails_the_run_naming_shard_and_key(ray_local, tmp_path):
     bad_dataset(tmp_path / "d")
@@ -304,6 +308,7 @@ def test_synthetic_source_has_the_same_interface(ray_local):
     assert {r["label"] for r in rows} == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_a_resumed_stream_delivers_exactly_the_rest(ray_local, tmp_path):
     """Stream two epochs, 'train' on a random part of it (a prefix with holes, a read done

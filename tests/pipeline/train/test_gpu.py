@@ -51,3 +51,19 @@ def test_fsdp2_bf16_mixed_precision_on_one_gpu_matches_the_plain_step():
 
     for plain, sharded in _fsdp_one_process("cuda", torch.bfloat16):
         assert sharded == pytest.approx(plain, rel=2e-2)
+
+
+def test_augreg_on_the_gpu_equals_the_cpu():
+    """RandAugment + Mixup on a CUDA batch give what they give on the CPU (same draws; the
+    8-bit rounding absorbs float differences up to a level)."""
+    from pipeline.data.augreg import BatchAugment
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 224, 224, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 1000, (256,), generator=g)
+    aug = BatchAugment(2, 15, 0.2)
+    x_cpu, y_cpu = aug(images, labels, 1000, aug.rng(0, 0, 0, 0))
+    x_gpu, y_gpu = aug(images.cuda(), labels.cuda(), 1000, aug.rng(0, 0, 0, 0))
+    levels = ((x_gpu.cpu() - x_cpu).abs() * 127.5)
+    assert levels.max() <= 1.01 and (levels > 0.5).float().mean() < 1e-3
+    assert torch.allclose(y_gpu.cpu(), y_cpu)

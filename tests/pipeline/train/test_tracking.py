@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import tracking
 
 
+@pytest.mark.slow
 @pytest.mark.mlflow
 def test_outage_buffers_and_flushes(tmp_path, caplog):
     from tests.conftest import MlflowServer
