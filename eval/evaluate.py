@@ -20,27 +20,13 @@ from pipeline import storage
 from pipeline.checkpoint import CheckpointError
 from pipeline.data.shards import DatasetError
 from pipeline.storage import StorageError
+from pipeline.train.checkpoints import resolve_checkpoint
 
 log = logging.getLogger("eval.vtab")
 
 USER_ERRORS = (SweepError, CheckpointError, TaskDataError, DatasetError, StorageError,
                FinetuneError)
 PIPELINE_ROOT = "~/vit-runs"     # the MLflow store pretraining uses, so runs can be compared
-
-
-def resolve_checkpoint(uri: str) -> str:
-    """A pretraining run's folder (`<storage>/<run name>`) stands for its newest complete
-    checkpoint; anything else is taken as it is."""
-    from pipeline.checkpoint import read_metadata
-    from pipeline.train.checkpoints import latest as latest_complete
-
-    if "/" not in uri.rstrip("/") or read_metadata(uri):
-        return uri
-    latest = latest_complete(uri.rstrip("/"))
-    if latest:
-        log.info("%s is a pretraining run: evaluating its newest checkpoint %s", uri, latest)
-        return latest
-    return uri
 
 
 def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None = None

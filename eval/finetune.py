@@ -173,7 +173,8 @@ def _accumulate(model: ViT, batch: torch.Tensor, targets: torch.Tensor, micro: i
     """Forward + backward over the batch in micro-batches; gradients of the batch mean."""
     total, B = 0.0, batch.shape[0]
     for lo in range(0, B, micro):
-        x = to_model_input(batch[lo:lo + micro].to(device, non_blocking=True))
+        x = to_model_input(batch[lo:lo + micro].to(device, non_blocking=True),
+                           model.cfg.input_mean, model.cfg.input_std)
         y = targets[lo:lo + micro].to(device, non_blocking=True)
         with _autocast(device):
             logits = model(x)
@@ -192,7 +193,8 @@ def predict(model: ViT, chunks: Iterable[np.ndarray], device: torch.device | str
     preds = []
     for chunk in chunks:
         for lo in range(0, len(chunk), batch_size):
-            x = to_model_input(torch.tensor(chunk[lo:lo + batch_size]).to(device))  # a copy
+            x = to_model_input(torch.tensor(chunk[lo:lo + batch_size]).to(device),  # a copy
+                               model.cfg.input_mean, model.cfg.input_std)
             with _autocast(device):
                 logits = model(x)
             preds.append(logits.float().argmax(-1).cpu().numpy())

@@ -111,6 +111,8 @@ def load_vit(uri: str | os.PathLike, **overrides) -> ViT:
         (the fine-tuning head, §3.2);
       - `image_size=S`: resample the position embedding to S (bilinear, as vit_jax);
       - `dropout`, `attention_dropout`, `drop_path`: set for training;
+      - `input_mean`, `input_std`: the input normalisation, where the files do not state it
+        (a bare state dict; the default is [-1, 1], the authors' and timm's `vit_*`);
       - `variant="B/16"` or structural fields (`patch_size`, `hidden_size`, `depth`,
         `num_heads`, `mlp_dim`, ...): must agree with the checkpoint (an error otherwise);
         `num_heads` also fills in what a bare state dict cannot tell.
@@ -119,7 +121,7 @@ def load_vit(uri: str | os.PathLike, **overrides) -> ViT:
     expected = _expected_structure(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = storage.fetch(uri, tmp)
+            path = hub_snapshot(uri) if uri.startswith(HUB_SCHEME) else storage.fetch(uri, tmp)
         except storage.StorageError as err:
             if "no such object" in str(err) or "nothing found" in str(err):
                 raise CheckpointError(f"checkpoint not found: {uri}") from None
@@ -129,6 +131,33 @@ def load_vit(uri: str | os.PathLike, **overrides) -> ViT:
         state, cfg_fields, source = _read_any(path, uri, expected.get("num_heads"))
     model = _build(state, cfg_fields, uri, source, expected)
     return _apply_overrides(model, overrides)
+
+
+HUB_SCHEME = "hf://"
+
+
+def hub_snapshot(uri: str) -> Path:
+    """`hf://org/name[@revision]` -> the local directory of that Hugging Face Hub repository,
+    through `huggingface_hub`'s cache (HF_HOME / HF_HUB_CACHE): downloaded once, then read
+    from the cache; with HF_HUB_OFFLINE=1 only the cache is used."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    name, _, revision = uri[len(HUB_SCHEME):].partition("@")
+    try:
+        return Path(snapshot_download(name, revision=revision or None, allow_patterns=[
+            "*.json", "*.safetensors", "pytorch_model.bin"]))
+    except HFValidationError as err:
+        raise CheckpointError(f"{uri}: not a Hugging Face Hub name (org/name[@revision]): "
+                              f"{str(err).splitlines()[0]}") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{uri}: not in the Hugging Face cache and the Hub cannot be "
+                              f"reached (HF_HUB_OFFLINE or no network); download it where "
+                              f"there is network, or point HF_HUB_CACHE at a filled cache"
+                              ) from None
+    except Exception as err:  # noqa: BLE001 - repository not found, auth, network: one line
+        raise CheckpointError(f"{uri}: cannot fetch from the Hugging Face Hub: "
+                              f"{str(err).splitlines()[0][:200]}") from None
 
 
 def read_metadata(uri: str | os.PathLike) -> dict:
@@ -157,7 +186,8 @@ def _apply_overrides(model: ViT, overrides: dict) -> ViT:
     num_classes = overrides.pop("num_classes", None)
     image_size = overrides.pop("image_size", None)
     runtime = {k: overrides.pop(k) for k in (
-        "dropout", "attention_dropout", "drop_path", "norm_eps") if k in overrides}
+        "dropout", "attention_dropout", "drop_path", "norm_eps", "input_mean", "input_std")
+        if k in overrides}
     if overrides:
         raise TypeError(f"load_vit got unknown overrides {sorted(overrides)}")
     if runtime:
@@ -301,6 +331,8 @@ def _read_dir(path: Path, uri: str, num_heads: int | None):
                if (path / n).exists()]
     if (path / "config.json").exists():
         hf = json.loads((path / "config.json").read_text())
+        if "architecture" in hf and "model_type" not in hf:       # timm's hub layout
+            return _read_timm_dir(path, hf, uri, num_heads)
         if hf.get("model_type") != "vit":
             raise CheckpointError(f"{uri} is not a ViT checkpoint: config.json has model_type="
                                   f"{hf.get('model_type')!r}, expected 'vit'")
@@ -308,7 +340,14 @@ def _read_dir(path: Path, uri: str, num_heads: int | None):
             raise CheckpointError(f"{uri}: config.json found but no model.safetensors or "
                                   f"pytorch_model.bin beside it")
         state, _, source = _read_file(weights[0], uri, num_heads)
-        return state, _hf_config_fields(hf), "Hugging Face"
+        fields = _hf_config_fields(hf)
+        if (path / "preprocessor_config.json").exists():
+            pre = json.loads((path / "preprocessor_config.json").read_text())
+            if pre.get("do_normalize", True) and "image_mean" in pre:
+                fields.update(input_mean=pre["image_mean"], input_std=pre["image_std"])
+            elif not pre.get("do_normalize", True):
+                fields.update(input_mean=(0.0,) * 3, input_std=(1.0,) * 3)
+        return state, fields, "Hugging Face"
     if weights:
         return _read_file(weights[0], uri, num_heads)
     files = sorted(p.name for p in path.iterdir())
@@ -316,6 +355,26 @@ def _read_dir(path: Path, uri: str, num_heads: int | None):
         raise CheckpointError(f"checkpoint not found: {uri} is an empty directory")
     raise CheckpointError(f"{uri} is not a ViT checkpoint: no {CONFIG_FILE}, config.json, "
                           f"model.safetensors or pytorch_model.bin in {_short(files, 5)}")
+
+
+def _read_timm_dir(path: Path, doc: dict, uri: str, num_heads: int | None):
+    """A directory as timm's `save_for_hf` / the Hub writes it: config.json with
+    `architecture`, `model_args` and `pretrained_cfg` (mean / std), and the weights."""
+    if not str(doc["architecture"]).startswith("vit_"):
+        raise CheckpointError(f"{uri} is not a ViT checkpoint: timm architecture "
+                              f"{doc['architecture']!r}")
+    weights = [path / n for n in ("model.safetensors", "pytorch_model.bin")
+               if (path / n).exists()]
+    if not weights:
+        raise CheckpointError(f"{uri}: config.json found but no model.safetensors or "
+                              f"pytorch_model.bin beside it")
+    state, fields, _ = _read_file(weights[0], uri, num_heads)
+    args, pre = doc.get("model_args", {}), doc.get("pretrained_cfg", {})
+    if "num_heads" in args:
+        fields["num_heads"] = args["num_heads"]
+    # timm's vit_* default (IMAGENET_INCEPTION_MEAN / STD) when the config does not say
+    fields.update(input_mean=pre.get("mean", (0.5,) * 3), input_std=pre.get("std", (0.5,) * 3))
+    return state, fields, "timm"
 
 
 def _read_file(path: Path, uri: str, num_heads: int | None):
@@ -572,3 +631,149 @@ def _unstack_scanned(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for i in range(value.shape[0]):
             out[f"Transformer/encoderblock_{i}/{key[len(pre):]}"] = value[i]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: our weights in the layouts of Hugging Face transformers and timm
+# ---------------------------------------------------------------------------------------------
+EXPORT_FORMATS = ("hf", "timm")
+_TIMM_SIZES = {"Ti": "tiny", "S": "small", "B": "base", "L": "large", "H": "huge"}
+
+
+def export_vit(uri: str | os.PathLike, out: str | os.PathLike, format: str = "hf") -> str:
+    """Write the ViT at `uri` (any format `load_vit` reads) as a directory another library
+    loads as it is; -> out.
+
+    - `hf`: `config.json`, `model.safetensors` and `preprocessor_config.json` for
+      `transformers`. A model with a classifier and no pre-logits layer becomes a
+      `ViTForImageClassification` (same logits); one with the tanh pre-logits layer becomes a
+      `ViTModel` whose pooler is that layer (`pooler_output` = our pre-logits): transformers'
+      classifier reads the class token, not the pooler, so our head on top of the pre-logits
+      has no place there and is left out (the `timm` export cannot hold it either; our format
+      keeps it). Weights use the names of the checkpoints on the Hub (transformers 4.x), which
+      transformers 5.x also loads. GAP models have no Hugging Face ViT equivalent: an error.
+    - `timm`: `model.safetensors` with the state-dict names of timm's `VisionTransformer`
+      and `config.json` as timm's `save_for_hf` writes it (`architecture`, `model_args`,
+      `pretrained_cfg` with mean / std), so `timm.create_model("hf-hub:...")` or
+      `create_model(arch, pretrained_cfg_overlay=dict(file=...), **model_args)` builds it.
+      GAP models get `global_pool="avg", class_token=False, fc_norm=False` (the final norm
+      before pooling, as big_vision). timm has no pre-logits layer: an error for such models.
+
+    The input normalisation (`ViTConfig.input_mean` / `input_std`) goes into the
+    preprocessor config (hf) or the pretrained config (timm)."""
+    if format not in EXPORT_FORMATS:
+        raise CheckpointError(f"unknown export format {format!r}; use one of "
+                              f"{', '.join(EXPORT_FORMATS)}")
+    model = load_vit(uri)
+    cfg, state = model.cfg, {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if format == "hf":
+        tensors, files = _hf_export(cfg, state, str(uri))
+    else:
+        tensors, files = _timm_export(cfg, state, str(uri))
+    out = str(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, doc in files.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(doc, f, indent=2)
+        if storage.is_s3(out):
+            storage.upload_dir(tmp, out, last=("config.json",))
+        else:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            for name in ["model.safetensors", *files]:
+                shutil.copyfile(os.path.join(tmp, name), Path(out) / name)
+    return out
+
+
+# Our block parameter names -> transformers 4.x's (under encoder.layer.N.), as on the Hub.
+_HF_BLOCK_OUT = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.",
+                 "attn.proj.": "attention.output.dense.", "mlp.fc1.": "intermediate.dense.",
+                 "mlp.fc2.": "output.dense."}
+
+
+def _hf_export(cfg: ViTConfig, state: dict, uri: str):
+    if cfg.pool != "token":
+        raise CheckpointError(f"{uri}: a global-average-pool ViT has no Hugging Face "
+                              f"ViTModel equivalent (it always has a class token); export "
+                              f"with format='timm'")
+    D = cfg.hidden_size
+    body = {}
+    for key, value in state.items():
+        if m := re.match(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key):
+            for part, name in zip(value.split(D, 0), ("query", "key", "value"), strict=True):
+                body[f"encoder.layer.{m.group(1)}.attention.attention.{name}.{m.group(2)}"] = \
+                    part.contiguous()
+            continue
+        if m := re.match(r"blocks\.(\d+)\.(\w+\.\w+\.|norm[12]\.)(weight|bias)$", key):
+            name = _HF_BLOCK_OUT[m.group(2)]
+            body[f"encoder.layer.{m.group(1)}.{name}{m.group(3)}"] = value
+            continue
+        hf_key = next((k for k, v in _HF_TOP.items() if v == key), None)
+        if hf_key is None:
+            raise CheckpointError(f"{uri}: no Hugging Face name for {key}")
+        body[hf_key] = value
+    classify = cfg.num_classes > 0 and not cfg.representation_size
+    if classify:
+        tensors = {(k if k.startswith("classifier.") else f"vit.{k}"): v for k, v in body.items()}
+        arch = "ViTForImageClassification"
+    else:
+        tensors = {k: v for k, v in body.items() if not k.startswith("classifier.")}
+        arch = "ViTModel"
+    config = {
+        "architectures": [arch], "model_type": "vit",
+        "hidden_size": D, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.mlp_dim, "hidden_act": "gelu", "layer_norm_eps": cfg.norm_eps,
+        "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+        "num_channels": cfg.num_channels, "qkv_bias": True, "encoder_stride": cfg.patch_size,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02, "torch_dtype": "float32",
+    }
+    if cfg.representation_size:
+        config.update(pooler_output_size=cfg.representation_size, pooler_act="tanh")
+    if classify:
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_classes)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_classes)}
+    preprocessor = {
+        "image_processor_type": "ViTImageProcessor", "do_resize": True,
+        "size": {"height": cfg.image_size, "width": cfg.image_size}, "resample": 2,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(cfg.input_mean), "image_std": list(cfg.input_std),
+    }
+    return tensors, {"config.json": config, "preprocessor_config.json": preprocessor}
+
+
+def _timm_export(cfg: ViTConfig, state: dict, uri: str):
+    if cfg.representation_size:
+        raise CheckpointError(f"{uri}: timm's VisionTransformer has no pre-logits "
+                              f"(representation) layer; export with format='hf' (it becomes "
+                              f"the pooler) or fine-tune without it")
+    tensors = {}
+    for key, value in state.items():
+        key = key.replace("patch_embed.", "patch_embed.proj.", 1) if key.startswith(
+            "patch_embed.") else key
+        tensors[key] = value
+    variant = cfg.variant
+    size = _TIMM_SIZES[variant.split("/")[0]] if variant else "base"
+    arch = f"vit_{size}_patch{cfg.patch_size}_{cfg.image_size}"
+    gap = cfg.pool == "gap"
+    model_args = {"img_size": cfg.image_size, "patch_size": cfg.patch_size,
+                  "embed_dim": cfg.hidden_size, "depth": cfg.depth,
+                  "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_dim / cfg.hidden_size,
+                  "in_chans": cfg.num_channels, "num_classes": cfg.num_classes,
+                  "class_token": not gap, "global_pool": "avg" if gap else "token"}
+    if gap:
+        model_args["fc_norm"] = False
+    config = {
+        "architecture": arch, "num_classes": cfg.num_classes,
+        "num_features": cfg.hidden_size, "global_pool": model_args["global_pool"],
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [cfg.num_channels, cfg.image_size, cfg.image_size],
+            "fixed_input_size": True, "interpolation": "bilinear", "crop_pct": 1.0,
+            "crop_mode": "center", "mean": list(cfg.input_mean), "std": list(cfg.input_std),
+            "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
+            "classifier": "head"},
+    }
+    return tensors, {"config.json": config}

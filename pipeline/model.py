@@ -84,8 +84,22 @@ class ViTConfig:
     # and no class token (big_vision's default, needed to import such checkpoints).
     pool: Literal["token", "gap"] = "token"
     norm_eps: float = 1e-6
+    # The input normalisation the weights expect, per channel on [0, 1] pixels:
+    # (x / 255 - mean) / std. The authors' models (and ours) take [-1, 1]: mean = std = 0.5.
+    # Imports take their source's (a preprocessor or timm pretrained config); fine-tuning, the
+    # few-shot probe and the exports honour it.
+    input_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    input_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     def __post_init__(self):
+        for name in ("input_mean", "input_std"):        # JSON gives lists
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != self.num_channels:
+                raise ValueError(f"ViTConfig.{name} needs one value per channel "
+                                 f"({self.num_channels}), got {list(value)}")
+            object.__setattr__(self, name, value)
+        if min(self.input_std) <= 0:
+            raise ValueError(f"ViTConfig.input_std must be positive, got {self.input_std}")
         for name in ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim",
                      "image_size", "num_channels"):
             if int(getattr(self, name)) <= 0:

@@ -280,9 +280,13 @@ class BatchAugment:
         return np.random.default_rng([seed, rank, step, micro, 0x5A17])
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, H, W, 3) on the device and labels -> model input (B, 3, H, W) in [-1, 1]
-        and labels (float (B, K) targets when Mixup mixed them)."""
+                 rng: np.random.Generator, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (B, H, W, 3) on the device and labels -> model input (B, 3, H, W),
+        normalised with `mean` / `std` (default: [-1, 1]), and labels (float (B, K) targets
+        when Mixup mixed them)."""
+        from pipeline.data.transforms import normalise
+
         x = images.permute(0, 3, 1, 2).float().div_(255)
         if self.randaug_layers:
             ra = RandAugment(self.randaug_layers, self.randaug_magnitude, x.shape[-1])
@@ -291,7 +295,7 @@ class BatchAugment:
             from pipeline.train.objectives import multi_hot
 
             x, labels, _ = mixup(x, multi_hot(labels, num_classes), self.mixup, rng)
-        return x.mul_(2).sub_(1), labels
+        return normalise(x, mean, std), labels
 
 
 def level(name: str) -> BatchAugment:

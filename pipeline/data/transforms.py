@@ -118,9 +118,20 @@ def decode_and_augment(data: bytes, aug: Augment, rng: np.random.Generator) -> n
     return augment(decode(data, draft_to=draft), aug, rng)
 
 
-def to_model_input(images):
-    """uint8 (B, H, W, 3) torch tensor -> float (B, 3, H, W) in [-1, 1], on its device."""
+def to_model_input(images, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """uint8 (B, H, W, 3) torch tensor -> float (B, 3, H, W) on its device, normalised as the
+    model expects (`ViTConfig.input_mean` / `input_std`): (x / 255 - mean) / std; the default
+    gives [-1, 1] as in vit_jax and big_vision."""
     import torch
 
     x = images.permute(0, 3, 1, 2).to(torch.float32)
-    return x.sub_(127.5).div_(127.5)
+    return normalise(x.div_(255), mean, std)
+
+
+def normalise(x01, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """float (B, 3, H, W) on [0, 1] -> (x - mean) / std per channel, in place."""
+    if tuple(mean) == (0.5, 0.5, 0.5) and tuple(std) == (0.5, 0.5, 0.5):
+        return x01.mul_(2).sub_(1)
+    m = x01.new_tensor(mean).view(1, -1, 1, 1)
+    s = x01.new_tensor(std).view(1, -1, 1, 1)
+    return x01.sub_(m).div_(s)

@@ -140,6 +140,13 @@ def init_model(model: ViT, uri: str) -> None:
     src = load_vit(uri, image_size=cfg.image_size, patch_size=cfg.patch_size,
                    hidden_size=cfg.hidden_size, depth=cfg.depth, mlp_dim=cfg.mlp_dim,
                    num_heads=cfg.num_heads)
+    if (src.cfg.input_mean, src.cfg.input_std) != (cfg.input_mean, cfg.input_std):
+        fmt = lambda v: ",".join(f"{x:g}" for x in v)      # noqa: E731
+        raise CheckpointError(
+            f"{uri} expects inputs normalised with mean {fmt(src.cfg.input_mean)}, std "
+            f"{fmt(src.cfg.input_std)}, but this run uses mean {fmt(cfg.input_mean)}, std "
+            f"{fmt(cfg.input_std)}; add --set model.input_mean={fmt(src.cfg.input_mean)} "
+            f"--set model.input_std={fmt(src.cfg.input_std)}")
     body = {k: v for k, v in src.state_dict().items()
             if not k.startswith(("head.", "pre_logits."))}
     own = model.state_dict()
@@ -192,6 +199,20 @@ def is_complete(uri: str, files: dict[str, int] | None = None) -> bool:
         name = f"{STATE_DIR}/{info.relative_path}"
         needed[name] = max(needed.get(name, 0), info.offset + info.length)
     return all(files.get(name, -1) >= end for name, end in needed.items())
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """A pretraining run's folder (`<storage>/<run name>`) stands for its newest complete
+    checkpoint; anything else (a step folder, another format, hf://...) is taken as it is."""
+    from pipeline.checkpoint import HUB_SCHEME, read_metadata
+
+    if uri.startswith(HUB_SCHEME) or "/" not in uri.rstrip("/") or read_metadata(uri):
+        return uri
+    newest = latest(uri.rstrip("/"))
+    if newest:
+        log.info("%s is a pretraining run: using its newest checkpoint %s", uri, newest)
+        return newest
+    return uri
 
 
 def latest(run_uri: str) -> str | None:

@@ -320,6 +320,8 @@ def apply_overrides(cfg: PretrainConfig, items: list[str]) -> PretrainConfig:
 # ---------------------------------------------------------------------------------------------
 def smoke() -> PretrainConfig:
     """A tiny ViT on the synthetic source, on CPU: the whole machinery in about a minute.
+    Its head is the class token's linear classifier without a pre-logits layer (as the AugReg
+    models), so it exports to both transformers and timm (`jobs/export.py`).
 
         python jobs/pretrain.py --preset smoke
     Expected (2-core CPU, 1 worker, ~35 s including Ray start-up): the loss falls from
@@ -327,7 +329,7 @@ def smoke() -> PretrainConfig:
     """
     return PretrainConfig(
         model=ViTConfig(patch_size=8, hidden_size=64, depth=2, num_heads=2, mlp_dim=128,
-                        image_size=32, num_classes=10, representation_size=64),
+                        image_size=32, num_classes=10),
         optim=OptimConfig(lr=2e-3, weight_decay=0.03, warmup_steps=15, decay="cosine"),
         data=DataConfig(source="synthetic", augment="resize", synthetic_samples=2048,
                         synthetic_classes=10, shuffle_buffer=256, fewshot_shots=(1, 5)),

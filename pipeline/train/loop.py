@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.data.transforms import to_model_input
-from pipeline.model import ViT
+from pipeline.model import ViT, ViTConfig
 from pipeline.train import checkpoints, parallel
 from pipeline.train.config import PretrainConfig
 from pipeline.train.fewshot import fewshot_accuracy
@@ -297,7 +297,7 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
                 metrics = interval_metrics(meter, cfg, lr, env, flops, peak)
                 if probe is not None and t.fewshot_every and (step % t.fewshot_every == 0 or
                                                               last):
-                    metrics.update(fewshot_metrics(model, probe, env))
+                    metrics.update(fewshot_metrics(model, probe, env, cfg.model))
                 if env.rank == 0:
                     metrics.update(_skipped(spec.health))
                     log.info(progress_line(step, t.total_steps, metrics))
@@ -324,10 +324,11 @@ def model_inputs(batch: dict, cfg: PretrainConfig, env: WorkerEnv, step: int, mi
     images = batch["image"].to(env.device, non_blocking=True)
     labels = batch["label"].to(env.device, non_blocking=True)
     aug = cfg.batch_augment
+    mean, std = cfg.model.input_mean, cfg.model.input_std
     if not aug.active:
-        return to_model_input(images), labels
+        return to_model_input(images, mean, std), labels
     rng = aug.rng(cfg.train.seed, env.rank, step, micro)
-    return aug(images, labels, cfg.model.num_classes, rng)
+    return aug(images, labels, cfg.model.num_classes, rng, mean, std)
 
 
 def save_checkpoint(spec: WorkerSpec, env: WorkerEnv, model, optimizer, writer, progress,
@@ -485,8 +486,8 @@ def progress_line(step: int, total: int, m: dict) -> str:
 
 
 @torch.no_grad()
-def probe_features(model, images: np.ndarray, env: WorkerEnv, batch_size: int = 256
-                   ) -> torch.Tensor | None:
+def probe_features(model, images: np.ndarray, env: WorkerEnv, vit_cfg: ViTConfig,
+                   batch_size: int = 256) -> torch.Tensor | None:
     """Frozen representations of the probe images through the wrapped model, the work split
     over the workers (every worker runs the same number of forward passes, as FSDP's
     collectives require). -> all features on rank 0, None elsewhere."""
@@ -501,7 +502,8 @@ def probe_features(model, images: np.ndarray, env: WorkerEnv, batch_size: int = 
     model.eval()
     feats = []
     for i in range(0, per, batch_size):
-        x = to_model_input(torch.from_numpy(mine[i:i + batch_size]).to(env.device))
+        x = to_model_input(torch.from_numpy(mine[i:i + batch_size]).to(env.device),
+                           vit_cfg.input_mean, vit_cfg.input_std)
         # No graph: a forward with grad on leaves FSDP2 waiting for a backward that never
         # comes, and the next training step then differed from DDP's (test_parallel.py).
         with torch.no_grad(), torch.autocast(env.device.type, dtype=env.amp or torch.float32,
@@ -518,13 +520,13 @@ def probe_features(model, images: np.ndarray, env: WorkerEnv, batch_size: int = 
     return local[:n].cpu() if env.rank == 0 else None
 
 
-def fewshot_metrics(model, probe: dict, env: WorkerEnv) -> dict:
+def fewshot_metrics(model, probe: dict, env: WorkerEnv, vit_cfg: ViTConfig) -> dict:
     """big_vision's few-shot linear probe on each downstream set: every worker computes
     pre-logits for its part of the images, rank 0 fits and scores -> fewshot/<set>/<k>shot."""
     out = {}
     for s in probe["sets"]:
-        train = probe_features(model, s["train_images"], env)
-        test = probe_features(model, s["test_images"], env)
+        train = probe_features(model, s["train_images"], env, vit_cfg)
+        test = probe_features(model, s["test_images"], env, vit_cfg)
         if train is None:
             continue
         for k in probe["shots"]:

@@ -169,11 +169,13 @@ def test_fewshot_probe_separates_separable_features():
 def test_overrides_types_and_errors():
     cfg = apply_overrides(smoke(), ["optim.lr=3e-4", "train.total_steps=70", "model.variant=S/16",
                                     "data.fewshot_shots=1,10", "scale.use_gpu=true",
-                                    "model.representation_size=none"])
+                                    "model.representation_size=32"])
     assert cfg.optim.lr == 3e-4 and cfg.train.total_steps == 70
     assert (cfg.model.hidden_size, cfg.model.depth, cfg.model.patch_size) == (384, 12, 16)
     assert cfg.data.fewshot_shots == (1, 10) and cfg.scale.use_gpu is True
-    assert cfg.model.representation_size is None
+    assert cfg.model.representation_size == 32
+    assert apply_overrides(PRESETS["vit_b16_i21k"](), ["model.representation_size=none"]
+                           ).model.representation_size is None
     with pytest.raises(ValueError, match=r"unknown key; optim has"):
         apply_overrides(smoke(), ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="unknown section 'optimizer'"):
@@ -477,6 +479,16 @@ def test_init_from_foreign_weights_keeps_our_head(tmp_path):
     checkpoints.init_model(model.vit, str(tmp_path / "w"))
     assert torch.all(model.vit.blocks[0].mlp.fc1.weight == 0.5)
     assert model.vit.head.weight.shape[0] == 10 and model.vit.pos_embed.shape[1] == 17
+    # Weights trained on ImageNet-normalised inputs do not silently get [-1, 1] inputs.
+    save_vit(ViT(cfg.model.replace(input_mean=(0.485, 0.456, 0.406),
+                                   input_std=(0.229, 0.224, 0.225))), tmp_path / "imagenet")
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"add --set model.input_mean=0.485,0.456,0.406 --set "
+                             r"model.input_std=0.229,0.224,0.225"):
+        checkpoints.init_model(model.vit, str(tmp_path / "imagenet"))
+    matching = apply_overrides(cfg, ["model.input_mean=0.485,0.456,0.406",
+                                     "model.input_std=0.229,0.224,0.225"])
+    checkpoints.init_model(ViT(matching.model), str(tmp_path / "imagenet"))
 
 
 def test_compiled_blocks_keep_their_names_and_checkpoint_loads(tmp_path):
