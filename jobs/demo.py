@@ -8,7 +8,10 @@
     4. generated tasks in the VTAB-1k layout, and `eval/vtab.py` on both checkpoints, also
        through `ray job submit`;
     5. the VTAB table of each, a comparison of the runs (eval/compare.py), and how to open
-       MLflow. The stack is stopped at the end, whatever happens; results stay under --root.
+       MLflow;
+    6. the first run exported for Hugging Face transformers and timm (jobs/export.py), and
+       the transformers one loaded there, its logits against ours.
+    The stack is stopped at the end, whatever happens; results stay under --root.
 
     python jobs/demo.py              # ~3.5 minutes on 2 CPU cores
     python jobs/demo.py --smoke      # shorter runs (CI)
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
     root = args.root.expanduser().resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
     pre_steps, ft_steps = (40, 15) if args.smoke else (150, 60)
-    total, t0 = 6, time.monotonic()
+    total, t0 = 7, time.monotonic()
 
     step(1, total, "starting the local stack (Ray head, S3 endpoint, MLflow server)")
     stack_dir = root / "stack"
@@ -128,6 +131,9 @@ def main(argv=None) -> int:
                       out_dir=root / "comparison")
         print(out["text"])
         print(f"\n  written: {out['csv']} (and .png)")
+
+        step(7, total, "exporting demo-a for Hugging Face transformers and timm")
+        export_demo(root / "runs" / "demo-a", root / "exports")
     finally:
         local_stack.down(stack_dir)
     print(f"\nDone in {time.monotonic() - t0:.0f} s. Everything is under {root}:")
@@ -139,6 +145,29 @@ def main(argv=None) -> int:
           f"{stack_dir / 'mlartifacts'} --port 5000")
     print("    then open http://127.0.0.1:5000 (experiments vit-smoke, vtab, comparisons)")
     return 0
+
+
+def export_demo(run: Path, out: Path) -> None:
+    import torch
+
+    from pipeline.checkpoint import export_vit, load_vit
+    from pipeline.train.checkpoints import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(str(run))
+    for fmt in ("hf", "timm"):
+        print(f"  {fmt:4s} -> {export_vit(ckpt, out / fmt, fmt)}")
+    try:
+        from transformers import ViTForImageClassification
+    except ImportError:
+        print("  (transformers is not installed: pip install transformers to load the export)")
+        return
+    ours = load_vit(ckpt).eval()
+    theirs = ViTForImageClassification.from_pretrained(str(out / "hf")).eval()
+    x = torch.rand(4, 3, ours.cfg.image_size, ours.cfg.image_size) * 2 - 1
+    with torch.no_grad():
+        diff = (theirs(pixel_values=x).logits - ours(x)).abs().max().item()
+    print(f"  transformers.ViTForImageClassification.from_pretrained({out / 'hf'}): logits "
+          f"within {diff:.1e} of ours")
 
 
 if __name__ == "__main__":

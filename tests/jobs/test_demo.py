@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +30,16 @@ def test_demo_smoke(tmp_path):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     for n in range(1, 7):
-        assert f"[{n}/6]" in out.stdout
+        assert f"[{n}/7]" in out.stdout
     assert out.stdout.count('Mean of tasks (ViT Table 9 "Mean")') >= 2     # two VTAB tables
     assert "VTAB-1k top-1 (%), differences to vtab-demo-a" in out.stdout  # the comparison
     assert "Pretraining runs" in out.stdout and "optim.lr" in out.stdout
     assert "then open http://127.0.0.1:5000" in out.stdout
+    # The export step: both formats written, the transformers one with our logits.
+    found = re.search(r"logits within ([0-9.e+-]+) of ours", out.stdout)
+    assert found and float(found.group(1)) < 1e-4, out.stdout[-2000:]
+    assert (root / "exports" / "hf" / "preprocessor_config.json").exists()
+    assert (root / "exports" / "timm" / "config.json").exists()
 
     for name in ("demo-a", "demo-b"):
         report = json.loads((root / "vtab" / f"vtab-{name}" / "vtab.json").read_text())
