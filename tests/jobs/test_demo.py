@@ -29,7 +29,7 @@ def test_demo_smoke(tmp_path):
                           str(root)], env=env, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    for n in range(1, 7):
+    for n in range(1, 8):
         assert f"[{n}/7]" in out.stdout
     assert out.stdout.count('Mean of tasks (ViT Table 9 "Mean")') >= 2     # two VTAB tables
     assert "VTAB-1k top-1 (%), differences to vtab-demo-a" in out.stdout  # the comparison
