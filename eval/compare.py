@@ -18,7 +18,6 @@ import argparse
 import csv
 import io
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,46 +29,21 @@ elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from eval.tasks import TASKS  # noqa: E402
+from pipeline import tracking  # noqa: E402
 
 PRETRAIN_METRICS = (("train/loss", "final loss", "last"), ("perf/images_per_sec", "images/s",
                                                            "mean"),
                     ("perf/mfu", "MFU", "mean"))
 SUMMARY = (("natural", "Natural"), ("specialized", "Specialized"), ("structured", "Structured"),
            ("mean", "Mean of tasks"), ("mean_of_groups", "Mean of group means"))
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-class CompareError(ValueError):
-    """A run or experiment that cannot be found (one line)."""
+CompareError = tracking.RunNotFound
 
 
-def resolve_runs(client, refs: list[str], experiment: str | None, filter_string: str = ""
+def resolve_runs(uri: str, refs: list[str], experiment: str | None, filter_string: str = ""
                  ) -> list:
-    """Run ids or names (and/or an experiment with a filter) -> MLflow runs, in order."""
-    runs = []
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    for ref in refs:
-        if RUN_ID.match(ref):
-            try:
-                runs.append(client.get_run(ref))
-                continue
-            except Exception:  # noqa: BLE001 - not an id after all; try it as a name
-                pass
-        found = client.search_runs(experiments, f"attributes.run_name = '{ref}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1) \
-            if experiments else []
-        if not found:
-            raise CompareError(f"no MLflow run with id or name {ref!r}; list them with "
-                               f"`mlflow runs list` or the MLflow UI")
-        runs.append(found[0])
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise CompareError(f"no MLflow experiment {experiment!r}")
-        query = " and ".join(x for x in (filter_string, "attributes.status = 'FINISHED'") if x)
-        found = client.search_runs([exp.experiment_id], query,
-                                   order_by=["attributes.start_time ASC"])
-        runs += [r for r in found if r.data.tags.get("mlflow.parentRunId") is None]
+    runs = tracking.find_runs(uri, refs, experiment, filter_string)
     if len(runs) < 2:
         raise CompareError(f"need at least two runs to compare, found {len(runs)}")
     return runs
@@ -97,7 +71,7 @@ def vtab_rows(runs) -> list[tuple[str, list[float | None]]]:
     return rows
 
 
-def pretrain_rows(client, runs) -> list[tuple[str, list]]:
+def pretrain_rows(uri: str, runs) -> list[tuple[str, list]]:
     rows = []
     for key, name, how in PRETRAIN_METRICS:
         values = []
@@ -105,13 +79,13 @@ def pretrain_rows(client, runs) -> list[tuple[str, list]]:
             if how == "last":
                 values.append(r.data.metrics.get(key))
             else:
-                hist = [m.value for m in client.get_metric_history(r.info.run_id, key)]
+                hist = [v for _, v in tracking.metric_history(uri, r.info.run_id, key)]
                 values.append(sum(hist) / len(hist) if hist else None)
         if any(v is not None for v in values):
             rows.append((name, values))
     fewshot = sorted({k for r in runs for k in r.data.metrics if k.startswith("fewshot/")})
     rows += [(k, [r.data.metrics.get(k) for r in runs]) for k in fewshot]
-    rows.append(("steps", [_last_step(client, r) for r in runs]))
+    rows.append(("steps", [_last_step(uri, r) for r in runs]))
     keys = sorted({k for r in runs for k in r.data.params})
     for k in keys:
         values = [r.data.params.get(k) for r in runs]
@@ -120,9 +94,9 @@ def pretrain_rows(client, runs) -> list[tuple[str, list]]:
     return rows
 
 
-def _last_step(client, run):
-    hist = client.get_metric_history(run.info.run_id, "train/loss")
-    return max((m.step for m in hist), default=None)
+def _last_step(uri: str, run):
+    hist = tracking.metric_history(uri, run.info.run_id, "train/loss")
+    return max((s for s, _ in hist), default=None)
 
 
 def _cell(v) -> str:
@@ -165,7 +139,7 @@ def to_csv(sections: list[tuple[str, list, list]]) -> str:
     return buf.getvalue()
 
 
-def chart(client, vtab_runs, pretrain_runs, path: Path) -> None:
+def chart(uri: str, vtab_runs, pretrain_runs, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,9 +151,8 @@ def chart(client, vtab_runs, pretrain_runs, path: Path) -> None:
     if pretrain_runs:
         ax = axes.pop(0)
         for r in pretrain_runs:
-            hist = sorted(client.get_metric_history(r.info.run_id, "train/loss"),
-                          key=lambda m: m.step)
-            ax.plot([m.step for m in hist], [m.value for m in hist], label=label(r))
+            hist = tracking.metric_history(uri, r.info.run_id, "train/loss")
+            ax.plot([s for s, _ in hist], [v for _, v in hist], label=label(r))
         ax.set_xlabel("step")
         ax.set_ylabel("train/loss")
         ax.set_yscale("log")
@@ -209,10 +182,7 @@ def compare(tracking_uri: str, refs: list[str], experiment: str | None = None,
             filter_string: str = "", out_dir: str | Path | None = None, log: bool = True
             ) -> dict:
     """-> {"text", "csv", "png", "run_id"} (run_id of the comparison run, when logged)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    runs = resolve_runs(client, refs, experiment, filter_string)
+    runs = resolve_runs(tracking_uri, refs, experiment, filter_string)
     vtab = [r for r in runs if is_vtab(r)]
     pre = [r for r in runs if not is_vtab(r)]
     sections, texts = [], []
@@ -222,33 +192,23 @@ def compare(tracking_uri: str, refs: list[str], experiment: str | None = None,
         texts.append(format_table(f"VTAB-1k top-1 (%), differences to {label(vtab[0])}",
                                   vtab, rows, deltas=True))
     if len(pre) >= 1:
-        rows = pretrain_rows(client, pre)
+        rows = pretrain_rows(tracking_uri, pre)
         sections.append(("pretraining", pre, rows))
         texts.append(format_table("Pretraining runs (config values that differ below the "
                                   "metrics)", pre, rows, deltas=False))
-    out_dir = Path(out_dir or Path.home() / "vit-runs" / "comparisons" /
+    out_dir = Path(out_dir or Path(tracking.LOCAL_ROOT).expanduser() / "comparisons" /
                    time.strftime("%Y%m%d-%H%M%S"))
     out_dir.mkdir(parents=True, exist_ok=True)
     text = "\n\n".join(texts)
     (out_dir / "comparison.txt").write_text(text + "\n")
     (out_dir / "comparison.csv").write_text(to_csv(sections))
-    chart(client, vtab, pre, out_dir / "comparison.png")
+    chart(tracking_uri, vtab, pre, out_dir / "comparison.png")
     result = {"text": text, "csv": out_dir / "comparison.csv", "png": out_dir / "comparison.png",
               "run_id": None}
     if log:
-        from mlflow.entities import Param
-
-        exp = client.get_experiment_by_name("comparisons")
-        exp_id = exp.experiment_id if exp else client.create_experiment("comparisons")
-        run = client.create_run(exp_id, run_name=" vs ".join(label(r) for r in runs)[:250],
-                                tags={"vit.kind": "comparison",
-                                      "compared_runs": ",".join(r.info.run_id for r in runs)})
-        client.log_batch(run.info.run_id, params=[
-            Param(f"run_{i}", f"{label(r)} ({r.info.run_id})") for i, r in enumerate(runs)])
-        for name in ("comparison.txt", "comparison.csv", "comparison.png"):
-            client.log_artifact(run.info.run_id, str(out_dir / name))
-        client.set_terminated(run.info.run_id, "FINISHED")
-        result["run_id"] = run.info.run_id
+        result["run_id"] = tracking.log_comparison(
+            tracking_uri, runs, " vs ".join(label(r) for r in runs),
+            [out_dir / n for n in ("comparison.txt", "comparison.csv", "comparison.png")])
     return result
 
 
@@ -268,7 +228,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from pipeline.tracking import default_tracking_uri, how_to_open
 
-    uri = default_tracking_uri("~/vit-runs")
+    uri = default_tracking_uri()
     try:
         out = compare(uri, args.runs, args.experiment, args.filter, args.out,
                       log=not args.no_log)

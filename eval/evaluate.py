@@ -26,7 +26,6 @@ log = logging.getLogger("eval.vtab")
 
 USER_ERRORS = (SweepError, CheckpointError, TaskDataError, DatasetError, StorageError,
                FinetuneError)
-PIPELINE_ROOT = "~/vit-runs"     # the MLflow store pretraining uses, so runs can be compared
 
 
 def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None = None
@@ -60,11 +59,8 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
     # after a trial finished re-ran that trial on resume. Locally the state is a small file:
     # save it at every controller step. On S3 every save is a PUT: every 10 s there.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10" if storage.is_s3(cfg.root) else "0")
-    tracking_uri = tracking.default_tracking_uri(PIPELINE_ROOT)
-    artifact_root = None
-    if tracking_uri.startswith("sqlite"):
-        artifact_root = str(Path(PIPELINE_ROOT).expanduser().resolve() / "mlartifacts")
-    parent = report.start_parent(tracking_uri, cfg, pretrained.metadata, artifact_root)
+    tracking_uri = tracking.default_tracking_uri()
+    parent = report.start_parent(tracking_uri, cfg, pretrained.metadata)
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
@@ -93,8 +89,9 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
     if parent:
         try:
             report.log_results(tracking_uri, parent, doc, files)
-            where.append(f"MLflow run: {parent} (experiment {report.EXPERIMENT!r}, one nested "
-                         f"run per task)")
+            where.append(f"MLflow run: {parent} (experiment "
+                         f"{tracking.experiment_name(report.EXPERIMENT)!r}, one nested run "
+                         f"per task)")
             where.append(f"  open it:  {tracking.how_to_open(tracking_uri)}")
         except Exception as err:  # noqa: BLE001
             print(f"warning: could not log to MLflow ({type(err).__name__}); the report files "

@@ -237,8 +237,7 @@ def write(doc: dict, out_uri: str, local_dir: str | Path) -> dict[str, Path]:
 EXPERIMENT = "vtab"
 
 
-def start_parent(tracking_uri: str, cfg, pretrained_meta: dict, artifact_root: str | None
-                 ) -> str | None:
+def start_parent(tracking_uri: str, cfg, pretrained_meta: dict) -> str | None:
     """The parent run (created, or found again when the same command resumes)."""
     from pipeline import tracking
 
@@ -247,8 +246,7 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict, artifact_root: s
               "steps": cfg.steps, "warmup_steps": cfg.warmup, "batch_size": cfg.batch_size,
               "seeds": cfg.seeds, "protocol": cfg.protocol,
               "gpus_per_trial": cfg.gpus_per_trial, "cpus_per_trial": cfg.cpus_per_trial}
-    tags = {"git_commit": tracking.git_commit(), "checkpoint": cfg.checkpoint,
-            "vit.kind": "vtab",
+    tags = {"checkpoint": cfg.checkpoint, "vit.kind": "vtab",
             "mlflow.note.content": f"VTAB-1k evaluation of {cfg.checkpoint}"}
     if pretrained_meta.get("mlflow_run_id"):
         tags["pretrain_run_id"] = pretrained_meta["mlflow_run_id"]
@@ -257,8 +255,8 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict, artifact_root: s
     if pretrained_meta.get("step") is not None:
         tags["pretrain_step"] = str(pretrained_meta["step"])
     try:
-        return tracking.start_run(tracking_uri, EXPERIMENT, cfg.run_name, artifact_root,
-                                  params, tags, continuing=True)
+        return tracking.start_run(tracking_uri, EXPERIMENT, cfg.run_name, params, tags,
+                                  continuing=True, source="eval/vtab.py")
     except Exception as err:  # noqa: BLE001 - tracking must not stop the evaluation
         log.warning("MLflow unavailable (%s); evaluating without tracking",
                     tracking.redact(str(err).splitlines()[0][:160]) if str(err)
@@ -267,37 +265,10 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict, artifact_root: s
 
 
 def log_results(tracking_uri: str, parent_id: str, doc: dict, files: dict[str, Path]) -> None:
-    """Metrics on the parent, one nested run per task, the report files as artifacts."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    """Metrics on the parent, one nested run per task (pipeline.tracking), and the report
+    files as the parent's artifacts."""
+    from pipeline import tracking
 
-    client = MlflowClient(tracking_uri)
-    ts = int(time.time() * 1000)
-    metrics = [Metric(f"vtab/{t['task']}/top1", t["top1"], ts, 0) for t in doc["tasks"]]
-    metrics += [Metric(f"vtab/{k}", v, ts, 0) for k, v in doc["summary"].items()]
-    metrics += [Metric(f"vtab/{k}_std", v, ts, 0) for k, v in doc["summary_std"].items()]
-    client.log_batch(parent_id, metrics=metrics)
-    parent = client.get_run(parent_id)
-    existing = {r.data.tags.get("vtab.task"): r.info.run_id for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
-    for t in doc["tasks"]:
-        run_id = existing.get(t["task"])
-        if run_id is None:
-            run_id = client.create_run(
-                parent.info.experiment_id, run_name=f"{t['task']}",
-                tags={"mlflow.parentRunId": parent_id, "vtab.task": t["task"],
-                      "vtab.group": t["group"]}).info.run_id
-            client.log_batch(run_id, params=[
-                Param("lr", f"{t['lr']:g}"), Param("group", t["group"]),
-                Param("num_classes", str(t["num_classes"])),
-                Param("seeds", str(len(t["seeds"])))])
-        child = [Metric(f"vtab/{t['task']}/top1", t["top1"], ts, 0)]
-        child += [Metric(f"vtab/{t['task']}/top1_seed", v, ts, i)
-                  for i, v in enumerate(t["seeds"])]
-        child += [Metric(f"val200/lr_{lr}", v, ts, 0) for lr, v in t["val200"].items()
-                  if v is not None and v == v]
-        client.log_batch(run_id, metrics=child)
-        client.set_terminated(run_id, "FINISHED")
-    for path in files.values():
-        client.log_artifact(parent_id, str(path))
-    client.set_terminated(parent_id, "FINISHED")
+    tracking.log_vtab_results(tracking_uri, parent_id, doc)
+    tracking.log_artifacts(tracking_uri, parent_id, list(files.values()))
+    tracking.finish_run(tracking_uri, parent_id, "FINISHED")

@@ -18,6 +18,7 @@ re-reads storage.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -101,14 +102,27 @@ class SweepConfig:
                 if k not in ("name", "storage", "max_concurrent_trials", "max_failures",
                              "gpus_per_trial", "cpus_per_trial", "progress_reports")}
         digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
-        stem = self.checkpoint.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
-        return f"vtab-{stem}-{digest}"
+        return f"vtab-{model_label(self.checkpoint)}-{digest}"
 
     @property
     def root(self) -> str:
         base = self.storage if storage.is_s3(self.storage) else \
             str(Path(self.storage).expanduser().resolve())
         return storage.join(base, self.run_name)
+
+
+@functools.lru_cache(maxsize=64)
+def model_label(checkpoint: str) -> str:
+    """What a person calls the model: `<pretraining run>-step<N>` for our checkpoints (from
+    their metadata), the Hub name for hf://, else the file or folder name."""
+    from pipeline.checkpoint import HUB_SCHEME, read_metadata
+
+    if checkpoint.startswith(HUB_SCHEME):
+        return checkpoint[len(HUB_SCHEME):].replace("/", "-").replace("@", "-")
+    meta = read_metadata(checkpoint)
+    if meta.get("run_name") and meta.get("step") is not None:
+        return f"{meta['run_name']}-step{meta['step']}"
+    return checkpoint.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
 
 
 @dataclass

@@ -6,7 +6,9 @@
 #   infra/submit.sh pretrain --preset vit_b16_i21k --set data.uri=s3://bucket/in21k ...
 #   infra/submit.sh vtab --checkpoint s3://bucket/runs/vit-b16-i21k --data s3://bucket/vtab-1k
 #
-# Forwarded when set: MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, AWS_REGION, VTAB_DATA.
+# Forwarded when set: MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, AWS_ENDPOINT_URL,
+# AWS_REGION, VTAB_DATA; and VIT_GIT_COMMIT, this checkout's commit (the uploaded working dir
+# has no .git), which the MLflow runs record as mlflow.source.git.commit.
 # Secrets (AWS keys, MLflow passwords) are not forwarded: a job's runtime env is visible in
 # the Ray dashboard. Give them to the nodes instead (instance role, Kubernetes Secret).
 set -euo pipefail
@@ -20,8 +22,15 @@ case "$kind" in
 esac
 env_json=$(python3 - <<'PY'
 import json, os
-keys = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_REGION", "VTAB_DATA")
-print(json.dumps({"env_vars": {k: os.environ[k] for k in keys if os.environ.get(k)}}))
+import subprocess
+keys = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_URL", "AWS_REGION",
+        "VTAB_DATA")
+env = {k: os.environ[k] for k in keys if os.environ.get(k)}
+git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
+commit = git("rev-parse", "HEAD")
+if commit:
+    env["VIT_GIT_COMMIT"] = commit + ("-dirty" if git("status", "--porcelain") else "")
+print(json.dumps({"env_vars": env}))
 PY
 )
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"

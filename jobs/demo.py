@@ -42,8 +42,12 @@ def step(n: int, total: int, text: str) -> float:
 
 def submit(script: str, args: list[str], env: dict, log: Path) -> str:
     """`ray job submit` and wait; the job's output goes to `log`; -> that output."""
+    from pipeline.tracking import GIT_COMMIT_ENV, git_commit
+
+    # The job's copy of the checkout has no .git: the commit travels as a variable.
     runtime_env = json.dumps({"env_vars": {
-        k: env[k] for k in ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE") if k in env}})
+        **{k: env[k] for k in ("MLFLOW_TRACKING_URI", "RAY_AUTH_MODE") if k in env},
+        GIT_COMMIT_ENV: git_commit()}})
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
            env["RAY_ADDRESS"], "--working-dir", str(ROOT), "--runtime-env-json", runtime_env,
            "--", "python", script, *args]

@@ -1,9 +1,14 @@
-"""MLflow tracking that never stops training.
+"""All of the pipeline's MLflow: the store, run creation with MLflow's standard tags, the
+VTAB parent and nested runs, dataset inputs, model versions, system metrics, the queries
+comparisons make, and metric buffering that never stops training.
 
-`MLFLOW_TRACKING_URI` chooses the server; without it, runs go to a local SQLite store
-(`sqlite:///<storage>/mlflow.db`) that needs no setup. The run is created once, on the
-driver (`start_run`), and rank 0 logs to it by id (`Tracker`), so a restarted worker group
-keeps logging into the same run.
+One store for every command: `MLFLOW_TRACKING_URI`, else the local SQLite store
+`~/vit-runs/mlflow.db` (artifacts in `~/vit-runs/mlartifacts`), whatever `--storage` a run
+writes its checkpoints to, so evaluations and comparisons find every run.
+`MLFLOW_EXPERIMENT_NAME` replaces the default experiment names, as in MLflow itself.
+
+The run is created once, on the driver (`start_run`), and rank 0 logs to it by id
+(`Tracker`), so a restarted worker group keeps logging into the same run.
 
 If the tracking server goes away, `Tracker` warns once, keeps training, buffers the
 metrics, retries every `retry_every_s`, and flushes them when the server is back; what is
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -24,11 +30,49 @@ log = logging.getLogger(__name__)
 SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL")
 
 
-def default_tracking_uri(storage_root: str) -> str:
+LOCAL_ROOT = "~/vit-runs"          # the local store when MLFLOW_TRACKING_URI is not set
+GIT_COMMIT_ENV = "VIT_GIT_COMMIT"  # the commit, set by the submitting side (infra/submit.sh)
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, else the one local store: sqlite:///~/vit-runs/mlflow.db."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{Path(storage_root).expanduser().resolve() / 'mlflow.db'}"
+    root = Path(LOCAL_ROOT).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local store; the server's choice
+    otherwise."""
+    if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
+        return str(Path(LOCAL_ROOT).expanduser().resolve() / "mlartifacts")
+    return None
+
+
+def experiment_name(default: str) -> str:
+    """`MLFLOW_EXPERIMENT_NAME` when set, else `default`."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or default
+
+
+def standard_tags(source: str | None = None) -> dict[str, str]:
+    """MLflow's own run-context tags (mlflow.user, mlflow.source.name / type) and the git
+    commit (mlflow.source.git.commit), which under `ray job submit` (no .git in the uploaded
+    working dir) comes from VIT_GIT_COMMIT, set where the job was submitted."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = dict(resolve_tags({}))
+    if source:
+        tags["mlflow.source.name"] = source
+    if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        tags["mlflow.source.type"] = "JOB"
+    commit = git_commit()
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    tags["git_commit"] = commit
+    return tags
 
 
 def how_to_open(tracking_uri: str) -> str:
@@ -47,6 +91,10 @@ def redact(value: str) -> str:
 
 
 def git_commit() -> str:
+    """This checkout's commit ("-dirty" with uncommitted changes); VIT_GIT_COMMIT wins (the
+    submitting side's, where the job's copy has no .git); "unknown" otherwise."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         root = Path(__file__).resolve().parents[1]
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -59,19 +107,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def start_run(tracking_uri: str, experiment: str, run_name: str, artifact_root: str | None,
-              params: dict, tags: dict, continuing: bool = False) -> str:
-    """Create the MLflow run, or, when `continuing` a run that has checkpoints, find the
+def experiment_id(client, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,
+              continuing: bool = False, source: str | None = None) -> str:
+    """Create the MLflow run in `experiment` (or MLFLOW_EXPERIMENT_NAME), with MLflow's
+    standard tags and `tags`, or, when `continuing` a run that has checkpoints, find the
     latest run of that name and log into it again; -> run id. Params are logged on
     creation; values are stringified and secrets never included."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        exp_id = client.create_experiment(experiment, artifact_location=artifact_root)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = experiment_id(client, experiment_name(experiment), tracking_uri)
     found = client.search_runs([exp_id], f"tags.`vit.run_name` = '{run_name}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     if continuing and found:
@@ -79,7 +131,8 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, artifact_root: 
         client.update_run(run_id, status="RUNNING")
         log.info("resuming MLflow run %s (%s)", run_id, run_name)
         return run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={**tags, "vit.run_name": run_name})
+    run = client.create_run(exp_id, run_name=run_name, tags={
+        **standard_tags(source), **tags, "vit.run_name": run_name})
     items = [(k, _param(v)) for k, v in params.items()
              if not any(w in k.upper() for w in SECRET_WORDS)]
     from mlflow.entities import Param
@@ -179,3 +232,184 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
         MlflowClient(tracking_uri).set_terminated(run_id, status=status)
     except Exception as err:  # noqa: BLE001
         log.warning("could not close MLflow run %s: %s", run_id, type(err).__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining: the data as a dataset input, the final checkpoint as a model version, and
+# per-node system metrics
+# ---------------------------------------------------------------------------------------------
+def log_dataset(tracking_uri: str, run_id: str, name: str, uri: str, digest: str,
+                context: str = "training") -> None:
+    """The training manifest as an MLflow dataset input (name, source URI, digest)."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.tracking import MlflowClient
+
+    dataset = MetaDataset(HTTPDatasetSource(uri), name=name, digest=digest[:36])
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+
+
+def register_checkpoint(tracking_uri: str, run_id: str, model_name: str,
+                        checkpoint_uri: str) -> str:
+    """A new version of registered model `model_name` whose source is the checkpoint URI
+    (created on first use); -> the version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description=(
+            "ViT checkpoints of the pretraining run of this name (pipeline.checkpoint "
+            "format; load_vit(source))"))
+    version = client.create_model_version(model_name, source=checkpoint_uri, run_id=run_id,
+                                          tags={"checkpoint": checkpoint_uri})
+    return version.version
+
+
+class SystemMetrics:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where nvidia-ml-py finds
+    one) of this node, logged into `run_id` as system/<node>/... every `interval_s`. One per
+    node: the pretraining loop starts it on each node's local rank 0."""
+
+    def __init__(self, tracking_uri: str, run_id: str, node: str, interval_s: float = 10.0):
+        self.monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s,
+                                                node_id=node, tracking_uri=tracking_uri)
+            self.monitor.start()
+        except Exception as err:  # noqa: BLE001 - monitoring must not stop training
+            log.warning("system metrics unavailable on %s: %s", node, type(err).__name__)
+            self.monitor = None
+
+    def stop(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.monitor.finish()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# VTAB-1k: the parent run and one nested run per task
+# ---------------------------------------------------------------------------------------------
+def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict) -> None:
+    """Metrics on the parent (vtab/<task>/top1, the group and overall means) and one nested
+    run per task, each with the same keys (`top1`, `top1_seed`, `val200/lr_<lr>`), so
+    MLflow's compare view lines the tasks up in one column."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    ts = int(time.time() * 1000)
+    metrics = [Metric(f"vtab/{t['task']}/top1", t["top1"], ts, 0) for t in doc["tasks"]]
+    metrics += [Metric(f"vtab/{k}", v, ts, 0) for k, v in doc["summary"].items()]
+    metrics += [Metric(f"vtab/{k}_std", v, ts, 0) for k, v in doc["summary_std"].items()]
+    client.log_batch(parent_id, metrics=metrics)
+    parent = client.get_run(parent_id)
+    existing = {r.data.tags.get("vtab.task"): r.info.run_id for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    inherited = {k: v for k, v in parent.data.tags.items()
+                 if k.startswith("mlflow.source.") or k == "mlflow.user"}
+    for t in doc["tasks"]:
+        run_id = existing.get(t["task"])
+        if run_id is None:
+            run_id = client.create_run(
+                parent.info.experiment_id, run_name=f"{parent.info.run_name}/{t['task']}",
+                tags={**inherited, "mlflow.parentRunId": parent_id, "vtab.task": t["task"],
+                      "vtab.group": t["group"]}).info.run_id
+            client.log_batch(run_id, params=[
+                Param("task", t["task"]), Param("lr", f"{t['lr']:g}"),
+                Param("group", t["group"]), Param("num_classes", str(t["num_classes"])),
+                Param("seeds", str(len(t["seeds"])))])
+        child = [Metric("top1", t["top1"], ts, 0)]
+        child += [Metric("top1_seed", v, ts, i) for i, v in enumerate(t["seeds"])]
+        child += [Metric(f"val200/lr_{lr}", v, ts, 0) for lr, v in t["val200"].items()
+                  if v is not None and v == v]
+        client.log_batch(run_id, metrics=child)
+        client.set_terminated(run_id, "FINISHED")
+
+
+def log_artifacts(tracking_uri: str, run_id: str, paths: list) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparisons: finding runs, their histories, and the comparison run
+# ---------------------------------------------------------------------------------------------
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class RunNotFound(ValueError):
+    """A run or experiment that cannot be found (one line)."""
+
+
+def client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def find_runs(tracking_uri: str, refs: list[str], experiment: str | None = None,
+              filter_string: str = "") -> list:
+    """Run ids or names (newest run of that name, in any experiment), then the finished
+    top-level runs of `experiment` (with an MLflow filter) -> MLflow runs, in that order."""
+    c = client(tracking_uri)
+    runs = []
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    for ref in refs:
+        if RUN_ID.match(ref):
+            try:
+                runs.append(c.get_run(ref))
+                continue
+            except Exception:  # noqa: BLE001 - not an id after all; try it as a name
+                pass
+        found = c.search_runs(experiments, f"attributes.run_name = '{ref}'",
+                              order_by=["attributes.start_time DESC"], max_results=1) \
+            if experiments else []
+        if not found:
+            raise RunNotFound(f"no MLflow run with id or name {ref!r} in "
+                              f"{redact(tracking_uri)}; list them with `mlflow runs list` or "
+                              f"the MLflow UI")
+        runs.append(found[0])
+    if experiment:
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            raise RunNotFound(f"no MLflow experiment {experiment!r} in {redact(tracking_uri)}")
+        query = " and ".join(x for x in (filter_string, "attributes.status = 'FINISHED'") if x)
+        found = c.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"])
+        runs += [r for r in found if r.data.tags.get("mlflow.parentRunId") is None]
+    return runs
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """[(step, value), ...] of one metric, in step order."""
+    return sorted((m.step, m.value) for m in client(tracking_uri).get_metric_history(run_id, key))
+
+
+def log_comparison(tracking_uri: str, runs: list, name: str, files: list) -> str:
+    """A run of the experiment `comparisons` (or MLFLOW_EXPERIMENT_NAME) naming the runs
+    compared, with the comparison files; -> its id."""
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    exp_id = experiment_id(c, experiment_name("comparisons"), tracking_uri)
+    run = c.create_run(exp_id, run_name=name[:250], tags={
+        **standard_tags("eval/compare.py"), "vit.kind": "comparison",
+        "compared_runs": ",".join(r.info.run_id for r in runs)})
+    c.log_batch(run.info.run_id, params=[
+        Param(f"run_{i}", f"{r.info.run_name or r.info.run_id[:8]} ({r.info.run_id})")
+        for i, r in enumerate(runs)])
+    for path in files:
+        c.log_artifact(run.info.run_id, str(path))
+    c.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

@@ -112,6 +112,9 @@ class TrainConfig:
     checkpoint_async: bool = True  # write and upload in the background (False: the loop waits)
     keep_checkpoints: int = 3
     fewshot_every: int = 0         # 0: off
+    # MLflow system metrics (CPU, memory, disk, network, GPU) of every node, sampled every so
+    # many seconds into the run as system/node_<i>/... (0: off).
+    system_metrics_s: float = 10.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on GPU
     # ddp | fsdp (FSDP2, sharded over all workers) | hsdp (sharded within groups of
     # shard_group_size workers, replicated across them); auto: FSDP for L and H on GPUs.

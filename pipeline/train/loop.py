@@ -81,6 +81,7 @@ def train_loop(config: dict) -> None:
     model, optimizer, start = build(spec, env)
     writer = checkpoints.CheckpointWriter(env.rank, spec.cfg.train.checkpoint_async)
     tracker = open_tracker(spec, env, start)
+    system = node_metrics(spec)
     probe = _probe_set(spec)
     error = None
     try:
@@ -89,6 +90,8 @@ def train_loop(config: dict) -> None:
         writer.close()
         if tracker is not None:
             tracker.close()
+        if system is not None:
+            system.stop()
     if error is not None and env.rank == 0:
         # Told to the driver through its status actor, not by raising: an exception would
         # make Ray Train restart the workers (FailureConfig), and these errors would recur.
@@ -181,6 +184,21 @@ def open_tracker(spec: WorkerSpec, env: WorkerEnv, start: Start):
     tracker = Tracker(spec.tracking_uri, spec.run_id, spec.run_uri)
     tracker.log_metrics({"train/start_step": start.step}, start.step)  # every (re)start
     return tracker
+
+
+def node_metrics(spec: WorkerSpec):
+    """MLflow system metrics of this node (CPU, memory, disk, network, GPUs), from its local
+    rank 0, as system/node_<i>/...: one series per node of the cluster."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    interval = spec.cfg.train.system_metrics_s
+    if not spec.run_id or not interval or ctx.get_local_rank() != 0:
+        return None
+    from pipeline.tracking import SystemMetrics
+
+    return SystemMetrics(spec.tracking_uri, spec.run_id, f"node_{ctx.get_node_rank()}",
+                         interval_s=interval)
 
 
 def _probe_set(spec: WorkerSpec):

@@ -243,7 +243,15 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     if run_id:
         tracker = tracking.Tracker(tracking_uri, run_id)
         tracker.log_text(uri + "\n", "checkpoint_uri.txt")
-        tracker.set_tags({"checkpoint": uri})
+        tags = {"checkpoint": uri}
+        if uri:
+            try:
+                version = tracking.register_checkpoint(tracking_uri, run_id, cfg.run.name, uri)
+                tags["registered_model"] = f"{cfg.run.name}/{version}"
+            except Exception as err:  # noqa: BLE001 - the model registry is not essential
+                log.warning("could not register the checkpoint as a model version: %s",
+                            tracking.redact(str(err).splitlines()[0][:160]))
+        tracker.set_tags(tags)
         tracking.finish_run(tracking_uri, run_id, "FINISHED")
     return Outcome(checkpoint=uri, step=step, metrics=dict(result.metrics or {}),
                    run_id=run_id, tracking_uri=tracking_uri, storage=root)
@@ -255,24 +263,24 @@ def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest:
     Tracking never stops training: without a server the run goes on untracked."""
     import ray
 
-    tracking_uri = tracking_uri or tracking.default_tracking_uri(
-        root if not storage.is_s3(root) else DEFAULT_ROOT)
+    tracking_uri = tracking_uri or tracking.default_tracking_uri()
     resources = ray.cluster_resources()
-    tags = {"git_commit": tracking.git_commit(),
-            "cluster": f"{cfg.scale.num_workers} workers x "
+    tags = {"cluster": f"{cfg.scale.num_workers} workers x "
                        f"{cfg.scale.gpus_per_worker if cfg.scale.use_gpu else 0} GPU, "
                        f"{cfg.scale.cpus_per_worker} CPU; cluster {resources.get('CPU', 0):.0f} "
                        f"CPU, {resources.get('GPU', 0):.0f} GPU",
             "data_manifest": _manifest_tag(cfg, manifest),
             "host": platform.node(), "mlflow.note.content": f"pretraining run {cfg.run.name}"}
     try:
-        artifact_root = None if "://" in tracking_uri and not tracking_uri.startswith(
-            "sqlite") else str(Path(root if not storage.is_s3(root) else
-                                    Path(DEFAULT_ROOT).expanduser()) / "mlartifacts")
         params = {**cfg.flat(), "resume": resume or "", "init": init or ""}
         run_id = tracking.start_run(tracking_uri, cfg.run.experiment, cfg.run.name,
-                                    artifact_root, params, tags, continuing=continuing)
+                                    params, tags, continuing=continuing,
+                                    source="jobs/pretrain.py")
         tracking.Tracker(tracking_uri, run_id).log_text(cfg.to_json(), "config.json")
+        if manifest is not None and not continuing:
+            digest = tags["data_manifest"].rsplit("sha256:", 1)[-1]
+            tracking.log_dataset(tracking_uri, run_id, f"{cfg.data.uri}#{cfg.data.split}",
+                                 cfg.data.uri, digest)
         return tracking_uri, run_id
     except Exception as err:  # noqa: BLE001 - tracking must not stop training
         log.warning("MLflow unavailable at start (%s); training without tracking",

@@ -5,6 +5,7 @@ effective global batch. (Killed workers and drivers: test_restarts.py.)"""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from pipeline.data import shards
 from pipeline.train.config import apply_overrides, smoke
 from pipeline.train.run import PretrainError, pretrain
 
+ROOT = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -37,7 +39,8 @@ def test_two_workers_from_s3_into_mlflow(ray_local, s3, mlflow_server, tmp_path)
     cfg = cfg_for(tmp_path, "two-workers", "data.source=shards", f"data.uri={data}",
                   "data.augment=resize", f"run.storage=s3://{s3}/runs", "scale.num_workers=2",
                   "train.total_steps=60", "train.global_batch_size=32", "train.log_every=10",
-                  "train.checkpoint_every=30", "train.fewshot_every=30")
+                  "train.checkpoint_every=30", "train.fewshot_every=30",
+                  "train.system_metrics_s=1")
     out = pretrain(cfg, tracking_uri=mlflow_server.uri)
 
     assert out.step == 60 and out.checkpoint.startswith(f"s3://{s3}/runs/two-workers/step_")
@@ -65,6 +68,26 @@ def test_two_workers_from_s3_into_mlflow(ray_local, s3, mlflow_server, tmp_path)
     everything = json.dumps([params, tags])
     assert "testing-secret" not in everything and "testing" not in params.values()
     assert run.info.status == "FINISHED"
+
+    # MLflow's conventions. Standard tags: user, source, git commit (this checkout's).
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert tags["mlflow.user"] and tags["mlflow.source.name"] == "jobs/pretrain.py"
+    assert tags["mlflow.source.type"] in ("LOCAL", "JOB")
+    assert tags["mlflow.source.git.commit"].startswith(head)
+    # The training data as a dataset input: its URI and the manifest's digest.
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.source_type == "http"
+    assert json.loads(inputs[0].dataset.source)["url"] == data
+    assert inputs[0].dataset.digest == tags["data_manifest"].rsplit("sha256:", 1)[1]
+    assert {(t.key, t.value) for t in inputs[0].tags} == {("mlflow.data.context", "training")}
+    # The final checkpoint as a version of the registered model named after the run.
+    versions = client.search_model_versions("name = 'two-workers'")
+    assert [(v.source, v.run_id) for v in versions] == [(out.checkpoint, out.run_id)]
+    assert tags["registered_model"] == f"two-workers/{versions[0].version}"
+    # System metrics of the node (one node here), under system/node_0/.
+    system = [k for k in run.data.metrics if k.startswith("system/node_0/")]
+    assert "system/node_0/cpu_utilization_percentage" in system, sorted(run.data.metrics)
 
 
 @pytest.mark.mlflow

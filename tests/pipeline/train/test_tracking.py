@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -19,7 +23,7 @@ def test_outage_buffers_and_flushes(tmp_path, caplog):
 
     server = MlflowServer(tmp_path).start()
     try:
-        run_id = tracking.start_run(server.uri, "exp-outage", "r1", None,
+        run_id = tracking.start_run(server.uri, "exp-outage", "r1",
                                     {"optim.lr": 0.001, "data.uri": "s3://b/x",
                                      "AWS_SECRET_ACCESS_KEY": "nope"}, {"git_commit": "abc"})
         client = MlflowClient(server.uri)
@@ -56,3 +60,71 @@ def test_outage_buffers_and_flushes(tmp_path, caplog):
 def test_redact():
     assert tracking.redact("http://user:pw@host:5000/x") == "http://host:5000/x"
     assert tracking.redact("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.mlflow
+def test_experiment_name_from_the_environment_and_standard_tags(mlflow_server, monkeypatch):
+    """MLFLOW_EXPERIMENT_NAME replaces the default experiment, as in MLflow; runs carry
+    MLflow's user and source tags and the commit the submitting side passed on."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-x")
+    monkeypatch.setenv(tracking.GIT_COMMIT_ENV, "0123abcd")
+    run_id = tracking.start_run(mlflow_server.uri, "vit-pretrain", "named", {}, {},
+                                source="jobs/pretrain.py")
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "team-x"
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == "0123abcd" == tags["git_commit"]
+    assert tags["mlflow.source.name"] == "jobs/pretrain.py"
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
+    job = client.get_run(tracking.start_run(mlflow_server.uri, "x", "job", {}, {}))
+    assert job.data.tags["mlflow.source.type"] == "JOB"
+
+
+def test_vtab_runs_are_named_after_the_pretraining_run_and_step(tmp_path):
+    from eval.sweep import SweepConfig, model_label
+    from pipeline.checkpoint import save_vit
+    from pipeline.model import ViT
+    from pipeline.train.config import smoke
+
+    save_vit(ViT(smoke().model), tmp_path / "step_00000150",
+             metadata={"run_name": "b16-augreg", "step": 150})
+    assert model_label(str(tmp_path / "step_00000150")) == "b16-augreg-step150"
+    assert model_label("hf://google/vit-base-patch16-224@main") == \
+        "google-vit-base-patch16-224-main"
+    assert model_label(str(tmp_path / "ViT-B_16.npz")) == "ViT-B_16.npz"
+    cfg = SweepConfig(checkpoint=str(tmp_path / "step_00000150"), data=str(tmp_path),
+                      tasks=("eurosat",))
+    assert cfg.run_name.startswith("vtab-b16-augreg-step150-")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_one_store_whatever_the_storage(tmp_path):
+    """Without MLFLOW_TRACKING_URI, pretraining runs whose checkpoints go to a non-default
+    --storage log to the one local store, where the comparison command finds them."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MLFLOW_EXPERIMENT_NAME")}
+    env["HOME"] = str(home)
+    for name, lr in (("store-a", "0.002"), ("store-b", "0.001")):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset", "smoke",
+             "--storage", str(tmp_path / "elsewhere"), "--name", name,
+             "--set", f"optim.lr={lr}", "--set", "train.total_steps=10",
+             "--set", "optim.warmup_steps=2", "--set", "train.log_every=5",
+             "--set", "train.checkpoint_every=10", "--set", "train.fewshot_every=0",
+             "--set", "train.system_metrics_s=0"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (home / "vit-runs" / "mlflow.db").exists()
+    assert not list((tmp_path / "elsewhere").glob("*.db"))
+    out = subprocess.run([sys.executable, str(ROOT / "eval" / "compare.py"), "store-a",
+                          "store-b", "--no-log"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Pretraining runs" in out.stdout and "optim.lr" in out.stdout
