@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def worker(config: dict) -> None:
     """Ray Train worker: build, one step, then timed saves."""

@@ -43,10 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.data import shards  # noqa: E402
-from pipeline.data.transforms import Augment, decode_and_augment  # noqa: E402
+from pipeline.data import shards
+from pipeline.data.transforms import Augment, decode_and_augment
 
 AUG = Augment("inception", 224)
 EPOCHS = 2  # passes over the shards per pipeline measurement

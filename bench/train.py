@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.data.transforms import to_model_input  # noqa: E402
-from pipeline.model import ViT  # noqa: E402
-from pipeline.perf import peak_flops, train_flops_per_image  # noqa: E402
-from pipeline.train.config import apply_overrides, smoke  # noqa: E402
-from pipeline.train.schedule import learning_rate  # noqa: E402
-from pipeline.train.step import Pretrainer, decay_names, make_optimizer, train_step  # noqa: E402
+from pipeline.data.transforms import to_model_input
+from pipeline.model import ViT
+from pipeline.perf import peak_flops, train_flops_per_image
+from pipeline.train.config import apply_overrides, smoke
+from pipeline.train.schedule import learning_rate
+from pipeline.train.step import Pretrainer, decay_names, make_optimizer, train_step
 
 
 def config(args, tmp):

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from eval.data import decode, read_encoded, train_size, write_synthetic_task  # noqa: E402
-from eval.finetune import FinetuneConfig, build_model, finetune, predict, top1  # noqa: E402
-from eval.sweep import SweepConfig, choose_lrs, load_pretrained, run  # noqa: E402
-from eval.tasks import BY_NAME  # noqa: E402
-from pipeline.checkpoint import save_vit  # noqa: E402
-from pipeline.model import ViT, ViTConfig  # noqa: E402
+from eval.data import decode, read_encoded, train_size, write_synthetic_task
+from eval.finetune import FinetuneConfig, build_model, finetune, predict, top1
+from eval.sweep import SweepConfig, choose_lrs, load_pretrained, run
+from eval.tasks import BY_NAME
+from pipeline.checkpoint import save_vit
+from pipeline.model import ViT, ViTConfig
 
 TASK_ORDER = ("eurosat", "kitti", "dsprites_ori", "dtd")
 

@@ -22,14 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from eval.tasks import TASKS  # noqa: E402
-from pipeline import tracking  # noqa: E402
+from eval.tasks import TASKS
+from pipeline import tracking
 
 PRETRAIN_METRICS = (("train/loss", "final loss", "last"), ("perf/images_per_sec", "images/s",
                                                            "mean"),
@@ -213,7 +207,7 @@ def compare(tracking_uri: str, refs: list[str], experiment: str | None = None,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="eval/compare.py", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  epilog=__doc__.split("\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", help="MLflow run ids or run names")

@@ -29,17 +29,9 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# Run from a checkout: the repository, not this folder, on the path (eval/data.py must not
-# shadow anything named `data`).
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from eval.report import REFERENCE  # noqa: E402
-from eval.sweep import DEFAULT_STORAGE, PAPER, PROTOCOLS, SweepConfig  # noqa: E402
-from eval.tasks import select  # noqa: E402
+from eval.report import REFERENCE
+from eval.sweep import DEFAULT_STORAGE, PAPER, PROTOCOLS, SweepConfig
+from eval.tasks import select
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -52,7 +44,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
-        prog="eval/vtab.py", description=__doc__.split("\n")[0],
+        description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, metavar="URI",
                     help="the ViT to evaluate: a checkpoint folder or s3:// prefix (ours or "

@@ -27,10 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from infra import local_stack
 
-from infra import local_stack  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_TASKS = ("eurosat", "kitti", "dsprites_ori")
 

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from pipeline.checkpoint import EXPORT_FORMATS, CheckpointError, export_vit  # noqa: E402
-from pipeline.storage import StorageError  # noqa: E402
+from pipeline.checkpoint import EXPORT_FORMATS, CheckpointError, export_vit
+from pipeline.storage import StorageError
 
 
 def main(argv=None) -> int:

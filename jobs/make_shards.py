@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from pipeline.data import shards  # noqa: E402
-from pipeline.storage import StorageError  # noqa: E402
+from pipeline.data import shards
+from pipeline.storage import StorageError
 
 
 def parse_args(argv=None):

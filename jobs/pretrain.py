@@ -26,9 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from pipeline.train.config import PRESETS, apply_overrides  # noqa: E402
+from pipeline.train.config import PRESETS, apply_overrides
 
 
 def parse_args(argv=None):
