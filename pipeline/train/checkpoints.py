@@ -122,7 +122,14 @@ def check_init(uri: str, model_cfg: ViTConfig) -> None:
 
 
 def check_architecture(ckpt_cfg: dict, run_cfg: ViTConfig, where: str) -> None:
-    """A resumed run must have the checkpoint's architecture (runtime fields may differ)."""
+    """A resumed run must have the checkpoint's architecture (runtime fields may differ).
+    The checkpoint's config goes through ViTConfig, so fields it predates take their
+    defaults and JSON lists compare equal to tuples."""
+    try:
+        ckpt_cfg = ViTConfig.from_dict(ckpt_cfg).to_dict()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: the checkpoint's model config is not readable by "
+                              f"this code ({err})") from None
     theirs = {k: v for k, v in ckpt_cfg.items() if k not in RUNTIME_FIELDS}
     ours = {k: v for k, v in run_cfg.to_dict().items() if k not in RUNTIME_FIELDS}
     diff = sorted(k for k in ours if theirs.get(k) != ours[k])

@@ -564,3 +564,18 @@ def test_probe_sets_from_vtab_folders_and_shards(tmp_path):
     assert sorted(a["train_labels"]) == sorted(b["train_labels"])
     with pytest.raises(PretrainError, match="write name=URI"):
         probe_sets(apply_overrides(smoke(), [f"data.fewshot_sets={folder}"]), None)
+
+
+def test_resume_accepts_the_checkpoints_json_config_and_older_ones():
+    """A checkpoint's model config comes back from JSON (lists for tuples) and may predate
+    fields (input normalisation, stochastic depth): the same architecture still resumes."""
+    import json
+
+    cfg = smoke().model
+    stored = json.loads(json.dumps(cfg.to_dict()))
+    checkpoints.check_architecture(stored, cfg, "here")
+    older = {k: v for k, v in stored.items() if k not in ("input_mean", "input_std",
+                                                          "drop_path")}
+    checkpoints.check_architecture(older, cfg.replace(drop_path=0.1), "here")
+    with pytest.raises(checkpoints.CheckpointError, match="hidden_size: checkpoint 64 vs run 96"):
+        checkpoints.check_architecture(stored, cfg.replace(hidden_size=96, num_heads=2), "here")
