@@ -5,17 +5,20 @@
         --set data.uri=s3://bucket/imagenet21k --workers 64 --gpus-per-worker 1
 
 The same command resumes: a run whose name already has checkpoints in the storage continues
-from the newest one. MLFLOW_TRACKING_URI chooses the MLflow server (default: a local SQLite
-store under the storage folder). S3 settings come from the standard AWS variables.
+from the newest one (with another run-defining config it stops and says what changed).
+MLFLOW_TRACKING_URI chooses the MLflow server (default: the local store ~/vit-runs/mlflow.db,
+whatever --storage is). S3 settings come from the standard AWS variables.
 
 Presets (each documented in pipeline/train/config.py):
   smoke         tiny ViT, synthetic data, CPU, about a minute
   vit_b16_i21k  ViT-B/16 on ImageNet-21k, Table 3      vit_l16_i21k  ViT-L/16, ImageNet-21k
   vit_b16_jft   ViT-B/16 on JFT-300M, Table 3          vit_h14_jft   ViT-H/14, JFT-300M
   vit_b16_mpp   ViT-B/16 masked patch prediction (App. B.1.2)
+  vit_s16_i21k_augreg, vit_b16_i21k_augreg, vit_l16_i21k_augreg: AugReg, 300 epochs on i21k
 Any resolved value can be changed with --set section.field=value (sections: model, optim,
 data, train, scale, run; `model.variant=L/16` sets all model sizes). `--show-config` prints
-the resolved configuration and exits.
+the resolved configuration and exits; `--config FILE` starts from such a file (the
+config.json every MLflow run keeps) instead of a preset.
 """
 
 from __future__ import annotations
@@ -26,15 +29,19 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.train.config import PRESETS, apply_overrides
+from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides
+from pipeline.train.run import LOG_LEVELS
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="smoke", choices=sorted(PRESETS),
+    ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="named configuration to start from (default: smoke)")
+    ap.add_argument("--config", metavar="FILE",
+                    help="start from a resolved configuration (JSON, as --show-config prints "
+                         "and MLflow keeps as config.json; a local path or s3://)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="override one value, e.g. optim.lr=3e-4 "
                                               "(repeatable; unknown keys are errors)")
@@ -58,11 +65,16 @@ def parse_args(argv=None):
                                       "Ray started on demand)")
     ap.add_argument("--show-config", action="store_true",
                     help="print the resolved configuration and exit")
+    ap.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper,
+                    help="log level of the driver and the workers (default: VIT_LOG_LEVEL or "
+                         "INFO)")
     return ap.parse_args(argv)
 
 
 def resolve(args):
-    cfg = PRESETS[args.preset]()
+    if args.config and args.preset:
+        raise ValueError("--config and --preset both name a starting configuration; give one")
+    cfg = load_config(args.config) if args.config else PRESETS[args.preset or "smoke"]()
     sets = list(args.overrides)
     if args.workers is not None:
         sets.append(f"scale.num_workers={args.workers}")
@@ -81,6 +93,36 @@ def resolve(args):
     return apply_overrides(cfg, sets)
 
 
+def load_config(uri: str) -> PretrainConfig:
+    """A PretrainConfig from a JSON file (local or s3://); one-line errors."""
+    import json
+
+    from pipeline import storage
+
+    try:
+        doc = json.loads(storage.read_bytes(uri))
+    except (storage.StorageError, OSError) as err:
+        raise ValueError(f"--config {uri}: cannot read it ({str(err).splitlines()[0]})") \
+            from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {uri}: not JSON ({err})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"--config {uri}: expected a JSON object of config sections")
+    return PretrainConfig.from_dict(doc)
+
+
+def describe(cfg: PretrainConfig) -> str:
+    """The resolved config, one section a paragraph, key=value wrapped to 100 columns."""
+    import textwrap
+
+    lines = ["resolved config (--show-config prints it as JSON):"]
+    for section, values in cfg.to_dict().items():
+        text = " ".join(f"{k}={v}" for k, v in values.items())
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {section:<7}",
+                               subsequent_indent=" " * 9)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -91,6 +133,7 @@ def main(argv=None) -> int:
     if args.show_config:
         print(cfg.to_json())
         return 0
+    print(describe(cfg), flush=True)
 
     import ray
 
@@ -100,7 +143,7 @@ def main(argv=None) -> int:
     from pipeline.storage import StorageError
     from pipeline.train.run import PretrainError, configure_logging, pretrain
 
-    configure_logging()
+    configure_logging(args.log_level)
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     address = args.address or os.environ.get("RAY_ADDRESS")
     # No address: a new local Ray ("local"), never a stray `ray start` cluster that

@@ -53,6 +53,7 @@ class WorkerSpec:
     status: Any = None                  # RunStatus actor: why a run stopped early
     health: Any = None                  # DataHealth actor: skipped samples
     probe: Any = None                   # ObjectRef of the few-shot probe set
+    log_level: str = "INFO"             # the driver's (--log-level), for the workers' logs
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Start:
 def train_loop(config: dict) -> None:
     """Ray Train `train_loop_per_worker`; `config` = {"spec": WorkerSpec}."""
     spec: WorkerSpec = config["spec"]
+    logging.getLogger("pipeline").setLevel(spec.log_level)
     env = worker_env(spec.cfg)
     model, optimizer, start = build(spec, env)
     writer = checkpoints.CheckpointWriter(env.rank, spec.cfg.train.checkpoint_async)

@@ -63,8 +63,46 @@ def check_storage(cfg: PretrainConfig, root: str) -> None:
                             f"run.shared_storage=true for a folder every node mounts)")
 
 
-def check_start(cfg: PretrainConfig, point: checkpoints.ResumePoint) -> None:
-    """--resume / --init are checked here, before any worker starts."""
+# What defines a run: a run name that has checkpoints continues only with these unchanged
+# (the rest, such as train.total_steps, the scale or logging, may change between starts).
+DEFINING = {"model": None, "optim": None,
+            "data": ("source", "uri", "split", "augment", "randaug_layers",
+                     "randaug_magnitude", "mixup", "synthetic_samples", "synthetic_classes"),
+            "train": ("global_batch_size", "objective", "head_bias", "seed")}
+
+
+def config_changes(stored: dict, cfg: PretrainConfig) -> list[str]:
+    """The run-defining values of `cfg` that differ from a checkpoint's config (a dict read
+    back from JSON; fields it predates count as their defaults)."""
+    old = PretrainConfig.from_dict(stored).to_dict()
+    new = cfg.to_dict()
+    changes = []
+    for section, keys in DEFINING.items():
+        for key in keys or new[section]:
+            if old[section].get(key) != new[section].get(key):
+                changes.append(f"{section}.{key}: {old[section].get(key)!r} -> "
+                               f"{new[section].get(key)!r}")
+    return changes
+
+
+def check_start(cfg: PretrainConfig, point: checkpoints.ResumePoint,
+                resume: str | None = None) -> None:
+    """--resume / --init are checked here, before any worker starts; so is a run name that
+    has checkpoints made with another config (a rerun with different --set values)."""
+    if point.kind == "own":
+        try:
+            stored = checkpoints.read_state(point.uri).get("config")
+            changes = config_changes(stored, cfg) if stored else []
+        except (ValueError, TypeError, KeyError):
+            changes = []          # a config this code cannot read: the architecture check says
+        if changes and not resume:
+            raise PretrainError(
+                f"run {cfg.run.name!r} already has checkpoints made with another config "
+                f"({'; '.join(changes[:6])}{'; ...' if len(changes) > 6 else ''}); choose "
+                f"another --name, or continue it with these changes: --resume {point.uri}")
+        if changes:
+            log.warning("continuing run %r with changed settings: %s", cfg.run.name,
+                        "; ".join(changes))
     if point.kind == "resume":
         checkpoints.check_resume(point.uri, cfg.model)
     elif point.kind == "init":
@@ -211,7 +249,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     check_storage(cfg, root)
     run_uri = storage.join(root, cfg.run.name)
     point = checkpoints.resume_point(run_uri, resume, init)
-    check_start(cfg, point)
+    check_start(cfg, point, resume)
     if point.kind == "own":
         log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, point.uri)
     if dataset is None:
@@ -222,7 +260,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
                                     continuing=point.kind == "own")
     spec = WorkerSpec(cfg=cfg, run_uri=run_uri, resume=resume, init=init, run_id=run_id,
                       tracking_uri=tracking_uri, stream=stream, status=run_status(),
-                      health=health, probe=probe)
+                      health=health, probe=probe, log_level=logging.getLevelName(
+                          logging.getLogger("pipeline").getEffectiveLevel()))
     _warn_if_no_cpu_for_data(cfg)
     trainer = make_trainer(cfg, spec, factory, root)
     try:
@@ -354,6 +393,12 @@ def _manifest_tag(cfg: PretrainConfig, manifest: dict | None) -> str:
     return f"{cfg.data.uri} sha256:{digest}"
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=os.environ.get("VIT_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def configure_logging(level: str | None = None) -> None:
+    """Log format and level for a command: `level` (--log-level), else VIT_LOG_LEVEL, else
+    INFO; the training workers take the driver's."""
+    level = (level or os.environ.get("VIT_LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(level)

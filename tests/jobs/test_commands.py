@@ -50,3 +50,26 @@ def test_no_entry_point_patches_sys_path():
                 if isinstance(node, ast.Attribute) and node.attr == "path" and \
                         isinstance(node.value, ast.Name) and node.value.id == "sys":
                     pytest.fail(f"{path.relative_to(ROOT)}:{node.lineno} touches sys.path")
+
+
+def test_a_logged_config_reruns_and_bad_ones_say_why(tmp_path):
+    """--show-config's JSON (what MLflow keeps as config.json) fed back with --config gives
+    the same resolved config; --set applies on top; mistakes are one line and exit 2."""
+    first = subprocess.run([str(BIN / "vit-pretrain"), "--preset", "vit_b16_i21k_augreg",
+                            "--set", "optim.lr=5e-4", "--show-config"], capture_output=True,
+                           text=True, timeout=120)
+    (tmp_path / "config.json").write_text(first.stdout)
+    again = subprocess.run([str(BIN / "vit-pretrain"), "--config", str(tmp_path / "config.json"),
+                            "--show-config"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    (tmp_path / "bad.json").write_text('{"optim": {"learning_rate": 1}}')
+    for args, message in (
+            (["--config", str(tmp_path / "config.json"), "--preset", "smoke"],
+             "--config and --preset both name a starting configuration"),
+            (["--config", str(tmp_path / "missing.json")], "cannot read it"),
+            (["--config", str(tmp_path / "bad.json")],
+             "unknown config keys ['optim.learning_rate']")):
+        out = subprocess.run([str(BIN / "vit-pretrain"), *args, "--show-config"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1

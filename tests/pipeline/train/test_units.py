@@ -579,3 +579,30 @@ def test_resume_accepts_the_checkpoints_json_config_and_older_ones():
     checkpoints.check_architecture(older, cfg.replace(drop_path=0.1), "here")
     with pytest.raises(checkpoints.CheckpointError, match="hidden_size: checkpoint 64 vs run 96"):
         checkpoints.check_architecture(stored, cfg.replace(hidden_size=96, num_heads=2), "here")
+
+
+def test_a_run_name_reused_with_another_config_stops_unless_resumed(tmp_path):
+    import json
+
+    from pipeline.train.run import PretrainError, check_start, config_changes
+
+    cfg = smoke()
+    ckpt = tmp_path / "smoke" / "step_00000050"
+    ckpt.mkdir(parents=True)
+    (ckpt / checkpoints.STATE_FILE).write_text(json.dumps(
+        {"format": checkpoints.FORMAT, "step": 50, "config": cfg.to_dict()}))
+    point = checkpoints.ResumePoint("own", str(ckpt))
+    # What may change between starts: the length, logging, the scale.
+    longer = apply_overrides(cfg, ["train.total_steps=300", "train.log_every=10",
+                                   "scale.num_workers=2"])
+    check_start(longer, point)
+    assert config_changes(cfg.to_dict(), longer) == []
+    changed = apply_overrides(cfg, ["optim.lr=0.01", "data.mixup=0.2"])
+    assert config_changes(cfg.to_dict(), changed) == ["optim.lr: 0.002 -> 0.01",
+                                                      "data.mixup: 0.0 -> 0.2"]
+    with pytest.raises(PretrainError, match=r"run 'smoke' already has checkpoints made with "
+                                            r"another config \(optim.lr: 0.002 -> 0.01; "
+                                            r"data.mixup: 0.0 -> 0.2\); choose another --name, "
+                                            r"or continue it with these changes: --resume"):
+        check_start(changed, point)
+    check_start(changed, point, resume=str(ckpt))     # deliberate: allowed, with a warning
