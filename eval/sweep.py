@@ -359,6 +359,16 @@ def progress_callback(phase: str, total: int):
         def __init__(self, phase: str, total: int, every_s: float = 60.0):
             self.phase, self.total, self.every_s = phase, total, every_s
             self.done, self.last = 0, time.monotonic()
+            self.started = time.monotonic()
+
+        def pace(self) -> str:
+            """Elapsed time and, at this phase's mean pace, the time left."""
+            from pipeline.train.loop import clock
+
+            elapsed = time.monotonic() - self.started
+            left = (self.total - self.done) * elapsed / self.done if self.done else None
+            return f"{clock(elapsed)} elapsed" + (f", ~{clock(left)} left"
+                                                  if left is not None else "")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
@@ -366,9 +376,9 @@ def progress_callback(phase: str, total: int):
             what = "val200" if self.phase == "select" else "test"
             score = (f"{what} top-1 {m['top1']:.2f}" if not m.get("diverged")
                      else "diverged")
-            log.info("%s [%d/%d] %s lr %g seed %d: %s (%.0f s)", self.phase, self.done,
-                     self.total, c["task"], c["lr"], c["seed"], score,
-                     m.get("time_total_s", 0.0))
+            log.info("%s [%d/%d] %s lr %g seed %d: %s (%.0f s) | %s", self.phase,
+                     self.done, self.total, c["task"], c["lr"], c["seed"], score,
+                     m.get("time_total_s", 0.0), self.pace())
 
         def on_trial_error(self, iteration, trials, trial, **info):
             c = trial.config["trial"]
@@ -380,9 +390,9 @@ def progress_callback(phase: str, total: int):
                 return
             self.last = time.monotonic()
             states = [t.status for t in trials]
-            log.info("%s: %d/%d done, %d running, %d pending", self.phase,
+            log.info("%s: %d/%d done, %d running, %d pending | %s", self.phase,
                      states.count("TERMINATED") + states.count("ERROR"), len(states),
-                     states.count("RUNNING"), states.count("PENDING"))
+                     states.count("RUNNING"), states.count("PENDING"), self.pace())
 
     return Progress(phase, total)
 

@@ -101,6 +101,8 @@ def parse_args(argv=None):
                          f"{DEFAULT_STORAGE})")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local "
                                       "Ray started on demand)")
+    ap.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                    type=str.upper, help="log level (default: VIT_LOG_LEVEL or INFO)")
     return ap.parse_args(argv)
 
 
@@ -142,8 +144,8 @@ def main(argv=None) -> int:
     from eval.evaluate import evaluate
     from eval.report import table
 
-    logging.basicConfig(level=os.environ.get("VIT_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or os.environ.get("VIT_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         doc, where = evaluate(cfg, reference=args.reference, address=args.address)
     except Exception as err:  # noqa: BLE001 - every failure ends in one line and exit != 0

@@ -284,6 +284,7 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
     if progress.step >= t.total_steps and env.rank == 0:
         log.info("already at step %d of %d: nothing to train (raise train.total_steps to "
                  "continue)", progress.step, t.total_steps)
+    started = time.monotonic()
     while progress.step < t.total_steps:
         t0 = time.perf_counter()
         try:
@@ -320,7 +321,8 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
                     metrics.update(fewshot_metrics(model, probe, env, cfg.model))
                 if env.rank == 0:
                     metrics.update(_skipped(spec.health))
-                    log.info(progress_line(step, t.total_steps, metrics))
+                    log.info(progress_line(step, t.total_steps, metrics, start.step,
+                                           time.monotonic() - started))
                     if tracker is not None:
                         tracker.log_metrics(metrics, step)
                 save = save or _minutes_due(progress, t.checkpoint_minutes, env.world)
@@ -493,8 +495,25 @@ def interval_metrics(meter: Meter, cfg: PretrainConfig, lr: float, env: WorkerEn
     return metrics
 
 
-def progress_line(step: int, total: int, m: dict) -> str:
-    parts = [f"step {step}/{total}", f"loss {m['train/loss']:.4f}", f"lr {m['train/lr']:.2e}",
+def clock(seconds: float) -> str:
+    """3725 -> '1:02:05'; 65 -> '1:05'; days past 24 h ('2d 3:00:00')."""
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    text = f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    return f"{days}d {h}:{m:02d}:{s:02d}" if days else text
+
+
+def progress_line(step: int, total: int, m: dict, start_step: int | None = None,
+                  elapsed_s: float | None = None) -> str:
+    """One log line of training progress; with the step and time this (re)start began,
+    also the elapsed time and the time left at this start's mean pace."""
+    parts = [f"step {step}/{total}"]
+    if elapsed_s is not None and start_step is not None and step > start_step:
+        left = (total - step) * elapsed_s / (step - start_step)
+        parts.append(f"{clock(elapsed_s)} elapsed, ~{clock(left)} left")
+    parts += [f"loss {m['train/loss']:.4f}", f"lr {m['train/lr']:.2e}",
              f"|g| {m['train/grad_norm']:.2f}", f"{m['perf/images_per_sec']:.1f} img/s",
              f"data wait {m['perf/data_wait_frac']:.0%}"]
     if "perf/mfu" in m:

@@ -606,3 +606,15 @@ def test_a_run_name_reused_with_another_config_stops_unless_resumed(tmp_path):
                                             r"or continue it with these changes: --resume"):
         check_start(changed, point)
     check_start(changed, point, resume=str(ckpt))     # deliberate: allowed, with a warning
+
+
+def test_progress_lines_show_elapsed_time_and_time_left():
+    from pipeline.train.loop import clock, progress_line
+
+    m = {"train/loss": 1.0, "train/lr": 1e-3, "train/grad_norm": 0.5,
+         "perf/images_per_sec": 100.0, "perf/data_wait_frac": 0.1}
+    # Resumed at step 100; 50 steps in 25 s: 850 steps left at 0.5 s each.
+    line = progress_line(150, 1000, m, start_step=100, elapsed_s=25.0)
+    assert line.startswith("step 150/1000 | 0:25 elapsed, ~7:05 left | loss 1.0000")
+    assert clock(3725) == "1:02:05" and clock(2 * 86400 + 10800) == "2d 3:00:00"
+    assert progress_line(150, 1000, m).startswith("step 150/1000 | loss")
