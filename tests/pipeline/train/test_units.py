@@ -618,3 +618,14 @@ def test_progress_lines_show_elapsed_time_and_time_left():
     assert line.startswith("step 150/1000 | 0:25 elapsed, ~7:05 left | loss 1.0000")
     assert clock(3725) == "1:02:05" and clock(2 * 86400 + 10800) == "2d 3:00:00"
     assert progress_line(150, 1000, m).startswith("step 150/1000 | loss")
+
+
+def test_a_local_mlflow_store_is_refused_on_a_cluster_of_several_nodes():
+    from pipeline.train.run import PretrainError, check_tracking
+
+    check_tracking("sqlite:////home/me/vit-runs/mlflow.db", 1)
+    check_tracking("http://mlflow:5000", 8)
+    for local in ("sqlite:////home/me/vit-runs/mlflow.db", "file:///tmp/mlruns", "/tmp/mlruns"):
+        with pytest.raises(PretrainError, match="is local to this node but the cluster has 3 "
+                                                "nodes; set MLFLOW_TRACKING_URI"):
+            check_tracking(local, 3)
