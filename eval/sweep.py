@@ -41,6 +41,17 @@ PROTOCOLS = ("paper", "vit", "per-task")
 PAPER = {"lrs": (0.01,), "steps": 2500, "seeds": 3}
 
 
+# Starting points of `vit-vtab --preset` (the rest: SweepConfig's defaults, the paper's 384 px,
+# batch 512, 2,500 steps). --set and the flags change any value on top.
+PRESETS = {
+    "vit": {"protocol": "vit"},                   # the lr sweep, one rate for all tasks
+    "per-task": {"protocol": "per-task"},         # the lr sweep, each task's best rate
+    "paper": {"protocol": "paper", **PAPER},      # as ViT Table 9 was made
+    "demo": {"protocol": "vit", "lrs": (0.003, 0.03), "steps": 40, "batch_size": 32,
+             "resolution": 32},                   # seconds per task on a CPU
+}
+
+
 class SweepError(RuntimeError):
     """The evaluation cannot start or finish, for a reason a user must act on (one line)."""
 
@@ -460,3 +471,40 @@ def _raise_failed(records: list[dict], phase: str) -> None:
         raise SweepError(f"{len(failed)} {phase} trial(s) failed, e.g. {first['task']} "
                          f"(lr {first['lr']:g}, seed {first['seed']}): {first['error']}; run "
                          f"the same command again to retry them (finished trials are kept)")
+
+
+EvalConfig = SweepConfig   # the typed evaluation config, as PretrainConfig is pretraining's
+
+
+def eval_config(checkpoint: str, data: str, preset: str = "vit", sets: list[str] = ()
+                ) -> SweepConfig:
+    """An evaluation config: a preset (PRESETS), then `key=value` overrides of any field,
+    typed and checked as `vit-pretrain --set` is (`tasks=natural` or a list of names)."""
+    import dataclasses
+    import typing
+
+    from pipeline.train.config import parse_value
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown evaluation preset {preset!r}; use one of {list(PRESETS)}")
+    values = {"checkpoint": checkpoint, "data": data, "tasks": "all", **PRESETS[preset]}
+    hints = typing.get_type_hints(SweepConfig)
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected field=value")
+        if key not in hints:
+            raise ValueError(f"--set {key}: unknown key; the evaluation config has "
+                             f"{sorted(hints)}")
+        values[key] = raw if key == "tasks" else parse_value(raw, hints[key], key)
+    if isinstance(values["tasks"], str):
+        from eval.tasks import select
+
+        values["tasks"] = tuple(t.name for t in select(values["tasks"]))
+    if "://" not in values["data"]:
+        values["data"] = str(Path(values["data"]).expanduser())
+    if "://" not in values["checkpoint"]:
+        values["checkpoint"] = str(Path(values["checkpoint"]).expanduser().resolve())
+    return SweepConfig(**{f.name: values[f.name] for f in dataclasses.fields(SweepConfig)
+                          if f.name in values})

@@ -27,11 +27,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from eval.report import REFERENCE
-from eval.sweep import DEFAULT_STORAGE, PAPER, PROTOCOLS, SweepConfig
-from eval.tasks import select
+from eval.sweep import DEFAULT_STORAGE, PRESETS, PROTOCOLS, SweepConfig, eval_config
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -53,10 +51,20 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=os.environ.get("VTAB_DATA", "~/vtab-1k"),
                     metavar="ROOT", help="VTAB-1k root, local or s3:// (default: $VTAB_DATA or "
                                          "~/vtab-1k)")
-    ap.add_argument("--tasks", default="all",
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="the evaluation config to start from: vit (the learning-rate sweep; "
+                         "the default), per-task, paper (lr 0.01, 2500 steps, 3 seeds; the "
+                         "default with --reference), demo (small and fast); the options "
+                         "below and --set change it")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="set any field of the evaluation config, e.g. "
+                                              "steps=500 (repeatable; --show-config lists them)")
+    ap.add_argument("--show-config", action="store_true",
+                    help="print the resolved evaluation config and exit")
+    ap.add_argument("--tasks", default=None,
                     help="all, natural, specialized, structured, or comma-separated task names "
                          "(default: all 19)")
-    ap.add_argument("--resolution", type=int, default=384,
+    ap.add_argument("--resolution", type=int, default=None,
                     help="fine-tuning resolution (default: 384, the paper's); where it is not "
                          "a multiple of the patch size, the last pixels go unused, as in "
                          "vit_jax (H/14 at 384: 27 x 27 patches)")
@@ -69,7 +77,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-steps", type=int, default=None,
                     help="linear warmup steps (default: min(500, steps / 5), vit_jax's 500 of "
                          "2500)")
-    ap.add_argument("--batch-size", type=int, default=512,
+    ap.add_argument("--batch-size", type=int, default=None,
                     help="images per optimizer step (default: 512)")
     ap.add_argument("--micro-batch-size", type=int, default=None,
                     help="images per forward pass, accumulated to the batch (default: the "
@@ -85,18 +93,18 @@ def parse_args(argv=None):
     ap.add_argument("--dropout", type=float, default=None,
                     help="dropout while fine-tuning (default: vit_jax's value for the model: "
                          "0.1 for L/16 and H/14, 0 for the others)")
-    ap.add_argument("--gpus-per-trial", type=float, default=0.25,
+    ap.add_argument("--gpus-per-trial", type=float, default=None,
                     help="GPU fraction per trial; small tasks pack onto one device (default: "
                          "0.25; ignored where the cluster has no GPU)")
-    ap.add_argument("--cpus-per-trial", type=float, default=1.0,
+    ap.add_argument("--cpus-per-trial", type=float, default=None,
                     help="CPUs per trial (default: 1)")
-    ap.add_argument("--max-concurrent-trials", type=int, default=0,
+    ap.add_argument("--max-concurrent-trials", type=int, default=None,
                     help="cap on trials at once (default: as many as resources allow)")
     ap.add_argument("--reference", choices=sorted(REFERENCE),
                     help="print ViT Table 9's numbers for this model beside ours")
     ap.add_argument("--name", help="evaluation name (default: derived from the checkpoint and "
                                    "settings, so the same command resumes)")
-    ap.add_argument("--storage", default=DEFAULT_STORAGE,
+    ap.add_argument("--storage", default=None,
                     help=f"where trials and reports go, a folder or s3:// prefix (default: "
                          f"{DEFAULT_STORAGE})")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local "
@@ -106,30 +114,39 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+# Flags that are shorthands for --set: (flag attribute, config field).
+FLAG_FIELDS = (("tasks", "tasks"), ("resolution", "resolution"), ("lrs", "lrs"),
+               ("steps", "steps"), ("warmup_steps", "warmup_steps"),
+               ("batch_size", "batch_size"), ("micro_batch_size", "micro_batch_size"),
+               ("seeds", "seeds"), ("dropout", "dropout"), ("gpus_per_trial", "gpus_per_trial"),
+               ("cpus_per_trial", "cpus_per_trial"),
+               ("max_concurrent_trials", "max_concurrent_trials"), ("name", "name"),
+               ("storage", "storage"))
+
+
 def config_from(args) -> SweepConfig:
-    tasks = tuple(t.name for t in select(args.tasks))
-    data = args.data if "://" in args.data else str(Path(args.data).expanduser())
-    checkpoint = args.checkpoint if "://" in args.checkpoint else \
-        str(Path(args.checkpoint).expanduser().resolve())
-    # --reference compares with Table 9, made with the paper's protocol: that is the default
-    # there unless the command sets the sweep itself; any other protocol is named beside the
-    # reference numbers.
-    chosen = any(v is not None for v in (args.lrs, args.steps, args.seeds))
-    protocol = args.protocol or ("paper" if args.reference and not chosen else "vit")
-    defaults = PAPER if protocol == "paper" else {
-        "lrs": (0.001, 0.003, 0.01, 0.03), "steps": 2500, "seeds": 1}
-    lrs = tuple(args.lrs) if args.lrs is not None else defaults["lrs"]
-    steps = args.steps if args.steps is not None else defaults["steps"]
-    seeds = args.seeds if args.seeds is not None else defaults["seeds"]
-    return SweepConfig(checkpoint=checkpoint, data=data, tasks=tasks,
-                       resolution=args.resolution, lrs=lrs, steps=steps,
-                       warmup_steps=args.warmup_steps, batch_size=args.batch_size,
-                       micro_batch_size=args.micro_batch_size, seeds=seeds,
-                       protocol=protocol, dropout=args.dropout,
-                       gpus_per_trial=args.gpus_per_trial,
-                       cpus_per_trial=args.cpus_per_trial,
-                       max_concurrent_trials=args.max_concurrent_trials, name=args.name,
-                       storage=args.storage)
+    """One mechanism: a preset, then --set, then the flags (shorthands for --set). Without
+    --preset: `paper` where --reference compares with Table 9 and the command does not choose
+    the sweep itself (any other protocol is then named beside the reference numbers), the
+    preset of --protocol where given, else `vit`."""
+    chosen = any(v is not None for v in (args.lrs, args.steps, args.seeds)) or any(
+        o.split("=", 1)[0].strip() in ("lrs", "steps", "seeds", "protocol")
+        for o in args.overrides)
+    if args.preset:
+        preset = args.preset
+    elif args.protocol:
+        preset = args.protocol
+    else:
+        preset = "paper" if args.reference and not chosen else "vit"
+    sets = list(args.overrides)
+    if args.protocol and args.preset:
+        sets.append(f"protocol={args.protocol}")
+    for attr, key in FLAG_FIELDS:
+        value = getattr(args, attr)
+        if value is not None:
+            sets.append(f"{key}=" + (",".join(f"{v:g}" for v in value)
+                                     if isinstance(value, tuple) else str(value)))
+    return eval_config(args.checkpoint, args.data, preset, sets)
 
 
 def main(argv=None) -> int:
@@ -141,6 +158,12 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.show_config:
+        import dataclasses
+        import json
+
+        print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+        return 0
     from eval.evaluate import evaluate
     from eval.report import table
 

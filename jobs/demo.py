@@ -116,8 +116,8 @@ def main(argv=None) -> int:
         for name in runs:
             submit("eval/vtab.py", [
                 "--checkpoint", str(root / "runs" / name), "--data", str(vtab),
-                "--tasks", ",".join(DEMO_TASKS), "--resolution", "32",
-                "--lrs", "0.003,0.03", "--steps", str(ft_steps), "--batch-size", "32",
+                "--preset", "demo", "--tasks", ",".join(DEMO_TASKS),
+                "--set", f"steps={ft_steps}",
                 "--storage", str(root / "vtab"), "--name", f"vtab-{name}",
                 "--reference", "vit-l16-i21k"], env, root / "logs" / f"vtab-{name}.log")
             tables[name] = (root / "vtab" / f"vtab-{name}" / "vtab.txt").read_text()

@@ -255,6 +255,11 @@ def _build(cls, d: dict, prefix: str):
 # ---------------------------------------------------------------------------------------------
 # --set key=value
 # ---------------------------------------------------------------------------------------------
+def parse_value(raw: str, hint, key: str):
+    """`raw` (a --set value) as the type `hint` says; `key` names it in errors."""
+    return _parse_value(raw, hint, key)
+
+
 def _parse_value(raw: str, hint, key: str):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

@@ -364,6 +364,43 @@ def test_reference_defaults_to_the_papers_protocol():
     assert parse_args([*base, "--dropout", "0.2"]).dropout == 0.2
 
 
+def test_evaluation_config_presets_set_and_show_config(tmp_path):
+    """One typed mechanism, as pretraining's: a preset, --set on any field (typed and
+    checked), the flags as shorthands, --show-config printing what would run."""
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    from eval.sweep import PRESETS, eval_config
+    from eval.vtab import config_from, parse_args
+
+    demo = eval_config("c", "d", "demo")
+    assert (demo.resolution, demo.lrs, demo.steps, demo.batch_size) == (32, (0.003, 0.03), 40,
+                                                                         32)
+    assert len(demo.tasks) == 19 and set(PRESETS) == {"vit", "per-task", "paper", "demo"}
+    tuned = eval_config("c", "d", "vit", ["steps=500", "lrs=0.01,0.03", "tasks=structured",
+                                          "dropout=none", "name=x"])
+    assert (tuned.steps, tuned.lrs, tuned.dropout, tuned.name) == (500, (0.01, 0.03), None, "x")
+    assert len(tuned.tasks) == 8
+    for bad, message in ((["steps=many"], "--set steps=many: expected int"),
+                         (["lr=0.1"], "--set lr: unknown key"),
+                         (["tasks=imagenet"], "unknown VTAB task")):
+        with pytest.raises(ValueError, match=message):
+            eval_config("c", "d", "vit", bad)
+    with pytest.raises(ValueError, match="unknown evaluation preset 'fast'"):
+        eval_config("c", "d", "fast")
+    # The flags are --set shorthands, applied after it; --preset wins over the default.
+    base = ["--checkpoint", "c", "--data", "d"]
+    cfg = config_from(parse_args([*base, "--preset", "demo", "--set", "steps=80",
+                                  "--steps", "60", "--tasks", "dtd"]))
+    assert (cfg.steps, cfg.tasks, cfg.resolution) == (60, ("dtd",), 32)
+    out = subprocess.run([sys.executable, "-m", "eval.vtab", *base, "--preset", "paper",
+                          "--show-config"], capture_output=True, text=True, timeout=120)
+    shown = json.loads(out.stdout)
+    assert shown == json.loads(json.dumps(dataclasses.asdict(eval_config("c", "d", "paper"))))
+
+
 def test_finetune_dropout_is_vit_jax_s_per_model_value():
     from eval.finetune import finetune_dropout
     from pipeline.model import ViTConfig
