@@ -27,7 +27,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides
 from pipeline.train.run import LOG_LEVELS
@@ -174,11 +173,13 @@ def summary(cfg, out) -> None:
     for key, value in rows:
         print(f"  {key:<28} {value:.4g}")
     print(f"  checkpoint: {out.checkpoint}")
-    if (Path(__file__).resolve().parents[1] / "eval" / "vtab.py").exists():
-        print(f"    evaluate: python eval/vtab.py --checkpoint {out.checkpoint}")
+    print(f"    evaluate: vit-vtab --checkpoint {out.checkpoint}")
+    print(f"    export:   vit-export {out.checkpoint} OUT --format hf|timm")
     if out.run_id:
-        print(f"  MLflow run: {out.run_id} (experiment {cfg.run.experiment!r})")
-        from pipeline.tracking import how_to_open
+        from pipeline.tracking import experiment_name, how_to_open
+
+        print(f"  MLflow run: {out.run_id} (experiment "
+              f"{experiment_name(cfg.run.experiment)!r})")
 
         print(f"    open it:  {how_to_open(out.tracking_uri)}")
 
