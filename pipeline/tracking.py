@@ -45,11 +45,11 @@ def default_tracking_uri() -> str:
 
 
 def artifact_root(tracking_uri: str) -> str | None:
-    """Where a new experiment keeps artifacts: beside a local store; the server's choice
-    otherwise."""
-    if tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri:
-        return str(Path(LOCAL_ROOT).expanduser().resolve() / "mlartifacts")
-    return None
+    """Where a new experiment keeps artifacts: beside a local SQLite store (so
+    ~/vit-runs/mlartifacts for the default); the store's or the server's choice otherwise."""
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts")
+    return None                    # a folder store keeps them itself; a server chooses
 
 
 def experiment_name(default: str) -> str:
