@@ -123,7 +123,7 @@ def test_one_store_whatever_the_storage(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     assert (home / "vit-runs" / "mlflow.db").exists()
     assert not list((tmp_path / "elsewhere").glob("*.db"))
-    out = subprocess.run([sys.executable, str(ROOT / "eval" / "compare.py"), "store-a",
+    out = subprocess.run([str(Path(sys.executable).parent / "vit-compare"), "store-a",
                           "store-b", "--no-log"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
