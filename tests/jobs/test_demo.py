@@ -54,6 +54,14 @@ def test_demo_smoke(tmp_path):
         [client.get_experiment_by_name("vit-smoke").experiment_id])}
     for parent in parents:
         assert parent.data.tags["pretrain_run_id"] == pretrain[parent.info.run_name[5:]]
+    # Through `ray job submit` the uploaded copy has no .git: the commit came from the
+    # submitting side, and MLflow knows the runs as jobs.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    for run_id in pretrain.values():
+        tags = client.get_run(run_id).data.tags
+        assert tags["mlflow.source.git.commit"].startswith(head), tags
+        assert tags["mlflow.source.type"] == "JOB"
     assert client.search_runs([client.get_experiment_by_name("comparisons").experiment_id])
 
     # No process left behind: the state file is gone and nothing runs from the stack.
