@@ -66,7 +66,8 @@ def standard_tags(source: str | None = None) -> dict[str, str]:
     tags = dict(resolve_tags({}))
     if source:
         tags["mlflow.source.name"] = source
-    if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"):
+    # A `ray job submit` entrypoint gets its job config in this variable.
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         tags["mlflow.source.type"] = "JOB"
     commit = git_commit()
     if commit != "unknown":

@@ -80,7 +80,7 @@ def test_experiment_name_from_the_environment_and_standard_tags(mlflow_server, m
     assert tags["mlflow.source.git.commit"] == "0123abcd" == tags["git_commit"]
     assert tags["mlflow.source.name"] == "jobs/pretrain.py"
     assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
-    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')
     job = client.get_run(tracking.start_run(mlflow_server.uri, "x", "job", {}, {}))
     assert job.data.tags["mlflow.source.type"] == "JOB"
 
