@@ -63,15 +63,17 @@ def check_storage(cfg: PretrainConfig, root: str) -> None:
                             f"run.shared_storage=true for a folder every node mounts)")
 
 
-def check_tracking(tracking_uri: str, num_nodes: int) -> None:
+def check_tracking(tracking_uri: str, num_nodes: int, shared: bool = False) -> None:
     """A local MLflow store (SQLite, a folder) lives on the driver's disk; rank 0 may train
-    on another node and would log into a store of its own there: fail at start instead."""
+    on another node and would log into a store of its own there: fail at start instead,
+    unless the run says its local paths are on a filesystem every node mounts."""
     local = tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
-    if local and num_nodes > 1:
+    if local and num_nodes > 1 and not shared:
         raise PretrainError(
             f"MLflow store {tracking.redact(tracking_uri)} is local to this node but the "
             f"cluster has {num_nodes} nodes; set MLFLOW_TRACKING_URI to a tracking server "
-            f"(e.g. infra/mlflow/compose.yaml) that every node reaches")
+            f"(e.g. infra/mlflow/compose.yaml) that every node reaches (or "
+            f"run.shared_storage=true if every node mounts that path)")
 
 
 # What defines a run: a run name that has checkpoints continues only with these unchanged
@@ -314,7 +316,8 @@ def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest:
     import ray
 
     tracking_uri = tracking_uri or tracking.default_tracking_uri()
-    check_tracking(tracking_uri, len([n for n in ray.nodes() if n.get("Alive")]))
+    check_tracking(tracking_uri, len([n for n in ray.nodes() if n.get("Alive")]),
+                   cfg.run.shared_storage)
     resources = ray.cluster_resources()
     tags = {"cluster": f"{cfg.scale.num_workers} workers x "
                        f"{cfg.scale.gpus_per_worker if cfg.scale.use_gpu else 0} GPU, "

@@ -76,7 +76,7 @@ def test_unknown_runs_are_one_line_errors(mlflow_server, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     assert main(["no-such-run", "other", "--no-log"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: no MLflow run with id or name 'no-such-run'; list them with " \
-                  "`mlflow runs list` or the MLflow UI"
+    assert err == f"error: no MLflow run with id or name 'no-such-run' in " \
+                  f"{mlflow_server.uri}; list them with `mlflow runs list` or the MLflow UI"
     with pytest.raises(CompareError, match="no MLflow experiment 'nope'"):
         compare(mlflow_server.uri, [], experiment="nope", log=False)

@@ -629,3 +629,4 @@ def test_a_local_mlflow_store_is_refused_on_a_cluster_of_several_nodes():
         with pytest.raises(PretrainError, match="is local to this node but the cluster has 3 "
                                                 "nodes; set MLFLOW_TRACKING_URI"):
             check_tracking(local, 3)
+    check_tracking("sqlite:////shared/mlflow.db", 3, shared=True)   # declared: every node
