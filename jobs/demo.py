@@ -10,7 +10,10 @@
     5. the VTAB table of each, a comparison of the runs (eval/compare.py), and how to open
        MLflow;
     6. the first run exported for Hugging Face transformers and timm (jobs/export.py), and
-       the transformers one loaded there, its logits against ours.
+       the transformers one loaded there, its logits against ours;
+    7. the first run inspected as the paper's §4.5 does (jobs/analyze.py): attention
+       distance per layer and head, attention rollout, position-embedding similarity,
+       embedding filters, as files and as an MLflow run linked to the pretraining run.
     The stack is stopped at the end, whatever happens; results stay under --root.
 
     python jobs/demo.py              # ~3.5 minutes on 2 CPU cores
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
     root = args.root.expanduser().resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
     pre_steps, ft_steps = (40, 15) if args.smoke else (150, 60)
-    total, t0 = 7, time.monotonic()
+    total, t0 = 8, time.monotonic()
 
     step(1, total, "starting the local stack (Ray head, S3 endpoint, MLflow server)")
     stack_dir = root / "stack"
@@ -137,17 +140,39 @@ def main(argv=None) -> int:
 
         step(7, total, "exporting demo-a for Hugging Face transformers and timm")
         export_demo(root / "runs" / "demo-a", root / "exports")
+
+        step(8, total, "inspecting demo-a as the paper's §4.5 does (jobs/analyze.py)")
+        inspect_demo(root / "runs" / "demo-a", shards, root / "analysis" / "demo-a", env,
+                     root / "logs" / "analyze-demo-a.log")
     finally:
         local_stack.down(stack_dir)
     print(f"\nDone in {time.monotonic() - t0:.0f} s. Everything is under {root}:")
     print(f"  checkpoints: {root / 'runs'}   VTAB reports: {root / 'vtab'}   logs: "
           f"{root / 'logs'}")
-    print("  MLflow (the runs, the nested VTAB runs, the comparison run):")
+    print("  MLflow (the runs, the nested VTAB runs, the comparison run, the analysis run):")
     print(f"    {Path(sys.executable).parent / 'mlflow'} server --backend-store-uri "
           f"sqlite:///{stack_dir / 'mlflow.db'} --artifacts-destination "
           f"{stack_dir / 'mlartifacts'} --port 5000")
-    print("    then open http://127.0.0.1:5000 (experiments vit-smoke, vtab, comparisons)")
+    print("    then open http://127.0.0.1:5000 (experiments vit-smoke, vtab, comparisons, "
+          "analysis)")
     return 0
+
+
+def inspect_demo(run: Path, images: Path, out: Path, env: dict, log: Path) -> None:
+    """jobs/analyze.py as a person runs it (plain PyTorch, no Ray job), logging to the
+    stack's MLflow; prints its per-layer table and where the pictures are."""
+    cmd = [sys.executable, str(ROOT / "jobs" / "analyze.py"), "--checkpoint", str(run),
+           "--images", str(images), "--num-images", "128", "--out", str(out)]
+    done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
+                          cwd=ROOT)
+    log.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise SystemExit(f"error: `jobs/analyze.py` failed (full log: {log}):\n{tail}")
+    table = "mean attention distance" + done.stdout.split("mean attention distance", 1)[-1]
+    print("\n".join("  " + line for line in table.split("\n\nWritten to", 1)[0].splitlines()))
+    print(f"  pictures: {out}/{{attention_distance,attention_rollout,"
+          f"position_embedding_similarity,embedding_filters}}.png")
 
 
 def export_demo(run: Path, out: Path) -> None:
@@ -161,6 +186,9 @@ def export_demo(run: Path, out: Path) -> None:
         print(f"  {fmt:4s} -> {export_vit(ckpt, out / fmt, fmt)}")
     try:
         from transformers import ViTForImageClassification
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     except ImportError:
         print("  (transformers is not installed: pip install transformers to load the export)")
         return

@@ -366,12 +366,16 @@ class ViT(nn.Module):
     @torch.no_grad()
     def attention_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Softmax attention of every layer: a list of L tensors (B, H, N(+1), N(+1))."""
+        return list(self.iter_attention(images))
+
+    @torch.no_grad()
+    def iter_attention(self, images: torch.Tensor):
+        """The softmax attention of each layer in turn, (B, H, N(+1), N(+1)), one layer in
+        memory at a time (B/16 at 224 px holds 1.9 MB of attention per image and layer)."""
         x = self.embed(images)
-        maps = []
         for block in self.blocks:
-            maps.append(block.attn.attention_map(block.norm1(x)))
+            yield block.attn.attention_map(block.norm1(x))
             x = block(x)
-        return maps
 
     # ---- heads, resolution, optimizer groups ------------------------------------------
     def reset_head(self, num_classes: int) -> None:

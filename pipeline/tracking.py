@@ -414,3 +414,31 @@ def log_comparison(tracking_uri: str, runs: list, name: str, files: list) -> str
         c.log_artifact(run.info.run_id, str(path))
     c.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspections of a checkpoint (jobs/analyze.py)
+# ---------------------------------------------------------------------------------------------
+def log_analysis(tracking_uri: str, run_name: str, params: dict, tags: dict,
+                 metrics: dict[str, list[tuple[int, float]]], files: list) -> str:
+    """A finished run of the experiment `analysis` (or MLFLOW_EXPERIMENT_NAME) with the
+    inspection's params, per-layer metrics ({key: [(layer, value), ...]}) and files; -> its
+    id. `tags` carry the link to the pretraining run (pretrain_run_id) when there is one."""
+    from mlflow.entities import Metric, Param
+
+    c = client(tracking_uri)
+    exp_id = experiment_id(c, experiment_name("analysis"), tracking_uri)
+    run = c.create_run(exp_id, run_name=run_name[:250], tags={
+        **standard_tags("jobs/analyze.py"), "vit.kind": "analysis", **tags})
+    run_id = run.info.run_id
+    ts = int(time.time() * 1000)
+    c.log_batch(run_id, params=[Param(k, _param(v)) for k, v in params.items()
+                                if not any(w in k.upper() for w in SECRET_WORDS)])
+    points = [Metric(key, float(v), ts, step) for key, series in metrics.items()
+              for step, v in series]
+    for i in range(0, len(points), 1000):
+        c.log_batch(run_id, metrics=points[i:i + 1000])
+    for path in files:
+        c.log_artifact(run_id, str(path))
+    c.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 COMMANDS = {"vit-pretrain": "jobs.pretrain", "vit-vtab": "eval.vtab",
             "vit-compare": "eval.compare", "vit-shards": "jobs.make_shards",
-            "vit-export": "jobs.export", "vit-demo": "jobs.demo", "vit-stack": "infra.local_stack"}
+            "vit-export": "jobs.export", "vit-demo": "jobs.demo", "vit-stack": "infra.local_stack",
+            "vit-analyze": "jobs.analyze"}
 
 
 def outside_env() -> dict:
@@ -37,7 +38,7 @@ def test_module_forms_run_outside_the_checkout(tmp_path):
                          env=outside_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"randaug_magnitude": 15' in out.stdout
-    for module in ("eval.vtab", "eval.compare", "jobs.export"):
+    for module in ("eval.vtab", "eval.compare", "jobs.export", "jobs.analyze"):
         done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path,
                               env=outside_env(), capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, (module, done.stderr[-2000:])

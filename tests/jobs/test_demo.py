@@ -29,8 +29,8 @@ def test_demo_smoke(tmp_path):
                           str(root)], env=env, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    for n in range(1, 8):
-        assert f"[{n}/7]" in out.stdout
+    for n in range(1, 9):
+        assert f"[{n}/8]" in out.stdout
     assert out.stdout.count('Mean of tasks (ViT Table 9 "Mean")') >= 2     # two VTAB tables
     assert "VTAB-1k top-1 (%), differences to vtab-demo-a" in out.stdout  # the comparison
     assert "Pretraining runs" in out.stdout and "optim.lr" in out.stdout
@@ -41,6 +41,14 @@ def test_demo_smoke(tmp_path):
     assert (root / "exports" / "hf" / "preprocessor_config.json").exists()
     assert (root / "exports" / "timm" / "config.json").exists()
 
+    # The inspection step: every output, and its table printed.
+    analysis = root / "analysis" / "demo-a"
+    assert sorted(p.name for p in analysis.iterdir()) == [
+        "attention.json", "attention_distance.png", "attention_rollout.png",
+        "embedding_filters.png", "position_embedding_similarity.png"]
+    doc = json.loads((analysis / "attention.json").read_text())
+    assert doc["num_images"] == 128 and len(doc["mean_distance"]) == 2
+    assert "layer      min     mean      max" in out.stdout
     for name in ("demo-a", "demo-b"):
         report = json.loads((root / "vtab" / f"vtab-{name}" / "vtab.json").read_text())
         assert [t["task"] for t in report["tasks"]] == ["eurosat", "kitti", "dsprites_ori"]
@@ -63,6 +71,9 @@ def test_demo_smoke(tmp_path):
         assert tags["mlflow.source.git.commit"].startswith(head), tags
         assert tags["mlflow.source.type"] == "JOB"
     assert client.search_runs([client.get_experiment_by_name("comparisons").experiment_id])
+    inspected = client.search_runs([client.get_experiment_by_name("analysis").experiment_id])
+    assert [r.data.tags["pretrain_run_id"] for r in inspected] == [pretrain["demo-a"]]
+    assert len(client.list_artifacts(inspected[0].info.run_id)) == 5
 
     # No process left behind: the state file is gone and nothing runs from the stack.
     assert not (root / "stack" / "state.json").exists()
