@@ -49,3 +49,25 @@ def test_micro_batch_halves_until_it_fits():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert stats["micro_batch_size"] < 256
+
+
+def test_analysis_on_gpu_in_bf16_agrees_with_cpu_fp32():
+    """jobs/analyze.py's GPU path: bf16 forward, fp32 measures; the mean attention distance
+    and the rollout agree with the CPU's fp32 within bf16's precision."""
+    from pipeline import analysis
+
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(patch_size=16, hidden_size=192, depth=4, num_heads=3, mlp_dim=768,
+                          image_size=224, num_classes=0)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    images = np.random.default_rng(0).integers(0, 256, (16, 224, 224, 3), dtype=np.uint8)
+
+    def run(device, bf16):
+        return analysis.analyze(model, iter([([str(i) for i in range(16)], images)]),
+                                device=device, bf16=bf16, keep=4)
+
+    cpu, gpu = run("cpu", False), run("cuda", True)
+    np.testing.assert_allclose(gpu.mean_distance, cpu.mean_distance, rtol=0.03)
+    np.testing.assert_allclose(gpu.rollout, cpu.rollout, atol=0.1 * cpu.rollout.max())
