@@ -54,8 +54,9 @@ class FinetuneConfig:
 
 
 # vit_jax's fine-tuning dropout per model (`vit_jax/configs/models.py`, `dropout_rate`; the
-# attention dropout is 0 for all): 0.1 for L/16, H/14 and R50+B/16, 0 for the others.
-FINETUNE_DROPOUT = {"L/16": 0.1, "H/14": 0.1}
+# attention dropout is 0 for all): 0.1 for L/16, H/14, R50+B/16 and R50+L/32 (built on the
+# L/16 config), 0 for the others.
+FINETUNE_DROPOUT = {"L/16": 0.1, "H/14": 0.1, "R50+B/16": 0.1, "R50+L/32": 0.1}
 
 
 def finetune_dropout(cfg: ViTConfig) -> float:

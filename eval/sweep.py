@@ -150,7 +150,7 @@ def load_pretrained(cfg: SweepConfig) -> Pretrained:
     from pipeline.checkpoint import load_vit, read_metadata
 
     model = load_vit(cfg.checkpoint)
-    patch = model.cfg.patch_size
+    patch = model.cfg.effective_patch_size          # a hybrid's: pixels per token
     if cfg.resolution < patch:
         raise SweepError(f"--resolution {cfg.resolution} is smaller than the checkpoint's "
                          f"patch size {patch}; use at least {patch}")

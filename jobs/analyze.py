@@ -96,20 +96,22 @@ def run(args) -> int:
     # embedding (not a resampled one) and the patch-embedding filters.
     pos_similarity = analysis.pos_embed_similarity(model.pos_embed.detach(),
                                                    cfg.num_prefix_tokens)
-    components = analysis.embedding_components(model.patch_embed.weight)
+    components = analysis.embedding_components(model.pixel_filters())
     if args.resolution and args.resolution != cfg.image_size:
-        if args.resolution < cfg.patch_size:
+        if args.resolution < cfg.effective_patch_size:
             raise analysis.AnalysisError(f"--resolution {args.resolution} is smaller than the "
-                                         f"patch size {cfg.patch_size}")
+                                         f"patch size {cfg.effective_patch_size}")
         model.set_image_size(args.resolution)
     size = model.cfg.image_size
     label = model_label(checkpoint)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = device.type == "cuda"
     source, items = analysis.image_source(args.images, args.split)
-    variant = cfg.variant or f"{cfg.depth}x{cfg.hidden_size}/{cfg.patch_size}"
+    variant = cfg.variant or (f"{'R+' if cfg.is_hybrid else ''}{cfg.depth}x{cfg.hidden_size}"
+                              f"/{cfg.effective_patch_size}")
     print(f"Inspecting {checkpoint}\n  ViT {variant}, {cfg.pool} pooling, {size} px "
-          f"({model.cfg.grid_size}x{model.cfg.grid_size} patches), on {device}"
+          f"({model.cfg.grid_size}x{model.cfg.grid_size} "
+          f"{'feature-map cells' if cfg.is_hybrid else 'patches'}), on {device}"
           f"{' in bf16' if bf16 else ''}\n  images: {source}, up to {args.num_images}",
           flush=True)
 

@@ -14,6 +14,7 @@ Presets (each documented in pipeline/train/config.py):
   vit_b16_i21k  ViT-B/16 on ImageNet-21k, Table 3      vit_l16_i21k  ViT-L/16, ImageNet-21k
   vit_b16_jft   ViT-B/16 on JFT-300M, Table 3          vit_h14_jft   ViT-H/14, JFT-300M
   vit_b16_mpp   ViT-B/16 masked patch prediction (App. B.1.2)
+  vit_r50_b16_i21k  the hybrid R50+ViT-B/16 (§3.1) on ImageNet-21k; smoke_hybrid: a tiny one
   vit_s16_i21k_augreg, vit_b16_i21k_augreg, vit_l16_i21k_augreg: AugReg, 300 epochs on i21k
 Any resolved value can be changed with --set section.field=value (sections: model, optim,
 data, train, scale, run; `model.variant=L/16` sets all model sizes). `--show-config` prints

@@ -16,7 +16,12 @@ Vision Transformer", Fig. 6 and 7, App. D.7-D.8). Plain PyTorch, no Ray:
   learned position embedding with every other's, drawn as a grid of grids. Closer patches have
   more similar embeddings when the model has learned the 2-D image topology.
 - **Embedding filters** (Fig. 7 left): the first principal components of the patch-embedding
-  filters (the rows of the linear projection E, each a P x P x C filter).
+  filters (the rows of the linear projection E, each a P x P x C filter); for a hybrid, of
+  the filters that see the pixels, the ResNet's 7 x 7 root convolution (standardised).
+
+Hybrids (§3.1) need nothing else: their tokens are cells of the ResNet's feature map, each
+covering `effective_patch_size` pixels (16 for R50+B/16), and the distances are in those
+pixels.
 
 `analyze` streams batches of images through the model one layer of attention at a time;
 `write` draws the figures and writes `attention.json`. `jobs/analyze.py` is the command.
@@ -149,7 +154,9 @@ def analyze(model: ViT, batches: Iterable[tuple[list[str], np.ndarray]], *,
     cfg = model.cfg
     device = torch.device(device)
     model = model.to(device).eval()
-    prefix, grid, pixels = cfg.num_prefix_tokens, cfg.grid_size, cfg.patch_size
+    # A token covers patch_size pixels a side, or, in a hybrid, patch_size cells of the
+    # ResNet's feature map: effective_patch_size pixels (16 for R50+B/16).
+    prefix, grid, pixels = cfg.num_prefix_tokens, cfg.grid_size, cfg.effective_patch_size
     distances = token_distances(grid, pixels).to(device)
     sums = torch.zeros(cfg.depth, cfg.num_heads, dtype=torch.float64)
     count, kept_images, kept_names, kept_rollout = 0, [], [], []
@@ -183,7 +190,7 @@ def analyze(model: ViT, batches: Iterable[tuple[list[str], np.ndarray]], *,
         mean_distance=(sums / count).numpy(), num_images=count,
         images=np.stack(kept_images) if kept_images else np.zeros((0, S, S, 3), np.uint8),
         names=kept_names, rollout=np.stack(kept_rollout), image_size=S,
-        patch_size=cfg.patch_size, pixels_per_token=pixels, grid=grid, pool=cfg.pool,
+        patch_size=cfg.effective_patch_size, pixels_per_token=pixels, grid=grid, pool=cfg.pool,
         uniform_distance=float(distances.mean()))
 
 

@@ -44,11 +44,13 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "vit.json"
 
 # Fields that fix the shapes of the weights: an override must agree with the checkpoint.
-STRUCTURAL = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "num_channels", "pool")
+STRUCTURAL = ("resnet_layers", "resnet_width", "patch_size", "hidden_size", "depth", "num_heads",
+              "mlp_dim", "num_channels", "pool")
 # Words for the mismatch errors.
 _FIELD_WORDS = {"patch_size": "patch size", "hidden_size": "width", "depth": "depth",
                 "num_heads": "number of heads", "mlp_dim": "MLP width",
-                "num_channels": "input channels", "pool": "pooling"}
+                "num_channels": "input channels", "pool": "pooling",
+                "resnet_layers": "ResNet stages (hybrid)", "resnet_width": "ResNet width"}
 
 
 class CheckpointError(ValueError):
@@ -196,10 +198,10 @@ def _apply_overrides(model: ViT, overrides: dict) -> ViT:
         model = ViT(cfg)
         model.load_state_dict(state, strict=True)
     if image_size is not None:
-        if image_size < model.cfg.patch_size:
+        if image_size < model.cfg.effective_patch_size:
             raise CheckpointError(
                 f"image_size={image_size} is smaller than the checkpoint's patch size "
-                f"{model.cfg.patch_size}; choose at least one patch")
+                f"{model.cfg.effective_patch_size}; choose at least one patch")
         model.set_image_size(image_size)
     if num_classes is not None:
         model.reset_head(num_classes)
@@ -211,6 +213,7 @@ def _build(state: dict[str, torch.Tensor], cfg_fields: dict, uri: str, source: s
     """Infer the config from the shapes (checked against what the files say), build, load."""
     inferred = _infer_config(state, uri, source)
     for key, value in cfg_fields.items():
+        value = tuple(value) if isinstance(value, list) else value          # JSON lists
         if key in inferred and key != "num_heads" and inferred[key] != value:
             raise CheckpointError(
                 f"{uri}: {source} config says {key}={value} but the weights have "
@@ -291,11 +294,33 @@ def _infer_config(state: dict[str, torch.Tensor], uri: str, source: str) -> dict
         raise CheckpointError(f"{uri} ({source}): missing keys [blocks.0.mlp.fc1.weight]")
     rep = state.get("pre_logits.weight")
     head = state.get("head.weight")
-    return dict(patch_size=int(P), hidden_size=int(D), depth=depth, mlp_dim=int(fc1.shape[0]),
-                image_size=int(grid * P), num_channels=int(C),
-                num_classes=int(head.shape[0]) if head is not None else 0,
-                representation_size=int(rep.shape[0]) if rep is not None else None,
-                pool="token" if prefix else "gap")
+    fields = dict(patch_size=int(P), hidden_size=int(D), depth=depth, mlp_dim=int(fc1.shape[0]),
+                  image_size=int(grid * P), num_channels=int(C),
+                  num_classes=int(head.shape[0]) if head is not None else 0,
+                  representation_size=int(rep.shape[0]) if rep is not None else None,
+                  pool="token" if prefix else "gap")
+    if any(k.startswith("resnet.") for k in state):
+        fields.update(_infer_resnet(state, uri, source))
+        fields["image_size"] = int(grid * P) * ViTConfig(**{
+            k: fields[k] for k in ("resnet_layers", "resnet_width")}).resnet_stride
+    return fields
+
+
+def _infer_resnet(state: dict[str, torch.Tensor], uri: str, source: str) -> dict:
+    """A hybrid's ResNet fields from the shapes: root width and channels, units per stage."""
+    root = state.get("resnet.conv_root.weight")
+    if root is None:
+        raise CheckpointError(f"{uri} ({source}): missing keys [resnet.conv_root.weight]")
+    units: dict[int, int] = {}
+    for key in state:
+        if m := re.match(r"resnet\.stages\.(\d+)\.(\d+)\.", key):
+            stage, unit = int(m.group(1)), int(m.group(2))
+            units[stage] = max(units.get(stage, 0), unit + 1)
+    if sorted(units) != list(range(len(units))):
+        raise CheckpointError(f"{uri} ({source}): ResNet stages {sorted(units)} are not "
+                              f"numbered from 0 without gaps")
+    return dict(resnet_layers=tuple(units[i] for i in range(len(units))),
+                resnet_width=int(root.shape[0]), num_channels=int(root.shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,11 +480,34 @@ def _strip_wrappers(key: str) -> str:
     return key.replace("._orig_mod.", ".").replace("._fsdp_wrapped_module.", ".")
 
 
+# timm's hybrid backbone (`patch_embed.backbone.`, a `ResNetV2` with preact=False, or its stem
+# alone) -> our `resnet.` names.
+_TIMM_RESNET = [
+    (r"stem\.conv\.", "conv_root."), (r"stem\.norm\.", "gn_root."),
+    (r"conv\.", "conv_root."), (r"norm\.", "gn_root."),                    # stem-only backbone
+    (r"stages\.(\d+)\.blocks\.(\d+)\.downsample\.conv\.", "stages.{}.{}.conv_proj."),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.downsample\.norm\.", "stages.{}.{}.gn_proj."),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.conv([123])\.", "stages.{}.{}.conv{}."),
+    (r"stages\.(\d+)\.blocks\.(\d+)\.norm([123])\.", "stages.{}.{}.gn{}."),
+]
+
+
 def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm `VisionTransformer` names -> ours (they are close by design)."""
+    """timm `VisionTransformer` names -> ours (they are close by design); a hybrid's
+    `patch_embed.backbone.` becomes `resnet.`. timm computes weight standardisation with
+    eps 1e-8 inside the square root and GroupNorm with eps 1e-5 where the authors' code (and
+    ours) divides by std + 1e-5 and uses 1e-6: the same weights, outputs within ~1e-4."""
     out = {}
     for key, value in state.items():
         if key.startswith(("fc_norm.", "head_drop.")) and value.numel() == 0:
+            continue
+        if key.startswith("patch_embed.backbone."):
+            rest = key[len("patch_embed.backbone."):]
+            for pattern, target in _TIMM_RESNET:
+                if m := re.match(pattern, rest):
+                    key = "resnet." + target.format(*m.groups()) + rest[m.end():]
+                    break
+            out[key] = value          # an unknown name stays and fails the strict load
             continue
         key = key.replace("patch_embed.proj.", "patch_embed.")
         key = key.replace("pre_logits.fc.", "pre_logits.")
@@ -564,6 +612,18 @@ def from_jax(arrays: dict[str, np.ndarray], uri: str = "<npz>"):
 
     out["patch_embed.weight"] = t(take("embedding/kernel").transpose(3, 2, 0, 1))  # HWIO -> OIHW
     out["patch_embed.bias"] = t(take("embedding/bias"))
+    if "conv_root/kernel" in params:                     # a hybrid: the ResNet's root, stages
+        out["resnet.conv_root.weight"] = t(take("conv_root/kernel").transpose(3, 2, 0, 1))
+        out["resnet.gn_root.weight"] = t(take("gn_root/scale"))
+        out["resnet.gn_root.bias"] = t(take("gn_root/bias"))
+        for key in sorted(params):
+            if m := re.fullmatch(r"block(\d+)/unit(\d+)/(conv[123]|conv_proj)/kernel", key):
+                ours = f"resnet.stages.{int(m.group(1)) - 1}.{int(m.group(2)) - 1}.{m.group(3)}"
+                out[ours + ".weight"] = t(take(key).transpose(3, 2, 0, 1))
+            elif m := re.fullmatch(r"block(\d+)/unit(\d+)/(gn[123]|gn_proj)/(scale|bias)",
+                                   key):
+                ours = f"resnet.stages.{int(m.group(1)) - 1}.{int(m.group(2)) - 1}.{m.group(3)}"
+                out[f"{ours}.{'weight' if m.group(4) == 'scale' else 'bias'}"] = t(take(key))
     has_cls = "cls" in params
     if has_cls:
         out["cls_token"] = t(take("cls"))
@@ -694,6 +754,9 @@ _HF_BLOCK_OUT = {"norm1.": "layernorm_before.", "norm2.": "layernorm_after.",
 
 
 def _hf_export(cfg: ViTConfig, state: dict, uri: str):
+    if cfg.is_hybrid:
+        raise CheckpointError(f"{uri}: transformers 5 has no ViT hybrid (ViTHybrid was "
+                              f"removed); export with format='timm' (vit_*_r50_s16_* etc.)")
     if cfg.pool != "token":
         raise CheckpointError(f"{uri}: a global-average-pool ViT has no Hugging Face "
                               f"ViTModel equivalent (it always has a class token); export "
@@ -744,6 +807,20 @@ def _hf_export(cfg: ViTConfig, state: dict, uri: str):
     return tensors, {"config.json": config, "preprocessor_config.json": preprocessor}
 
 
+def _timm_resnet_name(key: str) -> str:
+    """Our `resnet.` name -> timm's `patch_embed.backbone.` name (a ResNetV2 backbone)."""
+    rest = key[len("resnet."):]
+    rest = re.sub(r"^conv_root\.", "stem.conv.", rest)
+    rest = re.sub(r"^gn_root\.", "stem.norm.", rest)
+    rest = re.sub(r"^stages\.(\d+)\.(\d+)\.conv_proj\.", r"stages.\1.blocks.\2.downsample.conv.",
+                  rest)
+    rest = re.sub(r"^stages\.(\d+)\.(\d+)\.gn_proj\.", r"stages.\1.blocks.\2.downsample.norm.",
+                  rest)
+    rest = re.sub(r"^stages\.(\d+)\.(\d+)\.conv(\d)\.", r"stages.\1.blocks.\2.conv\3.", rest)
+    rest = re.sub(r"^stages\.(\d+)\.(\d+)\.gn(\d)\.", r"stages.\1.blocks.\2.norm\3.", rest)
+    return "patch_embed.backbone." + rest
+
+
 def _timm_export(cfg: ViTConfig, state: dict, uri: str):
     if cfg.representation_size:
         raise CheckpointError(f"{uri}: timm's VisionTransformer has no pre-logits "
@@ -753,10 +830,22 @@ def _timm_export(cfg: ViTConfig, state: dict, uri: str):
     for key, value in state.items():
         key = key.replace("patch_embed.", "patch_embed.proj.", 1) if key.startswith(
             "patch_embed.") else key
+        if key.startswith("resnet."):
+            key = _timm_resnet_name(key)
         tensors[key] = value
     variant = cfg.variant
-    size = _TIMM_SIZES[variant.split("/")[0]] if variant else "base"
-    arch = f"vit_{size}_patch{cfg.patch_size}_{cfg.image_size}"
+    if cfg.is_hybrid:
+        if variant is None:
+            raise CheckpointError(f"{uri}: timm builds the hybrids R50+B/16, R50+L/32, "
+                                  f"R26+S/32 and R26+B/32 only; this one "
+                                  f"(resnet_layers={list(cfg.resnet_layers)}) has no timm "
+                                  f"architecture")
+        resnet, vit = variant.split("+")
+        size = _TIMM_SIZES[vit.split("/")[0]]
+        arch = f"vit_{size}_{resnet.lower()}_s{cfg.effective_patch_size}_{cfg.image_size}"
+    else:
+        size = _TIMM_SIZES[variant.split("/")[0]] if variant else "base"
+        arch = f"vit_{size}_patch{cfg.patch_size}_{cfg.image_size}"
     gap = cfg.pool == "gap"
     model_args = {"img_size": cfg.image_size, "patch_size": cfg.patch_size,
                   "embed_dim": cfg.hidden_size, "depth": cfg.depth,
@@ -765,6 +854,8 @@ def _timm_export(cfg: ViTConfig, state: dict, uri: str):
                   "class_token": not gap, "global_pool": "avg" if gap else "token"}
     if gap:
         model_args["fc_norm"] = False
+    if cfg.is_hybrid:           # the architecture builds the backbone and its 1x1 embedding
+        del model_args["patch_size"], model_args["in_chans"]
     config = {
         "architecture": arch, "num_classes": cfg.num_classes,
         "num_features": cfg.hidden_size, "global_pool": model_args["global_pool"],

@@ -32,6 +32,26 @@ Face); vit_jax's flax default is the tanh approximation, which differs by less t
 
 Variants (paper Table 1; Ti and S from DeiT) are named "Ti/16", "S/16", "B/16", "L/16", "H/14"
 with any patch size; `ViTConfig` also takes free sizes for tests.
+
+Hybrids (paper §3.1 "Hybrid Architecture", Table 6, Fig. 5): the input sequence is the feature
+map of a ResNet instead of raw patches, and the patch embedding (here 1 x 1 "patches") is
+applied to that map. The ResNet is BiT's as the authors' code builds it (vit_jax
+`models_resnet.py` and the root block in `models_vit.py`):
+
+    root     StdConv 7x7/2 (width 64) - GroupNorm - ReLU - max pool 3x3/2       # /4
+    stages   bottleneck units, 1x1 - 3x3 - 1x1 StdConvs (width w, w, 4w), each followed by
+             GroupNorm (ReLU after the first two), a projection StdConv 1x1 + GroupNorm on the
+             first unit's shortcut, ReLU after the sum; the first stage keeps the resolution,
+             every later one halves it at its first unit's 3x3 and projection     # /8, /16, ...
+    StdConv  weight standardisation (Qiao et al. 2019, BiT): w <- (w - mean) / (std + 1e-5)
+             over (kh, kw, in) per output channel, no bias; TF "SAME" padding (the extra row
+             and column of a stride-2 window go at the bottom and right)
+    GroupNorm 32 groups, eps 1e-6 (flax's defaults); the last GroupNorm of each unit starts at
+             scale 0, so every unit starts as its shortcut
+
+Names as the paper writes them: "R50+B/16" is ResNet-50 with stage 4 removed and its blocks
+moved to stage 3, (3, 4, 9) units, a /16 map and 1 x 1 patches; "R50+L/32" keeps the four
+stages (3, 4, 6, 3) for a /32 map; "R26+S/32" and "R26+B/32" take (2, 2, 2, 2).
 """
 
 from __future__ import annotations
@@ -57,6 +77,14 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 
 # Parameters that take no weight decay (besides every bias and norm parameter).
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+# Hybrids: (ResNet, effective patch size) -> units per stage (vit_jax `configs/models.py`).
+HYBRID_RESNETS: dict[tuple[str, int], tuple[int, ...]] = {
+    ("R50", 16): (3, 4, 9),          # stage 4 removed, its units moved to stage 3: a /16 map
+    ("R50", 32): (3, 4, 6, 3),       # the ResNet-50: a /32 map
+    ("R26", 32): (2, 2, 2, 2),
+}
+HYBRIDS = sorted(f"{r}+X/{p}" for r, p in HYBRID_RESNETS)
 
 
 @dataclass(frozen=True)
@@ -90,8 +118,22 @@ class ViTConfig:
     # few-shot probe and the exports honour it.
     input_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     input_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Hybrid: units per stage of the ResNet whose feature map the patch embedding sees (None:
+    # a pure ViT, patches of pixels; () the root block alone), and its root width (64: BiT's
+    # width factor 1). `patch_size` is then in feature-map cells.
+    resnet_layers: tuple[int, ...] | None = None
+    resnet_width: int = 64
 
     def __post_init__(self):
+        if self.resnet_layers is not None:              # JSON gives lists
+            layers = tuple(int(n) for n in self.resnet_layers)
+            if any(n <= 0 for n in layers):
+                raise ValueError(f"ViTConfig.resnet_layers needs positive unit counts, got "
+                                 f"{list(layers)}")
+            object.__setattr__(self, "resnet_layers", layers)
+            if self.resnet_width <= 0 or self.resnet_width % 32:
+                raise ValueError(f"ViTConfig.resnet_width must be a positive multiple of 32 "
+                                 f"(GroupNorm's 32 groups), got {self.resnet_width}")
         for name in ("input_mean", "input_std"):        # JSON gives lists
             value = tuple(float(v) for v in getattr(self, name))
             if len(value) != self.num_channels:
@@ -110,10 +152,10 @@ class ViTConfig:
             raise ValueError(
                 f"ViTConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_heads={self.num_heads}")
-        if self.image_size < self.patch_size:
+        if self.grid_size < 1:
             raise ValueError(
-                f"ViTConfig.image_size={self.image_size} is smaller than "
-                f"patch_size={self.patch_size}; choose at least one patch")
+                f"ViTConfig.image_size={self.image_size} is smaller than one patch "
+                f"({self.effective_patch_size} px); choose at least one patch")
         if self.pool not in ("token", "gap"):
             raise ValueError(f"ViTConfig.pool must be 'token' or 'gap', got {self.pool!r}")
         for name in ("dropout", "attention_dropout", "drop_path"):
@@ -122,34 +164,79 @@ class ViTConfig:
 
     @classmethod
     def from_variant(cls, variant: str, **overrides) -> ViTConfig:
-        """`"B/16"` -> the paper's ViT-B with 16 x 16 patches; keyword fields override."""
-        match = re.fullmatch(r"(?:ViT-)?(Ti|S|B|L|H)/(\d+)", variant.strip())
+        """`"B/16"` -> the paper's ViT-B with 16 x 16 patches; `"R50+B/16"` -> the hybrid of
+        a ResNet-50 stem and ViT-B on its /16 feature map; keyword fields override."""
+        match = re.fullmatch(r"(?:(R\d+)\+)?(?:ViT-)?(Ti|S|B|L|H)/(\d+)", variant.strip())
         if not match:
             raise ValueError(
                 f"unknown ViT variant {variant!r}; use one of "
-                f"{', '.join(v + '/P' for v in VARIANTS)} with a patch size P, e.g. 'B/16'")
-        depth, width, mlp, heads = VARIANTS[match.group(1)]
-        fields = dict(patch_size=int(match.group(2)), hidden_size=width, depth=depth,
-                      num_heads=heads, mlp_dim=mlp)
+                f"{', '.join(v + '/P' for v in VARIANTS)} with a patch size P, e.g. 'B/16', "
+                f"or a hybrid: {', '.join(sorted(HYBRIDS))}")
+        resnet, size, patch = match.group(1), match.group(2), int(match.group(3))
+        depth, width, mlp, heads = VARIANTS[size]
+        fields = dict(patch_size=patch, hidden_size=width, depth=depth, num_heads=heads,
+                      mlp_dim=mlp)
+        if resnet:
+            key = f"{resnet}+{size}/{patch}"
+            layers = HYBRID_RESNETS.get((resnet, patch))
+            if layers is None:
+                raise ValueError(
+                    f"unknown hybrid {key!r}; the ResNets are {', '.join(sorted(HYBRIDS))} "
+                    f"(any ViT size), or set resnet_layers and patch_size directly")
+            fields.update(resnet_layers=layers, patch_size=1)
         fields.update(overrides)
         return cls(**fields)
 
     @property
     def variant(self) -> str | None:
-        """The variant name when the sizes are a paper variant, else None."""
+        """The variant name when the sizes are a paper variant ("B/16", "R50+B/16"), else
+        None."""
         for name, (depth, width, mlp, heads) in VARIANTS.items():
             if (self.depth, self.hidden_size, self.mlp_dim, self.num_heads) == (
                     depth, width, mlp, heads):
-                return f"{name}/{self.patch_size}"
+                if self.resnet_layers is None:
+                    return f"{name}/{self.patch_size}"
+                resnet = next((r for (r, p), layers in HYBRID_RESNETS.items()
+                               if layers == self.resnet_layers
+                               and p == self.effective_patch_size), None)
+                if resnet and self.patch_size == 1 and self.resnet_width == 64:
+                    return f"{resnet}+{name}/{self.effective_patch_size}"
         return None
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.resnet_layers is not None
+
+    @property
+    def resnet_stride(self) -> int:
+        """Downsampling of the ResNet stem: 4 for the root block (conv and max pool, each
+        /2), times 2 for every stage after the first; 1 for a pure ViT."""
+        if self.resnet_layers is None:
+            return 1
+        return 4 * 2 ** max(len(self.resnet_layers) - 1, 0)
+
+    @property
+    def effective_patch_size(self) -> int:
+        """Input pixels per token side: the patch size, times the ResNet's stride for
+        hybrids (16 for R50+B/16)."""
+        return self.patch_size * self.resnet_stride
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the map the patch embedding sees: the image, or the ResNet's feature map
+        (each stride-2 "SAME" layer gives ceil(size / 2))."""
+        size = self.image_size
+        for _ in range(int(math.log2(self.resnet_stride))):
+            size = -(-size // 2)
+        return size
 
     @property
     def grid_size(self) -> int:
         """Patches per side. A size that is not a multiple of the patch leaves its last
         image_size % patch_size rows and columns unused, as vit_jax's patch embedding (a
         stride-P convolution with VALID padding) does: H/14 at 384 px sees 27 x 27 patches,
-        the pixels of 378 px."""
-        return self.image_size // self.patch_size
+        the pixels of 378 px. Hybrids: cells of the ResNet's feature map."""
+        return self.feature_size // self.patch_size
 
     @property
     def num_patches(self) -> int:
@@ -265,6 +352,91 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), p, training)
 
 
+# ---- the hybrids' ResNet (BiT, as vit_jax builds it) ------------------------------------------
+def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
+    """TF / flax "SAME" padding of (B, C, H, W) for a kernel and stride: the output has
+    ceil(H / stride) rows; the total padding is split with the odd one at the bottom / right
+    (PyTorch's symmetric padding puts it on both sides and shifts every stride-2 window)."""
+    H, W = x.shape[-2:]
+    ph = max((-(-H // stride) - 1) * stride + kernel - H, 0)
+    pw = max((-(-W // stride) - 1) * stride + kernel - W, 0)
+    if ph == pw == 0:
+        return x
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
+
+
+class StdConv2d(nn.Conv2d):
+    """Convolution with weight standardisation (vit_jax `models_resnet.StdConv`): each output
+    channel's kernel is standardised over (in, kh, kw) in every forward,
+    (w - mean) / (std + 1e-5); no bias; "SAME" padding."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1):
+        super().__init__(cin, cout, kernel, stride=stride, padding=0, bias=False)
+        self.eps = 1e-5
+
+    def standardized_weight(self) -> torch.Tensor:
+        w = self.weight
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.std(dim=(1, 2, 3), keepdim=True, correction=0)      # jnp.std: population
+        return (w - mean) / (std + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_same(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, self.standardized_weight(), None, self.stride)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)                       # flax's defaults
+
+
+class Bottleneck(nn.Module):
+    """vit_jax `ResidualUnit`: 1x1 (w) - 3x3 (w, stride) - 1x1 (4w) StdConvs with GroupNorm,
+    ReLU after the first two, a projected shortcut (1x1 StdConv, stride, + GroupNorm) when the
+    shape changes, ReLU after the sum."""
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = 4 * width
+        self.conv_proj = StdConv2d(cin, cout, 1, stride) if cin != cout or stride != 1 else None
+        self.gn_proj = group_norm(cout) if self.conv_proj is not None else None
+        self.conv1, self.gn1 = StdConv2d(cin, width, 1), group_norm(width)
+        self.conv2, self.gn2 = StdConv2d(width, width, 3, stride), group_norm(width)
+        self.conv3, self.gn3 = StdConv2d(width, cout, 1), group_norm(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.conv_proj is None else self.gn_proj(self.conv_proj(x))
+        y = F.relu(self.gn1(self.conv1(x)))
+        y = F.relu(self.gn2(self.conv2(y)))                           # (B, w, H/s, W/s)
+        return F.relu(shortcut + self.gn3(self.conv3(y)))             # (B, 4w, H/s, W/s)
+
+
+class ResNetStem(nn.Module):
+    """The hybrids' ResNet: root block (StdConv 7x7/2, GroupNorm, ReLU, max pool 3x3/2,
+    "SAME"), then `layers[i]` bottleneck units per stage, of width `width * 2**i` (output
+    4x that); the first stage keeps the resolution, each later one halves it."""
+
+    def __init__(self, layers: tuple[int, ...], width: int, in_channels: int):
+        super().__init__()
+        self.conv_root = StdConv2d(in_channels, width, 7, 2)
+        self.gn_root = group_norm(width)
+        self.stages = nn.ModuleList()
+        cin = width
+        for i, units in enumerate(layers):
+            w = width * 2**i
+            self.stages.append(nn.Sequential(*(
+                Bottleneck(cin if j == 0 else 4 * w, w, 2 if (i > 0 and j == 0) else 1)
+                for j in range(units))))
+            cin = 4 * w
+        self.out_channels = cin
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.gn_root(self.conv_root(images)))             # (B, w, H/2, W/2)
+        x = F.max_pool2d(pad_same(x, 3, 2, float("-inf")), 3, 2)     # (B, w, H/4, W/4)
+        for stage in self.stages:
+            x = stage(x)
+        return x                                                     # (B, C, H/s, W/s)
+
+
 class ViT(nn.Module):
     """Vision Transformer. `forward(images)` -> logits; images are (B, C, H, W) scaled to
     [-1, 1] as in the authors' code."""
@@ -273,7 +445,10 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.hidden_size
-        self.patch_embed = nn.Conv2d(cfg.num_channels, D, cfg.patch_size, stride=cfg.patch_size)
+        self.resnet = (ResNetStem(cfg.resnet_layers, cfg.resnet_width, cfg.num_channels)
+                       if cfg.is_hybrid else None)
+        embed_in = self.resnet.out_channels if self.resnet is not None else cfg.num_channels
+        self.patch_embed = nn.Conv2d(embed_in, D, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.pool == "token" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + cfg.num_prefix_tokens, D))
         self.pos_drop = nn.Dropout(cfg.dropout)
@@ -315,13 +490,30 @@ class ViT(nn.Module):
         if self.head is not None:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        if self.resnet is not None:
+            # flax's defaults: LeCun normal kernels (standardised in every forward anyway),
+            # GroupNorm scale 1 and bias 0, except each unit's last scale: 0 (vit_jax gn3).
+            for m in self.resnet.modules():
+                if isinstance(m, StdConv2d):
+                    _lecun_normal_(m.weight)
+                elif isinstance(m, nn.GroupNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+            for m in self.resnet.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.gn3.weight)
 
     # ---- forward --------------------------------------------------------------------------
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> patch embeddings (B, N, D): of the pixels, or, for a
+        hybrid, of the ResNet's feature map."""
+        x = self.resnet(images) if self.resnet is not None else images   # (B, C', H', W')
+        x = self.patch_embed(x)                                    # (B, D, H'/P, W'/P)
+        return x.flatten(2).transpose(1, 2)                        # (B, N, D)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens with position embeddings (B, N(+1), D)."""
-        x = self.patch_embed(images)                               # (B, D, H/P, W/P)
-        x = x.flatten(2).transpose(1, 2)                           # (B, N, D)
-        return self.add_pos_embed(x)
+        return self.add_pos_embed(self.patch_tokens(images))
 
     def add_pos_embed(self, patches: torch.Tensor) -> torch.Tensor:
         """Patch embeddings (B, N, D) -> [class; patches] + pos_embed, dropout (B, N+1, D)."""
@@ -376,6 +568,18 @@ class ViT(nn.Module):
         for block in self.blocks:
             yield block.attn.attention_map(block.norm1(x))
             x = block(x)
+
+    def shard_units(self) -> list[nn.Module]:
+        """The submodules a sharded (FSDP) wrapper makes units of their own, in forward order:
+        the ResNet of a hybrid, then each encoder block."""
+        return ([self.resnet] if self.resnet is not None else []) + list(self.blocks)
+
+    def pixel_filters(self) -> torch.Tensor:
+        """The first layer's filters, the ones that see pixels (out, C, k, k): the patch
+        embedding, or a hybrid's root convolution as it is applied (standardised)."""
+        if self.resnet is not None:
+            return self.resnet.conv_root.standardized_weight().detach()
+        return self.patch_embed.weight.detach()
 
     # ---- heads, resolution, optimizer groups ------------------------------------------
     def reset_head(self, num_classes: int) -> None:

@@ -137,9 +137,9 @@ def build(spec: WorkerSpec, env: WorkerEnv):
         checkpoints.init_model(module.vit, point.uri)
     decay = decay_names(module)
     if cfg.compile_enabled(env.device.type == "cuda"):
-        for block in module.vit.blocks:     # in place: parameter names stay as they are
-            block.compile()
-    model = parallel.wrap(module, module.vit.blocks, env.strategy, env.device, env.amp,
+        for unit in module.vit.shard_units():   # in place: parameter names stay as they are
+            unit.compile()
+    model = parallel.wrap(module, module.vit.shard_units(), env.strategy, env.device, env.amp,
                           cfg.train.shard_group_size)
     optimizer = make_optimizer(model, decay, cfg, env.device)
     start = Start(0, _empty_position(spec), point.describe())

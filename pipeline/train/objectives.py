@@ -86,10 +86,11 @@ class MaskedPatchPrediction(nn.Module):
 
     def forward(self, model: ViT, images: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        patches = model.patch_embed(images).flatten(2).transpose(1, 2)      # (B, N, D)
+        patches = model.patch_tokens(images)                               # (B, N, D)
         corrupted, chosen = self.corrupt_patches(patches, generator)
         tokens = model.encode(model.add_pos_embed(corrupted))              # (B, 1+N, D)
         out = tokens[:, model.cfg.num_prefix_tokens:]                     # (B, N, D)
         logits = self.head(out[chosen])                                    # (M, 512)
-        targets = mean_colour_targets(images, model.cfg.patch_size)[chosen]
+        # A hybrid's token covers effective_patch_size pixels a side (16 for R50+B/16).
+        targets = mean_colour_targets(images, model.cfg.effective_patch_size)[chosen]
         return F.cross_entropy(logits.float(), targets)

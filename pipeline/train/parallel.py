@@ -2,10 +2,11 @@
 
 - `ddp`: replicated weights, gradients all-reduced (Ray Train's `prepare_model`). The default
   for Ti, S and B, whose weights and Adam state fit on any accelerator many times over.
-- `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`), one unit per encoder block plus the
-  root (patch embedding, tokens, norms, heads, the MPP head). Parameters, gradients and Adam
-  state are sharded over all workers; each block's weights are all-gathered just before its
-  forward and backward, and freed after. The default for L and H on GPUs.
+- `fsdp`: FSDP2 (`torch.distributed.fsdp.fully_shard`), one unit per encoder block (and one
+  for a hybrid's ResNet) plus the root (patch embedding, tokens, norms, heads, the MPP head).
+  Parameters, gradients and Adam state are sharded over all workers; each unit's weights
+  are all-gathered just before its forward and backward, and freed after. The default for L
+  and H on GPUs.
 - `hsdp`: FSDP2 over a 2-D mesh (replicate, shard): sharded within a group of
   `train.shard_group_size` workers (default: the workers of one node, whose links are fast),
   replicated across groups (one all-reduce of the shards per step between nodes).
@@ -39,10 +40,11 @@ def resolve_strategy(parallel: str, hidden_size: int, use_gpu: bool) -> str:
     return parallel
 
 
-def wrap(module: nn.Module, blocks: nn.ModuleList, strategy: str, device: torch.device,
+def wrap(module: nn.Module, units: list[nn.Module], strategy: str, device: torch.device,
          amp: torch.dtype | None, shard_group_size: int = 0) -> nn.Module:
-    """Wrap `module` (whose encoder blocks are `blocks`) for data-parallel training. With one
-    worker nothing is wrapped (but the module is on `device`)."""
+    """Wrap `module` for data-parallel training; with FSDP each of `units` (its encoder
+    blocks, and a hybrid's ResNet: `ViT.shard_units()`) is sharded as a unit of its own. With
+    one worker nothing is wrapped (but the module is on `device`)."""
     import torch.distributed as dist
 
     module.to(device)
@@ -73,8 +75,8 @@ def wrap(module: nn.Module, blocks: nn.ModuleList, strategy: str, device: torch.
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp else \
         MixedPrecisionPolicy()
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
     # The last block's parameters are needed again at once by the root's backward: keeping
     # them gathered saves one all-gather per step (torchtitan does the same).
     fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=False)

@@ -406,7 +406,11 @@ def test_finetune_dropout_is_vit_jax_s_per_model_value():
     from pipeline.model import ViTConfig
 
     got = {v: finetune_dropout(ViTConfig.from_variant(v)) for v in
-           ("Ti/16", "S/16", "B/16", "B/32", "L/16", "L/32", "H/14")}
-    # vit_jax/configs/models.py: dropout_rate 0.1 for L/16 and H/14 (L/32 sets it back to 0).
+           ("Ti/16", "S/16", "B/16", "B/32", "L/16", "L/32", "H/14", "R50+B/16", "R50+L/32",
+            "R26+S/32", "R26+B/32")}
+    # vit_jax/configs/models.py: dropout_rate 0.1 for L/16 and H/14 (L/32 sets it back to 0);
+    # get_r50_b16_config sets 0.1; R50+L/32 starts from get_l16_config (0.1), R26+S/32 from
+    # get_s16_config and R26+B/32 from get_b32_config (0).
     assert got == {"Ti/16": 0.0, "S/16": 0.0, "B/16": 0.0, "B/32": 0.0, "L/16": 0.1,
-                   "L/32": 0.0, "H/14": 0.1}
+                   "L/32": 0.0, "H/14": 0.1, "R50+B/16": 0.1, "R50+L/32": 0.1,
+                   "R26+S/32": 0.0, "R26+B/32": 0.0}

@@ -66,7 +66,7 @@ def test_variant_table():
     assert ViTConfig.from_variant("B/32").variant == "B/32"
     with pytest.raises(ValueError, match="unknown ViT variant 'X/16'"):
         ViTConfig.from_variant("X/16")
-    with pytest.raises(ValueError, match="smaller than patch_size"):
+    with pytest.raises(ValueError, match=r"smaller than one patch \(16 px\)"):
         ViTConfig.from_variant("B/16", image_size=8)
 
 

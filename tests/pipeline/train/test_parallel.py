@@ -1,7 +1,8 @@
 """Sharded training through the real Ray Train path: several worker processes over gloo on
 CPU, as a GPU cluster runs them over NCCL. FSDP2 against DDP on the same data and seed, HSDP
-with 4 workers, the few-shot probe and the MPP objective under FSDP2, and an FSDP2
-checkpoint that loads in `load_vit` and resumes to the losses an uninterrupted run has.
+with 4 workers, the few-shot probe and the MPP objective under FSDP2, a hybrid (ResNet + ViT)
+under FSDP2, and FSDP2 checkpoints that load in `load_vit` and resume to the losses an
+uninterrupted run has.
 
 Same data on every run: `data.preserve_order` makes Ray Data hand the same blocks to the same
 worker in the same order (the local shuffle buffer is off, so a resumed stream is exactly
@@ -14,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_vit
 from pipeline.train import checkpoints
-from pipeline.train.config import apply_overrides, smoke
+from pipeline.train.config import apply_overrides, smoke, smoke_hybrid
 from pipeline.train.run import pretrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -24,8 +25,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 LOSS_RTOL = 1e-4
 
 
-def run(tmp_path, name, *sets, resume=None):
-    cfg = apply_overrides(smoke(), [
+def run(tmp_path, name, *sets, resume=None, preset=smoke):
+    cfg = apply_overrides(preset(), [
         f"run.name={name}", f"run.storage={tmp_path / 'runs'}", "scale.num_workers=2",
         "scale.cpus_per_worker=0.5", "data.preserve_order=true", "train.log_every=1",
         "train.fewshot_every=0", "train.total_steps=8", "train.checkpoint_every=8",
@@ -61,6 +62,23 @@ def test_fsdp2_matches_ddp_and_its_checkpoint_resumes_exactly(ray_local, tmp_pat
     # ... and a new run resumed from the step-4 one continues with the same losses.
     step4 = fsdp.checkpoint.replace("step_00000008", "step_00000004")
     _, resumed = run(tmp_path, "fsdp-resumed", "train.parallel=fsdp", resume=step4)
+    assert_same_losses(losses[4:], resumed)
+
+
+def test_hybrid_trains_sharded_with_its_resnet_as_a_unit_and_resumes_exactly(ray_local,
+                                                                               tmp_path):
+    """The paper's hybrid (§3.1) through the same path: FSDP2 over two gloo workers, the
+    ResNet stem sharded as one more unit; its checkpoint is a hybrid `load_vit` reads, and a
+    run resumed from step 4 continues with the uninterrupted run's losses."""
+    out, losses = run(tmp_path, "hybrid", "train.parallel=fsdp", "train.checkpoint_every=4",
+                      preset=smoke_hybrid)
+    # Its units start as their shortcuts (gn3 at 0): the loss moves later than the ViT's.
+    assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.02, f"it trains: {losses}"
+    model = load_vit(out.checkpoint)
+    assert model.cfg == smoke_hybrid().model and model.cfg.resnet_layers == (1, 1)
+    step4 = out.checkpoint.replace("step_00000008", "step_00000004")
+    _, resumed = run(tmp_path, "hybrid-resumed", "train.parallel=fsdp", resume=step4,
+                     preset=smoke_hybrid)
     assert_same_losses(losses[4:], resumed)
 
 

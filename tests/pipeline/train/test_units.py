@@ -12,7 +12,7 @@ import torch
 
 from pipeline.model import ViT, ViTConfig
 from pipeline.train import checkpoints
-from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke
+from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke, smoke_hybrid
 from pipeline.train.fewshot import fewshot_accuracy, seed_accuracy
 from pipeline.train.loop import Meter
 from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets
@@ -252,7 +252,7 @@ def test_preset_costs_in_the_docstrings_are_the_flops():
 
     for name, preset in PRESETS.items():
         found = re.search(r"~([\d.]+)(k?) H100-hours at 45% MFU", preset.__doc__ or "")
-        if name == "smoke":
+        if name in ("smoke", "smoke_hybrid"):
             continue
         assert found, f"{name}: no cost in its docstring"
         stated = float(found.group(1)) * (1000 if found.group(2) else 1)
@@ -507,22 +507,25 @@ def test_compiled_blocks_keep_their_names_and_checkpoint_loads(tmp_path):
     torch.testing.assert_close(loaded(x), model.vit(x))
 
 
-def _fsdp_one_process(device: str, amp):
+def _fsdp_one_process(device: str, amp, preset=smoke):
     """FSDP2 over a world of one (a process group of its own), against the plain module, on
-    the same batches: the wrapping, the first-token path and the sharded optimizer."""
+    the same batches: the wrapping, the first-token path and the sharded optimizer; for a
+    hybrid, its ResNet a unit of its own."""
     import torch.distributed as dist
 
     from pipeline.train.parallel import wrap
 
-    cfg = apply_overrides(smoke(), ["train.total_steps=20"])
+    cfg = apply_overrides(preset(), ["train.total_steps=20"])
     dev = torch.device(device)
     torch.manual_seed(0)
     plain = Pretrainer(ViT(cfg.model), "softmax").to(dev)
     torch.manual_seed(0)
     sharded = Pretrainer(ViT(cfg.model), "softmax")
     try:
-        sharded = wrap(sharded, sharded.vit.blocks, "fsdp", dev, amp)
+        sharded = wrap(sharded, sharded.vit.shard_units(), "fsdp", dev, amp)
         assert type(sharded.vit.blocks[0].norm1.weight).__name__ == "DTensor"
+        if cfg.model.is_hybrid:
+            assert type(sharded.vit.resnet.conv_root.weight).__name__ == "DTensor"
         opts = [make_optimizer(m, decay_names(m), cfg, dev) for m in (plain, sharded)]
         losses = []
         for step in range(3):
@@ -537,8 +540,9 @@ def _fsdp_one_process(device: str, amp):
             dist.destroy_process_group()
 
 
-def test_fsdp2_in_one_process_matches_the_plain_module():
-    for plain, sharded in _fsdp_one_process("cpu", None):
+@pytest.mark.parametrize("preset", [smoke, smoke_hybrid])
+def test_fsdp2_in_one_process_matches_the_plain_module(preset):
+    for plain, sharded in _fsdp_one_process("cpu", None, preset):
         assert sharded == pytest.approx(plain, rel=1e-5)
 
 
