@@ -212,8 +212,9 @@ def _build(state: dict[str, torch.Tensor], cfg_fields: dict, uri: str, source: s
            expected: dict) -> ViT:
     """Infer the config from the shapes (checked against what the files say), build, load."""
     inferred = _infer_config(state, uri, source)
+    cfg_fields = {k: tuple(v) if isinstance(v, list) else v                # JSON lists
+                  for k, v in cfg_fields.items()}
     for key, value in cfg_fields.items():
-        value = tuple(value) if isinstance(value, list) else value          # JSON lists
         if key in inferred and key != "num_heads" and inferred[key] != value:
             raise CheckpointError(
                 f"{uri}: {source} config says {key}={value} but the weights have "

@@ -144,9 +144,10 @@ def init_model(model: ViT, uri: str) -> None:
     this run's fresh ones (the checkpoint's may have another number of classes), and the
     position embedding is resampled to this run's resolution."""
     cfg = model.cfg
+    hybrid = {"resnet_width": cfg.resnet_width} if cfg.is_hybrid else {}
     src = load_vit(uri, image_size=cfg.image_size, patch_size=cfg.patch_size,
                    hidden_size=cfg.hidden_size, depth=cfg.depth, mlp_dim=cfg.mlp_dim,
-                   num_heads=cfg.num_heads)
+                   num_heads=cfg.num_heads, resnet_layers=cfg.resnet_layers, **hybrid)
     if (src.cfg.input_mean, src.cfg.input_std) != (cfg.input_mean, cfg.input_std):
         fmt = lambda v: ",".join(f"{x:g}" for x in v)      # noqa: E731
         raise CheckpointError(

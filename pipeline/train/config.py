@@ -405,7 +405,7 @@ def vit_r50_b16_i21k() -> PretrainConfig:
     """R50+ViT-B/16 on ImageNet-21k, the hybrid of §3.1 and Table 6: ResNet-50 (stage 4's
     units moved to stage 3, (3, 4, 9)) whose /16 feature map is embedded with 1 x 1 patches,
     then ViT-B; Table 3's ImageNet-21k recipe for B (90 epochs, lr 1e-3, wd 0.03, dropout
-    0.1 as vit_jax's `get_r50_b16_config`), as the released `R50+ViT-B_16.npz` was trained.
+    0.1 as vit_jax's `get_r50_b16_config`), the data of the released `R50+ViT-B_16.npz`.
 
         ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_r50_b16_i21k \\
             --set data.uri=s3://bucket/imagenet21k --workers 64 --gpus-per-worker 1

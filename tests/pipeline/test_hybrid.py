@@ -450,3 +450,21 @@ def test_inspection_measures_in_input_pixels_and_draws_the_root_filters():
     assert comps.shape[1:] == (3, 7, 7)
     w = model.pixel_filters().flatten(1)
     torch.testing.assert_close(w.mean(1), torch.zeros(32), atol=1e-6, rtol=0)
+
+
+def test_init_takes_the_authors_hybrid_npz_and_a_plain_run_refuses_it(tmp_path):
+    """`--init R50+ViT-B_16.npz` for a hybrid run: the body (ResNet included) loaded, this
+    run's head and resolution; a pure-ViT run asked to start from it says why not."""
+    from pipeline.train import checkpoints
+
+    params = jax_hybrid_params(np.random.default_rng(2))
+    np.savez(tmp_path / "R.npz", **{k: v.astype(np.float32) for k, v in params.items()})
+    run = ViT(ViTConfig(**{**TINY, "image_size": 48, "num_classes": 11}))
+    checkpoints.init_model(run, str(tmp_path / "R.npz"))
+    torch.testing.assert_close(run.resnet.conv_root.weight,
+                               torch.from_numpy(params["conv_root/kernel"].transpose(3, 2, 0, 1)
+                                                .astype(np.float32)))
+    assert run.pos_embed.shape == (1, 37, 48) and run.head.out_features == 11
+    plain = ViT(ViTConfig(**{**TINY, "resnet_layers": None, "patch_size": 8}))
+    with pytest.raises(CheckpointError, match="ResNet stages"):
+        checkpoints.init_model(plain, str(tmp_path / "R.npz"))
