@@ -160,13 +160,14 @@ def test_resnet_matches_transformers_bitmodel():
     theirs = bit.state_dict()
     assert sorted(names.values()) == sorted(ours.state_dict())
     ours.load_state_dict({names[k]: v for k, v in theirs.items()}, strict=True)
+    bit, ours = bit.double(), ours.double()         # float64: the comparison is exact
     for size in (32, 37):                           # odd: "SAME" puts the extra pad bottom-right
-        x = torch.randn(2, 3, size, size)
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
         with torch.no_grad():
             expected = bit(pixel_values=x).last_hidden_state
             got = ours(x)
         assert got.shape == expected.shape
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
