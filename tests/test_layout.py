@@ -8,8 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Plain PyTorch modules that must import (and unit-test) without Ray.
-NO_RAY = ("pipeline/model.py", "pipeline/checkpoint.py", "pipeline/perf.py", "eval/tasks.py",
-          "eval/data.py", "eval/finetune.py", "eval/report.py")
+NO_RAY = ("pipeline/model.py", "pipeline/checkpoint.py", "pipeline/perf.py", "pipeline/analysis.py",
+          "eval/tasks.py", "eval/data.py", "eval/finetune.py", "eval/report.py")
 
 
 def imports(path: Path) -> set[str]:
