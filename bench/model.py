@@ -66,6 +66,19 @@ def time_round(step, steps: int, device) -> float:
     return time.perf_counter() - start
 
 
+def time_alternating(steps_fn: dict, rounds: int, batch: int, steps: int, device):
+    """Images/s of each step function over `rounds` alternating rounds, so that machine noise
+    hits all alike -> (rates per round, medians, where it ran)."""
+    rates = {name: [] for name in steps_fn}
+    for _ in range(rounds):
+        for name, step in steps_fn.items():
+            rates[name].append(batch * steps / time_round(step, steps, device))
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    return rates, med, where
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", default=None, help="e.g. Ti/16 (CPU default), B/16 (GPU default)")
@@ -107,13 +120,7 @@ def main():
         for _ in range(2):  # warm-up: allocator, kernels, autotuning
             steps_fn[name]()
 
-    rates = {name: [] for name in models}
-    for _ in range(args.rounds):
-        for name, step in steps_fn.items():
-            rates[name].append(batch * steps / time_round(step, steps, device))
-    med = {name: statistics.median(r) for name, r in rates.items()}
-    where = (torch.cuda.get_device_name(device) if gpu
-             else f"CPU, {torch.get_num_threads()} threads")
+    rates, med, where = time_alternating(steps_fn, args.rounds, batch, steps, device)
     print(f"ViT-{variant} @ {cfg.image_size}px, batch {batch}, {str(dtype)[6:]}, {where}; "
           f"forward+backward, median of {args.rounds} rounds x {steps} steps")
     print(f"{'model':<24}{'images/s':>12}{'min':>10}{'max':>10}")
@@ -160,13 +167,7 @@ def bench_hybrid(args) -> None:
         steps_fn[name] = make_step(model, images, labels, device, dtype)
         for _ in range(2):
             steps_fn[name]()
-    rates = {name: [] for name in cfgs}
-    for _ in range(args.rounds):
-        for name, step in steps_fn.items():
-            rates[name].append(batch * steps / time_round(step, steps, device))
-    med = {name: statistics.median(r) for name, r in rates.items()}
-    where = (torch.cuda.get_device_name(device) if gpu
-             else f"CPU, {torch.get_num_threads()} threads")
+    rates, med, where = time_alternating(steps_fn, args.rounds, batch, steps, device)
     print(f"{args.image_size}px, batch {batch}, {str(dtype)[6:]}, {where}; forward+backward, "
           f"median of {args.rounds} rounds x {steps} steps")
     print(f"{'model':<12}{'params':>9}{'GFLOPs fwd':>12}{'(ResNet)':>10}{'images/s':>11}"

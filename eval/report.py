@@ -248,12 +248,7 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict) -> str | None:
               "gpus_per_trial": cfg.gpus_per_trial, "cpus_per_trial": cfg.cpus_per_trial}
     tags = {"checkpoint": cfg.checkpoint, "vit.kind": "vtab",
             "mlflow.note.content": f"VTAB-1k evaluation of {cfg.checkpoint}"}
-    if pretrained_meta.get("mlflow_run_id"):
-        tags["pretrain_run_id"] = pretrained_meta["mlflow_run_id"]
-    if pretrained_meta.get("run_name"):
-        tags["pretrain_run_name"] = str(pretrained_meta["run_name"])
-    if pretrained_meta.get("step") is not None:
-        tags["pretrain_step"] = str(pretrained_meta["step"])
+    tags.update(tracking.pretrain_tags(pretrained_meta))
     try:
         return tracking.start_run(tracking_uri, EXPERIMENT, cfg.run_name, params, tags,
                                   continuing=True, source="eval/vtab.py")

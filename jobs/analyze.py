@@ -159,12 +159,7 @@ def log_to_mlflow(args, result, meta: dict, checkpoint: str, source: str, label:
     uri = tracking.default_tracking_uri()
     tags = {"checkpoint": checkpoint,
             "mlflow.note.content": f"Inspection (ViT paper §4.5) of {checkpoint}"}
-    if meta.get("mlflow_run_id"):
-        tags["pretrain_run_id"] = meta["mlflow_run_id"]
-    if meta.get("run_name"):
-        tags["pretrain_run_name"] = str(meta["run_name"])
-    if meta.get("step") is not None:
-        tags["pretrain_step"] = str(meta["step"])
+    tags.update(tracking.pretrain_tags(meta))
     d = result.mean_distance
     metrics = {f"attention_distance/{stat}": [(layer, float(fn(row)))
                                               for layer, row in enumerate(d, 1)]

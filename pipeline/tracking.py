@@ -336,6 +336,19 @@ def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict) -> None:
         client.set_terminated(run_id, "FINISHED")
 
 
+def pretrain_tags(meta: dict) -> dict[str, str]:
+    """Tags linking a run (VTAB, analysis) to the pretraining run of its checkpoint, from our
+    checkpoint metadata (`read_metadata`); {} for imports."""
+    tags = {}
+    if meta.get("mlflow_run_id"):
+        tags["pretrain_run_id"] = meta["mlflow_run_id"]
+    if meta.get("run_name"):
+        tags["pretrain_run_name"] = str(meta["run_name"])
+    if meta.get("step") is not None:
+        tags["pretrain_step"] = str(meta["step"])
+    return tags
+
+
 def log_artifacts(tracking_uri: str, run_id: str, paths: list) -> None:
     from mlflow.tracking import MlflowClient
 
