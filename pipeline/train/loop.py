@@ -26,6 +26,7 @@ from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT, ViTConfig
 from pipeline.train import checkpoints, parallel
 from pipeline.train.config import PretrainConfig
+from pipeline.train.failures import Fatal
 from pipeline.train.fewshot import fewshot_accuracy
 from pipeline.train.schedule import learning_rate
 from pipeline.train.step import (
@@ -50,7 +51,6 @@ class WorkerSpec:
     run_id: str | None = None           # MLflow run, created by the driver
     tracking_uri: str = ""
     stream: Any = None                  # pipeline.data.source.StreamPlan, or None (no position)
-    status: Any = None                  # RunStatus actor: why a run stopped early
     health: Any = None                  # DataHealth actor: skipped samples
     probe: Any = None                   # ObjectRef of the few-shot probe set
     log_level: str = "INFO"             # the driver's (--log-level), for the workers' logs
@@ -85,7 +85,6 @@ def train_loop(config: dict) -> None:
     tracker = open_tracker(spec, env, start)
     system = node_metrics(spec)
     probe = _probe_set(spec)
-    error = None
     try:
         error = run(spec, env, model, optimizer, start, writer, tracker, probe)
     finally:
@@ -94,14 +93,10 @@ def train_loop(config: dict) -> None:
             tracker.close()
         if system is not None:
             system.stop()
-    if error is not None and env.rank == 0:
-        # Told to the driver through its status actor, not by raising: an exception would
-        # make Ray Train restart the workers (FailureConfig), and these errors would recur.
-        import ray
-
-        log.error(error)
-        if spec.status is not None:
-            ray.get(spec.status.fail.remote(error))
+    if error is not None:
+        # Fatal: Ray Train stops every worker without spending max_failures (these errors
+        # would recur on a retry), and the driver prints the line (pipeline.train.failures).
+        raise Fatal(error)
 
 
 def worker_env(cfg: PretrainConfig) -> WorkerEnv:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import storage, tracking
-from pipeline.train import checkpoints
+from pipeline.train import checkpoints, failures
 from pipeline.train.config import PretrainConfig
 from pipeline.train.loop import WorkerSpec, train_loop
 
@@ -232,24 +232,6 @@ def probe_sets(cfg: PretrainConfig, manifest: dict | None) -> list[dict]:
     return [s for s in sets if len(s["train_labels"]) and len(s["test_labels"])]
 
 
-def run_status():
-    """A tiny actor through which the workers tell the driver why a run stopped early."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class RunStatus:
-        def __init__(self):
-            self.error = None
-
-        def fail(self, message: str) -> None:
-            self.error = self.error or message
-
-        def get(self) -> str | None:
-            return self.error
-
-    return RunStatus.remote()
-
-
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
              tracking_uri: str | None = None, dataset=None) -> Outcome:
     """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster.
@@ -272,24 +254,20 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
                                     continuing=point.kind == "own")
     spec = WorkerSpec(cfg=cfg, run_uri=run_uri, resume=resume, init=init, run_id=run_id,
-                      tracking_uri=tracking_uri, stream=stream, status=run_status(),
+                      tracking_uri=tracking_uri, stream=stream,
                       health=health, probe=probe, log_level=logging.getLevelName(
                           logging.getLogger("pipeline").getEffectiveLevel()))
     _warn_if_no_cpu_for_data(cfg)
     trainer = make_trainer(cfg, spec, factory, root)
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as err:
         if run_id:
             tracking.finish_run(tracking_uri, run_id, "FAILED")
+        message = failures.fatal_message(err)
+        if message:
+            raise PretrainError(message) from None
         raise
-    import ray
-
-    error = ray.get(spec.status.get.remote())
-    if error:
-        if run_id:
-            tracking.finish_run(tracking_uri, run_id, "FAILED")
-        raise PretrainError(error)
     uri = checkpoints.latest(run_uri) or ""
     step = checkpoints.read_state(uri)["step"] if uri else 0
     if run_id:
@@ -345,14 +323,13 @@ def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest:
 
 def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     path, fs = ray_storage(root)
     scale = cfg.scale
     resources_per_worker = {"CPU": scale.cpus_per_worker}
     if scale.use_gpu:
         resources_per_worker["GPU"] = scale.gpus_per_worker
-    return TorchTrainer(
+    return failures.trainer_class()(
         train_loop,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers,
