@@ -11,12 +11,18 @@ A run keeps its checkpoints in `<storage>/<run name>/step_<step:08d>/`:
                         from the shards: `load_vit` and `eval/vtab.py --checkpoint` take the
                         directory as it is, without training code
     train_state.json    step, samples seen, the exact data position, the resolved config,
-                        the MLflow run id, and the size of every file rank 0 wrote
+                        the MLflow run id, and the size and SHA-256 of every file rank 0 wrote
+    state/sha256_rank<r>.json   the SHA-256 of each DCP file rank r wrote (every rank writes
+                        its own: no rank sees another's files)
 
 Written last (by rank 0, after its other files) and listing the sizes it expects,
 `train_state.json` plus the DCP `.metadata` (which names every shard file and the byte range
 each tensor needs) make a checkpoint verifiable: `is_complete` checks that every file is there
 with its size, so `latest` never returns a checkpoint that a killed upload left half-written.
+Sizes prove completeness, not integrity: `verify` recomputes every file's SHA-256 (the driver
+does, before a run continues from a checkpoint; readers of the weights check the weights
+file), and a checkpoint that fails is marked (`corrupt.json`, nothing deleted) so that every
+process of the run falls back to the previous complete one.
 
 Saving never stalls the step for I/O: the sharded state is staged to host memory
 (`dcp.async_save`, on a gloo process group of its own), then written and uploaded in the
@@ -62,6 +68,8 @@ log = logging.getLogger("pipeline.train")
 STATE_DIR = "state"                     # the DCP checkpoint
 STATE_FILE = "train_state.json"
 METADATA_FILE = f"{STATE_DIR}/.metadata"
+CORRUPT_FILE = "corrupt.json"           # written beside a checkpoint that failed `verify`
+HASH_CHUNK = 8 << 20
 FORMAT = "vit-pipeline-train"
 FORMAT_VERSION = 2
 # Config fields that may differ between a checkpoint and the run resuming from it.
@@ -91,8 +99,12 @@ class ResumePoint:
                 "init": f"--init {self.uri}", "scratch": "scratch"}[self.kind]
 
 
-def resume_point(run_uri: str, resume: str | None, init: str | None) -> ResumePoint:
-    own = latest(run_uri)
+def resume_point(run_uri: str, resume: str | None, init: str | None,
+                 verified: bool = False) -> ResumePoint:
+    """`verified`: check the checksums of this run's checkpoint (and fall back past a damaged
+    one); the driver does, once per start, and marks what fails, so the workers and the data
+    factory, which call this without it, see the same checkpoint."""
+    own = latest_verified(run_uri) if verified else latest(run_uri)
     if own:
         return ResumePoint("own", own)
     if resume:
@@ -112,6 +124,10 @@ def check_resume(uri: str, model_cfg: ViTConfig) -> dict:
     if not is_complete(uri):
         raise CheckpointError(f"--resume {uri}: the checkpoint is incomplete (files missing or "
                               f"truncated); pick an earlier step")
+    problem = verify(uri)
+    if problem:
+        raise CheckpointError(f"--resume {uri}: the checkpoint is damaged ({problem}); pick "
+                              f"an earlier step")
     check_architecture(doc["config"]["model"], model_cfg, f"--resume {uri}")
     return doc
 
@@ -192,7 +208,7 @@ def is_complete(uri: str, files: dict[str, int] | None = None) -> bool:
     """Every file of the checkpoint at `uri` is there with its full size. `files`: a listing
     of `uri` taken already ({relative path: size})."""
     files = _listing(uri) if files is None else files
-    if STATE_FILE not in files or METADATA_FILE not in files:
+    if STATE_FILE not in files or METADATA_FILE not in files or CORRUPT_FILE in files:
         return False
     try:
         doc = read_state(uri)
@@ -202,6 +218,8 @@ def is_complete(uri: str, files: dict[str, int] | None = None) -> bool:
     for name, size in doc.get("files", {}).items():
         if files.get(name) != size:
             return False
+    if "sha256" in doc and not all(_rank_sums(r) in files for r in range(doc["world_size"])):
+        return False
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         name = f"{STATE_DIR}/{info.relative_path}"
@@ -216,20 +234,27 @@ def resolve_checkpoint(uri: str) -> str:
 
     if uri.startswith(HUB_SCHEME) or "/" not in uri.rstrip("/") or read_metadata(uri):
         return uri
-    newest = latest(uri.rstrip("/"))
-    if newest:
-        log.info("%s is a pretraining run: using its newest checkpoint %s", uri, newest)
-        return newest
+    for newest in complete_checkpoints(uri.rstrip("/")):
+        problem = verify(newest, only=(WEIGHTS_FILE, CONFIG_FILE))
+        if problem is None:
+            log.info("%s is a pretraining run: using its newest checkpoint %s", uri, newest)
+            return newest
+        log.warning("checkpoint %s is damaged (%s): trying the previous one", newest, problem)
     return uri
 
 
 def latest(run_uri: str) -> str | None:
     """The newest complete checkpoint of a run, or None. Incomplete ones (an upload cut off
     by a kill) are skipped with a warning."""
+    return next(complete_checkpoints(run_uri), None)
+
+
+def complete_checkpoints(run_uri: str):
+    """The run's complete checkpoints, newest first (one listing of the run folder)."""
     try:
         files = _listing(run_uri)
     except storage.StorageError:
-        return None
+        return
     by_step: dict[str, dict[str, int]] = {}
     for path, size in files.items():
         top, _, rest = path.partition("/")
@@ -238,8 +263,92 @@ def latest(run_uri: str) -> str | None:
     for name in sorted(by_step, reverse=True):
         uri = storage.join(run_uri, name)
         if is_complete(uri, by_step[name]):
+            yield uri
+        elif CORRUPT_FILE in by_step[name]:
+            log.warning("skipping checkpoint %s: marked damaged (%s)", uri, CORRUPT_FILE)
+        else:
+            log.warning("skipping incomplete checkpoint %s (files missing or truncated)", uri)
+
+
+def _rank_sums(rank: int) -> str:
+    return f"{STATE_DIR}/sha256_rank{rank}.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sha256_uri(uri: str) -> str:
+    import hashlib
+
+    fs, path = storage.filesystem(uri)
+    digest = hashlib.sha256()
+    with storage.open_read(fs, path) as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksums(uri: str) -> dict[str, str]:
+    """{relative path: SHA-256} that the checkpoint at `uri` recorded for its files (rank 0's
+    in train_state.json, each rank's DCP files in its sidecar); {} for a checkpoint written
+    before checksums were recorded."""
+    doc = read_state(uri)
+    if "sha256" not in doc:
+        return {}
+    sums = dict(doc["sha256"])
+    for rank in range(doc["world_size"]):
+        part = json.loads(storage.read_bytes(storage.join(uri, _rank_sums(rank))))
+        sums.update({f"{STATE_DIR}/{name}": h for name, h in part.items()})
+    return sums
+
+
+def verify(uri: str, only: tuple[str, ...] | None = None) -> str | None:
+    """Recompute the SHA-256 of the checkpoint's files (or of those named in `only`) and
+    compare them with the recorded ones. -> None if they match, else what differs."""
+    try:
+        sums = checksums(uri)
+    except (storage.StorageError, OSError, ValueError, KeyError) as err:
+        return f"its checksums cannot be read ({_first(err)})"
+    for name, expected in sorted(sums.items()):
+        if only is not None and name not in only:
+            continue
+        try:
+            actual = _sha256_uri(storage.join(uri, name))
+        except (storage.StorageError, OSError) as err:
+            return f"{name} cannot be read ({_first(err)})"
+        if actual != expected:
+            return f"{name} does not match its recorded SHA-256"
+    return None
+
+
+def mark_corrupt(uri: str, reason: str) -> None:
+    """Mark a checkpoint that failed `verify` so that no process of the run picks it again
+    (nothing is deleted: the files stay for inspection)."""
+    try:
+        storage.write_bytes(storage.join(uri, CORRUPT_FILE),
+                            json.dumps({"reason": reason}).encode())
+    except (storage.StorageError, OSError) as err:
+        log.warning("could not mark %s as corrupt: %s", uri, _first(err))
+
+
+def latest_verified(run_uri: str) -> str | None:
+    """The newest complete checkpoint whose files match their checksums. One that does not is
+    marked corrupt, with a warning, and the previous one is tried: a run continues from the
+    last good checkpoint instead of failing on a damaged one."""
+    for uri in complete_checkpoints(run_uri):
+        problem = verify(uri)
+        if problem is None:
             return uri
-        log.warning("skipping incomplete checkpoint %s (files missing or truncated)", uri)
+        log.warning("checkpoint %s is damaged (%s): falling back to the previous one", uri,
+                    problem)
+        mark_corrupt(uri, problem)
     return None
 
 
@@ -391,6 +500,7 @@ class CheckpointWriter:
         def write_and_upload(checkpoint, checkpoint_dir_name):
             if pending is not None:
                 pending.result()
+            write_rank_checksums(local, rank)
             if rank == 0:
                 _write_model_and_state(local, vit_state, vit_cfg, doc)
             return ray.train.get_context().get_storage().persist_current_checkpoint(
@@ -425,6 +535,7 @@ def write_local(directory: str | os.PathLike, model: nn.Module,
     directory = Path(directory)
     dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(
         str(directory / STATE_DIR)), no_dist=True)
+    write_rank_checksums(directory, 0)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     _write_model_and_state(directory, {k[len("vit."):]: v for k, v in full.items()
                                        if k.startswith("vit.")}, vit_cfg, doc)
@@ -437,8 +548,18 @@ def _write_model_and_state(directory: Path, vit_state: dict, vit_cfg: ViTConfig,
     write_weights(vit_state, vit_cfg, directory, {
         "step": doc["step"], "run_name": doc.get("run_name", ""),
         "mlflow_run_id": doc.get("run_id") or ""})
-    files = {n: (directory / n).stat().st_size for n in (WEIGHTS_FILE, CONFIG_FILE)}
-    (directory / STATE_FILE).write_text(json.dumps({**doc, "files": files}))
+    names = (WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE)
+    files = {n: (directory / n).stat().st_size for n in names}
+    sums = {n: sha256_file(directory / n) for n in names}
+    (directory / STATE_FILE).write_text(json.dumps({**doc, "files": files, "sha256": sums}))
+
+
+def write_rank_checksums(directory: Path, rank: int) -> None:
+    """The SHA-256 of the DCP files this rank wrote into its local staging `directory`."""
+    state = directory / STATE_DIR
+    sums = {p.name: sha256_file(p) for p in sorted(state.iterdir())
+            if p.is_file() and p.name != ".metadata" and not p.name.startswith("sha256_")}
+    (directory / _rank_sums(rank)).write_text(json.dumps(sums, sort_keys=True))
 
 
 def new_state(step: int, samples_seen: int, data_position: dict | None, config: dict,

@@ -243,7 +243,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     root = storage_root(cfg)
     check_storage(cfg, root)
     run_uri = storage.join(root, cfg.run.name)
-    point = checkpoints.resume_point(run_uri, resume, init)
+    point = checkpoints.resume_point(run_uri, resume, init, verified=True)
     check_start(cfg, point, resume)
     if point.kind == "own":
         log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, point.uri)

@@ -1,0 +1,104 @@
+"""Checkpoint integrity: every file's SHA-256 is recorded and checked; a damaged newest
+checkpoint (same size, other bytes) is marked and passed over for the previous one. No Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.train import checkpoints
+from tests.pipeline.train.test_units import _write, tiny_run
+
+
+def flip_byte(path, offset=None):
+    """Same size, one byte changed: what a bad disk or a torn copy leaves."""
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def run(tmp_path):
+    cfg, model, opt = tiny_run()
+    run = tmp_path / "run"
+    for step in (10, 20, 30):
+        _write(run / checkpoints.dir_name(step), cfg, model, opt, step)
+    return run
+
+
+def test_every_file_has_a_recorded_checksum(run):
+    newest = run / "step_00000030"
+    sums = checkpoints.checksums(str(newest))
+    on_disk = {p.relative_to(newest).as_posix() for p in newest.rglob("*") if p.is_file()}
+    # Everything but the checksum records themselves is covered, DCP shards included.
+    covered = on_disk - {"train_state.json", "state/sha256_rank0.json"}
+    assert set(sums) == covered
+    assert any(name.endswith(".distcp") for name in sums)
+    import hashlib
+
+    for name, digest in sums.items():
+        assert hashlib.sha256((newest / name).read_bytes()).hexdigest() == digest
+    assert checkpoints.verify(str(newest)) is None
+
+
+@pytest.mark.parametrize("name", ["state/__0_0.distcp", "model.safetensors", "vit.json"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(run, name, caplog):
+    newest = run / "step_00000030"
+    flip_byte(newest / name, offset=-5 if name == "vit.json" else None)
+    # Sizes still match: completeness alone cannot tell.
+    assert checkpoints.latest(str(run)) == str(newest)
+    assert name in checkpoints.verify(str(newest))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        assert checkpoints.latest_verified(str(run)) == str(run / "step_00000020")
+    assert "step_00000030 is damaged" in caplog.text and "falling back" in caplog.text
+    # Marked, not deleted: every other process of the run now skips it too.
+    marker = json.loads((newest / checkpoints.CORRUPT_FILE).read_text())
+    assert name in marker["reason"]
+    assert (newest / name).exists()
+    assert checkpoints.latest(str(run)) == str(run / "step_00000020")
+    point = checkpoints.resume_point(str(run), None, None)
+    assert point.kind == "own" and point.uri == str(run / "step_00000020")
+
+
+def test_unreadable_dcp_metadata_is_passed_over(run):
+    flip_byte(run / "step_00000030" / "state" / ".metadata")
+    assert checkpoints.latest_verified(str(run)) == str(run / "step_00000020")
+
+
+def test_all_damaged_means_no_checkpoint(run):
+    for step in (10, 20, 30):
+        flip_byte(run / checkpoints.dir_name(step) / "model.safetensors")
+    assert checkpoints.latest_verified(str(run)) is None
+    assert checkpoints.resume_point(str(run), None, None, verified=True).kind == "scratch"
+
+
+def test_a_missing_rank_record_makes_the_checkpoint_incomplete(run):
+    (run / "step_00000030" / "state" / "sha256_rank0.json").unlink()
+    assert not checkpoints.is_complete(str(run / "step_00000030"))
+    assert checkpoints.latest(str(run)) == str(run / "step_00000020")
+
+
+def test_readers_of_a_run_folder_skip_damaged_weights(run):
+    flip_byte(run / "step_00000030" / "model.safetensors")
+    assert checkpoints.resolve_checkpoint(str(run)) == str(run / "step_00000020")
+
+
+def test_resume_refuses_a_damaged_checkpoint(run):
+    cfg, _, _ = tiny_run()
+    flip_byte(run / "step_00000020" / "state" / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"damaged \(state/__0_0.distcp does not match"):
+        checkpoints.check_resume(str(run / "step_00000020"), cfg.model)
+
+
+def test_checkpoints_without_checksums_still_load(run):
+    """Checkpoints written before checksums were recorded: sizes only, as before."""
+    newest = run / "step_00000030"
+    doc = json.loads((newest / "train_state.json").read_text())
+    del doc["sha256"]
+    (newest / "train_state.json").write_text(json.dumps(doc))
+    (newest / "state" / "sha256_rank0.json").unlink()
+    assert checkpoints.latest_verified(str(run)) == str(newest)
