@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +160,16 @@ class RunConfig:
     # A local `storage` folder that every node of a multi-node cluster mounts (NFS, Lustre):
     # without it, a multi-node run refuses a local folder (each node would see its own).
     shared_storage: bool = False
+
+    def __post_init__(self):
+        # The name is a folder under `storage` (and an S3 key part): it must stay inside it.
+        if not RUN_NAME.fullmatch(self.name) or ".." in self.name:
+            raise ValueError(f"run.name {self.name!r}: use letters, digits, '.', '_' and '-' "
+                             f"(no '/' or '..'; it names a folder under the storage), e.g. "
+                             f"--name vit-b16-lr3e-4")
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)

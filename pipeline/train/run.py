@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import storage, tracking
-from pipeline.train import checkpoints, failures
+from pipeline.train import checkpoints, failures, lease
 from pipeline.train.config import PretrainConfig
 from pipeline.train.loop import WorkerSpec, train_loop
 
@@ -243,6 +243,19 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     root = storage_root(cfg)
     check_storage(cfg, root)
     run_uri = storage.join(root, cfg.run.name)
+    run_lease = lease.Lease(run_uri)
+    try:
+        run_lease.acquire()
+    except lease.LeaseHeld as err:
+        raise PretrainError(str(err)) from None
+    try:
+        return _pretrain(cfg, run_uri, root, resume, init, tracking_uri, dataset)
+    finally:
+        run_lease.release()
+
+
+def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
+              init: str | None, tracking_uri: str | None, dataset) -> Outcome:
     point = checkpoints.resume_point(run_uri, resume, init, verified=True)
     check_start(cfg, point, resume)
     if point.kind == "own":

@@ -1,0 +1,116 @@
+"""One writer per run: the lease in the run folder, on a local folder and on the S3 test
+endpoint; holders are real processes (a live one holds, a killed one's lease is taken over)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline import storage
+from pipeline.train.lease import LEASE_FILE, Lease, LeaseHeld
+
+HOLD = """
+import sys, time
+from pipeline.train.lease import Lease
+lease = Lease(sys.argv[1], ttl_s=float(sys.argv[2]), heartbeat_s=0.2)
+lease.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def holder(run_uri: str, ttl_s: float = 60.0) -> subprocess.Popen:
+    """Another driver, in another process, holding the lease of `run_uri`."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, run_uri, str(ttl_s)],
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": root})
+    assert proc.stdout.readline().strip() == b"held"
+    return proc
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "runs" / "a")
+    bucket = request.getfixturevalue("s3")
+    return f"s3://{bucket}/runs/a"
+
+
+def test_a_live_holder_keeps_the_run(run_uri):
+    proc = holder(run_uri)
+    try:
+        with pytest.raises(LeaseHeld, match=rf"is being written by another run \(pid {proc.pid} "
+                                            r"on .*; wait for it to end, stop it, or choose "
+                                            r"another --name"):
+            Lease(run_uri).acquire()
+        # The heartbeat keeps it fresh past the second look.
+        before = json.loads(storage.read_bytes(storage.join(run_uri, LEASE_FILE)))
+        time.sleep(1.5)
+        after = json.loads(storage.read_bytes(storage.join(run_uri, LEASE_FILE)))
+        assert after["owner"] == before["owner"] and after["pid"] == proc.pid
+        with pytest.raises(LeaseHeld):
+            Lease(run_uri).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_holder_on_this_host_is_taken_over_at_once(run_uri):
+    proc = holder(run_uri)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    lease = Lease(run_uri)
+    lease.acquire()                  # no waiting out the TTL: the process is gone
+    doc = json.loads(storage.read_bytes(storage.join(run_uri, LEASE_FILE)))
+    assert doc["owner"] == lease.owner and doc["pid"] == os.getpid()
+    lease.release()
+    assert not _exists(run_uri)
+
+
+def test_an_expired_lease_of_another_host_is_taken_over(run_uri):
+    uri = storage.join(run_uri, LEASE_FILE)
+    storage.write_bytes(uri, json.dumps({"owner": "x", "host": "elsewhere", "pid": 1,
+                                         "ttl_s": 1}).encode())
+    with pytest.raises(LeaseHeld):   # fresh: within its TTL of 1 s
+        Lease(run_uri).acquire()
+    time.sleep(1.5)
+    lease = Lease(run_uri)
+    lease.acquire()
+    lease.release()
+
+
+def test_release_keeps_a_lease_that_is_no_longer_ours(run_uri):
+    lease = Lease(run_uri)
+    lease.acquire()
+    lease._stop.set()                # no more beats: simulate being overtaken
+    uri = storage.join(run_uri, LEASE_FILE)
+    storage.write_bytes(uri, json.dumps({"owner": "other", "host": "h", "pid": 1}).encode())
+    lease.release()
+    assert json.loads(storage.read_bytes(uri))["owner"] == "other"
+
+
+def test_the_second_driver_waits_for_the_first_to_release(run_uri):
+    first, second = Lease(run_uri), Lease(run_uri)
+    first.acquire()
+    try:
+        with pytest.raises(LeaseHeld):
+            second.acquire()
+    finally:
+        first.release()
+    second.acquire()
+    second.release()
+
+
+def _exists(run_uri: str) -> bool:
+    try:
+        storage.read_bytes(storage.join(run_uri, LEASE_FILE))
+        return True
+    except storage.StorageError:
+        return False
