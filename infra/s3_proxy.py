@@ -14,12 +14,17 @@ such costs here.
 Requests are forwarded unchanged (the Host header too, so signed requests still verify), one
 upstream connection per client connection. Each request waits `latency` before it is
 forwarded; response bodies stream at `mbps` megabytes per second per connection.
+
+`down()` / `up()` make an outage, as a restarted or unreachable endpoint: the port refuses
+connections and the open ones are cut mid-request, until `up()` listens on the same port.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -29,6 +34,14 @@ from urllib.parse import urlsplit
 CHUNK = 64 << 10
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
               "trailer", "upgrade"}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):    # a cut connection is no news
+            super().handle_error(request, client_address)
 
 
 class SlowS3Proxy:
@@ -43,9 +56,12 @@ class SlowS3Proxy:
         self.requests: Counter[tuple[str, str]] = Counter()
         self.sent_bytes = 0
         self._lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, port), self._handler())
-        self.server.daemon_threads = True
+        self._open: set[socket.socket] = set()     # client connections, cut by down()
+        self._listen(host, port)
         self.url = f"http://{host}:{self.server.server_address[1]}"
+
+    def _listen(self, host: str, port: int) -> None:
+        self.server = _Server((host, port), self._handler())
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> SlowS3Proxy:
@@ -53,8 +69,27 @@ class SlowS3Proxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            self.down()
+
+    def down(self) -> None:
+        """Refuse connections and cut the open ones (requests in flight fail)."""
         self.server.shutdown()
         self.server.server_close()
+        self.server = None
+        with self._lock:
+            open_now, self._open = list(self._open), set()
+        for conn in open_now:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def up(self) -> None:
+        """Listen again on the same port."""
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        self._listen(host, int(port))
+        self._thread.start()
 
     def count(self, method: str) -> int:
         with self._lock:
@@ -69,6 +104,20 @@ class SlowS3Proxy:
 
             def log_message(self, *args):       # quiet: the counters are the log
                 pass
+
+            def setup(self):
+                super().setup()
+                with proxy._lock:
+                    proxy._open.add(self.connection)
+
+            def finish(self):
+                with proxy._lock:
+                    proxy._open.discard(self.connection)
+                try:
+                    super().finish()
+                finally:
+                    if self.upstream_conn is not None:
+                        self.upstream_conn.close()
 
             def _forward(self):
                 with proxy._lock:

@@ -1,0 +1,145 @@
+"""Storage faults a cluster meets: an S3 endpoint that goes away for a while (every process
+must retry, including the ones that received a pickled copy of the filesystem), and a full
+disk under a checkpoint (one line at once, no retries, no staging folder left behind)."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import pytest
+
+from pipeline import storage
+from tests.conftest import free_port
+
+pytestmark = [pytest.mark.s3]
+
+
+def _budget_s(attempts: int) -> float:
+    """pyarrow's total wait for `attempts` (no jitter: 0, 50, 100, ... ms)."""
+    return 0.025 * (2 ** (attempts - 1) - 2)
+
+
+def _time_to_fail(fs, path: str = "bucket/key") -> float:
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="connect"):
+        fs.get_file_info(path)
+    return time.perf_counter() - start
+
+
+@pytest.fixture
+def closed_port(monkeypatch):
+    """The AWS settings pointed at a port where nothing listens (connections are refused at
+    once, so the time to fail is the retries' backoff alone)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDRECOGNISABLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-recognisable-0451")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def test_pickled_copies_keep_the_retry_settings(closed_port, monkeypatch):
+    import cloudpickle
+    import pyarrow.fs as pafs
+
+    # pyarrow's own S3FileSystem pickles without its retry strategy (why ours has a
+    # __reduce__ of its own; if this starts failing, pyarrow has fixed it).
+    plain = pafs.S3FileSystem(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=9))
+    assert "retry_strategy" not in plain.__reduce__()[1][0]
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    fs = storage.s3_filesystem()
+    budget = _budget_s(7)                                  # 1.55 s
+    for copy in (fs, pickle.loads(pickle.dumps(fs)), cloudpickle.loads(cloudpickle.dumps(fs)),
+                 pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(fs))))):
+        assert copy.settings == fs.settings and isinstance(copy, pafs.S3FileSystem)
+        assert budget - 0.05 <= _time_to_fail(copy) < budget + 1.5
+    blob = cloudpickle.dumps(fs)
+    assert b"secret-recognisable-0451" not in blob and b"AKIDRECOGNISABLE" not in blob
+
+
+def test_retries_do_not_run_out_over_a_filesystems_life(closed_port, monkeypatch):
+    """pyarrow's AwsStandardS3RetryStrategy stops retrying for good after ~100 retries (the
+    SDK's retry quota, never refilled by Arrow); a long run's filesystem must keep retrying."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")            # waits 0 and 50 ms
+    fs = storage.s3_filesystem()
+    with ThreadPoolExecutor(16) as pool:
+        times = list(pool.map(lambda i: _time_to_fail(fs, f"bucket/k{i}"), range(240)))
+    assert min(times) >= 0.045, f"{sum(t < 0.045 for t in times)} of 240 calls not retried"
+
+
+def test_start_up_check_fails_fast_on_a_wrong_endpoint(closed_port):
+    start = time.perf_counter()
+    with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint"):
+        storage.check_bucket("s3://bucket/runs")
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.ray
+def test_ray_ships_the_filesystem_with_its_retries(ray_local, closed_port, monkeypatch):
+    ray = ray_local
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    fs = storage.s3_filesystem()
+    assert ray.get(ray.put(fs)).settings == fs.settings
+
+    @ray.remote(num_cpus=0)
+    def time_to_fail(fs):
+        # The worker's environment names the test endpoint and no AWS_MAX_ATTEMPTS: what it
+        # does here comes from the pickled settings alone.
+        return type(fs).__name__, fs.settings, _time_to_fail(fs)
+
+    name, settings, took = ray.get(time_to_fail.remote(fs))
+    assert name == "RetryingS3FileSystem" and settings == fs.settings
+    assert took >= _budget_s(7) - 0.05
+
+
+@pytest.mark.slow
+def test_an_outage_of_15_s_is_ridden_out_by_every_client(s3, s3_server, monkeypatch):
+    """boto3 (reads, writes), a pyarrow filesystem and a pickled copy of one, each started
+    while the endpoint is down, finish when it is back 15 s later."""
+    from infra.s3_proxy import SlowS3Proxy
+
+    storage.write_bytes(f"s3://{s3}/a.bin", b"a" * 1000)
+    with SlowS3Proxy(s3_server, latency_s=0, mbps=1000) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        fs = storage.s3_filesystem()
+        copy = pickle.loads(pickle.dumps(fs))
+
+        def pyarrow_write():
+            with copy.open_output_stream(f"{s3}/c.bin") as f:
+                f.write(b"c" * 1000)
+
+        def pyarrow_read():
+            with fs.open_input_stream(f"{s3}/a.bin") as f:
+                return f.read()
+
+        calls = {"boto3 read": lambda: storage.read_bytes(f"s3://{s3}/a.bin"),
+                 "boto3 write": lambda: storage.write_bytes(f"s3://{s3}/b.bin", b"b"),
+                 "pyarrow read": pyarrow_read, "pyarrow write (pickled copy)": pyarrow_write}
+        results: dict[str, object] = {}
+
+        def run(name, call):
+            try:
+                results[name] = call()
+            except Exception as err:  # noqa: BLE001 - reported below
+                results[name] = err
+
+        proxy.down()
+        start = time.perf_counter()
+        threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+        for t in threads:
+            t.start()
+        time.sleep(15)
+        assert not results, f"finished during the outage: {results}"
+        proxy.up()
+        for t in threads:
+            t.join(timeout=120)
+        took = time.perf_counter() - start
+    failed = {k: v for k, v in results.items() if isinstance(v, Exception)}
+    assert not failed and len(results) == len(calls), failed
+    assert results["boto3 read"] == results["pyarrow read"] == b"a" * 1000
+    assert took < 60, f"{took:.0f} s to recover"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    assert storage.read_bytes(f"s3://{s3}/c.bin") == b"c" * 1000
