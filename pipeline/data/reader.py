@@ -10,6 +10,11 @@ raised as `DataError` naming the shard and the key:
 - a sample with no image                    - an empty shard, or one that vanished
 - more labels than the set allows (`max_labels` in the manifest; 1 unless multi-label)
 
+A shard that holds more samples than the manifest says is not bad data but a stale manifest:
+the stream cannot place the extra samples (a data position counts a shard's samples from the
+manifest), so it is always an error (`ManifestMismatch`), naming the shard and both counts.
+Fewer samples than the manifest says are skipped and counted like a truncated tar.
+
 Labels, as public WebDataset collections write them: `.cls` holds an integer, or several
 (a JSON list `[3, 17]`, or separated by commas or spaces) for multi-label sets such as JFT;
 without `.cls`, a `.json` member's `labels` (a list) or `label` / `cls` (an integer), as in
@@ -30,7 +35,29 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 
 
 class DataError(RuntimeError):
-    """Bad data in strict mode: names the shard and the key."""
+    """Bad data that stops the run (strict mode, a stale manifest, too much bad data): one
+    line naming the shard and the key, or what was skipped. Deterministic: a retry would meet
+    it again. Raised inside a Ray Data task, it reaches the train worker as a
+    `RayTaskError(DataError)`, which is still an instance of it (`first_line` reads it)."""
+
+    def first_line(self) -> str:
+        # Ray's wrapper holds the original in `cause`; its own str() is a traceback.
+        err = getattr(self, "cause", None) or self
+        text = str(err.args[0] if err.args else err).strip()
+        return text.splitlines()[0] if text else type(err).__name__
+
+
+class ManifestMismatch(DataError):
+    """A shard holds more samples than its manifest entry says."""
+
+
+# What a problem cost, as the skip summary counts it ("380 undecodable images, ...").
+UNDECODABLE = "undecodable images"
+NO_IMAGE = "samples without an image"
+BAD_LABEL = "samples with a missing or bad label"
+TRUNCATED = "samples in truncated or unreadable tars"
+SHORT = "samples a manifest lists beyond a shard's end"
+MISSING = "samples in missing or empty shards"
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,8 @@ class Problem:
     key: str
     reason: str
     samples: int = 1  # samples lost to it
+    kind: str = BAD_LABEL
+    first: int = -1   # the lost samples are indices [first, first + samples) of the shard
 
 
 @dataclass(frozen=True)
@@ -111,9 +140,11 @@ def iter_samples(stream, shard: str, policy: BadDataPolicy, num_classes: int | N
                  expected: int | None = None, max_labels: int = 1) -> Iterator[RawSample]:
     """Samples of one tar stream (read sequentially, never whole into memory).
 
-    `expected` (from the manifest) turns a truncation into a count of lost samples. With
-    `max_labels` 1, a sample's label is an int; above, a tuple of up to that many. Returns
-    (as StopIteration's value) how many samples the tar holds, bad ones included.
+    `expected` (from the manifest) turns a truncation into a count of lost samples, and a
+    sample past it raises `ManifestMismatch` (after counting the rest of the tar, to name
+    both counts). With `max_labels` 1, a sample's label is an int; above, a tuple of up to
+    that many. Returns (as StopIteration's value) how many samples the tar holds, bad ones
+    included.
     """
     index, good, key, members = 0, 0, None, {}
 
@@ -121,60 +152,93 @@ def iter_samples(stream, shard: str, policy: BadDataPolicy, num_classes: int | N
         nonlocal index
         i = index
         index += 1
+        if expected is not None and i >= expected:
+            raise _PastManifest
         image = next((members[s] for s in IMAGE_SUFFIXES if s in members), None)
         if image is None:
-            policy(Problem(shard, key, f"no image member (has {sorted(members)})"))
+            policy(Problem(shard, key, f"no image member (has {sorted(members)})",
+                           kind=NO_IMAGE, first=i))
             return None
         try:
             label = parse_label(members)
         except KeyError as err:
-            policy(Problem(shard, key, err.args[0]))
+            policy(Problem(shard, key, err.args[0], first=i))
             return None
         except ValueError as err:   # json.JSONDecodeError included
-            policy(Problem(shard, key, str(err)[:80]))
+            policy(Problem(shard, key, str(err)[:80], first=i))
             return None
         labels = label if isinstance(label, tuple) else (label,)
         if not labels:
-            policy(Problem(shard, key, "no label (an empty label list)"))
+            policy(Problem(shard, key, "no label (an empty label list)", first=i))
             return None
         if len(labels) > max_labels:
             policy(Problem(shard, key, f"{len(labels)} labels, the set allows {max_labels} "
                                        f"(index it with `jobs/make_shards.py index` to record "
-                                       f"a multi-label set)"))
+                                       f"a multi-label set)", first=i))
             return None
         bad = [v for v in labels if v < 0 or (num_classes is not None and v >= num_classes)]
         if bad:
-            policy(Problem(shard, key, f"label {bad[0]} outside [0, {num_classes})"))
+            policy(Problem(shard, key, f"label {bad[0]} outside [0, {num_classes})", first=i))
             return None
         label = labels[0] if max_labels == 1 else labels
         return RawSample(key, i, image, label)
 
+    tar = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, suffix = _split_name(info.name)
-                if k != key and key is not None:
-                    if (s := finish(key, members)) is not None:
-                        good += 1
-                        yield s
-                    members = {}
-                key = k
-                data = tar.extractfile(info).read()
-                members[suffix] = data
-            if key is not None:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, suffix = _split_name(info.name)
+            if k != key and key is not None:
                 if (s := finish(key, members)) is not None:
                     good += 1
                     yield s
+                members = {}
+            key = k
+            data = tar.extractfile(info).read()
+            members[suffix] = data
+        if key is not None:
+            if (s := finish(key, members)) is not None:
+                good += 1
+                yield s
+    except _PastManifest:
+        raise ManifestMismatch(_past_manifest(shard, expected, tar)) from None
     except (tarfile.TarError, EOFError, OSError) as err:
         lost = max(expected - index, 1) if expected is not None else 1
         policy(Problem(shard, key or "-", f"truncated or unreadable tar after {index} samples "
-                                          f"({type(err).__name__}: {str(err)[:80]})", lost))
+                                          f"({type(err).__name__}: {str(err)[:80]})", lost,
+                       TRUNCATED, index))
         return index
+    finally:
+        if tar is not None:
+            tar.close()
     if index == 0:
-        policy(Problem(shard, "-", "empty shard (no samples)", expected or 0))
+        policy(Problem(shard, "-", "empty shard (no samples)", expected or 0, MISSING, 0))
     elif expected is not None and index < expected:
         policy(Problem(shard, "-", f"shard has {index} samples, the manifest says {expected}",
-                       expected - index))
+                       expected - index, SHORT, index))
     return index
+
+
+class _PastManifest(Exception):
+    pass
+
+
+def _past_manifest(shard: str, expected: int, tar) -> str:
+    """The error line for a shard with more samples than the manifest says, with the real
+    count: its keys, from the start (a stream-mode TarFile iterates again from its first
+    member, which it keeps, and reads on to the end)."""
+    count, last = 0, None
+    try:
+        for info in tar:
+            k, _ = _split_name(info.name)
+            if info.isfile() and k != last:
+                count, last = count + 1, k
+        actual = str(count)
+    except (tarfile.TarError, EOFError, OSError):
+        actual = f"at least {count}"
+    return (f"manifest.json says {shard} has {expected} samples but it has {actual}: the "
+            f"shard changed after the manifest was written; rewrite the dataset (vit-shards "
+            f"folder/vtab/synthetic resumes, keeping identical shards) or re-index it "
+            f"(vit-shards index)")

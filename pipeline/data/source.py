@@ -31,6 +31,14 @@ came from: with the manifest it identifies the sample).
 We read tars with our own reader instead of `ray.data.read_webdataset` so that one corrupt
 image or a truncated tar is skipped and counted (or raised, naming shard and key) instead of
 failing the read task.
+
+Bad data and the plan: a skipped sample is consumed all the same. Each row carries in `lost`
+one range of samples its read task skipped (epoch, shard, first, stop; empty when first ==
+stop), so the worker that trains the row also records them in the data position: a read with
+a bad sample completes, and a resumed run never reads it again. Skipped samples make the
+stream shorter than its manifest count, so the plan holds as many epochs as a run needs when
+only half of what it reads is usable (`epochs_for`); more skipped than that stops the run
+with a `DataError` that counts the skips by cause (`DataHealth`, `skip_summary`).
 """
 
 from __future__ import annotations
@@ -49,13 +57,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import storage
-from pipeline.data.reader import BadDataPolicy, Problem, iter_samples
+from pipeline.data.reader import (
+    MISSING,
+    UNDECODABLE,
+    BadDataPolicy,
+    DataError,
+    Problem,
+    iter_samples,
+)
 from pipeline.data.shards import DatasetError, read_manifest
 from pipeline.data.transforms import Augment, decode_and_augment
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("image", "label", "epoch", "shard", "index")
+LOST = "lost"   # shard streams only: int32 (4,) epoch, shard, first, stop of skipped samples
 READS_AHEAD = 2     # shards a read task fetches ahead of the one it decodes
 SYNTHETIC_MAX_BLOCKS = 2048
 
@@ -86,29 +102,66 @@ class InputConfig:
 # ---------------------------------------------------------------------------------------------
 # Bad-data accounting across read tasks
 # ---------------------------------------------------------------------------------------------
+USABLE_MIN = 0.5   # stop when under this share of the samples read so far was usable...
+CHECK_AFTER = 10_000   # ...once this many were read (or a whole epoch, if smaller)
+
+
+class DataHealth:
+    """Counts what the read tasks deliver and skip, by cause (a small named actor, created
+    by `data_health`); the training loop logs `skipped`, and the read tasks ask `verdict`
+    before each read whether too little of the data is usable to go on."""
+
+    def __init__(self):
+        self.skipped = self.delivered = 0
+        self.by_kind: dict[str, dict] = {}   # kind -> {"samples", "first", "shards"}
+        self.recent: list[str] = []
+
+    def record(self, shard: str, key: str, reason: str, samples: int, kind: str) -> None:
+        self.skipped += samples
+        entry = self.by_kind.setdefault(kind, {"samples": 0, "first": f"{shard}/{key}: "
+                                               f"{reason}", "shards": []})
+        entry["samples"] += samples
+        if kind == MISSING and shard not in entry["shards"] and len(entry["shards"]) < 5:
+            entry["shards"].append(shard)
+        self.recent = (self.recent + [f"{shard}:{key}: {reason}"])[-20:]
+
+    def read(self, samples: int) -> None:
+        self.delivered += samples
+
+    def summary(self) -> dict:
+        return {"skipped": self.skipped, "delivered": self.delivered,
+                "by_kind": {k: dict(v) for k, v in self.by_kind.items()},
+                "recent": list(self.recent)}
+
+    def verdict(self, check_after: int) -> str | None:
+        """The error line when under USABLE_MIN of at least `check_after` samples read was
+        usable, else None."""
+        read = self.skipped + self.delivered
+        if read < max(check_after, 1) or self.skipped <= (1 - USABLE_MIN) * read:
+            return None
+        return (f"{skip_summary(self.summary())}; that is too much of the data to train on: "
+                f"fix or remove them (vit-shards writes a dataset without undecodable files), "
+                f"or point data.uri at a sound copy")
+
+
+def skip_summary(summary: dict) -> str:
+    """'412 of 800 samples read were skipped: 380 undecodable images (first: ...), 32
+    samples in missing or empty shards (shard-000006.tar)' from `DataHealth.summary()`."""
+    read = summary["skipped"] + summary["delivered"]
+    parts = []
+    for kind, e in sorted(summary["by_kind"].items(), key=lambda kv: -kv[1]["samples"]):
+        where = ", ".join(e["shards"]) if e["shards"] else f"first: {e['first']}"
+        parts.append(f"{e['samples']} {kind} ({where})")
+    return (f"{summary['skipped']} of {read} samples read were skipped"
+            + (": " + ", ".join(parts) if parts else ""))
+
+
 def data_health(name: str):
-    """A small named actor that counts skipped samples for the training loop to log.
-    Read tasks report to it; `summary()` returns {"skipped": n, "by_reason": {...},
-    "recent": [...]}."""
+    """The `DataHealth` actor of this name (created if absent). Owned by the driver that
+    creates it first: it lives as long as the run and takes no CPU."""
     import ray
 
-    @ray.remote(num_cpus=0)
-    class DataHealth:
-        def __init__(self):
-            self.skipped, self.by_reason, self.recent = 0, {}, []
-
-        def record(self, shard: str, key: str, reason: str, samples: int) -> None:
-            self.skipped += samples
-            kind = reason.split(" (")[0].split(":")[0]
-            self.by_reason[kind] = self.by_reason.get(kind, 0) + samples
-            self.recent = (self.recent + [f"{shard}:{key}: {reason}"])[-20:]
-
-        def summary(self) -> dict:
-            return {"skipped": self.skipped, "by_reason": dict(self.by_reason),
-                    "recent": list(self.recent)}
-
-    # Owned by the driver: it lives as long as the run and takes no CPU.
-    return DataHealth.options(name=name, get_if_exists=True).remote()
+    return ray.remote(num_cpus=0)(DataHealth).options(name=name, get_if_exists=True).remote()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,9 +393,12 @@ def _from_ranges(ranges) -> list[int]:
 
 
 def epochs_for(manifest: dict, split: str, samples: int) -> int:
-    """Epochs needed to supply `samples` samples (one spare for what a split may drop)."""
+    """Epochs of the plan for a run that trains on `samples` samples: enough when only
+    USABLE_MIN of the data is usable (below that, `DataHealth.verdict` stops the run), and
+    one spare for what the split across workers drops. Only an upper bound: the read tasks
+    read the plan as the run consumes it, so unused epochs cost nothing."""
     per_epoch = manifest["splits"][split]["num_samples"]
-    return math.ceil(samples / max(per_epoch, 1)) + 1
+    return math.ceil(samples / (max(per_epoch, 1) * USABLE_MIN)) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,15 +480,34 @@ class ShardReader:
     before a resume: they are read past (a tar streams in order) but not decoded."""
 
     def __init__(self, fs, root: str, cfg: InputConfig, num_classes: int, reads: Reads,
-                 health=None, max_labels: int = 1):
+                 health=None, max_labels: int = 1, check_after: int = CHECK_AFTER):
         self.fs, self.root, self.cfg = fs, root.rstrip("/"), cfg
         self.num_classes, self.reads, self.health = num_classes, reads, health
-        self.max_labels = max_labels
+        self.max_labels, self.check_after = max_labels, check_after
+        self._read: tuple[int, int, frozenset[int]] = (0, 0, frozenset())
+        self._lost: collections.deque = collections.deque()
 
     def _report(self, problem: Problem) -> None:
-        if self.health is not None:  # fire and forget: reporting never slows the read
+        """Queue the samples `problem` lost (minus those consumed before a resume) for the
+        next rows to carry, and count them."""
+        epoch, shard, skip = self._read
+        first, size = problem.first, self.reads.plan.sizes[shard]
+        lost = [i for i in range(first, min(first + problem.samples, size)) if i not in skip
+                ] if first >= 0 else []
+        for lo, hi in _to_ranges(lost):
+            self._lost.append((epoch, shard, lo, hi))
+        if self.health is not None:  # fire and forget: never slows the read
             self.health.record.remote(problem.shard, problem.key, problem.reason,
-                                      problem.samples)
+                                      len(lost) if first >= 0 else problem.samples,
+                                      problem.kind)
+
+    def _check(self) -> None:
+        if self.health is None:
+            return
+        import ray
+
+        if message := ray.get(self.health.verdict.remote(self.check_after)):
+            raise DataError(message)
 
     def __call__(self, batch: dict) -> Iterator[dict]:
         cfg = self.cfg
@@ -440,7 +515,9 @@ class ShardReader:
         rows = _empty_rows()
         for slot in batch["id"]:
             for epoch, shard, skip, stream in self._streams(int(slot)):
-                name = self.reads.names[shard]
+                self._check()
+                self._read = (epoch, shard, skip)
+                name, delivered = self.reads.names[shard], 0
                 for sample in self._samples(name, stream, policy, self.reads.plan.sizes[shard]):
                     if sample.index in skip:
                         continue
@@ -448,17 +525,23 @@ class ShardReader:
                     try:
                         image = decode_and_augment(sample.image, cfg.augment, rng)
                     except Exception as err:  # noqa: BLE001 - any decoder failure is bad data
+                        text = str(err).split(" <_io.")[0][:60]   # PIL names its BytesIO
                         policy(Problem(name, sample.key, f"corrupt image ({type(err).__name__}"
-                                                         f": {str(err)[:60]})"))
+                                                         f": {text})", 1, UNDECODABLE,
+                                       sample.index))
                         continue
+                    delivered += 1
                     rows["image"].append(image)
                     rows["label"].append(sample.label)
                     rows["epoch"].append(epoch)
                     rows["shard"].append(shard)
                     rows["index"].append(sample.index)
+                    rows[LOST].append(self._lost.popleft() if self._lost else (0, 0, 0, 0))
                     if len(rows["image"]) >= cfg.block_rows:
                         yield _to_block(rows, self.max_labels)
                         rows = _empty_rows()
+                if self.health is not None and delivered:
+                    self.health.read.remote(delivered)
         if rows["image"]:
             yield _to_block(rows, self.max_labels)
 
@@ -491,7 +574,7 @@ class ShardReader:
             if "not found" in str(err).lower() or "no such" in str(err).lower() or isinstance(
                     err, FileNotFoundError):
                 policy(Problem(name, "-", "shard vanished (listed in the manifest, not on "
-                                          "storage)", expected))
+                                          "storage)", expected, MISSING, 0))
                 return
             raise
         yield from iter_samples(stream, name, policy, self.num_classes, expected,
@@ -522,7 +605,7 @@ def label_array(labels: list, max_labels: int = 1) -> np.ndarray:
 
 
 def _empty_rows() -> dict:
-    return {c: [] for c in COLUMNS}
+    return {c: [] for c in (*COLUMNS, LOST)}
 
 
 def _to_block(rows: dict, max_labels: int = 1) -> dict:
@@ -530,7 +613,21 @@ def _to_block(rows: dict, max_labels: int = 1) -> dict:
             "label": label_array(rows["label"], max_labels),
             "epoch": np.asarray(rows["epoch"], dtype=np.int32),
             "shard": np.asarray(rows["shard"], dtype=np.int32),
-            "index": np.asarray(rows["index"], dtype=np.int32)}
+            "index": np.asarray(rows["index"], dtype=np.int32),
+            LOST: np.asarray(rows[LOST], dtype=np.int32).reshape(-1, 4)}
+
+
+def lost_samples(lost) -> np.ndarray:
+    """The (3, n) epoch, shard, index of the skipped samples a batch's `lost` column names
+    ((B, 4) ranges; empty ones are ignored)."""
+    lost = np.asarray(lost, np.int64).reshape(-1, 4)
+    lost = lost[lost[:, 3] > lost[:, 2]]
+    if not len(lost):
+        return np.zeros((3, 0), np.int64)
+    counts = lost[:, 3] - lost[:, 2]
+    starts = np.repeat(lost[:, 2] - np.r_[0, np.cumsum(counts)[:-1]], counts)
+    return np.stack([np.repeat(lost[:, 0], counts), np.repeat(lost[:, 1], counts),
+                     starts + np.arange(counts.sum())])
 
 
 def block_bytes(rows: int, image_size: int) -> int:
@@ -584,7 +681,8 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
     fs, root = storage.filesystem(cfg.uri)
     health = data_health(health_name or f"data-health-{uuid.uuid4().hex[:12]}")
     reader = ShardReader(fs, root, cfg, manifest["num_classes"], reads, health,
-                         max_labels=int(manifest.get("max_labels", 1)))
+                         max_labels=int(manifest.get("max_labels", 1)),
+                         check_after=min(plan.samples_per_epoch, CHECK_AFTER))
     # One row per slot, one block per row: each becomes one long-lived read task.
     ds = ray.data.range(slots, override_num_blocks=slots)
     ds = ds.map_batches(reader, batch_size=1, num_cpus=cfg.num_cpus_per_read,

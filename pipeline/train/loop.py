@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.reader import DataError
+from pipeline.data.source import LOST, lost_samples, skip_summary
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT, ViTConfig
 from pipeline.train import checkpoints, parallel
@@ -285,15 +287,17 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
         try:
             micro = [next(batches) for _ in range(cfg.accumulation_steps)]
         except StopIteration:
-            return f"the data ran out at step {progress.step}; check the dataset and data.split"
-        except Exception as err:  # noqa: BLE001 - a data error ends the run with its message
-            if "bad data in" not in str(err) and "DataError" not in repr(err):
-                raise
-            return "data error: " + _last_line(err, "bad data in")
+            return _ran_out(spec, progress.step)
+        except DataError as err:
+            # Raised in a Ray Data read task, it arrives as RayTaskError(DataError): still a
+            # DataError, with the original in `cause`. Bad data recurs on a retry: Fatal.
+            return "data error: " + err.first_line()
         meter.data_s += time.perf_counter() - t0
         if progress.position is not None or trace is not None:
             ids = [np.stack([b[c].numpy() for c in ("epoch", "shard", "index")]) for b in micro]
-            progress.consumed += ids
+            # Samples the read tasks skipped are consumed too (see pipeline.data.source).
+            progress.consumed += ids + [lost_samples(b[LOST].numpy()) for b in micro
+                                        if LOST in b]
             if trace is not None:
                 for a in ids:
                     np.savetxt(trace, np.vstack([np.full(a.shape[1], progress.step + 1), a]).T,
@@ -455,10 +459,25 @@ def _quiet_ray_reports() -> None:
         pass
 
 
-def _last_line(err: Exception, marker: str) -> str:
-    text = str(err)
-    i = text.rfind(marker)
-    return text[i:].splitlines()[0] if i >= 0 else text.splitlines()[-1]
+def _ran_out(spec: WorkerSpec, step: int) -> str:
+    """The error line when the stream ends before train.total_steps. The plan holds enough
+    epochs while at least half of what is read is usable (`source.epochs_for`), so this
+    means bad data near that limit, or a stream shorter than its plan (a bug)."""
+    total = spec.cfg.train.total_steps
+    summary = None
+    if spec.health is not None:
+        import ray
+
+        try:
+            summary = ray.get(spec.health.summary.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - the line matters more than the counts
+            pass
+    if summary and summary["skipped"]:
+        return (f"the data ran out at step {step} of {total}: {skip_summary(summary)}; fix or "
+                f"remove them, or lower train.total_steps")
+    return (f"the data ran out at step {step} of {total} with no sample skipped: the stream "
+            f"is shorter than its plan; check data.uri and data.split (a dataset rewritten "
+            f"during the run?)")
 
 
 def _skipped(health) -> dict:

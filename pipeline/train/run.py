@@ -154,7 +154,9 @@ class TrainData:
                                  shuffle_buffer=d.shuffle_buffer, block_rows=d.block_rows,
                                  num_cpus_per_read=d.num_cpus_per_read,
                                  read_tasks=_read_tasks(cfg), preserve_order=d.preserve_order)
-        epochs = source.epochs_for(self.manifest, d.split, needed)
+        # From the epoch the position is in: skipped samples make epochs shorter than the
+        # manifest says, and a resumed run may be past what the whole run needed by its count.
+        epochs = start.epoch + source.epochs_for(self.manifest, d.split, needed)
         ds, _, _ = source.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
                                         manifest=self.manifest)
         return ds

@@ -278,8 +278,10 @@ def test_bad_data_is_skipped_and_counted_through_ray(ray_local, tmp_path):
     assert len(rows) == n_good
     summary = ray.get(health.summary.remote())
     assert summary["skipped"] == 12 - n_good
-    assert {"corrupt image", "label 9 outside [0, 3)", "shard vanished",
-            "truncated or unreadable tar after 2 samples"} <= set(summary["by_reason"])
+    assert {k: v["samples"] for k, v in summary["by_kind"].items()} == {
+        "undecodable images": 1, "samples with a missing or bad label": 1,
+        "samples in missing or empty shards": 4, "samples in truncated or unreadable tars": 2}
+    assert summary["delivered"] == n_good
     assert any(r.startswith("a.tar:k001: corrupt image") for r in summary["recent"])
 
 
