@@ -14,7 +14,7 @@ from pathlib import Path
 from eval import report
 from eval.data import TaskDataError
 from eval.finetune import FinetuneError
-from eval.sweep import SweepConfig, SweepError, check_data, load_pretrained, run
+from eval.sweep import SweepConfig, SweepError, check_data, check_records, load_pretrained, run
 from eval.tasks import BY_NAME
 from pipeline import storage
 from pipeline.checkpoint import CheckpointError
@@ -51,14 +51,11 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
                     "numbers are not comparable with published ones", ", ".join(unofficial))
     if storage.is_s3(cfg.root):
         storage.check_bucket(cfg.root)
+    check_records(cfg)
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    # Tune saves which trials finished every few seconds ("auto"), so a driver killed soon
-    # after a trial finished re-ran that trial on resume. Locally the state is a small file:
-    # save it at every controller step. On S3 every save is a PUT: every 10 s there.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10" if storage.is_s3(cfg.root) else "0")
     tracking_uri = tracking.default_tracking_uri()
     parent = report.start_parent(tracking_uri, cfg, pretrained.metadata)
 

@@ -7,9 +7,12 @@
                   score test.
 With a single learning rate, step 1 has nothing to choose and is skipped.
 
-Each phase is one Tune experiment under `<storage>/<name>/{select,final}`; the same command
-after an interruption (driver killed, node lost) restores them and runs only the trials that
-did not finish. Trials are plain function trainables with fractional GPUs (`--gpus-per-trial
+Each phase is one Tune experiment under `<storage>/<name>/{select,final}`; the driver records
+each finished trial's result in `<storage>/<name>/<phase>_trials.json` (plain JSON), and the
+same command after an interruption (driver killed, node lost) reads that record and runs only
+the trials that did not finish, as a new experiment. Tune's own restore is never used: it
+unpickles `tuner.pkl` and the experiment state, which anyone who can write the storage could
+plant. Trials are plain function trainables with fractional GPUs (`--gpus-per-trial
 0.25` packs four onto a device). A task's data is decoded once per phase, in Ray tasks, and
 shared by all its trials through the object store, as are the pre-trained weights; no trial
 re-reads storage.
@@ -287,7 +290,8 @@ def _tune_storage(cfg: SweepConfig):
 
 def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
               pretrained: Pretrained) -> list[dict]:
-    """Run (or resume) one phase; -> one record per trial: config, metrics, error.
+    """Run one phase, or the trials of it that an earlier run of the same command did not
+    finish; -> one record per trial (in `combos` order): config, metrics, error.
     `tune.with_parameters` puts the weights and the dict of data refs into the object store
     once; every trial reads them from there."""
     from ray import tune
@@ -297,47 +301,149 @@ def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
                 "warmup_steps": cfg.warmup, "batch_size": cfg.batch_size,
                 "micro_batch_size": cfg.micro_batch_size, "gpus_per_trial": cfg.gpus_per_trial,
                 "cpus_per_trial": cfg.cpus_per_trial, "progress_reports": cfg.progress_reports}
-    resources = {"cpu": cfg.cpus_per_trial}
-    if cfg.gpus_per_trial > 0:
-        resources["gpu"] = cfg.gpus_per_trial
-    trainable = tune.with_resources(
-        tune.with_parameters(trial, data=data, pretrained=pretrained, settings=settings),
-        resources)
-    # With an explicit filesystem (S3), Tune wants the path without its scheme.
-    experiment = f"{path.rstrip('/')}/{phase}"
-    if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
-        log.info("%s: resuming %s (finished trials are kept)", phase, experiment)
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
-                                   restart_errored=True, storage_filesystem=fs)
-    else:
+    record = TrialRecord(cfg, phase)
+    done = record.read()
+    todo = [c for c in combos if _combo_name(c) not in done]
+    if done:
+        log.info("%s: resuming from %s (%d of %d trials finished are kept)", phase,
+                 record.uri, len(combos) - len(todo), len(combos))
+    results: dict[str, dict] = {}
+    if todo:
+        resources = {"cpu": cfg.cpus_per_trial}
+        if cfg.gpus_per_trial > 0:
+            resources["gpu"] = cfg.gpus_per_trial
+        trainable = tune.with_resources(
+            tune.with_parameters(trial, data=data, pretrained=pretrained, settings=settings),
+            resources)
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search(combos)},
+            param_space={"trial": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(
                 reuse_actors=True,
                 max_concurrent_trials=cfg.max_concurrent_trials or None,
                 trial_dirname_creator=_trial_name,
                 trial_name_creator=_trial_name),
+            # With an explicit filesystem (S3), Tune wants the path without its scheme.
             run_config=tune.RunConfig(
                 name=phase, storage_path=path, storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                callbacks=[progress_callback(phase, len(combos))], verbose=0))
-    with quiet_tune():
-        grid = tuner.fit()
-    records = []
-    for result in grid:
-        conf = result.config["trial"]
-        metrics = dict(result.metrics or {})
-        records.append({"phase": phase, **conf, "top1": metrics.get("top1"),
-                        "diverged": bool(metrics.get("diverged", False)),
-                        "error": (str(result.error).strip().splitlines()[-1]
-                                  if result.error else metrics.get("error")),
-                        "train_time_s": metrics.get("train_time_s"),
-                        "images_per_s": metrics.get("images_per_s"),
-                        "micro_batch_size": metrics.get("micro_batch_size"),
-                        "finished_at": metrics.get("timestamp"),
-                        "trial_id": metrics.get("trial_id")})
-    return records
+                callbacks=[record.callback(), progress_callback(phase, len(todo))],
+                verbose=0))
+        with quiet_tune(), no_credentials_in_trial_env():
+            grid = tuner.fit()
+        for result in grid:
+            conf = result.config["trial"]
+            error = (str(result.error).strip().splitlines()[-1] if result.error else None)
+            results[_combo_name(conf)] = _trial_record(phase, conf, result.metrics or {}, error)
+    return [results.get(_combo_name(c)) or done[_combo_name(c)] for c in combos]
+
+
+def _trial_record(phase: str, conf: dict, metrics: dict, error: str | None) -> dict:
+    return {"phase": phase, **conf, "top1": metrics.get("top1"),
+            "diverged": bool(metrics.get("diverged", False)),
+            "error": error or metrics.get("error"),
+            "train_time_s": metrics.get("train_time_s"),
+            "images_per_s": metrics.get("images_per_s"),
+            "micro_batch_size": metrics.get("micro_batch_size"),
+            "finished_at": metrics.get("timestamp"),
+            "trial_id": metrics.get("trial_id")}
+
+
+def _combo_name(conf: dict) -> str:
+    return f"{conf['task']}-lr{conf['lr']:g}-seed{conf['seed']}"
+
+
+class TrialRecord:
+    """The finished trials of a phase, as JSON in the evaluation's storage: what a rerun of
+    the same command keeps. Written whole (atomically) by the driver each time a trial
+    finishes; it names the settings the results depend on, so a rerun under the same --name
+    with other settings is refused instead of mixing results."""
+
+    FIELDS = ("checkpoint", "data", "resolution", "steps", "warmup", "batch_size", "dropout")
+
+    def __init__(self, cfg: SweepConfig, phase: str):
+        self.uri = storage.join(cfg.root, f"{phase}_trials.json")
+        self.phase = phase
+        self.settings = {k: getattr(cfg, k) for k in self.FIELDS}
+        self.trials: dict[str, dict] = {}
+
+    def read(self) -> dict[str, dict]:
+        """{trial name: record} of the trials an earlier run finished ({} if none)."""
+        try:
+            raw = storage.read_bytes(self.uri)
+        except storage.StorageError:
+            return {}
+        try:
+            doc = json.loads(raw)
+            trials = doc["trials"]
+            ok = doc.get("phase") == self.phase and isinstance(trials, list) and all(
+                isinstance(t, dict) and isinstance(t.get("task"), str) and
+                isinstance(t.get("lr"), (int, float)) and isinstance(t.get("seed"), int) and
+                (t.get("top1") is None or isinstance(t["top1"], (int, float)))
+                for t in trials)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise SweepError(f"{self.uri} is not a record of finished trials that this "
+                             f"pipeline wrote; delete it to run the {self.phase} phase again")
+        if doc.get("settings") != json.loads(json.dumps(self.settings)):
+            theirs = doc.get("settings") or {}
+            diff = ", ".join(f"{k}: {theirs.get(k)!r} vs {v!r}" for k, v in
+                             self.settings.items() if theirs.get(k) != v)
+            raise SweepError(f"{self.uri} holds trials run with other settings ({diff}); "
+                             f"use another --name, or delete it to start the phase again")
+        self.trials = {_combo_name(t): t for t in trials}
+        return dict(self.trials)
+
+    def add(self, record: dict) -> None:
+        self.trials[_combo_name(record)] = record
+        doc = {"phase": self.phase, "settings": self.settings,
+               "trials": list(self.trials.values())}
+        try:
+            storage.write_bytes(self.uri, json.dumps(doc, indent=1).encode())
+        except (storage.StorageError, OSError) as err:
+            log.warning("could not record the finished trial %s (%s); a rerun would run it "
+                        "again", _combo_name(record), str(err).splitlines()[0][:160])
+
+    def callback(self):
+        """A Tune callback that adds each trial when its final result (with `top1`) comes
+        in, before Tune's own loggers write it."""
+        from ray import tune
+
+        record = self
+
+        class Record(tune.Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if "top1" in result:
+                    record.add(_trial_record(record.phase, trial.config["trial"], result,
+                                             None))
+
+        return Record()
+
+
+def check_records(cfg: SweepConfig) -> None:
+    """Read the records of finished trials an earlier run left (before Ray starts): one
+    that is not ours, or one of other settings, stops the evaluation here."""
+    for phase in ("select", "final"):
+        TrialRecord(cfg, phase).read()
+
+
+@contextlib.contextmanager
+def no_credentials_in_trial_env():
+    """Tune copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the session tokens from the
+    driver's environment into every trial actor's runtime env (ray/tune/execution/
+    class_cache.py, ENV_VARS_TO_PROPAGATE), and Ray's runtime_env_agent.log then prints them
+    in plain text on every node. Trials need none of the driver's: they read data and weights
+    from the object store, and whatever a node's processes write to storage resolves its
+    credentials through the standard AWS chain of that node's own environment."""
+    from ray.tune.execution import class_cache
+
+    saved = class_cache.ENV_VARS_TO_PROPAGATE
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in saved if not v.startswith("AWS_")}
+    try:
+        yield
+    finally:
+        class_cache.ENV_VARS_TO_PROPAGATE = saved
 
 
 @contextlib.contextmanager
@@ -409,8 +515,7 @@ def progress_callback(phase: str, total: int):
 
 
 def _trial_name(t) -> str:
-    c = t.config["trial"]
-    return f"{c['task']}-lr{c['lr']:g}-seed{c['seed']}"
+    return _combo_name(t.config["trial"])
 
 
 def choose_lrs(cfg: SweepConfig, selection: list[dict]) -> dict[str, float]:
@@ -441,7 +546,9 @@ def run(cfg: SweepConfig, pretrained: Pretrained) -> dict:
 
     def phase(name: str, combos: list[dict]) -> list[dict]:
         start = time.perf_counter()
-        data = load_phase_data(cfg, name)
+        done = TrialRecord(cfg, name).read()
+        data = load_phase_data(cfg, name) if any(_combo_name(c) not in done
+                                                 for c in combos) else {}
         timings[f"{name}/data_s"] = time.perf_counter() - start
         start = time.perf_counter()
         records = run_phase(cfg, name, combos, data, pretrained)

@@ -412,7 +412,7 @@ def _read_file(path: Path, uri: str, num_heads: int | None):
     if suffix == ".safetensors":
         state = _read_tensors(path)
     elif suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        obj = _torch_load(path, uri)
         for key in ("state_dict", "model", "module"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -424,6 +424,23 @@ def _read_file(path: Path, uri: str, num_heads: int | None):
         raise CheckpointError(f"{uri}: unknown checkpoint file type {suffix!r}; expected a "
                               f"directory, .safetensors, .bin/.pt/.pth or .npz")
     return from_state_dict(state, uri)
+
+
+def _torch_load(path: Path, uri: str):
+    """`torch.load(weights_only=True)`, with its refusal as one line of ours: torch's own
+    message suggests `weights_only=False`, which would run whatever the file holds."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip() and not
+                 ln.startswith(("Check the documentation", "Please file an issue"))]
+        why = " ".join(lines).removeprefix("WeightsUnpickler error:").strip()
+        raise CheckpointError(
+            f"{uri}: refused: not a file of tensors ({why[:160] or 'not a torch file'}); it "
+            f"is damaged, or holds Python objects that loading would run, which this "
+            f"pipeline never does; re-save it as safetensors or a plain state dict") from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -355,18 +355,35 @@ def latest_verified(run_uri: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # DCP without unpickling arbitrary objects
 # ---------------------------------------------------------------------------------------------
+# Every global that DCP's `.metadata` pickle names, as exact (module, name) pairs: listed by
+# unpickling real `dcp.save` metadata with a recording `find_class` (torch 2.13; the test
+# tests/security/test_hostile_files.py repeats that listing, so a torch that adds one fails
+# there, not in a user's resume). Never a module prefix: pickle resolves a dotted name by
+# attribute lookup, so ("torch.distributed.checkpoint.filesystem", "os.system") would reach
+# any module such a module imports.
+_DCP = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = frozenset({
+    (_DCP, "Metadata"), (_DCP, "MetadataIndex"), (_DCP, "StorageMeta"),
+    (_DCP, "TensorProperties"), (_DCP, "TensorStorageMetadata"),
+    (_DCP, "BytesStorageMetadata"), (_DCP, "ChunkStorageMetadata"),
+    (_DCP, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"),  # older torch
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+})
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """DCP writes `.metadata` with pickle; admit only the classes that metadata is made of."""
+    """DCP writes `.metadata` with pickle; admit only the exact classes that metadata is made
+    of (and torch's dtypes, which are values, not callables)."""
 
     def find_class(self, module: str, name: str):
-        import torch.distributed.checkpoint.metadata  # noqa: F401 - the classes below
+        import torch.distributed.checkpoint.filesystem  # noqa: F401 - the classes admitted
 
-        ok = (module.startswith("torch.distributed.checkpoint.")
-              or (module == "torch" and (name == "Size" or
-                                         isinstance(getattr(torch, name, None), torch.dtype)))
-              or (module in ("torch._utils", "torch.serialization") and name == "_get_layout")
-              or (module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath"))
-              or (module == "collections" and name == "OrderedDict"))
+        ok = "." not in name and ((module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype)))
         if not ok:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's "
                                          f"DCP metadata")
@@ -374,8 +391,30 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_dcp_metadata(uri: str):
-    return _MetadataUnpickler(io.BytesIO(storage.read_bytes(storage.join(uri, METADATA_FILE)))
-                              ).load()
+    """The DCP `Metadata` of the checkpoint at `uri`, checked to be the shape DCP writes
+    (shard files named inside `state/`). Raises pickle.UnpicklingError for anything else,
+    whatever the bytes make the unpickler do."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    data = storage.read_bytes(storage.join(uri, METADATA_FILE))
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as err:  # noqa: BLE001 - hostile or damaged bytes: one kind of error
+        raise pickle.UnpicklingError(f"{METADATA_FILE} is not DCP metadata "
+                                     f"({type(err).__name__}: {_first(err)})") from None
+    infos = getattr(metadata, "storage_data", None)
+    if not isinstance(metadata, Metadata) or not isinstance(infos, dict) or not all(
+            isinstance(i, _StorageInfo) and isinstance(i.relative_path, str)
+            and i.relative_path and "/" not in i.relative_path and "\\" not in i.relative_path
+            and i.relative_path not in (".", "..")
+            and isinstance(i.offset, int) and isinstance(i.length, int)
+            and i.offset >= 0 and i.length >= 0 for i in infos.values()):
+        raise pickle.UnpicklingError(f"{METADATA_FILE} is not DCP metadata of this pipeline's "
+                                     f"shape (shard files inside {STATE_DIR}/)")
+    return metadata
 
 
 def _reader(uri: str):

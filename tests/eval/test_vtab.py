@@ -296,7 +296,7 @@ def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
 @pytest.mark.s3
 def test_checkpoint_data_and_results_on_s3(s3, tmp_path, monkeypatch):
     """Checkpoint, VTAB shards and the Tune experiments + report all on an S3 endpoint; the
-    same command again restores the finished experiment from S3 instead of rerunning it."""
+    same command again reads the record of finished trials from S3 instead of rerunning them."""
     from jobs.make_shards import main as make_shards
     from pipeline import storage
 
