@@ -12,11 +12,15 @@ or index shards that exist already.
 samples, and writes manifest.json to DST (default: the shards' folder), adding the split to
 what is there. The shards are not rewritten; train with --data DST.
 
-DST is a local folder or s3://bucket/prefix (any S3 endpoint through AWS_ENDPOINT_URL).
-Every image is decoded while writing: a file that is not a decodable image is skipped, logged
-with its path and listed in the manifest (--strict: an error naming it). Re-running the same
-command resumes an interrupted write: identical shards already at DST are kept; the manifest
-is written last.
+DST is a local folder or s3://bucket/prefix (any S3 endpoint through AWS_ENDPOINT_URL),
+checked before any image is read. Every image is decoded while writing: a file that is not a
+decodable image is skipped, logged with its full path and listed in the manifest (--strict:
+an error naming it). Re-running the same command resumes an interrupted write: identical
+shards already at DST are kept; the manifest is written last.
+
+folder: labels number the class folders in sorted name order; a class folder without images
+is skipped with a warning naming it (it is not a class), as are files at SRC's top level; a
+symlink to a folder is a class.
 """
 
 from __future__ import annotations
@@ -79,8 +83,11 @@ def main(argv=None) -> int:
 
             index_shards(args.src, args.split, args.dst, args.num_classes, args.workers or 16)
             return 0
+        if args.dst is not None:
+            shards.check_destination(args.dst)
         if args.kind == "folder":
-            source = shards.image_folder(args.src, split=args.split)
+            source = shards.image_folder(args.src, split=args.split,
+                                         log=lambda m: print(m, file=sys.stderr))
         elif args.kind == "vtab":
             source = shards.vtab_folder(args.src, num_classes=args.num_classes)
         else:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.data.reader import BadDataPolicy, Problem, iter_samples
-from pipeline.data.shards import MANIFEST, DatasetError
+from pipeline.data.shards import MANIFEST, DatasetError, check_destination
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def index_shards(spec: str, split: str = "train", out: str | None = None,
     if not uris:
         raise DatasetError(f"{spec}: names no .tar shards")
     out = (out or _common_folder(uris)).rstrip("/")
+    check_destination(out)              # before reading every shard
     with ThreadPoolExecutor(max(1, workers)) as pool:
         counts = list(tqdm(pool.map(count, uris), total=len(uris), unit="shard",
                            desc=f"index {split}", disable=None))

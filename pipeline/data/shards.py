@@ -70,24 +70,54 @@ class FileLoader:
         return self.path.read_bytes(), IMAGE_EXTS.get(self.path.suffix.lower(), "jpg")
 
 
-def image_folder(root: str | Path, split: str = "train") -> Source:
-    """An image folder with one subfolder per class (`root/<class>/<image>`)."""
+def image_folder(root: str | Path, split: str = "train",
+                 log: Callable[[str], None] = print) -> Source:
+    """An image folder with one subfolder per class (`root/<class>/<image>`). Labels number
+    the class folders that hold images, in sorted name order. A folder without images is most
+    likely a mistake (a failed copy, a typo): it is named in a warning and is not a class, so
+    that no label stands for a class with no samples. A symlink to a folder is a class like
+    any folder; other entries at the root (files, broken links) are named and ignored."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder; pass an image folder with one subfolder "
                            f"per class")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    folders = [p for p in entries if p.is_dir()]     # follows symlinks
+    if not folders:
         raise DatasetError(f"{root}: no class subfolders; expected root/<class>/<image>.jpg")
+    if others := [p for p in entries if not p.is_dir()]:
+        broken = [p for p in others if p.is_symlink() and not p.exists()]
+        log(f"warning: ignoring {len(others)} entr{'y' if len(others) == 1 else 'ies'} at "
+            f"{root} that {'is' if len(others) == 1 else 'are'} not class folder(s) "
+            f"({', '.join(_named(p) for p in others[:5])}{', ...' if len(others) > 5 else ''})"
+            + (f"; {len(broken)} broken symlink(s)" if broken else ""))
+    images = {p.name: sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+              for p in folders}
+    if empty := [p for p in folders if not images[p.name]]:
+        log(f"warning: skipping {len(empty)} class folder(s) without .jpg/.jpeg/.png images "
+            f"(not classes): {', '.join(str(p) for p in empty[:10])}"
+            f"{', ...' if len(empty) > 10 else ''}")
+    classes = [p.name for p in folders if images[p.name]]
+    if not classes:
+        raise DatasetError(f"{root}: no .jpg/.jpeg/.png images in the class subfolders")
+    if links := [p for p in folders if p.is_symlink() and p.name in classes]:
+        log(f"note: class folder(s) reached through symlinks: "
+            f"{', '.join(_named(p) for p in links[:5])}{', ...' if len(links) > 5 else ''}")
+    if empty:
+        log(f"labels: {len(classes)} classes numbered in sorted folder-name order, without the "
+            f"skipped folders (0 = {classes[0]!r}, {len(classes) - 1} = {classes[-1]!r}); "
+            f"manifest.json lists them")
     refs = []
     for label, name in enumerate(classes):
-        for path in sorted((root / name).iterdir()):
-            if path.suffix.lower() in IMAGE_EXTS:
-                refs.append(SampleRef(key="", label=label, load=FileLoader(path),
-                                      extra={"path": f"{name}/{path.name}", "class": name}))
-    if not refs:
-        raise DatasetError(f"{root}: no .jpg/.jpeg/.png images in the class subfolders")
+        for path in images[name]:
+            refs.append(SampleRef(key="", label=label, load=FileLoader(path),
+                                  extra={"path": f"{name}/{path.name}", "class": name}))
     return Source("image_folder", classes, {split: refs}, {"root": str(root)})
+
+
+def _named(path: Path) -> str:
+    """A root entry by name, with a symlink's target."""
+    return f"{path.name} -> {os.readlink(path)}" if path.is_symlink() else path.name
 
 
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
@@ -277,6 +307,33 @@ def _prepared(refs: list[SampleRef], num_classes: int, options: ShardOptions, wo
             yield from results
 
 
+def check_destination(dst: str) -> None:
+    """Fail before any image is decoded: a local DST that is a file, lies under a file or
+    cannot be written, or an S3 bucket that does not exist."""
+    if storage.is_s3(dst):
+        storage.check_bucket(dst)
+        return
+    path = Path(dst).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DatasetError(f"{dst}: the destination is a file; give a folder (created if "
+                           f"missing) or s3://bucket/prefix")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DatasetError(f"{dst}: cannot create the destination, {existing} is a file; give "
+                           f"a folder (created if missing) or s3://bucket/prefix")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DatasetError(f"{dst}: {existing} is not writable; choose another destination")
+
+
+def source_path(ref: SampleRef) -> str:
+    """The sample's file in full (what a user finds with `ls`), else its name in the source."""
+    if isinstance(ref.load, FileLoader):
+        return str(ref.load.path.absolute())
+    return ref.extra.get("path") or ref.key
+
+
 def write_shards(source: Source, dst: str, options: ShardOptions = ShardOptions(),
                  log: Callable[[str], None] = print, workers: int | None = None,
                  strict: bool = False) -> dict:
@@ -294,8 +351,7 @@ def write_shards(source: Source, dst: str, options: ShardOptions = ShardOptions(
     from tqdm import tqdm
 
     dst = str(dst).rstrip("/")
-    if storage.is_s3(dst):
-        storage.check_bucket(dst)
+    check_destination(dst)
     workers = workers or os.cpu_count() or 1
     target_bytes = int(options.shard_size_mb * 1e6)
     num_classes = len(source.classes)
@@ -321,14 +377,15 @@ def write_shards(source: Source, dst: str, options: ShardOptions = ShardOptions(
                                                                     workers), strict=True)):
                 bar.update(1)
                 if isinstance(result, str):
-                    where = ref.extra.get("path") or ref.key or f"{split}[{i}]"
+                    where = source_path(ref) or f"{split}[{i}]"
                     if strict:
                         bar.close()
                         raise DatasetError(f"{where}: {result}; remove or fix the file (or "
                                            f"write without --strict to skip it)")
                     with tqdm.external_write_mode(file=sys.stderr):  # not through the bar
                         log(f"skipping {where}: {result}")
-                    skipped.append({"path": where, "reason": result})
+                    skipped.append({"path": ref.extra.get("path") or where,
+                                    "reason": result})
                     continue
                 data, ext = result
                 meta = json.dumps({**ref.extra, "label": ref.label}, sort_keys=True).encode()
