@@ -143,3 +143,81 @@ def test_an_outage_of_15_s_is_ridden_out_by_every_client(s3, s3_server, monkeypa
     assert took < 60, f"{took:.0f} s to recover"
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     assert storage.read_bytes(f"s3://{s3}/c.bin") == b"c" * 1000
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_pretraining_rides_out_a_15_s_outage(s3, s3_server, tmp_path):
+    """The endpoint goes away for 15 s while a run reads its shards from S3 and writes
+    checkpoints there (Train workers, read tasks and the Train controller each hold a pickled
+    filesystem): the run finishes with every checkpoint, and no worker group restarted."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from infra.s3_proxy import SlowS3Proxy
+    from pipeline.data import shards
+    from pipeline.train import checkpoints
+    from tests.conftest import S3_TEST_ENV, stop_process_group
+
+    root = Path(__file__).resolve().parents[2]
+    shards.write_shards(shards.synthetic(num_samples=1280, num_classes=4, image_size=48,
+                                         val_fraction=0),
+                        f"s3://{s3}/data", shards.ShardOptions(shard_size_mb=0.2),
+                        log=lambda m: None)
+    direct = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+    def steps() -> list[str]:
+        keys = [o["Key"] for o in direct.list_objects_v2(Bucket=s3, Prefix="runs/outage/")
+                .get("Contents", [])]
+        return sorted({m.group(1) for k in keys
+                       if (m := re.search(r"step_(\d+)/train_state.json", k))})
+
+    with SlowS3Proxy(s3_server, latency_s=0, mbps=1000) as proxy:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
+        env.update(S3_TEST_ENV, AWS_ENDPOINT_URL=proxy.url, PYTHONPATH=str(root),
+                   RAY_USAGE_STATS_ENABLED="0",
+                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+        cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--data",
+               f"s3://{s3}/data", "--storage", f"s3://{s3}/runs", "--name", "outage",
+               "--set", "data.augment=resize", "--set", "model.image_size=48",
+               "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
+               "--set", "train.total_steps=120", "--set", "train.checkpoint_every=10",
+               "--set", "train.keep_checkpoints=20", "--set", "train.fewshot_every=0",
+               "--set", "train.log_every=10"]
+        log_path = tmp_path / "run.log"
+        job = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"),
+                               stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+        try:
+            deadline = time.monotonic() + 300
+            while not steps():
+                assert job.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint in 300 s"
+                time.sleep(0.2)
+            requests_before = sum(proxy.requests.values())
+            proxy.down()
+            at_outage = steps()
+            time.sleep(15)
+            proxy.up()
+            assert job.poll() is None, "the run ended during the outage: " + \
+                log_path.read_text()[-3000:]
+            rc = job.wait(timeout=300)
+        finally:
+            stop_process_group(job)
+    log = log_path.read_text()
+    assert rc == 0, log[-4000:]
+    assert "finished at step 120" in log, log[-3000:]
+    assert "RETRY" not in log, "a worker group was restarted"
+    assert at_outage[-1] < "00000120" and sum(proxy.requests.values()) > requests_before
+    assert steps() == [f"{s:08d}" for s in range(10, 121, 10)]
+    assert checkpoints.latest(f"s3://{s3}/runs/outage").endswith("step_00000120")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs(client.get_experiment_by_name("vit-smoke").experiment_id)[0]
+    starts = client.get_metric_history(run.info.run_id, "train/start_step")
+    assert [m.value for m in starts] == [0.0], "one start, no restart"
