@@ -83,12 +83,33 @@ def how_to_open(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
 
 
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
+
+
 def redact(value: str) -> str:
-    """Strip credentials from URIs (scheme://user:pass@host -> scheme://host)."""
-    if "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = value.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return value
+    """Strip credentials from every URI in `value` (scheme://user:pass@host -> scheme://host):
+    a URI alone, or a message that quotes one (MLflow's errors name the request URL)."""
+    return _USERINFO.sub(r"\1", value)
+
+
+def set_terminated(client, tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """End a run. MLflow then prints "View run <name> at: <URL>", the URL built from the
+    tracking URI as given, user:password included (mlflow/tracking/_tracking_service/
+    client.py, `_log_url`); with credentials in the URI the line is left out (the commands
+    print where their runs are, redacted)."""
+    if redact(tracking_uri) == tracking_uri:
+        client.set_terminated(run_id, status=status)
+        return
+    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    saved = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        client.set_terminated(run_id, status=status)
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
 
 
 def git_commit() -> str:
@@ -166,10 +187,23 @@ class Tracker:
         self.pending: list[tuple[str, float, int, int]] = []
         self.down_since: float | None = None
         self.last_try = 0.0
+        self.logged_through = self._logged_steps()
+
+    def _logged_steps(self) -> dict[str, int]:
+        """{metric: the last step the run has for it}. A run continued from a checkpoint
+        retrains the steps after it, which the run may already hold (it was stopped, or
+        lost a worker, after logging them): those are not logged twice. (A resumed run
+        retraces them exactly, so the values already there are the ones it would log.)"""
+        try:
+            run = self.client.get_run(self.run_id)
+        except Exception:  # noqa: BLE001 - the server may be down: nothing to skip then
+            return {}
+        return {m.key: m.step for m in run.data._metric_objs}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self.pending += [(k, float(v), step, ts) for k, v in metrics.items()]
+        self.pending += [(k, float(v), step, ts) for k, v in metrics.items()
+                         if step > self.logged_through.get(k, -1)]
         now = time.monotonic()
         if self.down_since is not None and now - self.last_try < self.retry_every_s:
             return
@@ -190,7 +224,7 @@ class Tracker:
                 self.down_since = time.monotonic()
                 log.warning("MLflow tracking unavailable (%s: %s); training continues and "
                             "metrics are kept until it is back", type(err).__name__,
-                            str(err).splitlines()[0][:120] if str(err) else "")
+                            redact(str(err).splitlines()[0])[:120] if str(err) else "")
             return False
         if self.down_since is not None:
             log.warning("MLflow tracking is back after %.0f s; buffered metrics sent",
@@ -230,7 +264,7 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+        set_terminated(MlflowClient(tracking_uri), tracking_uri, run_id, status)
     except Exception as err:  # noqa: BLE001
         log.warning("could not close MLflow run %s: %s", run_id, type(err).__name__)
 
@@ -333,7 +367,7 @@ def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict) -> None:
         child += [Metric(f"val200/lr_{lr}", v, ts, 0) for lr, v in t["val200"].items()
                   if v is not None and v == v]
         client.log_batch(run_id, metrics=child)
-        client.set_terminated(run_id, "FINISHED")
+        set_terminated(client, tracking_uri, run_id, "FINISHED")
 
 
 def pretrain_tags(meta: dict) -> dict[str, str]:
@@ -425,7 +459,7 @@ def log_comparison(tracking_uri: str, runs: list, name: str, files: list) -> str
         for i, r in enumerate(runs)])
     for path in files:
         c.log_artifact(run.info.run_id, str(path))
-    c.set_terminated(run.info.run_id, "FINISHED")
+    set_terminated(c, tracking_uri, run.info.run_id, "FINISHED")
     return run.info.run_id
 
 
@@ -453,5 +487,5 @@ def log_analysis(tracking_uri: str, run_name: str, params: dict, tags: dict,
         c.log_batch(run_id, metrics=points[i:i + 1000])
     for path in files:
         c.log_artifact(run_id, str(path))
-    c.set_terminated(run_id, "FINISHED")
+    set_terminated(c, tracking_uri, run_id, "FINISHED")
     return run_id
