@@ -206,3 +206,48 @@ def test_vtab_refuses_a_trial_record_that_is_not_its_json(tmp_path, good_checkpo
         "kitti", "--resolution", "32", "--storage", tmp_path / "ev", "--name", "planted",
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}))
     assert "select_trials.json is not a record of finished trials" in line, line
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining (Ray starts before the checks: the session's cluster, shared)
+# ---------------------------------------------------------------------------------------------
+def pretrain(ray_local, tmp_path, *args):
+    return run("vit-pretrain", "--preset", "smoke", "--set", "train.total_steps=20",
+               "--set", "train.fewshot_every=0", "--storage", tmp_path / "runs", *args,
+               env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=300)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, kind", [("--resume", "metadata-dotted-name"),
+                                        ("--resume", "train_state-pickle"),
+                                        ("--init", "evil.pth"), ("--init", "vit.npz")])
+def test_pretrain_refuses_hostile_resume_and_init(ray_local, tmp_path, good_checkpoint, marker,
+                                                  flag, kind):
+    import shutil
+
+    if flag == "--resume":
+        target = corpus.plant(Path(shutil.copytree(good_checkpoint, tmp_path / "other" /
+                                                   "step_00000002")), kind, marker)
+    elif kind == "evil.pth":
+        target = corpus.evil_torch_file(tmp_path / kind, marker)
+    else:
+        target = corpus.object_npz(tmp_path / kind, marker)
+    line = one_error_line(pretrain(ray_local, tmp_path, "--name", "fresh", flag, target))
+    assert str(target) in line, line
+    assert not list((tmp_path / "runs").rglob("step_*"))        # nothing trained
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pretrain_continues_from_the_checkpoint_before_a_hostile_one(ray_local, tmp_path,
+                                                                     good_checkpoint, marker):
+    """The run's own newest checkpoint is hostile: skipped with a warning, and the run
+    continues from the one before it (the same command, as after a crash)."""
+    run_dir = hostile_run(tmp_path, good_checkpoint, "metadata-dotted-name", marker,
+                          keep_good=True)
+    out = pretrain(ray_local, tmp_path, "--name", run_dir.name)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "step_00000004" in out.stderr and "step_00000002" in out.stderr
+    assert "finished at step 20" in out.stdout
