@@ -251,3 +251,25 @@ def test_pretrain_continues_from_the_checkpoint_before_a_hostile_one(ray_local, 
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "step_00000004" in out.stderr and "step_00000002" in out.stderr
     assert "finished at step 20" in out.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_vtab_never_restores_tune_from_planted_state(ray_local, tmp_path, good_checkpoint,
+                                                     marker):
+    """tuner.pkl and experiment state planted where Tune keeps them (what `Tuner.restore`
+    unpickled): the evaluation runs its trials as a new experiment and reads none of it."""
+    from eval.data import write_synthetic_task
+    from eval.tasks import BY_NAME
+
+    write_synthetic_task(tmp_path / "vtab", BY_NAME["kitti"], train=8, val=4, test=8)
+    for phase in ("select", "final"):
+        corpus.plant_tune_state(tmp_path / "ev" / "planted" / phase, marker)
+    out = run("vit-vtab", "--checkpoint", good_checkpoint, "--data", tmp_path / "vtab",
+              "--tasks", "kitti", "--resolution", "32", "--lrs", "0.01", "--steps", "3",
+              "--batch-size", "4", "--storage", tmp_path / "ev", "--name", "planted",
+              env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+                   "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "Mean of tasks" in out.stdout
+    assert (tmp_path / "ev" / "planted" / "final_trials.json").exists()
