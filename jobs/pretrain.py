@@ -29,8 +29,12 @@ import logging
 import os
 import sys
 
-from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides
-from pipeline.train.run import LOG_LEVELS
+from pipeline import interrupt
+
+interrupt.install()   # before the heavy imports: a Ctrl-C while they load ends quietly too
+
+from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides  # noqa: E402
+from pipeline.train.run import LOG_LEVELS  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -124,6 +128,12 @@ def describe(cfg: PretrainConfig) -> str:
 
 
 def main(argv=None) -> int:
+    """The command; Ctrl-C or SIGTERM stop it cleanly (exit 130 / 143, see
+    pipeline.interrupt)."""
+    return interrupt.run(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = resolve(args)
@@ -148,11 +158,16 @@ def main(argv=None) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS")
     # No address: a new local Ray ("local"), never a stray `ray start` cluster that
     # ray.init() would otherwise attach to (or a dead one it would wait for).
-    ray.init(address=address or "local", configure_logging=False, log_to_driver=True)
-    if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
-        ray.data.DataContext.get_current().enable_progress_bars = False
     try:
+        interrupt.ray_init(address=address or "local", configure_logging=False,
+                           log_to_driver=True)
+        if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
+            ray.data.DataContext.get_current().enable_progress_bars = False
         out = pretrain(cfg, resume=args.resume, init=args.init)
+    except interrupt.Interrupted:
+        # The Ray processes this command started (a local Ray) go with it; a cluster's stay.
+        ray.shutdown()
+        raise
     except (PretrainError, CheckpointError, DatasetError, DataError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

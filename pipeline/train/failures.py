@@ -82,12 +82,33 @@ def failure_policy(failure_config):
 def trainer_class():
     """TorchTrainer with `failure_policy` (Ray 2.60 has no public hook for a policy: the
     trainer builds its default one and hands it to the controller in
-    `_initialize_and_run_controller`, which is where it is replaced)."""
+    `_initialize_and_run_controller`, which is where it is replaced), and with
+    `request_abort()` in place of Ray Train's SIGINT handler (which aborts, then
+    `sys.exit(0)`s on a later Ctrl-C, and ignores SIGTERM): the command's own handler
+    (pipeline.interrupt) calls it for SIGINT and SIGTERM alike."""
     from ray.train.torch import TorchTrainer
 
     class Trainer(TorchTrainer):
+        _controller = None
+
         def _initialize_and_run_controller(self, **kwargs):
             kwargs["failure_policy"] = failure_policy(self.run_config.failure_config)
             return super()._initialize_and_run_controller(**kwargs)
+
+        _abort_requested = False
+
+        def _register_sigint_handler(self, controller):
+            self._controller = controller
+            if self._abort_requested:          # the signal came while it was being created
+                self.request_abort()
+
+        def request_abort(self) -> None:
+            """Ask the controller to stop its worker group and exit (workers are killed: a
+            checkpoint upload in flight is left incomplete, which `checkpoints.latest`
+            ignores); `fit()` then returns or raises. Safe in a signal handler: it does not
+            wait."""
+            self._abort_requested = True
+            if self._controller is not None:
+                self._controller.abort.remote()
 
     return Trainer

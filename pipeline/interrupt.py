@@ -1,0 +1,153 @@
+"""Ctrl-C and SIGTERM for the commands: stop cleanly on the first, at once on the second.
+
+SIGINT is Ctrl-C; SIGTERM is what `ray job stop`, Kubernetes (pod deletion, preemption) and
+Slurm send. The first of either raises `Interrupted` in the main thread, wherever it is
+(starting Ray, training, uploading a checkpoint, a VTAB trial, writing shards); it derives from
+BaseException, as KeyboardInterrupt does, so no `except Exception` swallows it, and each
+command's cleanup runs on its way out: the MLflow run is marked KILLED, workers are stopped,
+staging folders are removed, the Ray processes the command started are shut down. The command
+then prints one line and exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM),
+as a shell does. A second signal during that cleanup exits at once with the same code.
+
+Ray's own handlers are replaced: `ray.init` makes SIGTERM call `sys.exit(15)` (no cleanup, a
+plain exit code), and Ray Train's trainer makes SIGINT abort the controller and `sys.exit(0)`.
+`install()` is called again after `ray.init` for that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """The command was asked to stop (SIGINT or SIGTERM). `detail`: where it stopped."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        super().__init__(signum, detail)
+        self.signum, self.detail = signum, detail
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def line(self) -> str:
+        return f"interrupted by {self.name}" + (f": {self.detail}" if self.detail else "")
+
+
+_received: list[int] = []
+_deferred: list = []         # callbacks of the `deferred` blocks the main thread is in
+_running = False             # inside `run`: the command has started something to clean up
+_original: dict = {}         # the handlers `install` replaced, put back when `run` returns
+
+
+def _handler(signum, frame):
+    if not _running:
+        # Still importing: nothing started, nothing written.
+        os.write(2, f"interrupted by {signal.Signals(signum).name}\n".encode())
+        os._exit(128 + signum)
+    if _received:
+        # The second signal: the user (or the orchestrator's grace period) will not wait.
+        os.write(2, f"\n{signal.Signals(signum).name} again: exiting now\n".encode())
+        _kill_local_ray()
+        os._exit(128 + signum)
+    _received.append(signum)
+    if _deferred:
+        _deferred[-1]()
+        return
+    raise Interrupted(signum)
+
+
+def _kill_local_ray() -> None:
+    """SIGKILL the Ray processes this command started (a local Ray: GCS, raylet, workers),
+    which would otherwise outlive it for a minute; a cluster's are not ours to stop."""
+    worker = sys.modules.get("ray._private.worker")
+    node = getattr(worker, "_global_node", None) if worker else None
+    if node is None or not getattr(node, "head", False):
+        return
+    try:
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+
+
+@contextlib.contextmanager
+def deferred(on_signal):
+    """Within this block the first signal calls `on_signal()` instead of raising; the block's
+    code checks `received()` when it returns. For blocking calls into extensions that do not
+    pass on an exception raised by a handler (Ray's `ray.get` in C++ turns it into
+    "SystemError: ... returned a result with an exception set"): `on_signal` makes the call
+    return instead (Ray Train: abort the controller, and `fit()` ends)."""
+    def guarded():
+        try:
+            on_signal()
+        except Exception:  # noqa: BLE001 - a failing callback must not hide the signal
+            pass
+
+    _deferred.append(guarded)
+    try:
+        yield
+    finally:
+        _deferred.remove(guarded)
+
+
+def install() -> None:
+    """Make SIGINT and SIGTERM raise `Interrupted` (from the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in SIGNALS:
+        previous = signal.signal(sig, _handler)
+        if previous is not _handler:
+            _original.setdefault(sig, previous)
+
+
+def ray_init(**kwargs):
+    """`ray.init(**kwargs)`, then this module's handlers again: `ray.init` installs its own
+    SIGTERM handler (`sys.exit(15)`); a SIGTERM that comes while it starts is turned into
+    `Interrupted` too."""
+    import ray
+
+    try:
+        context = ray.init(**kwargs)
+    except SystemExit as exit_:
+        if exit_.code == signal.SIGTERM and _running:
+            _received.append(signal.SIGTERM)
+            raise Interrupted(signal.SIGTERM) from None
+        raise
+    install()
+    return context
+
+
+def received() -> int | None:
+    """The signal that asked this process to stop, if one did."""
+    return _received[0] if _received else None
+
+
+def run(main, argv=None) -> int:
+    """Run a command's `main(argv)` with the handlers installed: an interrupt anywhere ends
+    it with one line on stderr and exit code 128 + signal."""
+    global _running
+    install()
+    _running = True
+    try:
+        return main(argv)
+    except Interrupted as stop:
+        print(stop.line(), file=sys.stderr, flush=True)
+        return stop.exit_code
+    finally:
+        # Called in-process (tests, notebooks): leave the caller's handlers as they were.
+        _running = False
+        _received.clear()
+        if threading.current_thread() is threading.main_thread():
+            for sig, previous in _original.items():
+                signal.signal(sig, previous)
+            _original.clear()

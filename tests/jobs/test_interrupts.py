@@ -1,0 +1,199 @@
+"""Ctrl-C and SIGTERM (what `ray job stop` and Kubernetes send), as real signals to the real
+command at the moments they come: while it starts up, while it trains, twice in a row. Each
+time: one line, exit 130 / 143, no traceback, the MLflow run KILLED, no staging folder, no
+Ray process of the command left behind, the newest checkpoint complete; the same command
+then continues, logging no step twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.mlflow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def commands():
+    """Start a Command (killed and cleaned up after the test, whatever happened)."""
+    started: list[Command] = []
+
+    def start(*args) -> Command:
+        started.append(Command(*args))
+        return started[-1]
+
+    yield start
+    for cmd in started:
+        if cmd.proc.poll() is None:
+            os.killpg(cmd.proc.pid, signal.SIGKILL)
+        cmd.close()
+
+
+class Command:
+    """`vit-pretrain` in its own session, marked so that every process it starts (Ray's
+    GCS, raylet, workers inherit the environment) can be found afterwards."""
+
+    def __init__(self, tmp_path: Path, tracking_uri: str, *args: str):
+        self.mark = uuid.uuid4().hex
+        # Short: Ray's socket paths under TMPDIR must stay within 107 bytes.
+        self.tmp = Path(tempfile.mkdtemp(prefix="it", dir="/tmp"))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "TMPDIR": str(self.tmp),
+               "VIT_TEST_MARK": self.mark, "RAY_USAGE_STATS_ENABLED": "0",
+               "PYTHONPATH": str(ROOT)}
+        env.pop("RAY_ADDRESS", None)
+        self.log = tmp_path / f"out-{self.mark[:6]}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.pretrain", "--preset", "smoke", *args],
+            cwd=ROOT, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    def signal(self, sig: int) -> float:
+        self.proc.send_signal(sig)
+        return time.monotonic()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def leftovers(self, grace_s: float = 10.0) -> list[str]:
+        """Processes of this command still alive after `grace_s`."""
+        import psutil
+
+        deadline = time.monotonic() + grace_s
+        while True:
+            alive = []
+            for p in psutil.process_iter(["pid", "name"]):
+                try:
+                    if p.environ().get("VIT_TEST_MARK") == self.mark:
+                        alive.append(f"{p.pid} {p.info['name']}")
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            if not alive or time.monotonic() > deadline:
+                return alive
+            time.sleep(0.5)
+
+
+def wait_for(predicate, timeout: float, what: str, cmd: Command) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if cmd.proc.poll() is not None:
+            pytest.fail(f"the command ended (rc {cmd.proc.returncode}) before {what}:\n"
+                        f"{cmd.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} after {timeout} s:\n{cmd.output()[-3000:]}")
+        time.sleep(0.3)
+
+
+def last_line(text: str) -> str:
+    return [ln for ln in text.splitlines() if ln.strip()][-1]
+
+
+def own_traceback(text: str) -> bool:
+    """A traceback printed by the command itself (Ray's actors print theirs prefixed with
+    "(ActorName pid=N)": Ray's noise, not the command's)."""
+    return re.search(r"^Traceback \(most recent call last\)", text, re.M) is not None
+
+
+def runs_of(tracking_uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client, client.search_runs(exps, f"tags.`vit.run_name` = '{name}'")
+
+
+@pytest.mark.parametrize("sig,delay", [(signal.SIGINT, 1.0), (signal.SIGTERM, 6.0)])
+def test_a_signal_during_start_up(tmp_path, mlflow_server, sig, delay, commands):
+    cmd = commands(tmp_path, mlflow_server.uri, "--storage", str(tmp_path / "runs"),
+                  "--name", f"startup-{sig}")
+    time.sleep(delay)                  # importing, or starting the local Ray
+    sent = cmd.signal(sig)
+    rc = cmd.wait(60)
+    took = time.monotonic() - sent
+    out = cmd.output()
+    assert rc == 128 + sig, out[-2000:]
+    assert took < 30
+    assert last_line(out).startswith(f"interrupted by {signal.Signals(sig).name}")
+    assert not own_traceback(out) and "KeyboardInterrupt" not in out
+    assert cmd.leftovers() == []
+    assert not (tmp_path / "runs" / f"startup-{sig}" / "lease.json").exists()
+
+
+def test_sigterm_while_training_then_the_same_command_continues(tmp_path, mlflow_server,
+                                                               commands):
+    storage, name = tmp_path / "runs", "interrupted"
+    args = ["--storage", str(storage), "--name", name, "--set", "train.checkpoint_every=10",
+            "--set", "train.log_every=5", "--set", "train.fewshot_every=0"]
+    cmd = commands(tmp_path, mlflow_server.uri, *args, "--set", "train.total_steps=5000")
+    run = storage / name
+    wait_for(lambda: (run / "step_00000020" / "train_state.json").exists(), 240,
+             "second checkpoint", cmd)
+    sent = cmd.signal(signal.SIGTERM)
+    rc = cmd.wait(60)
+    took = time.monotonic() - sent
+    out = cmd.output()
+    assert rc == 143, out[-3000:]
+    assert took < 30, f"took {took:.0f} s to stop"
+    line = last_line(out)
+    assert line.startswith(f"interrupted by SIGTERM: run '{name}' stopped; newest checkpoint "
+                           f"{run}/step_"), line
+    assert not own_traceback(out)
+    newest = line.split("newest checkpoint ")[1].split(";")[0]
+    from pipeline.train import checkpoints
+
+    assert checkpoints.latest(str(run)) == newest
+    assert checkpoints.verify(newest) is None
+    client, runs = runs_of(mlflow_server.uri, name)
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert not (run / "lease.json").exists()
+    assert list(cmd.tmp.glob("vit-ckpt-*")) == [], "staging folders left behind"
+    assert cmd.leftovers() == []
+
+    # How far the killed run logged: past its newest checkpoint, most likely.
+    stopped_at = json.loads((Path(newest) / "train_state.json").read_text())["step"]
+    total = stopped_at + 20
+    again = commands(tmp_path, mlflow_server.uri, *args, "--set", f"train.total_steps={total}")
+    assert again.wait(300) == 0, again.output()[-3000:]
+    client, runs = runs_of(mlflow_server.uri, name)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(steps)}"
+    assert steps == sorted(steps) and steps[-1] == total
+    assert set(range(5, total + 1, 5)) <= set(steps)
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path, mlflow_server, commands):
+    storage, name = tmp_path / "runs", "twice"
+    cmd = commands(tmp_path, mlflow_server.uri, "--storage", str(storage), "--name", name,
+                  "--set", "train.total_steps=5000", "--set", "train.checkpoint_every=10")
+    wait_for(lambda: (storage / name / "step_00000010" / "train_state.json").exists(), 240,
+             "first checkpoint", cmd)
+    sent = cmd.signal(signal.SIGINT)
+    time.sleep(0.3)
+    cmd.signal(signal.SIGINT)
+    rc = cmd.wait(30)
+    assert rc == 130
+    assert time.monotonic() - sent < 5
+    assert "SIGINT again: exiting now" in cmd.output()
+    assert cmd.leftovers() == []
