@@ -358,7 +358,7 @@ class _Evil:
 
 def test_no_arbitrary_unpickling(tmp_path, capsys):
     torch.save({"patch_embed.weight": torch.zeros(1), "x": _Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint file"):
+    with pytest.raises(CheckpointError, match="refused: not a file of tensors"):
         load_vit(tmp_path / "evil.pt")
     assert "arbitrary code ran" not in capsys.readouterr().out
 
