@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import threading
 import time
 import uuid
@@ -42,6 +43,10 @@ class Lease:
         self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
         self.owner = uuid.uuid4().hex
         self.version: str | None = None          # what we last wrote (ETag or mtime_ns)
+        # A local run folder this lease creates is removed on release if nothing else was
+        # written into it (a refused start leaves no trace).
+        run_dir = None if storage.is_s3(run_uri) else run_uri
+        self._made_dir = run_dir if run_dir and not os.path.exists(run_dir) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -110,6 +115,10 @@ class Lease:
         found = _read(self.uri)
         if found is not None and found[0].get("owner") == self.owner:
             _delete(self.uri)
+        if self._made_dir:
+            leftovers = set(os.listdir(self._made_dir)) - {".lease.lock"}
+            if not leftovers:
+                shutil.rmtree(self._made_dir, ignore_errors=True)
 
     def __enter__(self) -> Lease:
         self.acquire()

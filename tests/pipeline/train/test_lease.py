@@ -114,3 +114,16 @@ def _exists(run_uri: str) -> bool:
         return True
     except storage.StorageError:
         return False
+
+
+def test_a_run_folder_the_lease_made_goes_if_nothing_was_written(tmp_path):
+    """A refused start (bad --resume, say) leaves no empty run folder behind."""
+    lease = Lease(str(tmp_path / "runs" / "refused"))
+    lease.acquire()
+    lease.release()
+    assert not (tmp_path / "runs" / "refused").exists()
+    kept = Lease(str(tmp_path / "runs" / "trained"))
+    kept.acquire()
+    (tmp_path / "runs" / "trained" / "step_00000010").mkdir()
+    kept.release()
+    assert (tmp_path / "runs" / "trained" / "step_00000010").is_dir()
