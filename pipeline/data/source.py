@@ -392,6 +392,42 @@ def _from_ranges(ranges) -> list[int]:
     return np.concatenate([np.arange(int(a), int(b)) for a, b in ranges]).tolist()
 
 
+def check_shards(manifest: dict, uri: str, split: str) -> list[str]:
+    """Compare the split's shards with one listing of the dataset folder (on S3, one request
+    per 1,000 objects; reading the shards to count them is what `vit-shards index` is for):
+    -> one warning line per problem found. Shards named by full URI are not checked. Raises
+    DatasetError when none of the shards is there (a wrong data.uri)."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(uri)
+    root = root.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except (OSError, ValueError):
+        return []       # read_manifest could read the folder; the reads will name what fails
+    sizes = {i.path[len(root) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+    entries = [e for e in manifest["splits"][split]["shards"]
+               if "://" not in e["name"] and not e["name"].startswith("/")]
+    missing = [e["name"] for e in entries if e["name"] not in sizes]
+    if entries and len(missing) == len(entries):
+        raise DatasetError(f"{uri}: none of the {len(entries)} shards of split {split!r} that "
+                           f"manifest.json lists is there (e.g. {missing[0]}); check data.uri")
+    changed = [f"{e['name']} ({sizes[e['name']]} bytes, manifest.json says {e['bytes']})"
+               for e in entries if e["name"] in sizes and e.get("bytes") is not None
+               and sizes[e["name"]] != e["bytes"]]
+    lines = []
+    if missing:
+        lines.append(f"{len(missing)} of the {len(entries)} shards of split {split!r} are not "
+                     f"at {uri} ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+                     f"; their samples are skipped and counted")
+    if changed:
+        lines.append(f"{len(changed)} shard(s) changed after manifest.json was written: "
+                     f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}; one "
+                     f"with more samples than it says stops the run when it is read (rewrite "
+                     f"or re-index the dataset: vit-shards)")
+    return lines
+
+
 def epochs_for(manifest: dict, split: str, samples: int) -> int:
     """Epochs of the plan for a run that trains on `samples` samples: enough when only
     USABLE_MIN of the data is usable (below that, `DataHealth.verdict` stops the run), and

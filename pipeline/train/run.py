@@ -178,6 +178,8 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
         raise PretrainError(f"the dataset has {manifest['num_classes']} classes but "
                             f"model.num_classes={m.num_classes}; set model.num_classes")
     stream = source.StreamPlan.from_manifest(manifest, d.split, cfg.train.seed)
+    for line in source.check_shards(manifest, d.uri, d.split):   # one listing, before start
+        log.warning("%s", line)
     health = source.data_health(health_name)     # the driver's handle keeps it alive
     factory = TrainData(cfg, run_uri, resume, init, manifest, health_name)
     return factory, stream, manifest, health, _probe(cfg, manifest)

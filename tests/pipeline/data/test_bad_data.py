@@ -250,3 +250,26 @@ def test_data_errors_are_typed_through_ray_wrappers():
     assert isinstance(wrapped, RayTaskError) and isinstance(wrapped, DataError)
     assert not str(wrapped).startswith("bad data"), "str() is Ray's, not the original's"
     assert wrapped.first_line() == "bad data in shard a.tar, key k1: corrupt image; fix"
+
+
+def test_the_driver_names_missing_and_changed_shards_from_one_listing(tmp_path):
+    from pipeline.data.shards import DatasetError
+    from pipeline.data.source import check_shards
+
+    for name in ("a.tar", "c.tar"):
+        write_tar(tmp_path / name, [sample(0)])
+    size = (tmp_path / "a.tar").stat().st_size
+    manifest = {"splits": {"train": {"shards": [
+        {"name": "a.tar", "samples": 1, "bytes": size},
+        {"name": "b.tar", "samples": 1, "bytes": size},
+        {"name": "c.tar", "samples": 1, "bytes": size + 512},
+        {"name": "/elsewhere/d.tar", "samples": 1}]}}}
+    assert check_shards(manifest, str(tmp_path), "train") == [
+        f"1 of the 3 shards of split 'train' are not at {tmp_path} (b.tar); their samples "
+        f"are skipped and counted",
+        f"1 shard(s) changed after manifest.json was written: c.tar ({size} bytes, "
+        f"manifest.json says {size + 512}); one with more samples than it says stops the run "
+        f"when it is read (rewrite or re-index the dataset: vit-shards)"]
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DatasetError, match="none of the 3 shards of split 'train'"):
+        check_shards(manifest, str(tmp_path / "other"), "train")
