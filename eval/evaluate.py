@@ -16,7 +16,7 @@ from eval.data import TaskDataError
 from eval.finetune import FinetuneError
 from eval.sweep import SweepConfig, SweepError, check_data, check_records, load_pretrained, run
 from eval.tasks import BY_NAME
-from pipeline import storage
+from pipeline import interrupt, storage
 from pipeline.checkpoint import CheckpointError
 from pipeline.data.shards import DatasetError
 from pipeline.storage import StorageError
@@ -64,17 +64,21 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
         repo = str(Path(__file__).resolve().parents[1])
         # No address: a new local Ray ("local"), never a stray `ray start` cluster that
         # ray.init() would otherwise attach to (or a dead one it would wait for).
-        ray.init(address=address or "local", configure_logging=False, log_to_driver=True,
-                 runtime_env=None if address else {"env_vars": {"PYTHONPATH": repo}})
+        interrupt.ray_init(address=address or "local", configure_logging=False,
+                           log_to_driver=True,
+                           runtime_env=None if address else {"env_vars": {"PYTHONPATH": repo}})
     if cfg.gpus_per_trial and not ray.cluster_resources().get("GPU"):
         log.info("the Ray cluster has no GPU: trials run on CPU (%s CPU each)",
                  f"{cfg.cpus_per_trial:g}")
         cfg = dataclasses.replace(cfg, gpus_per_trial=0.0)
     try:
         outcome = run(cfg, pretrained)
-    except BaseException:
+    except BaseException as err:
         if parent:
-            tracking.finish_run(tracking_uri, parent, "FAILED")
+            interrupted = isinstance(err, interrupt.Interrupted) or interrupt.received()
+            tracking.finish_run(tracking_uri, parent, "KILLED" if interrupted else "FAILED")
+        if interrupt.received() and not address and not os.environ.get("RAY_ADDRESS"):
+            ray.shutdown()           # the local Ray this command started goes with it
         raise
     doc = report.build(cfg, outcome, pretrained.metadata, reference,
                        dropout=pretrained.config["dropout"])

@@ -27,12 +27,13 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eval.tasks import BY_NAME, Task
-from pipeline import storage
+from pipeline import interrupt, storage
 
 log = logging.getLogger("eval.vtab")
 
@@ -329,8 +330,16 @@ def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 callbacks=[record.callback(), progress_callback(phase, len(todo))],
                 verbose=0))
-        with quiet_tune(), no_credentials_in_trial_env():
+        # Ctrl-C / SIGTERM: Tune ends its loop when SIGUSR1 comes (its own SIGINT handler is
+        # off: it would leave SIGTERM to Ray's sys.exit), stops the trials, and returns.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        with quiet_tune(), no_credentials_in_trial_env(), \
+                interrupt.deferred(lambda: os.kill(os.getpid(), signal.SIGUSR1)):
             grid = tuner.fit()
+        if interrupt.received():
+            raise interrupt.Interrupted(interrupt.received(), (
+                f"evaluation stopped; {len(record.read())} {phase} trial(s) finished are kept "
+                f"in {record.uri}; the same command resumes"))
         for result in grid:
             conf = result.config["trial"]
             error = (str(result.error).strip().splitlines()[-1] if result.error else None)

@@ -28,8 +28,12 @@ import logging
 import os
 import sys
 
-from eval.report import REFERENCE
-from eval.sweep import DEFAULT_STORAGE, PRESETS, PROTOCOLS, SweepConfig, eval_config
+from pipeline import interrupt
+
+interrupt.install()   # before the heavy imports: a Ctrl-C while they load ends quietly too
+
+from eval.report import REFERENCE  # noqa: E402
+from eval.sweep import DEFAULT_STORAGE, PRESETS, PROTOCOLS, SweepConfig, eval_config  # noqa: E402
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -150,6 +154,12 @@ def config_from(args) -> SweepConfig:
 
 
 def main(argv=None) -> int:
+    """The command; Ctrl-C or SIGTERM stop it cleanly (exit 130 / 143, finished trials kept;
+    see pipeline.interrupt)."""
+    return interrupt.run(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     # This command says where the runs are; MLflow need not print a URL per run.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -173,6 +183,9 @@ def main(argv=None) -> int:
         doc, where = evaluate(cfg, reference=args.reference, address=args.address)
     except Exception as err:  # noqa: BLE001 - every failure ends in one line and exit != 0
         from eval.evaluate import USER_ERRORS
+
+        if interrupt.received():    # a signal Ray's C++ code turned into another error
+            raise interrupt.Interrupted(interrupt.received()) from None
 
         if isinstance(err, USER_ERRORS):
             print(f"error: {err}", file=sys.stderr)

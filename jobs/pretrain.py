@@ -172,6 +172,8 @@ def _main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - a Ray failure: its last line says why
+        if interrupt.received():    # a signal Ray's C++ code turned into another error
+            raise interrupt.Interrupted(interrupt.received()) from None
         lines = [ln for ln in str(err).splitlines() if ln.strip()]
         print(f"error: training failed: {lines[-1] if lines else type(err).__name__}",
               file=sys.stderr)

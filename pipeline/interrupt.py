@@ -139,10 +139,22 @@ def run(main, argv=None) -> int:
     install()
     _running = True
     try:
-        return main(argv)
-    except Interrupted as stop:
-        print(stop.line(), file=sys.stderr, flush=True)
-        return stop.exit_code
+        try:
+            code = main(argv)
+        except Interrupted as stop:
+            print(stop.line(), file=sys.stderr, flush=True)
+            return stop.exit_code
+        except BaseException:
+            if not _received:
+                raise
+            # Raised inside an extension that mangled the Interrupted (a SystemError from
+            # Ray's C++ code): still the signal's exit.
+            code = 1
+        if _received and code != 0:
+            stop = Interrupted(_received[0])
+            print(stop.line(), file=sys.stderr, flush=True)
+            return stop.exit_code
+        return code
     finally:
         # Called in-process (tests, notebooks): leave the caller's handlers as they were.
         _running = False

@@ -170,9 +170,12 @@ def _param(v) -> str:
 
 
 class Tracker:
-    """Rank-0 metric logging into an existing run, resilient to a tracking server outage."""
+    """Rank-0 metric logging into an existing run, resilient to a tracking server outage.
+    With `run_id` None (MLflow was down when the run started, so it has no MLflow run yet)
+    it only keeps the metrics: `save` writes them to the spill at each checkpoint, and the
+    next start of the run imports them (`import_spills`)."""
 
-    def __init__(self, tracking_uri: str, run_id: str, spill_uri: str | None = None,
+    def __init__(self, tracking_uri: str, run_id: str | None, spill_uri: str | None = None,
                  retry_every_s: float = 30.0):
         from mlflow.tracking import MlflowClient
 
@@ -194,6 +197,8 @@ class Tracker:
         retrains the steps after it, which the run may already hold (it was stopped, or
         lost a worker, after logging them): those are not logged twice. (A resumed run
         retraces them exactly, so the values already there are the ones it would log.)"""
+        if self.run_id is None:
+            return {}
         try:
             run = self.client.get_run(self.run_id)
         except Exception:  # noqa: BLE001 - the server may be down: nothing to skip then
@@ -213,6 +218,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         self.last_try = time.monotonic()
+        if self.run_id is None:
+            return False
         try:
             while self.pending:
                 chunk = self.pending[:1000]
@@ -245,19 +252,78 @@ class Tracker:
         except Exception as err:  # noqa: BLE001
             log.warning("could not log MLflow artifact %s: %s", name, type(err).__name__)
 
+    def save(self) -> None:
+        """At a checkpoint: metrics the server has not taken go to the spill now, so that a
+        run killed later loses none of what its checkpoints cover."""
+        if self.pending and (self.run_id is None or self.down_since is not None):
+            self._spill()
+
     def close(self) -> None:
         """Final flush; what the server did not take is written to `spill_uri` (local or
         s3://) as JSON lines, so no metric is lost."""
         if self.flush() or not self.pending:
             return
+        self._spill()
+
+    def _spill(self) -> None:
         from pipeline import storage
 
         lines = "".join(json.dumps({"run_id": self.run_id, "key": k, "value": v, "step": s,
                                     "timestamp": ts}) + "\n" for k, v, s, ts in self.pending)
-        target = storage.join(self.spill_uri or ".", f"pending_metrics-{int(time.time())}.jsonl")
+        target = storage.join(self.spill_uri or ".",
+                              f"{SPILL_PREFIX}{time.time_ns()}.jsonl")
         storage.write_bytes(target, lines.encode())
-        log.warning("MLflow still unavailable: %d metric values written to %s",
-                    len(self.pending), target)
+        log.warning("MLflow unavailable: %d metric values written to %s (the next start of "
+                    "this run sends them)", len(self.pending), target)
+        self.pending = []
+
+
+SPILL_PREFIX = "pending_metrics-"
+
+
+def import_spills(tracking_uri: str, run_id: str, run_uri: str) -> int:
+    """Send the metrics a run spilled while MLflow was away (`pending_metrics-*.jsonl` in
+    its folder) into `run_id`, steps it already holds excepted, then delete the spills.
+    -> values sent."""
+    import pyarrow.fs as pafs
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import storage
+
+    fs, root = storage.filesystem(run_uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return 0
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File
+                   and i.base_name.startswith(SPILL_PREFIX) and i.base_name.endswith(".jsonl"))
+    if not names:
+        return 0
+    client = MlflowClient(tracking_uri)
+    have = {m.key: m.step for m in client.get_run(run_id).data._metric_objs}
+    sent = 0
+    for name in names:
+        uri = storage.join(run_uri, name)
+        metrics = []
+        for line in storage.read_bytes(uri).decode().splitlines():
+            try:
+                r = json.loads(line)
+                m = Metric(str(r["key"]), float(r["value"]), int(r["timestamp"]), int(r["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue                           # a torn line: the rest still counts
+            if m.step > have.get(m.key, -1):
+                metrics.append(m)
+        metrics.sort(key=lambda m: (m.step, m.timestamp))
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        sent += len(metrics)
+        for m in metrics:
+            have[m.key] = max(have.get(m.key, -1), m.step)
+        fs.delete_file(storage.filesystem(uri)[1])
+    log.info("sent %d metric values that this run spilled while MLflow was unavailable",
+             sent)
+    return sent
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

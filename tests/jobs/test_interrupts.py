@@ -30,8 +30,8 @@ def commands():
     """Start a Command (killed and cleaned up after the test, whatever happened)."""
     started: list[Command] = []
 
-    def start(*args) -> Command:
-        started.append(Command(*args))
+    def start(*args, **kwargs) -> Command:
+        started.append(Command(*args, **kwargs))
         return started[-1]
 
     yield start
@@ -45,7 +45,8 @@ class Command:
     """`vit-pretrain` in its own session, marked so that every process it starts (Ray's
     GCS, raylet, workers inherit the environment) can be found afterwards."""
 
-    def __init__(self, tmp_path: Path, tracking_uri: str, *args: str):
+    def __init__(self, tmp_path: Path, tracking_uri: str, *args: str,
+                 module: str = "jobs.pretrain"):
         self.mark = uuid.uuid4().hex
         # Short: Ray's socket paths under TMPDIR must stay within 107 bytes.
         self.tmp = Path(tempfile.mkdtemp(prefix="it", dir="/tmp"))
@@ -55,7 +56,7 @@ class Command:
         env.pop("RAY_ADDRESS", None)
         self.log = tmp_path / f"out-{self.mark[:6]}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.pretrain", "--preset", "smoke", *args],
+            [sys.executable, "-m", module, *args],
             cwd=ROOT, env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
             start_new_session=True)
 
@@ -125,8 +126,8 @@ def runs_of(tracking_uri: str, name: str):
 
 @pytest.mark.parametrize("sig,delay", [(signal.SIGINT, 1.0), (signal.SIGTERM, 6.0)])
 def test_a_signal_during_start_up(tmp_path, mlflow_server, sig, delay, commands):
-    cmd = commands(tmp_path, mlflow_server.uri, "--storage", str(tmp_path / "runs"),
-                  "--name", f"startup-{sig}")
+    cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--storage",
+                   str(tmp_path / "runs"), "--name", f"startup-{sig}")
     time.sleep(delay)                  # importing, or starting the local Ray
     sent = cmd.signal(sig)
     rc = cmd.wait(60)
@@ -143,7 +144,8 @@ def test_a_signal_during_start_up(tmp_path, mlflow_server, sig, delay, commands)
 def test_sigterm_while_training_then_the_same_command_continues(tmp_path, mlflow_server,
                                                                commands):
     storage, name = tmp_path / "runs", "interrupted"
-    args = ["--storage", str(storage), "--name", name, "--set", "train.checkpoint_every=10",
+    args = ["--preset", "smoke", "--storage", str(storage), "--name", name,
+            "--set", "train.checkpoint_every=10",
             "--set", "train.log_every=5", "--set", "train.fewshot_every=0"]
     cmd = commands(tmp_path, mlflow_server.uri, *args, "--set", "train.total_steps=5000")
     run = storage / name
@@ -185,8 +187,9 @@ def test_sigterm_while_training_then_the_same_command_continues(tmp_path, mlflow
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path, mlflow_server, commands):
     storage, name = tmp_path / "runs", "twice"
-    cmd = commands(tmp_path, mlflow_server.uri, "--storage", str(storage), "--name", name,
-                  "--set", "train.total_steps=5000", "--set", "train.checkpoint_every=10")
+    cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--storage", str(storage),
+                   "--name", name, "--set", "train.total_steps=5000",
+                   "--set", "train.checkpoint_every=10")
     wait_for(lambda: (storage / name / "step_00000010" / "train_state.json").exists(), 240,
              "first checkpoint", cmd)
     sent = cmd.signal(signal.SIGINT)
@@ -196,4 +199,46 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, mlflow_server, commands):
     assert rc == 130
     assert time.monotonic() - sent < 5
     assert "SIGINT again: exiting now" in cmd.output()
+    assert cmd.leftovers() == []
+
+
+def test_sigterm_during_a_vtab_trial(tmp_path, mlflow_server, commands):
+    import torch
+
+    from eval.data import write_synthetic_task
+    from eval.tasks import BY_NAME
+    from pipeline.checkpoint import save_vit
+    from pipeline.model import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=2,
+                                        num_heads=2, mlp_dim=64, num_classes=10)),
+                          tmp_path / "ckpt")
+    write_synthetic_task(tmp_path / "vtab-1k", BY_NAME["eurosat"], seed=0)
+    storage = tmp_path / "ev"
+    cmd = commands(tmp_path, mlflow_server.uri, "--checkpoint", str(checkpoint), "--data",
+                   str(tmp_path / "vtab-1k"), "--tasks", "eurosat", "--resolution", "32",
+                   "--lrs", "0.01", "--steps", "3000", "--batch-size", "32", "--seeds", "4",
+                   "--max-concurrent-trials", "1", "--storage", str(storage), "--name", "term",
+                   module="eval.vtab")
+    record = storage / "term" / "final_trials.json"
+    wait_for(record.exists, 300, "a finished trial", cmd)
+    sent = cmd.signal(signal.SIGTERM)
+    rc = cmd.wait(60)
+    out = cmd.output()
+    assert rc == 143, out[-3000:]
+    assert time.monotonic() - sent < 30
+    line = last_line(out)
+    assert line.startswith("interrupted by SIGTERM: evaluation stopped; "), line
+    assert "trial(s) finished are kept" in line and "the same command resumes" in line
+    assert not own_traceback(out)
+    assert 1 <= len(json.loads(record.read_text())["trials"]) < 4
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("vtab")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params.get("checkpoint", str(checkpoint)) == str(checkpoint)
+    assert parent.info.status == "KILLED"
     assert cmd.leftovers() == []

@@ -102,3 +102,46 @@ def test_checkpoints_without_checksums_still_load(run):
     (newest / "train_state.json").write_text(json.dumps(doc))
     (newest / "state" / "sha256_rank0.json").unlink()
     assert checkpoints.latest_verified(str(run)) == str(newest)
+
+
+def test_retention_keeps_exactly_the_newest_complete_ones(tmp_path):
+    cfg, model, opt = tiny_run()
+    run = tmp_path / "run"
+    for step in (10, 20, 30, 40, 50, 60):
+        _write(run / checkpoints.dir_name(step), cfg, model, opt, step)
+    # A stale half-written one of an earlier start, a damaged one, an upload in flight.
+    (run / "step_00000005" / "state").mkdir(parents=True)
+    flip_byte(run / "step_00000050" / "model.safetensors")
+    checkpoints.mark_corrupt(str(run / "step_00000050"), "test")
+    (run / "step_00000070" / "state").mkdir(parents=True)
+    deleted = checkpoints.prune(str(run), keep=2)
+    left = sorted(p.name for p in run.iterdir())
+    # Complete: 60 and 40 kept; 50 (damaged) sits between them; 70 is in flight.
+    assert left == ["step_00000040", "step_00000050", "step_00000060", "step_00000070"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in deleted) == [
+        "step_00000005", "step_00000010", "step_00000020", "step_00000030"]
+    assert checkpoints.prune(str(run), keep=2) == []
+    # Fewer complete ones than `keep`: nothing is deleted.
+    assert checkpoints.prune(str(run), keep=5) == []
+
+
+def test_resume_restores_the_optimizers_non_tensor_state(tmp_path):
+    """param_groups (lr, betas, weight decay, ...) are non-tensor values: they must reach the
+    optimizer, not only the planner's flattened copy of the state dict."""
+    import torch
+
+    from pipeline.model import ViT
+    from pipeline.train.step import Pretrainer, decay_names, make_optimizer
+    from tests.pipeline.train.test_units import CPU
+
+    cfg, model, opt = tiny_run()
+    for group in opt.param_groups:
+        group["lr"], group["betas"] = 0.0123, (0.5, 0.75)
+    _write(tmp_path, cfg, model, opt, 1)
+    fresh = Pretrainer(ViT(cfg.model), "softmax")
+    fresh_opt = make_optimizer(fresh, decay_names(fresh), cfg, CPU)
+    assert fresh_opt.param_groups[0]["lr"] != 0.0123
+    checkpoints.load(str(tmp_path), fresh, fresh_opt, cfg.model, "test")
+    for group in fresh_opt.param_groups:
+        assert group["lr"] == 0.0123 and tuple(group["betas"]) == (0.5, 0.75)
+    assert torch.is_tensor(next(iter(fresh_opt.state.values()))["exp_avg"])
