@@ -492,6 +492,97 @@ def load(uri: str, model: nn.Module, optimizer: torch.optim.Optimizer, model_cfg
 # ---------------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------------
+STAGING_PREFIX = "vit-ckpt-"        # + "<pid>-<step>-": local staging folders in TMPDIR
+# Below this much free space a failed write is a full disk: torch.save's zip writer reports
+# ENOSPC as "unexpected pos N vs M", with no errno.
+FULL_BYTES = 64 << 20
+_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122",
+              "errno 28", "errno 122")
+
+
+def sweep_staging(directory: str | None = None) -> list[Path]:
+    """Remove the staging folders of processes of this host that are gone (a worker killed
+    mid-upload leaves one behind; each is a checkpoint's size). -> the folders removed."""
+    import re
+
+    removed = []
+    for path in Path(directory or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
+        m = re.match(rf"{STAGING_PREFIX}(\d+)-\d+-", path.name)
+        if m and path.is_dir() and not _alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _causes(err: BaseException):
+    """`err`, its causes and contexts, and the per-rank errors a DCP CheckpointException
+    wraps."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+
+
+def _disk_full(err: BaseException, path: str | os.PathLike | None) -> bool:
+    """Whether `err`, raised writing under `path`, means the disk (or quota) is full."""
+    import errno
+
+    for e in _causes(err):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(t in str(e).lower() for t in _FULL_TEXT):
+            return True
+    if path is not None:
+        try:
+            return shutil.disk_usage(path).free < FULL_BYTES
+        except OSError:
+            return False
+    return False
+
+
+def _save_error(err: BaseException, step: int, where: str, path: str) -> BaseException:
+    """What a failed checkpoint write raises. A full disk is `Fatal` (one line; a retry would
+    fill it again). DCP's CheckpointException derives from BaseException, which Ray Train's
+    upload thread does not catch (the failure would vanish and later reports wait forever):
+    other failures go on as a RuntimeError, retried as transient."""
+    from pipeline.train.failures import Fatal
+
+    if isinstance(err, (Fatal, KeyboardInterrupt, SystemExit)):
+        return err
+    if _disk_full(err, path):
+        fix = "TMPDIR" if where == "staging" else "--storage"
+        place = "the local staging folder" if where == "staging" else "the checkpoint storage"
+        return Fatal(f"checkpoint at step {step}: no space left on {place} ({path}); free "
+                     f"space there or point {fix} elsewhere")
+    if not isinstance(err, Exception):
+        return RuntimeError(f"checkpoint at step {step}: writing {where} failed: "
+                            f"{_first(err)}")
+    return err
+
+
+def _reraise(err: BaseException, step: int, where: str, path: str):
+    mapped = _save_error(err, step, where, path)
+    if mapped is err:
+        raise err
+    raise mapped from err
+
+
 class CheckpointWriter:
     """Saves training checkpoints from every worker through `ray.train.report`.
 
@@ -505,6 +596,10 @@ class CheckpointWriter:
 
         self.rank, self.asynchronous = rank, asynchronous
         self.pending = None          # the previous asynchronous DCP write
+        self.pending_step = 0
+        self.staging: set[Path] = set()     # local folders not yet uploaded and removed
+        for path in sweep_staging():
+            log.info("removed %s, left by a process that is gone", path)
         # DCP's own collectives (plans, metadata) run in a background thread: give them a
         # process group of their own so they never interleave with the training's.
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -523,27 +618,47 @@ class CheckpointWriter:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
         vit_state = {k[len("vit."):]: v for k, v in full.items() if k.startswith("vit.")}
-        local = Path(tempfile.mkdtemp(prefix=f"vit-ckpt-{step}-"))
-        writer = dcp.FileSystemWriter(str(local / STATE_DIR))
-        if self.pending is not None:     # one write at a time on the checkpoint group
-            self.pending.result()
-        state = _dcp_state(model, optimizer)
-        if self.asynchronous:
-            self.pending = dcp.async_save(state, storage_writer=writer, process_group=self.group)
-            pending = self.pending
-        else:
-            dcp.save(state, storage_writer=writer, process_group=self.group)
-            pending = None
-        rank = self.rank
+        tmp = tempfile.gettempdir()
+        try:
+            local = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-{step}-"))
+        except OSError as err:
+            _reraise(err, step, "staging", tmp)
+        self.staging.add(local)
+        self.close()                     # one write at a time on the checkpoint group
+        try:
+            writer = dcp.FileSystemWriter(str(local / STATE_DIR))
+            state = _dcp_state(model, optimizer)
+            if self.asynchronous:
+                self.pending = dcp.async_save(state, storage_writer=writer,
+                                              process_group=self.group)
+                self.pending_step = step
+                pending = self.pending
+            else:
+                dcp.save(state, storage_writer=writer, process_group=self.group)
+                pending = None
+        except BaseException as err:
+            self._discard_staging()
+            _reraise(err, step, "staging", tmp)
+        rank, staging = self.rank, self.staging
 
         def write_and_upload(checkpoint, checkpoint_dir_name):
-            if pending is not None:
-                pending.result()
-            write_rank_checksums(local, rank)
-            if rank == 0:
-                _write_model_and_state(local, vit_state, vit_cfg, doc)
-            return ray.train.get_context().get_storage().persist_current_checkpoint(
-                checkpoint, checkpoint_dir_name)
+            # Ray removes `local` after a successful upload; every failure removes it here.
+            try:
+                where, path = "staging", tmp
+                if pending is not None:
+                    pending.result()
+                write_rank_checksums(local, rank)
+                if rank == 0:
+                    _write_model_and_state(local, vit_state, vit_cfg, doc)
+                where, path = "upload", _storage_path()
+                persisted = ray.train.get_context().get_storage().persist_current_checkpoint(
+                    checkpoint, checkpoint_dir_name)
+            except BaseException as err:
+                shutil.rmtree(local, ignore_errors=True)
+                staging.discard(local)
+                _reraise(err, step, where, path)
+            staging.discard(local)
+            return persisted
 
         mode = ray.train.CheckpointUploadMode
         try:
@@ -553,15 +668,37 @@ class CheckpointWriter:
                              checkpoint_upload_mode=mode.ASYNC if self.asynchronous else
                              mode.SYNC, checkpoint_upload_fn=write_and_upload,
                              delete_local_checkpoint_after_upload=True)
-        except BaseException:
-            shutil.rmtree(local, ignore_errors=True)
-            raise
+        except BaseException as err:
+            self._discard_staging()
+            _reraise(err, step, "staging", tmp)
+
+    def _discard_staging(self) -> None:
+        """On a failure: the run stops (or its worker group restarts), so no staging folder
+        of this writer will be uploaded any more."""
+        for path in list(self.staging):
+            shutil.rmtree(path, ignore_errors=True)
+            self.staging.discard(path)
 
     def close(self) -> None:
         """Wait for the last asynchronous write (Ray waits for the uploads)."""
         if self.pending is not None:
-            self.pending.result()
-            self.pending = None
+            try:
+                self.pending.result()
+            except BaseException as err:
+                self._discard_staging()
+                _reraise(err, self.pending_step, "staging", tempfile.gettempdir())
+            finally:
+                self.pending = None
+
+
+def _storage_path() -> str:
+    """Where Ray Train uploads checkpoints, for messages."""
+    import ray.train
+
+    storage_ctx = ray.train.get_context().get_storage()
+    fs = storage_ctx.storage_filesystem
+    path = storage_ctx.experiment_fs_path
+    return f"s3://{path}" if getattr(fs, "type_name", "") == "s3" else path
 
 
 def write_local(directory: str | os.PathLike, model: nn.Module,

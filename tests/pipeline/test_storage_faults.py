@@ -21,6 +21,20 @@ def _budget_s(attempts: int) -> float:
     return 0.025 * (2 ** (attempts - 1) - 2)
 
 
+def _lines(log: str) -> list[str]:
+    """Lines as a terminal shows them: progress bars end their updates with "\\r" and move
+    the cursor with escape sequences, which precede the next line printed."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", log).replace("\r", "\n").splitlines()
+
+
+def _tail(log: str, n: int = 40) -> str:
+    """The last lines of a run's output, without Ray Data's progress bars."""
+    lines = [ln for ln in _lines(log) if ln.strip() and "row/s" not in ln]
+    return "\n".join(lines[-n:])
+
+
 def _time_to_fail(fs, path: str = "bucket/key") -> float:
     start = time.perf_counter()
     with pytest.raises(OSError, match="connect"):
@@ -221,3 +235,86 @@ def test_pretraining_rides_out_a_15_s_outage(s3, s3_server, tmp_path):
     run = client.search_runs(client.get_experiment_by_name("vit-smoke").experiment_id)[0]
     starts = client.get_metric_history(run.info.run_id, "train/start_step")
     assert [m.value for m in starts] == [0.0], "one start, no restart"
+
+
+def test_staging_folders_of_gone_processes_are_swept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.train import checkpoints
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    left = tmp_path / f"{checkpoints.STAGING_PREFIX}{gone}-20-abc"
+    live = tmp_path / f"{checkpoints.STAGING_PREFIX}{os.getpid()}-30-def"
+    other = tmp_path / f"{checkpoints.STAGING_PREFIX}x-40-ghi"          # not ours: kept
+    for folder in (left, live, other):
+        (folder / "state").mkdir(parents=True)
+    assert checkpoints.sweep_staging(str(tmp_path)) == [left]
+    assert not left.exists() and live.exists() and other.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (as root; skipped where mounting is not allowed): a real full disk,
+    ENOSPC from the kernel, without filling the machine's."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()[:100]})")
+    try:
+        yield mount
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("full", ["storage", "staging"])
+def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, tmp_path):
+    """The checkpoint storage (`--storage` on a full disk: the upload fails) or the local
+    staging folder (TMPDIR on a full disk: DCP's write fails, with no errno in torch's
+    message) runs out of space at the first checkpoint: the run stops at once, with one line
+    naming the place and the fix, no retry, the MLflow run FAILED, every metric step logged
+    once, and no staging folder left."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    root = Path(__file__).resolve().parents[2]
+    staging = small_disk if full == "staging" else tmp_path / "staging"
+    staging.mkdir(exist_ok=True)
+    runs = small_disk if full == "storage" else tmp_path / "runs"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(root), RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(staging),
+               RAY_TMPDIR="/tmp",                   # Ray's session folder stays off TMPDIR
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--storage", str(runs),
+           "--name", "full", "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
+           "--set", "train.total_steps=40", "--set", "train.checkpoint_every=10",
+           "--set", "train.log_every=2", "--set", "train.fewshot_every=0"]
+    start = time.monotonic()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
+    took = time.monotonic() - start
+    log = out.stdout + out.stderr
+    (tmp_path / "run.log").write_text(f"{log}\nexit code {out.returncode}\n")
+    assert out.returncode != 0, _tail(log)
+    errors = [ln for ln in _lines(log) if ln.startswith("error:")]
+    assert len(errors) == 1 and "no space left" in errors[0] and str(small_disk) in errors[0] and \
+        ("TMPDIR" if full == "staging" else "--storage") in errors[0], errors or _tail(log)
+    assert "RETRY" not in log and took < 120, f"{took:.0f} s"
+    assert not list(staging.glob("vit-ckpt-*")), "a staging folder was left behind"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs(client.get_experiment_by_name("vit-smoke").experiment_id)
+    assert run.info.status == "FAILED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps and len(steps) == len(set(steps)), f"steps logged twice: {sorted(steps)}"
