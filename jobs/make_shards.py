@@ -72,11 +72,22 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """The command; Ctrl-C or SIGTERM stop it cleanly (exit 130 / 143): shards already
+    written stay (the same command skips identical ones), no partial file and no manifest
+    are left (see pipeline.interrupt)."""
+    from pipeline import interrupt
+
+    return interrupt.run(_main, argv)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.dst is None and args.kind != "index":
         print(f"error: {args.kind} needs a destination (DST: a folder or s3://bucket/prefix)",
               file=sys.stderr)
         return 2
+    from pipeline import interrupt
+
     try:
         if args.kind == "index":
             from pipeline.data.index import index_shards
@@ -96,8 +107,13 @@ def main(argv=None) -> int:
         options = shards.ShardOptions(shard_size_mb=args.shard_size_mb,
                                       resize_short=args.resize_short,
                                       shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
-        manifest = shards.write_shards(source, args.dst, options, workers=args.workers,
-                                       strict=args.strict)
+        try:
+            manifest = shards.write_shards(source, args.dst, options, workers=args.workers,
+                                           strict=args.strict)
+        except interrupt.Interrupted as stop:
+            raise interrupt.Interrupted(stop.signum, (
+                f"shard writing stopped; the shards written so far stay at {args.dst} and "
+                f"the same command skips them (no manifest.json until it completes)")) from None
     except (shards.DatasetError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

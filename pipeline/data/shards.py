@@ -13,6 +13,7 @@ at DST with the same SHA-256 is kept, anything else is (re)written, and every wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -302,9 +303,22 @@ def _prepared(refs: list[SampleRef], num_classes: int, options: ShardOptions, wo
     chunk = 32
     chunks = [(refs[i:i + chunk], *args) for i in range(0, len(refs), chunk)]
     # spawn: the caller may have threads (an S3 client, Ray), which fork does not survive.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_ignore_ctrl_c)
+    try:
         for results in pool.map(_prepare_chunk, chunks):
             yield from results
+    finally:
+        # Stopped early (Ctrl-C, an error): drop the chunks not started instead of decoding
+        # the rest of the dataset first.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_ctrl_c() -> None:
+    """In decoding processes: Ctrl-C reaches the whole process group; the parent stops them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_destination(dst: str) -> None:
@@ -371,7 +385,7 @@ def write_shards(source: Source, dst: str, options: ShardOptions = ShardOptions(
         skipped: list[dict] = []
         bar = tqdm(total=len(refs), desc=f"{split} -> {dst}", unit="img", file=sys.stderr,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0, dynamic_ncols=True)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.closing(bar):
             out = _SplitWriter(split, dst, Path(tmp), target_bytes)
             for i, (ref, result) in enumerate(zip(refs, _prepared(refs, num_classes, options,
                                                                     workers), strict=True)):
@@ -393,7 +407,6 @@ def write_shards(source: Source, dst: str, options: ShardOptions = ShardOptions(
                          "json": meta}, len(data) + len(meta))
                 bar.set_postfix(shards=len(out.shards), refresh=False)
             out.finish()
-        bar.close()
         shards = out.shards
         written, kept = written + out.written, kept + out.kept
         n = sum(e["samples"] for e in shards)
@@ -470,10 +483,14 @@ def _publish(local: Path, dst: str, name: str, count: int) -> tuple[dict, bool]:
         return entry, False
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{name}.partial")
-    with open(local, "rb") as src, open(partial, "wb") as out:
-        while chunk := src.read(1 << 20):
-            out.write(chunk)
-    os.replace(partial, target)
+    try:
+        with open(local, "rb") as src, open(partial, "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+        os.replace(partial, target)
+    except BaseException:                 # interrupted or failed: no half-written file left
+        partial.unlink(missing_ok=True)
+        raise
     return entry, True
 
 

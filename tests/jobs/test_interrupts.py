@@ -242,3 +242,47 @@ def test_sigterm_during_a_vtab_trial(tmp_path, mlflow_server, commands):
     assert parent.data.params.get("checkpoint", str(checkpoint)) == str(checkpoint)
     assert parent.info.status == "KILLED"
     assert cmd.leftovers() == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_writing_shards(tmp_path, sig):
+    """Ctrl-C reaches the whole process group (the decoding processes too); SIGTERM only the
+    command. Either way: shards written stay, no partial file, no manifest, the same command
+    completes keeping them."""
+    dst = tmp_path / "shards"
+    args = [sys.executable, "-m", "jobs.make_shards", "synthetic", "-", str(dst),
+            "--num-samples", "6000", "--image-size", "64", "--shard-size-mb", "0.1",
+            "--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "shards.log"
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(dst.glob("*.tar"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)          # what a terminal's Ctrl-C does
+        else:
+            proc.send_signal(sig)
+        sent = time.monotonic()
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert rc == 128 + sig, out[-2000:]
+    assert time.monotonic() - sent < 30
+    assert last_line(out).startswith(f"interrupted by {signal.Signals(sig).name}: shard "
+                                     f"writing stopped; the shards written so far stay")
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    written = sorted(p.name for p in dst.glob("*.tar"))
+    assert written and not (dst / "manifest.json").exists()
+    assert [p.name for p in dst.iterdir() if p.name.endswith(".partial")] == []
+
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (dst / "manifest.json").exists()
+    kept = int(re.search(r"kept (\d+) identical shard", again.stdout + again.stderr).group(1))
+    assert kept >= len(written) - 1          # the last one may have been cut mid-write
