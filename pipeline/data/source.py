@@ -790,10 +790,14 @@ def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int =
 def iter_batches(data_iterator, batch_size: int, cfg: InputConfig | None = None,
                  drop_last: bool = True, seed: int | None = None):
     """Torch batches from a Ray Train dataset shard, with prefetching and the local shuffle
-    buffer; the `image` column stays uint8 (see `transforms.to_model_input`)."""
+    buffer; the `image` column stays uint8 (see `transforms.to_model_input`).
+
+    The buffer holds at least two batches: with less, Ray 2.60's ShufflingBatcher hands out
+    short batches mid-stream (it serves a batch from the shuffled rows left whenever more
+    than half the buffer's size is left, even when that is under a batch: 12 of 16 rows with
+    a buffer of 16 and uneven blocks), and the global batch would not be what was set."""
     cfg = cfg or InputConfig()
-    shuffle = cfg.shuffle_buffer if cfg.shuffle_buffer >= batch_size else (
-        batch_size if cfg.shuffle_buffer else None)
+    shuffle = max(cfg.shuffle_buffer, 2 * batch_size) if cfg.shuffle_buffer else None
     return data_iterator.iter_torch_batches(
         batch_size=batch_size, prefetch_batches=cfg.prefetch_batches, drop_last=drop_last,
         local_shuffle_buffer_size=shuffle, local_shuffle_seed=seed if shuffle else None)

@@ -485,3 +485,14 @@ def test_unreachable_endpoint(s3, monkeypatch):
     with pytest.raises(storage.StorageError, match="cannot reach the S3 endpoint "
                                                    "http://127.0.0.1:"):
         shard_dataset(InputConfig(uri=f"s3://{s3}/x"), 1)
+
+
+@pytest.mark.ray
+def test_every_batch_is_full_with_a_small_shuffle_buffer_and_uneven_blocks(ray_local):
+    """A shuffle buffer of one batch and blocks of 7 rows: Ray's batcher alone gives short
+    batches mid-stream (a global batch below the one set)."""
+    from collections import Counter as Count
+
+    ds = synthetic_dataset(num_samples=630, num_classes=4, image_size=8, block_rows=7)
+    sizes = Count(len(b["index"]) for b in iter_batches(ds, 16, InputConfig(shuffle_buffer=16)))
+    assert sizes == {16: 630 // 16}, sizes
