@@ -270,6 +270,34 @@ def complete_checkpoints(run_uri: str):
             log.warning("skipping incomplete checkpoint %s (files missing or truncated)", uri)
 
 
+def prune(run_uri: str, keep: int) -> list[str]:
+    """Retention: keep the `keep` newest complete checkpoints and whatever is newer than the
+    oldest of them (uploads in flight); delete every older step folder, complete or not
+    (stale ones of earlier starts, half-written ones, damaged ones). Ray Train's own
+    `num_to_keep` only deletes the checkpoints its current controller registered, so older
+    ones accumulated across starts. -> the folders deleted."""
+    kept = []
+    for uri in complete_checkpoints(run_uri):
+        kept.append(uri)
+        if len(kept) == keep:
+            break
+    if len(kept) < keep or keep <= 0:
+        return []
+    import pyarrow.fs as pafs
+
+    fs, root = storage.filesystem(run_uri)
+    oldest = kept[-1].rstrip("/").rsplit("/", 1)[-1]
+    stale = [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")
+             and i.base_name < oldest]
+    for path in stale:
+        try:
+            fs.delete_dir(path)
+        except OSError as err:
+            log.warning("retention could not delete %s: %s", path, _first(err))
+    return stale
+
+
 def _rank_sums(rank: int) -> str:
     return f"{STATE_DIR}/sha256_rank{rank}.json"
 
@@ -451,8 +479,17 @@ def _load_planner():
         """Non-tensor values (optimizer hyperparameters) with `weights_only=True`."""
 
         def load_bytes(self, read_item, value):
+            # As DefaultLoadPlanner.load_bytes, with weights_only: the value goes into the
+            # caller's (nested) state dict, not only into the planner's flattened copy.
             value.seek(0)
-            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
+                            loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
 
     return Planner()
 

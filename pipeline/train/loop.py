@@ -176,10 +176,11 @@ def open_tracker(spec: WorkerSpec, env: WorkerEnv, start: Start):
                  "global batch %d; device %s", start.step, start.source, env.world,
                  env.strategy, cfg.micro_batch, cfg.accumulation_steps,
                  cfg.train.global_batch_size, env.device)
-    if env.rank != 0 or not spec.run_id:
+    if env.rank != 0:
         return None
     from pipeline.tracking import Tracker
 
+    # No run id: MLflow was down at start; the tracker keeps the metrics in the run folder.
     tracker = Tracker(spec.tracking_uri, spec.run_id, spec.run_uri)
     tracker.log_metrics({"train/start_step": start.step}, start.step)  # every (re)start
     return tracker
@@ -334,7 +335,8 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
         # to collect it (its poll interval, 2 s by default), so reporting every log step cost
         # the smoke run 90% of its throughput. Metrics go to MLflow from rank 0 instead.
         if save:
-            save_checkpoint(spec, env, model, optimizer, writer, progress, metrics or {})
+            save_checkpoint(spec, env, model, optimizer, writer, progress, metrics or {},
+                            tracker)
     return None
 
 
@@ -353,7 +355,7 @@ def model_inputs(batch: dict, cfg: PretrainConfig, env: WorkerEnv, step: int, mi
 
 
 def save_checkpoint(spec: WorkerSpec, env: WorkerEnv, model, optimizer, writer, progress,
-                    metrics: dict) -> None:
+                    metrics: dict, tracker=None) -> None:
     cfg = spec.cfg
     position = _advance(spec, env, progress)
     doc = checkpoints.new_state(
@@ -361,8 +363,12 @@ def save_checkpoint(spec: WorkerSpec, env: WorkerEnv, model, optimizer, writer, 
         data_position=position.to_dict() if position is not None else None,
         config=cfg.to_dict(), run_name=cfg.run.name, run_id=spec.run_id,
         world_size=env.world, strategy=env.strategy)
+    if env.rank == 0:      # retention, before this save: the earlier ones are done or in flight
+        checkpoints.prune(spec.run_uri, cfg.train.keep_checkpoints)
     writer.save(model, optimizer, cfg.model, doc, metrics)
     progress.last_save = time.monotonic()
+    if tracker is not None:
+        tracker.save()
 
 
 def _advance(spec: WorkerSpec, env: WorkerEnv, progress: Progress):

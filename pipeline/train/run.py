@@ -7,10 +7,11 @@ import json
 import logging
 import os
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import storage, tracking
+from pipeline import interrupt, storage, tracking
 from pipeline.train import checkpoints, failures, lease
 from pipeline.train.config import PretrainConfig
 from pipeline.train.loop import WorkerSpec, train_loop
@@ -269,7 +270,19 @@ def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
     else:
         factory, stream, manifest, health, probe = dataset, None, None, None, None
     tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
-                                    continuing=point.kind == "own")
+                                    continuing=point.kind == "own", run_uri=run_uri)
+    try:
+        return _train(cfg, run_uri, root, resume, init, tracking_uri, run_id, factory, stream,
+                      manifest, health, probe)
+    except interrupt.Interrupted:
+        if run_id:                   # interrupted before training began (or while closing)
+            tracking.finish_run(tracking_uri, run_id, "KILLED")
+        raise
+
+
+def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, init: str | None,
+           tracking_uri: str, run_id: str | None, factory, stream, manifest, health,
+           probe) -> Outcome:
     spec = WorkerSpec(cfg=cfg, run_uri=run_uri, resume=resume, init=init, run_id=run_id,
                       tracking_uri=tracking_uri, stream=stream,
                       health=health, probe=probe, log_level=logging.getLevelName(
@@ -277,14 +290,20 @@ def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
     _warn_if_no_cpu_for_data(cfg)
     trainer = make_trainer(cfg, spec, factory, root)
     try:
-        result = trainer.fit()
+        with interrupt.deferred(trainer.request_abort):
+            result = trainer.fit()
     except Exception as err:
+        if interrupt.received():
+            raise _stopped(cfg, run_uri) from None
         if run_id:
             tracking.finish_run(tracking_uri, run_id, "FAILED")
         message = failures.fatal_message(err)
         if message:
             raise PretrainError(message) from None
         raise
+    if interrupt.received():
+        raise _stopped(cfg, run_uri)
+    checkpoints.prune(run_uri, cfg.train.keep_checkpoints)
     uri = checkpoints.latest(run_uri) or ""
     step = checkpoints.read_state(uri)["step"] if uri else 0
     if run_id:
@@ -304,10 +323,30 @@ def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
                    run_id=run_id, tracking_uri=tracking_uri, storage=root)
 
 
+def _stopped(cfg: PretrainConfig, run_uri: str) -> interrupt.Interrupted:
+    """After an abort: this node's staging folders of the killed workers removed (other
+    nodes' workers sweep theirs when they next start), and where the run stands."""
+    import time
+
+    deadline = time.monotonic() + 10          # the killed workers take a moment to be gone
+    while True:
+        checkpoints.sweep_staging()
+        left = list(Path(tempfile.gettempdir()).glob(f"{checkpoints.STAGING_PREFIX}*"))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    newest = checkpoints.latest(run_uri)
+    where = (f"newest checkpoint {newest}; the same command continues from it" if newest
+             else "no checkpoint yet")
+    return interrupt.Interrupted(interrupt.received(), f"run {cfg.run.name!r} stopped; {where}")
+
+
 def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest: dict | None,
-             resume: str | None, init: str | None, continuing: bool) -> tuple[str, str | None]:
-    """Create (or reopen) the MLflow run on the driver -> (tracking URI, run id or None).
-    Tracking never stops training: without a server the run goes on untracked."""
+             resume: str | None, init: str | None, continuing: bool,
+             run_uri: str | None = None) -> tuple[str, str | None]:
+    """Create (or reopen) the MLflow run on the driver -> (tracking URI, run id or None),
+    and send it the metrics an earlier start spilled. Tracking never stops training: without
+    a server the run goes on, its metrics kept in the run folder until a later start."""
     import ray
 
     tracking_uri = tracking_uri or tracking.default_tracking_uri()
@@ -330,9 +369,12 @@ def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest:
             digest = tags["data_manifest"].rsplit("sha256:", 1)[-1]
             tracking.log_dataset(tracking_uri, run_id, f"{cfg.data.uri}#{cfg.data.split}",
                                  cfg.data.uri, digest)
+        if run_uri:
+            tracking.import_spills(tracking_uri, run_id, run_uri)
         return tracking_uri, run_id
     except Exception as err:  # noqa: BLE001 - tracking must not stop training
-        log.warning("MLflow unavailable at start (%s); training without tracking",
+        log.warning("MLflow unavailable at start (%s); training goes on, its metrics kept "
+                    "in the run folder and sent by the next start of this run",
                     tracking.redact(str(err).splitlines()[0][:160]) if str(err) else
                     type(err).__name__)
         return tracking_uri, None
@@ -359,7 +401,9 @@ def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+            # Retention is ours (checkpoints.prune): Ray's deletes only what its current
+            # controller registered, never the older checkpoints of earlier starts.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)))
 
 
 def _read_tasks(cfg: PretrainConfig) -> int:
