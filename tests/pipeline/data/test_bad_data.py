@@ -287,3 +287,17 @@ def test_the_driver_names_missing_and_changed_shards_from_one_listing(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(DatasetError, match="none of the 3 shards of split 'train'"):
         check_shards(manifest, str(tmp_path / "other"), "train")
+
+
+@pytest.mark.s3
+def test_the_driver_listing_works_on_s3(s3):
+    from pipeline import storage
+    from pipeline.data.source import check_shards
+
+    for name in ("a.tar", "sub/c.tar"):
+        storage.write_bytes(f"s3://{s3}/ds/{name}", b"x" * 10)
+    manifest = {"splits": {"train": {"shards": [
+        {"name": "a.tar", "samples": 1, "bytes": 10}, {"name": "b.tar", "samples": 1},
+        {"name": "sub/c.tar", "samples": 1, "bytes": 11}]}}}
+    lines = check_shards(manifest, f"s3://{s3}/ds", "train")
+    assert len(lines) == 2 and "(b.tar)" in lines[0] and "sub/c.tar (10 bytes" in lines[1]
