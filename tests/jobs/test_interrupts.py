@@ -286,3 +286,50 @@ def test_a_signal_while_writing_shards(tmp_path, sig):
     assert (dst / "manifest.json").exists()
     kept = int(re.search(r"kept (\d+) identical shard", again.stdout + again.stderr).group(1))
     assert kept >= len(written) - 1          # the last one may have been cut mid-write
+
+
+@pytest.mark.s3
+def test_sigterm_mid_upload_leaves_the_newest_checkpoint_complete_or_ignored(
+        tmp_path, mlflow_server, s3, s3_server, commands, monkeypatch):
+    """Checkpoints on an S3 endpoint slowed to 0.3 s a request: SIGTERM while a checkpoint's
+    objects are being uploaded (some there, its train_state.json not yet)."""
+    import boto3
+
+    from infra.s3_proxy import SlowS3Proxy
+    from pipeline.train import checkpoints
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+
+    def keys(prefix):
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3, Prefix=prefix)
+        return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+    run = f"s3://{s3}/runs/upload"
+    with SlowS3Proxy(s3_server, latency_s=0.3, mbps=50) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)    # the command's endpoint
+        cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--storage",
+                       f"s3://{s3}/runs", "--name", "upload", "--set", "train.total_steps=5000",
+                       "--set", "train.checkpoint_every=10", "--set", "train.fewshot_every=0")
+
+        def mid_upload():
+            found = keys("runs/upload/step_")
+            steps = {k.split("/")[2] for k in found}
+            return any(f"runs/upload/{s}/train_state.json" not in found for s in steps)
+
+        wait_for(mid_upload, 300, "a checkpoint upload in progress", cmd)
+        sent = cmd.signal(signal.SIGTERM)
+        rc = cmd.wait(60)
+    out = cmd.output()
+    assert rc == 143, out[-3000:]
+    assert time.monotonic() - sent < 30
+    assert last_line(out).startswith("interrupted by SIGTERM: run 'upload' stopped; ")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    # Whatever the upload left: the run's newest checkpoint is a complete, intact one (or
+    # there is none), never the half-uploaded one.
+    newest = checkpoints.latest(run)
+    half = {k.split("/")[2] for k in keys("runs/upload/step_")} - {
+        k.split("/")[2] for k in keys("runs/upload/step_") if k.endswith("train_state.json")}
+    if newest is not None:
+        assert newest.rsplit("/", 1)[-1] not in half
+        assert checkpoints.verify(newest) is None
+    assert cmd.leftovers() == []
