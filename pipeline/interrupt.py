@@ -74,10 +74,14 @@ def _kill_local_ray() -> None:
     node = getattr(worker, "_global_node", None) if worker else None
     if node is None or not getattr(node, "head", False):
         return
-    try:
-        node.kill_all_processes(check_alive=False, allow_graceful=False)
-    except Exception:  # noqa: BLE001 - exiting anyway
-        pass
+    # SIGKILL each of them without waiting (Node.kill_all_processes waits for every one);
+    # their workers go with the raylet.
+    for infos in list(getattr(node, "all_processes", {}).values()):
+        for info in infos:
+            try:
+                info.process.kill()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
 
 
 @contextlib.contextmanager

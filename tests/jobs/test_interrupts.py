@@ -201,12 +201,12 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, mlflow_server, commands):
                    "--set", "train.checkpoint_every=10")
     wait_for(lambda: (storage / name / "step_00000010" / "train_state.json").exists(), 240,
              "first checkpoint", cmd)
-    sent = cmd.signal(signal.SIGINT)
-    time.sleep(0.3)
     cmd.signal(signal.SIGINT)
+    time.sleep(0.3)
+    again = cmd.signal(signal.SIGINT)
     rc = cmd.wait(30)
     assert rc == 130
-    assert time.monotonic() - sent < 5
+    assert time.monotonic() - again < 5      # no waiting for the graceful stop
     assert "SIGINT again: exiting now" in cmd.output()
     assert cmd.leftovers() == []
 

@@ -127,3 +127,37 @@ def test_a_run_folder_the_lease_made_goes_if_nothing_was_written(tmp_path):
     (tmp_path / "runs" / "trained" / "step_00000010").mkdir()
     kept.release()
     assert (tmp_path / "runs" / "trained" / "step_00000010").is_dir()
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 200, "a\\b"])
+def test_run_names_stay_inside_the_storage(name):
+    from pipeline.train.config import apply_overrides, smoke
+
+    with pytest.raises(ValueError, match=r"run.name .*: use letters, digits"):
+        apply_overrides(smoke(), [f"run.name={name}"])
+    assert apply_overrides(smoke(), ["run.name=vit-b16_lr3e-4.v2"]).run.name == \
+        "vit-b16_lr3e-4.v2"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_second_vit_pretrain_of_the_same_run_is_refused(tmp_path):
+    """The real command, while another driver (a real process) holds the run."""
+    storage = tmp_path / "runs"
+    proc = holder(str(storage / "busy"))
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))))
+        out = subprocess.run(
+            [sys.executable, "-m", "jobs.pretrain", "--preset", "smoke", "--name", "busy",
+             "--storage", str(storage)], cwd=root, capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PYTHONPATH": root, "MLFLOW_TRACKING_URI":
+                 f"sqlite:///{tmp_path}/m.db", "RAY_ADDRESS": ""})
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = [ln for ln in out.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith(f"error: run folder {storage / 'busy'} is being written by another "
+                           f"run (pid {proc.pid} on ")
+    assert not list((storage / "busy").glob("step_*"))
