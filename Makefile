@@ -2,7 +2,7 @@
 #
 #   make demo                  install, then the whole product end to end (jobs/demo.py)
 #   make test                  install everything (torch first), then lint and run the tests
-#   make test-fast             the same without the slow tests (Ray clusters, services): ~3.5 min
+#   make test-fast             the same without the slow tests (Ray clusters, services): ~2.5 min
 #   make install               just the install
 #   make bench-model           our ViT against Hugging Face's, forward+backward images/s
 #
