@@ -62,6 +62,7 @@ from pipeline.checkpoint import (
     write_weights,
 )
 from pipeline.model import ViT, ViTConfig
+from pipeline.train.lease import process_alive
 
 log = logging.getLogger("pipeline.train")
 
@@ -545,20 +546,10 @@ def sweep_staging(directory: str | None = None) -> list[Path]:
     removed = []
     for path in Path(directory or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*"):
         m = re.match(rf"{STAGING_PREFIX}(\d+)-\d+-", path.name)
-        if m and path.is_dir() and not _alive(int(m.group(1))):
+        if m and path.is_dir() and not process_alive(int(m.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _causes(err: BaseException):

@@ -88,7 +88,7 @@ class Lease:
         if age > float(doc.get("ttl_s", self.ttl_s)):
             return True
         # A process of this host that is gone cannot renew: no need to wait out the TTL.
-        return doc.get("host") == platform.node() and not _alive(int(doc.get("pid", 0)))
+        return doc.get("host") == platform.node() and not process_alive(int(doc.get("pid", 0)))
 
     # -- heartbeat and release --------------------------------------------------------------
     def _start_heartbeat(self) -> None:
@@ -128,7 +128,8 @@ class Lease:
         self.release()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists."""
     if pid <= 0:
         return False
     try:

@@ -77,10 +77,11 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(run_uri):
 def test_an_expired_lease_of_another_host_is_taken_over(run_uri):
     uri = storage.join(run_uri, LEASE_FILE)
     storage.write_bytes(uri, json.dumps({"owner": "x", "host": "elsewhere", "pid": 1,
-                                         "ttl_s": 1}).encode())
-    with pytest.raises(LeaseHeld):   # fresh: within its TTL of 1 s
+                                         "ttl_s": 3}).encode())
+    # Fresh: within its TTL (S3's Last-Modified has whole seconds: ages read up to 1 s high).
+    with pytest.raises(LeaseHeld):
         Lease(run_uri).acquire()
-    time.sleep(1.5)
+    time.sleep(3.5)
     lease = Lease(run_uri)
     lease.acquire()
     lease.release()
