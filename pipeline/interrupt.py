@@ -61,6 +61,8 @@ def _handler(signum, frame):
         _kill_local_ray()
         os._exit(128 + signum)
     _received.append(signum)
+    os.write(2, f"\n{signal.Signals(signum).name}: stopping cleanly (send it again to exit "
+                f"at once)\n".encode())
     if _deferred:
         _deferred[-1]()
         return

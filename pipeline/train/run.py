@@ -288,6 +288,7 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
                       health=health, probe=probe, log_level=logging.getLevelName(
                           logging.getLogger("pipeline").getEffectiveLevel()))
     _warn_if_no_cpu_for_data(cfg)
+    _forget_ray_snapshot(run_uri)
     trainer = make_trainer(cfg, spec, factory, root)
     try:
         with interrupt.deferred(trainer.request_abort):
@@ -321,6 +322,25 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
         tracking.finish_run(tracking_uri, run_id, "FINISHED")
     return Outcome(checkpoint=uri, step=step, metrics=dict(result.metrics or {}),
                    run_id=run_id, tracking_uri=tracking_uri, storage=root)
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def _forget_ray_snapshot(run_uri: str) -> None:
+    """Ray Train's run snapshot lists the checkpoints its controller registered; retention
+    (`checkpoints.prune`) deletes old ones, and a controller that reloads a snapshot naming a
+    deleted checkpoint refuses to start (CheckpointManagerInitializationError). Where a run
+    continues from is ours to say (`checkpoints.resume_point`), so each start begins
+    without it."""
+    fs, path = storage.filesystem(storage.join(run_uri, RAY_SNAPSHOT))
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        if "not found" not in str(err).lower() and "does not exist" not in str(err).lower():
+            raise
 
 
 def _stopped(cfg: PretrainConfig, run_uri: str) -> interrupt.Interrupted:
