@@ -11,12 +11,19 @@ as a shell does. A second signal during that cleanup exits at once with the same
 
 Ray's own handlers are replaced: `ray.init` makes SIGTERM call `sys.exit(15)` (no cleanup, a
 plain exit code), and Ray Train's trainer makes SIGINT abort the controller and `sys.exit(0)`.
-`install()` is called again after `ray.init` for that reason.
+`install()` is called again after `ray.init` for that reason. The driver also goes without
+Ray's C++ failure-signal handler (Abseil's, installed when `ray.init` starts the driver's core
+worker): it catches SIGTERM as a crash, prints a native stack dump and may abort (exit 134)
+before ours runs. `install()` sets `RAY_DISABLE_FAILURE_SIGNAL_HANDLER` before Ray is imported
+(Ray reads it at import) and `ray_init` takes it out of the environment again, so the processes
+Ray starts (GCS, raylet, workers) keep theirs; Python's `faulthandler` still reports a
+crash of the driver.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -48,6 +55,9 @@ _received: list[int] = []
 _deferred: list = []         # callbacks of the `deferred` blocks the main thread is in
 _running = False             # inside `run`: the command has started something to clean up
 _original: dict = {}         # the handlers `install` replaced, put back when `run` returns
+_half_started = False       # interrupted inside `ray.init`: its driver is half connected
+_NO_RAY_HANDLER = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+_set_no_ray_handler = False  # `install` set it (and `ray_init` takes it away again)
 
 
 def _handler(signum, frame):
@@ -108,8 +118,14 @@ def deferred(on_signal):
 
 def install() -> None:
     """Make SIGINT and SIGTERM raise `Interrupted` (from the main thread only)."""
+    global _set_no_ray_handler
     if threading.current_thread() is not threading.main_thread():
         return
+    if "ray" not in sys.modules and _NO_RAY_HANDLER not in os.environ:
+        os.environ[_NO_RAY_HANDLER] = "1"
+        _set_no_ray_handler = True
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
     for sig in SIGNALS:
         previous = signal.signal(sig, _handler)
         if previous is not _handler:
@@ -120,17 +136,39 @@ def ray_init(**kwargs):
     """`ray.init(**kwargs)`, then this module's handlers again: `ray.init` installs its own
     SIGTERM handler (`sys.exit(15)`); a SIGTERM that comes while it starts is turned into
     `Interrupted` too."""
+    global _set_no_ray_handler
     import ray
 
+    if _set_no_ray_handler:   # read at import; Ray's own processes keep their handler
+        os.environ.pop(_NO_RAY_HANDLER, None)
+        _set_no_ray_handler = False
+    global _half_started
     try:
         context = ray.init(**kwargs)
     except SystemExit as exit_:
         if exit_.code == signal.SIGTERM and _running:
             _received.append(signal.SIGTERM)
+            _half_started = True
             raise Interrupted(signal.SIGTERM) from None
+        raise
+    except Interrupted:
+        _half_started = True
         raise
     install()
     return context
+
+
+def _exit_half_started(code: int) -> None:
+    """Exit now, skipping the interpreter's teardown: Ray's exit hook would shut down a
+    driver that `ray.init` had not finished connecting, and that crashes (SIGSEGV). The
+    command's own cleanup has run; the local Ray processes it started are killed."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _kill_local_ray()
+    os._exit(code)
 
 
 def received() -> int | None:
@@ -149,6 +187,8 @@ def run(main, argv=None) -> int:
             code = main(argv)
         except Interrupted as stop:
             print(stop.line(), file=sys.stderr, flush=True)
+            if _half_started:
+                _exit_half_started(stop.exit_code)
             return stop.exit_code
         except BaseException:
             if not _received:
