@@ -174,6 +174,15 @@ def _main(argv=None) -> int:
 
         print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
         return 0
+    from pipeline.storage import check_filled_in
+
+    try:   # the cluster files' placeholders, refused before anything starts
+        for value, what in ((args.checkpoint, "--checkpoint"), (args.data, "--data"),
+                            (cfg.storage, "--storage")):
+            check_filled_in(value, what)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from eval.evaluate import evaluate
     from eval.report import table
 

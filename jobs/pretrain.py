@@ -97,6 +97,17 @@ def resolve(args):
     return apply_overrides(cfg, sets)
 
 
+def check_filled_in(cfg: PretrainConfig, args) -> None:
+    """The presets' and cluster files' placeholders refused before anything starts."""
+    from pipeline.storage import check_filled_in
+
+    if cfg.data.source == "shards":
+        check_filled_in(cfg.data.uri, "data.uri")
+    check_filled_in(cfg.run.storage, "run.storage (--storage)")
+    check_filled_in(args.init, "--init")
+    check_filled_in(args.resume, "--resume")
+
+
 def load_config(uri: str) -> PretrainConfig:
     """A PretrainConfig from a JSON file (local or s3://); one-line errors."""
     import json
@@ -143,6 +154,11 @@ def _main(argv=None) -> int:
     if args.show_config:
         print(cfg.to_json())
         return 0
+    try:
+        check_filled_in(cfg, args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(describe(cfg), flush=True)
 
     import ray

@@ -23,6 +23,21 @@ def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
 
+# What the presets and infra/ files hold until a user fills in their own bucket or image.
+PLACEHOLDERS = ("CHANGE-ME", "your-bucket", "your-org")
+
+
+def check_filled_in(value: str | os.PathLike | None, what: str) -> None:
+    """Refuse a location that still holds a placeholder of the presets or the cluster files
+    (`s3://CHANGE-ME/...`, `s3://your-bucket/...`), before anything starts: otherwise it
+    surfaces minutes later, on a cluster, as a bucket that does not exist."""
+    text = os.fspath(value) if value is not None else ""
+    for mark in PLACEHOLDERS:
+        if mark in text:
+            raise ValueError(f"{what} is still the placeholder {text!r}: replace "
+                             f"'{mark}' with your own bucket")
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """`s3://bucket/a/b` -> ("bucket", "a/b")."""
     if not is_s3(uri):

@@ -74,3 +74,22 @@ def test_a_logged_config_reruns_and_bad_ones_say_why(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and message in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_placeholders_are_refused_before_anything_starts(tmp_path):
+    """The presets' `s3://CHANGE-ME` and the cluster files' `your-bucket` end the command in
+    a second with one line, not minutes later on a cluster as a missing bucket."""
+    for cmd, message in (
+            (["vit-pretrain", "--preset", "vit_b16_i21k"],
+             "error: data.uri is still the placeholder 's3://CHANGE-ME/i21k': replace "
+             "'CHANGE-ME' with your own bucket"),
+            (["vit-pretrain", "--preset", "smoke", "--storage", "s3://your-bucket/runs"],
+             "error: run.storage (--storage) is still the placeholder 's3://your-bucket/runs'"),
+            (["vit-vtab", "--checkpoint", "s3://your-bucket/runs/b16", "--data",
+              str(tmp_path)], "error: --checkpoint is still the placeholder")):
+        out = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().startswith(message), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+        assert "Ray" not in out.stdout            # refused before Ray was started
