@@ -92,6 +92,33 @@ def redact(value: str) -> str:
     return _USERINFO.sub(r"\1", value)
 
 
+def refusal(err: Exception, tracking_uri: str) -> str | None:
+    """One line when the tracking server refused the request itself (HTTP 401: missing or
+    wrong credentials; 403: no permission, or a host name the server does not serve), None
+    for anything else. A refusal is a setting to fix: unlike an outage, waiting never ends it."""
+    from urllib.parse import urlsplit
+
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(err, MlflowException):
+        return None
+    status, server = err.get_http_status_code(), f"MLflow server {redact(tracking_uri)}"
+    if status == 401:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urlsplit(tracking_uri).username
+        if not user and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            return (f"{server} refused a request without credentials (HTTP 401): set "
+                    f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of it")
+        return (f"{server} refused the credentials{f' of user {user!r}' if user else ''} "
+                f"(HTTP 401): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if status == 403:
+        reason = str(err.message).rsplit("Response body: ", 1)[-1].strip("' \n")
+        reason = redact(reason.splitlines()[0][:160]) if reason else "permission denied"
+        return (f"{server} refused the request (HTTP 403: {reason}): the account in "
+                f"MLFLOW_TRACKING_USERNAME needs permission, or the server must allow this "
+                f"host name (infra/mlflow/compose.yaml: MLFLOW_ALLOWED_HOSTS)")
+    return None
+
+
 def set_terminated(client, tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """End a run. MLflow then prints "View run <name> at: <URL>", the URL built from the
     tracking URI as given, user:password included (mlflow/tracking/_tracking_service/

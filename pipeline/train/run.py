@@ -366,7 +366,8 @@ def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest:
              run_uri: str | None = None) -> tuple[str, str | None]:
     """Create (or reopen) the MLflow run on the driver -> (tracking URI, run id or None),
     and send it the metrics an earlier start spilled. Tracking never stops training: without
-    a server the run goes on, its metrics kept in the run folder until a later start."""
+    a server the run goes on, its metrics kept in the run folder until a later start; a
+    server that refuses the credentials (or the host name) is an error, before any step."""
     import ray
 
     tracking_uri = tracking_uri or tracking.default_tracking_uri()
@@ -393,6 +394,8 @@ def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest:
             tracking.import_spills(tracking_uri, run_id, run_uri)
         return tracking_uri, run_id
     except Exception as err:  # noqa: BLE001 - tracking must not stop training
+        if why := tracking.refusal(err, tracking_uri):
+            raise PretrainError(why) from None   # wrong settings, not an outage: say so now
         log.warning("MLflow unavailable at start (%s); training goes on, its metrics kept "
                     "in the run folder and sent by the next start of this run",
                     tracking.redact(str(err).splitlines()[0][:160]) if str(err) else
