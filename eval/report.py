@@ -252,7 +252,12 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict) -> str | None:
     try:
         return tracking.start_run(tracking_uri, EXPERIMENT, cfg.run_name, params, tags,
                                   continuing=True, source="eval/vtab.py")
-    except Exception as err:  # noqa: BLE001 - tracking must not stop the evaluation
+    except Exception as err:  # noqa: BLE001 - an outage must not stop the evaluation
+        refused = tracking.refusal(err, tracking_uri)
+        if refused:   # a refusal is a setting to fix, not an outage to wait out
+            from eval.sweep import SweepError
+
+            raise SweepError(refused) from None
         log.warning("MLflow unavailable (%s); evaluating without tracking",
                     tracking.redact(str(err).splitlines()[0][:160]) if str(err)
                     else type(err).__name__)

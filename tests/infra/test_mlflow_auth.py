@@ -361,6 +361,20 @@ def test_pretraining_logs_with_credentials_from_the_environment(auth_server, tmp
     assert "Traceback" not in refused.stdout + refused.stderr
     assert not list((tmp_path / "runs" / "without-auth").glob("step_*"))
     assert seconds < 120, seconds
+    # vit-vtab too, on the checkpoint just trained: refused before Ray starts a trial.
+    from eval.data import write_synthetic_task
+    from eval.tasks import BY_NAME
+
+    write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], seed=0)
+    vtab = subprocess.run(
+        [str(BIN / "vit-vtab"), "--checkpoint", str(tmp_path / "runs" / "with-auth"),
+         "--data", str(tmp_path / "vtab"), "--tasks", "eurosat", "--storage",
+         str(tmp_path / "vtab-runs")], env={**env, "TMPDIR": "/tmp"}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300)
+    assert vtab.returncode == 2, vtab.stdout[-2000:] + vtab.stderr[-2000:]
+    assert vtab.stderr.strip().splitlines()[-1] == lines[-1]
+    assert "Traceback" not in vtab.stdout + vtab.stderr
+    assert "Started a local Ray instance" not in vtab.stdout + vtab.stderr
 
     # With them: the run is on the server, finished, with its metrics and artifacts (those
     # on S3, behind the server: the command had no S3 keys).
