@@ -458,10 +458,13 @@ def no_credentials_in_trial_env():
 @contextlib.contextmanager
 def quiet_tune():
     """Tune's own terminal output (the boxed experiment tables, the TensorBoard hint, the
-    "wrote the experiment state" lines) says nothing our one line per finished trial and the
-    heartbeat do not; keep it off the user's terminal. Tune reads the variable per call."""
-    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"         # the legacy reporter: silent at verbose=0
+    "wrote the experiment state" lines, a traceback per failed attempt of a trial, also one
+    that is retried) says nothing our one line per finished, retried or failed trial and the
+    heartbeat do not; keep it off the user's terminal. Tune reads the variables per call."""
+    quiet = {"RAY_AIR_NEW_OUTPUT": "0",            # the legacy reporter: silent at verbose=0
+             "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}   # read when tuner.fit() starts
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
     tune_log = logging.getLogger("ray.tune")
     level = tune_log.level
     tune_log.setLevel(logging.WARNING)
@@ -469,10 +472,11 @@ def quiet_tune():
         yield
     finally:
         tune_log.setLevel(level)
-        if saved is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def progress_callback(phase: str, total: int):
@@ -506,6 +510,13 @@ def progress_callback(phase: str, total: int):
                      self.done, self.total, c["task"], c["lr"], c["seed"], score,
                      m.get("time_total_s", 0.0), self.pace())
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            # Its actor failed (the node was lost, say) and Tune runs it again from the start.
+            c = trial.config["trial"]
+            log.warning("%s: trial %s lr %g seed %d failed (%s); running it again (retry %d "
+                        "of %d)", self.phase, c["task"], c["lr"], c["seed"],
+                        _last_error(trial), trial.num_failures, trial.max_failures)
+
         def on_trial_error(self, iteration, trials, trial, **info):
             c = trial.config["trial"]
             log.warning("%s: trial %s lr %g seed %d failed (error file: %s)", self.phase,
@@ -521,6 +532,17 @@ def progress_callback(phase: str, total: int):
                      states.count("RUNNING"), states.count("PENDING"), self.pace())
 
     return Progress(phase, total)
+
+
+def _last_error(trial) -> str:
+    """The last line of a trial's error file (Tune appends each failure's message there)."""
+    try:
+        lines = Path(trial.error_file).read_text().strip().splitlines()
+    except (OSError, TypeError):
+        return "no error file"
+    if not lines:
+        return "no message"
+    return lines[-1] if len(lines[-1]) <= 200 else lines[-1][:197] + "..."
 
 
 def _trial_name(t) -> str:

@@ -158,10 +158,15 @@ def skip_summary(summary: dict) -> str:
 
 def data_health(name: str):
     """The `DataHealth` actor of this name (created if absent). Owned by the driver that
-    creates it first: it lives as long as the run and takes no CPU."""
+    creates it first: it lives as long as the run and takes no CPU. Pinned to the driver's
+    node: placed anywhere, it could die with a worker node, and every restarted worker
+    group's read tasks would fail on the dead actor until the retries ran out."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(DataHealth).options(name=name, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(DataHealth).options(
+        name=name, get_if_exists=True, scheduling_strategy=here).remote()
 
 
 # ---------------------------------------------------------------------------------------------
