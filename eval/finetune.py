@@ -41,7 +41,6 @@ class FinetuneConfig:
     momentum: float = 0.9
     grad_clip: float = 1.0
     seed: int = 0
-    eval_batch_size: int = 256
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0:

@@ -611,8 +611,6 @@ def _raise_failed(records: list[dict], phase: str) -> None:
                          f"the same command again to retry them (finished trials are kept)")
 
 
-EvalConfig = SweepConfig   # the typed evaluation config, as PretrainConfig is pretraining's
-
 
 def eval_config(checkpoint: str, data: str, preset: str = "vit", sets: list[str] = ()
                 ) -> SweepConfig:

@@ -1,6 +1,6 @@
 """Pretrain a ViT on Ray Train, as the paper defines it (Dosovitskiy et al., ICLR 2021).
 
-    python jobs/pretrain.py --preset smoke                       # local Ray, CPU, ~1 minute
+    python jobs/pretrain.py --preset smoke                       # local Ray, CPU, ~1.5 min
     ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_i21k \\
         --set data.uri=s3://bucket/imagenet21k --workers 64 --gpus-per-worker 1
 
@@ -93,7 +93,7 @@ def resolve(args):
         sets.append(f"run.storage={args.storage}")
     if args.data:
         sets += ["data.source=shards", f"data.uri={args.data}"]
-    # Apply in two passes so that cross-field checks see the final values.
+    # All at once: the cross-field checks see the final values, whatever the order given.
     return apply_overrides(cfg, sets)
 
 

@@ -21,7 +21,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -515,10 +515,3 @@ def read_manifest(uri: str) -> dict:
     if doc.get("format") != "webdataset":
         raise DatasetError(f"{path}: not a webdataset manifest")
     return doc
-
-
-def iter_split_shards(manifest: dict, split: str) -> Iterator[dict]:
-    if split not in manifest["splits"]:
-        raise DatasetError(f"no split {split!r} in the dataset; it has "
-                           f"{sorted(manifest['splits'])}")
-    yield from manifest["splits"][split]["shards"]

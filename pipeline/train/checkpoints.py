@@ -77,10 +77,6 @@ FORMAT_VERSION = 2
 RUNTIME_FIELDS = ("dropout", "attention_dropout", "drop_path")
 
 
-def step_dir(run_uri: str, step: int) -> str:
-    return storage.join(run_uri, dir_name(step))
-
-
 def dir_name(step: int) -> str:
     return f"step_{step:08d}"
 

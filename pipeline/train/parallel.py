@@ -103,11 +103,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return full() if full is not None else norm
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The module under a DDP wrapper (FSDP2 wraps in place)."""
-    return getattr(model, "module", model)
-
-
 def _local_world_size() -> int:
     try:
         import ray.train

@@ -81,7 +81,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over the micro-batches of this worker (gradient accumulation).
     -> (mean loss on this worker, global grad norm before clipping), 0-d tensors on the device;
-    the caller checks them for finiteness when it next reads them (`check_finite`)."""
+    the loop checks them for finiteness, for a whole logging interval at once, when it next
+    reads them (`loop.py`: all-reduced over the workers, NonFiniteLoss naming the first bad
+    step)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     n = len(micro_batches)
@@ -99,9 +101,3 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm.detach().float()
-
-
-def check_finite(loss: float, grad_norm: float, step: int) -> None:
-    if not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm))):
-        raise NonFiniteLoss(f"non-finite loss at step {step}: loss {loss}, gradient norm "
-                            f"{grad_norm}")
