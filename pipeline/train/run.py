@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,11 +136,19 @@ class TrainData:
     init: str | None
     manifest: dict | None
     health_name: str
+    # Ray Data's progress bars, only where the driver's output is a terminal that redraws
+    # them (in a job log or CI, each redraw is a line). Decided by the driver; applied here,
+    # in the process that builds the dataset (Ray Train's controller), whose context the
+    # dataset carries to the processes that run it.
+    progress_bars: bool = False
 
     def __call__(self):
+        import ray.data
+
         from pipeline.data import source
         from pipeline.data.transforms import Augment
 
+        ray.data.DataContext.get_current().enable_progress_bars = self.progress_bars
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
         point = checkpoints.resume_point(self.run_uri, self.resume, self.init)
         start = checkpoints.start_position(point, cfg)
@@ -172,7 +181,7 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
     health_name = f"data-health-{cfg.run.name}"
     if d.source == "synthetic":
         stream = source.StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
-        factory = TrainData(cfg, run_uri, resume, init, None, health_name)
+        factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty())
         return factory, stream, None, None, _probe(cfg, None)
     manifest = source.read_manifest(d.uri)
     if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
@@ -182,7 +191,7 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
     for line in source.check_shards(manifest, d.uri, d.split):   # one listing, before start
         log.warning("%s", line)
     health = source.data_health(health_name)     # the driver's handle keeps it alive
-    factory = TrainData(cfg, run_uri, resume, init, manifest, health_name)
+    factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty())
     return factory, stream, manifest, health, _probe(cfg, manifest)
 
 
@@ -452,10 +461,16 @@ def _warn_if_no_cpu_for_data(cfg: PretrainConfig) -> None:
 
 
 def _data_config(cfg: PretrainConfig):
+    """Ray Train's default ingest options (`DataConfig.default_ingest_options`: the
+    context's resource limits and verbosity) with our ordering, built here because Ray's own
+    helper passes `exclude_resources`, deprecated in 2.60, and warns on every run."""
     import ray.train
+    from ray.data import DataContext, ExecutionOptions
 
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.preserve_order
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(resource_limits=current.resource_limits,
+                               preserve_order=cfg.data.preserve_order,
+                               verbose_progress=current.verbose_progress)
     return ray.train.DataConfig(execution_options=options)
 
 

@@ -32,6 +32,9 @@ def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
     assert out.returncode == 0, log[-3000:]
     assert "Pretraining run 'submitted' finished at step 40" in log
     assert f"checkpoint: {tmp_path / 'runs' / 'submitted' / 'step_00000040'}" in log
+    # A job log is no terminal: no progress bars, from the driver or from the Train
+    # controller, where the dataset is built and its bars would start.
+    assert "row/s]" not in log and "Tasks: " not in log, log[-3000:]
 
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs([client.get_experiment_by_name("vit-smoke").experiment_id],
