@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -341,7 +342,9 @@ def test_vtab_keeps_finished_trials_and_reschedules_the_lost_ones(cluster, tmp_p
     assert len(retried) == 1, out[-4000:]
     assert f"trial {task} lr 0.01 seed {seed} failed" in retried[0]
     assert retried[0].endswith("(retry 1 of 2)"), retried
-    assert "Traceback" not in out, out[-4000:]
+    # No traceback of the command's own. (Ray's actors print theirs prefixed with "(name
+    # pid=N)": a trial worker SIGTERMed at shutdown inside a weakref callback prints one.)
+    assert not re.search(r"^Traceback", out, re.M), out[-4000:]
     report = json.loads((tmp_path / "ev" / "node-lost" / "vtab.json").read_text())
     assert sorted((row["task"], len(row["seeds"])) for row in report["tasks"]) == [
         ("eurosat", 2), ("kitti", 2)]
