@@ -229,7 +229,9 @@ def test_mostly_undecodable_data_stops_the_run_naming_the_skips(ray_local, mlflo
     with pytest.raises(PretrainError, match=r"^data error: \d+ of \d+ samples read were "
                                             r"skipped: \d+ undecodable images \(first: "
                                             r"shard-0000\d\d.tar/s\d{4}: corrupt image.*, "
-                                            r"10 samples in missing or empty shards "
+                                            # 10 per pass over the missing shard: the
+                                            # stream may be an epoch further on by then
+                                            r"[1-9]0 samples in missing or empty shards "
                                             r"\(shard-000002.tar\); .*fix or remove them"):
         pretrain(cfg, tracking_uri=mlflow_server.uri)
     assert time.monotonic() - t0 < 120, "stopped at once, not retried"
