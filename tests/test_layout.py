@@ -32,6 +32,13 @@ def test_pipeline_never_imports_eval_or_jobs():
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
+def test_data_never_imports_training():
+    """pipeline/data feeds pipeline/train and eval alike: what both need lives in data."""
+    for path in python_files("pipeline/data"):
+        bad = {m for m in imports(path) if m.startswith("pipeline.train")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
 def test_eval_never_imports_jobs():
     for path in python_files("eval"):
         bad = {m for m in imports(path) if m.split(".")[0] == "jobs"}

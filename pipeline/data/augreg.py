@@ -292,7 +292,7 @@ class BatchAugment:
             ra = RandAugment(self.randaug_layers, self.randaug_magnitude, x.shape[-1])
             x = ra.apply(x, ra.sample(len(x), x.shape[2], x.shape[3], rng))
         if self.mixup > 0:
-            from pipeline.train.objectives import multi_hot
+            from pipeline.data.labels import multi_hot
 
             x, labels, _ = mixup(x, multi_hot(labels, num_classes), self.mixup, rng)
         return normalise(x, mean, std), labels

@@ -17,11 +17,12 @@ import webdataset as wds
 
 from jobs.make_shards import main as make_shards
 from pipeline import storage
+from pipeline.data.labels import multi_hot
 from pipeline.data.reader import BadDataPolicy, iter_samples
 from pipeline.data.shards import DatasetError, read_manifest
 from pipeline.data.source import InputConfig, shard_dataset
 from pipeline.data.transforms import Augment
-from pipeline.train.objectives import multi_hot, sigmoid_xent, softmax_xent
+from pipeline.train.objectives import sigmoid_xent, softmax_xent
 
 from .helpers import jpeg_bytes, write_tar
 
