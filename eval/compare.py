@@ -14,7 +14,6 @@ MLFLOW_TRACKING_URI chooses the server (default: the local store under ~/vit-run
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import os
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from eval.tasks import TASKS
-from pipeline import tracking
+from pipeline import cli, tracking
 
 PRETRAIN_METRICS = (("train/loss", "final loss", "last"), ("perf/images_per_sec", "images/s",
                                                            "mean"),
@@ -207,17 +206,17 @@ def compare(tracking_uri: str, refs: list[str], experiment: str | None = None,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__, prog="vit-compare")
     ap.add_argument("runs", nargs="*", help="MLflow run ids or run names")
     ap.add_argument("--experiment", help="add the finished top-level runs of this experiment")
     ap.add_argument("--filter", default="", help="MLflow search filter for --experiment, e.g. "
-                                                 "\"params.protocol = 'vit'\"")
+                                                 "\"params.protocol = 'vit'\" (default: none)")
     ap.add_argument("--out", help="folder for comparison.{txt,csv,png} (default: "
                                   "~/vit-runs/comparisons/<time>)")
-    ap.add_argument("--no-log", action="store_true", help="do not log a comparison run")
+    cli.add_common(ap)
+    cli.deprecated(ap, "--no-log", "--no-mlflow", nargs=0)
     args = ap.parse_args(argv)
+    cli.configure_logging(args.log_level)
     # This command says where the runs are; MLflow need not print a URL per run.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from pipeline.tracking import default_tracking_uri, how_to_open
@@ -225,10 +224,10 @@ def main(argv=None) -> int:
     uri = default_tracking_uri()
     try:
         out = compare(uri, args.runs, args.experiment, args.filter, args.out,
-                      log=not args.no_log)
+                      log=not args.no_mlflow)
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.BAD_INPUT
     print(out["text"])
     print(f"\nwritten: {out['csv']} and {out['png'].name} beside it")
     if out["run_id"]:

@@ -13,7 +13,6 @@ data) lives in `--dir` (default ~/vit-runs/local-stack). The S3 keys are moto's 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -204,13 +203,18 @@ def status(root: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["up", "down", "status", "env"])
-    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    from pipeline import cli
+
+    ap = cli.parser(__doc__, prog="vit-stack")
+    ap.add_argument("command", choices=["up", "down", "status", "env"],
+                    help="up: start the three services; down: stop them; status: which run; "
+                         "env: the settings to export, as shell lines")
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                    help="the stack's state: ports, process ids, logs, data")
     ap.add_argument("--num-cpus", type=int, help="CPUs the Ray head offers (default: all)")
+    cli.add_common(ap, mlflow=False)
     args = ap.parse_args(argv)
+    cli.configure_logging(args.log_level)
     root = args.dir.expanduser().resolve()
     if args.command == "up":
         state = up(root, args.num_cpus)

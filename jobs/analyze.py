@@ -1,13 +1,13 @@
 """Inspect a ViT checkpoint as the paper does (§4.5, Fig. 6 and 7): mean attention distance
 per layer and head, attention rollout, position-embedding similarity, embedding filters.
 
-    python jobs/analyze.py --checkpoint ~/vit-runs/smoke --images ~/vit-runs/demo/shards
+    vit-analyze --checkpoint ~/vit-runs/smoke --data ~/vit-runs/demo/shards
     vit-analyze --checkpoint s3://bucket/runs/vit-b16/step_00312000 \\
-        --images /data/vtab-1k/eurosat --num-images 256 --resolution 384
+        --data /data/vtab-1k/eurosat --num-images 256 --resolution 384
 
 CHECKPOINT is anything `load_vit` reads: our checkpoints (a step folder, or a run folder for
 its newest), Hugging Face or timm directories, the authors' .npz, hf://org/name.
-SRC, local or s3://: a dataset folder with manifest.json, WebDataset shards (a .tar, a brace
+DATA, local or s3://: a dataset folder with manifest.json, WebDataset shards (a .tar, a brace
 pattern, a folder of them), a VTAB-1k task folder (--split, default test), or a folder of
 .jpg / .png images. Images are resized to the model's resolution (or --resolution, with the
 position embedding resampled) and normalised as the checkpoint expects.
@@ -21,7 +21,6 @@ Plain PyTorch: no Ray. On a GPU the forward runs in bf16, the measures in fp32.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -32,28 +31,27 @@ log = logging.getLogger("jobs.analyze")
 
 
 def parse_args(argv=None):
-    from pipeline.train.run import LOG_LEVELS
+    from pipeline import cli
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split(
-        "\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="the model (any format load_vit reads)")
-    ap.add_argument("--images", required=True, metavar="SRC",
+    ap = cli.parser(__doc__, prog="vit-analyze")
+    ap.add_argument("--checkpoint", required=True, metavar="URI",
+                    help="the model (any format load_vit reads)")
+    ap.add_argument("--data", required=True, metavar="URI",
                     help="shards, a dataset or VTAB-1k task folder, or a folder of images")
     ap.add_argument("--split", help="split of a dataset or VTAB-1k task (default: train for a "
                                     "dataset, test for a VTAB-1k task)")
-    ap.add_argument("--num-images", type=int, default=128,
-                    help="images to average over (default 128)")
+    ap.add_argument("--num-images", type=int, default=128, help="images to average over")
     ap.add_argument("--resolution", type=int,
                     help="input size (default: the checkpoint's); the position embedding is "
                          "resampled")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     ap.add_argument("--rollout-images", type=int, default=6,
-                    help="images drawn with their attention rollout (default 6)")
-    ap.add_argument("--out", help="output folder or s3:// prefix (default "
-                                  "~/vit-runs/analysis/<model>)")
+                    help="images drawn with their attention rollout")
+    ap.add_argument("--out", metavar="URI", help="output folder or s3:// prefix (default "
+                                                 "~/vit-runs/analysis/<model>)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
-    ap.add_argument("--no-mlflow", action="store_true", help="write the files only")
-    ap.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
+    cli.add_common(ap)
+    cli.deprecated(ap, "--images", "--data")
     args = ap.parse_args(argv)
     for name in ("num_images", "batch_size"):
         if getattr(args, name) <= 0:
@@ -65,9 +63,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.train.run import configure_logging
+    from pipeline import cli
 
-    configure_logging(args.log_level)
+    cli.configure_logging(args.log_level)
     from pipeline.analysis import AnalysisError
     from pipeline.checkpoint import CheckpointError
     from pipeline.data.shards import DatasetError
@@ -77,7 +75,7 @@ def main(argv=None) -> int:
         return run(args)
     except (AnalysisError, CheckpointError, DatasetError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return cli.BAD_INPUT
 
 
 def run(args) -> int:
@@ -86,8 +84,8 @@ def run(args) -> int:
     from eval.sweep import model_label
     from pipeline import analysis, storage
     from pipeline.checkpoint import load_vit, read_metadata
+    from pipeline.cli import clock
     from pipeline.train.checkpoints import resolve_checkpoint
-    from pipeline.train.loop import clock
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_vit(checkpoint)
@@ -106,7 +104,7 @@ def run(args) -> int:
     label = model_label(checkpoint)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = device.type == "cuda"
-    source, items = analysis.image_source(args.images, args.split)
+    source, items = analysis.image_source(args.data, args.split)
     variant = cfg.variant or (f"{'R+' if cfg.is_hybrid else ''}{cfg.depth}x{cfg.hidden_size}"
                               f"/{cfg.effective_patch_size}")
     print(f"Inspecting {checkpoint}\n  ViT {variant}, {cfg.pool} pooling, {size} px "

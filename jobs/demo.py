@@ -1,4 +1,6 @@
-"""The whole product on one machine, from a fresh clone (the README's first command):
+"""The whole product on one machine, from a fresh clone (the README's first command).
+
+In order:
 
     1. a local stack on 127.0.0.1: Ray head with job submission, S3 endpoint, MLflow server
        (infra/local_stack.py);
@@ -22,7 +24,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -63,16 +64,19 @@ def submit(script: str, args: list[str], env: dict, log: Path) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", type=Path, default=Path("~/vit-runs/demo-product"),
-                    help="where everything goes (default: ~/vit-runs/demo-product)")
+    from pipeline import cli
+
+    ap = cli.parser(__doc__, prog="vit-demo")
+    ap.add_argument("--out", type=Path, default=Path("~/vit-runs/demo-product"),
+                    help="where everything goes: shards, runs, evaluations, the stack's state")
     ap.add_argument("--smoke", action="store_true", help="shorter runs, for CI")
+    cli.add_common(ap, mlflow=False)
+    cli.deprecated(ap, "--root", "--out", type=Path)
     args = ap.parse_args(argv)
+    cli.configure_logging(args.log_level)
     # This command says where the runs are; MLflow need not print a URL per run.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    root = args.root.expanduser().resolve()
+    root = args.out.expanduser().resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
     pre_steps, ft_steps = (40, 15) if args.smoke else (150, 60)
     total, t0 = 8, time.monotonic()
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
         shards = root / "shards"
         from jobs.make_shards import main as make_shards
 
-        if make_shards(["synthetic", "-", str(shards), "--num-samples", "2048",
+        if make_shards(["synthetic", "--out", str(shards), "--num-samples", "2048",
                         "--num-classes", "10", "--image-size", "64", "--shard-size-mb", "1"
                         ]) != 0:
             raise SystemExit("error: writing the demo shards failed")
@@ -162,7 +166,7 @@ def inspect_demo(run: Path, images: Path, out: Path, env: dict, log: Path) -> No
     """jobs/analyze.py as a person runs it (plain PyTorch, no Ray job), logging to the
     stack's MLflow; prints its per-layer table and where the pictures are."""
     cmd = [sys.executable, str(ROOT / "jobs" / "analyze.py"), "--checkpoint", str(run),
-           "--images", str(images), "--num-images", "128", "--out", str(out)]
+           "--data", str(images), "--num-images", "128", "--out", str(out)]
     done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
                           cwd=ROOT)
     log.write_text(done.stdout + done.stderr)

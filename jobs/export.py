@@ -1,8 +1,8 @@
 """Export a ViT checkpoint for Hugging Face transformers or timm.
 
-    python jobs/export.py ~/vit-runs/smoke/step_00000150 ~/exports/smoke-hf --format hf
-    python jobs/export.py s3://bucket/runs/vit-b16/step_00312000 s3://bucket/exports/b16-timm \
-        --format timm
+    vit-export --checkpoint ~/vit-runs/smoke/step_00000150 --out ~/exports/smoke-hf
+    vit-export --checkpoint s3://bucket/runs/vit-b16/step_00312000 \\
+        --out s3://bucket/exports/b16-timm --format timm
 
 CHECKPOINT is anything `load_vit` reads: our checkpoints (a step directory or a run folder's
 latest), Hugging Face or timm directories, the authors' .npz, or hf://org/name. OUT is a local
@@ -20,17 +20,31 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline import cli
 from pipeline.checkpoint import EXPORT_FORMATS, CheckpointError, export_vit
 from pipeline.storage import StorageError
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split(
-        "\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="what to export (any format load_vit reads)")
-    ap.add_argument("out", help="output folder or s3:// prefix")
-    ap.add_argument("--format", choices=EXPORT_FORMATS, default="hf")
+def parse_args(argv=None):
+    ap = cli.parser(__doc__, prog="vit-export")
+    ap.add_argument("--checkpoint", metavar="URI",
+                    help="what to export (any format load_vit reads; required)")
+    ap.add_argument("--out", metavar="URI", help="output folder or s3:// prefix (required)")
+    ap.add_argument("--format", choices=EXPORT_FORMATS, default="hf",
+                    help="hf: for transformers' from_pretrained; timm: for timm.create_model")
+    cli.add_common(ap, mlflow=False)
+    # The spelling before 0.2: `vit-export CHECKPOINT OUT`.
+    ap.add_argument("old_checkpoint", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("old_out", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    cli.positional_deprecated(args, {"old_checkpoint": "checkpoint", "old_out": "out"})
+    cli.require(ap, args, "checkpoint", "out")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cli.configure_logging(args.log_level)
     from pipeline.train.checkpoints import resolve_checkpoint
 
     try:
@@ -38,7 +52,7 @@ def main(argv=None) -> int:
         out = export_vit(src, args.out, args.format)
     except (CheckpointError, StorageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return cli.BAD_INPUT
     hint = {"hf": "transformers: ViTForImageClassification.from_pretrained(...) (ViTModel "
                   "for a model with pre-logits)",
             "timm": "timm: timm.create_model(<architecture in config.json>, "

@@ -1,25 +1,25 @@
 """Write WebDataset shards (+ manifest) from an image folder, a VTAB-1k task or a synthetic set,
 or index shards that exist already.
 
-    python jobs/make_shards.py folder /data/imagenet/train s3://bucket/imagenet --resize-short 256
-    python jobs/make_shards.py vtab /data/vtab-1k/cifar s3://bucket/vtab/cifar
-    python jobs/make_shards.py synthetic - runs/demo-shards --num-samples 2048 --num-classes 10
-    python jobs/make_shards.py index "s3://bucket/imagenet-train-{000000..001281}.tar" --split train
-    python jobs/make_shards.py index "s3://public/in1k-val-{0000..0049}.tar" /data/in1k --split val
+    vit-shards folder --data /data/imagenet/train --out s3://bucket/imagenet --resize-short 256
+    vit-shards vtab --data /data/vtab-1k/cifar --out s3://bucket/vtab/cifar
+    vit-shards synthetic --out runs/demo-shards --num-samples 2048 --num-classes 10
+    vit-shards index --data "s3://bucket/imagenet-train-{000000..001281}.tar" --split train
+    vit-shards index --data "s3://public/in1k-val-{0000..0049}.tar" --out /data/in1k --split val
 
 `index` reads shards written elsewhere (a brace pattern, one tar, or a folder/prefix of tars;
 `jpg`+`cls`/`json` members; multi-label `cls` lists or `labels` in `json`) once, counts their
-samples, and writes manifest.json to DST (default: the shards' folder), adding the split to
-what is there. The shards are not rewritten; train with --data DST.
+samples, and writes manifest.json to --out (default: the shards' folder), adding the split to
+what is there. The shards are not rewritten; train with --data OUT.
 
-DST is a local folder or s3://bucket/prefix (any S3 endpoint through AWS_ENDPOINT_URL),
+OUT is a local folder or s3://bucket/prefix (any S3 endpoint through AWS_ENDPOINT_URL),
 checked before any image is read. Every image is decoded while writing: a file that is not a
 decodable image is skipped, logged with its full path and listed in the manifest (--strict:
 an error naming it). Re-running the same command resumes an interrupted write: identical
-shards already at DST are kept; the manifest is written last.
+shards already at OUT are kept; the manifest is written last.
 
 folder: labels number the class folders in sorted name order; a class folder without images
-is skipped with a warning naming it (it is not a class), as are files at SRC's top level; a
+is skipped with a warning naming it (it is not a class), as are files at DATA's top level; a
 symlink to a folder is a class.
 """
 
@@ -28,21 +28,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline import cli
 from pipeline.data import shards
 from pipeline.storage import StorageError
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split(
-        "\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__, prog="vit-shards")
     ap.add_argument("kind", choices=["folder", "vtab", "synthetic", "index"],
-                    help="folder: SRC/<class>/<image>; vtab: one VTAB-1k task folder (keeps "
+                    help="folder: DATA/<class>/<image>; vtab: one VTAB-1k task folder (keeps "
                          "train800/val200/train800val200/test); synthetic: procedural images "
-                         "(SRC is ignored, write '-'); index: SRC names existing shards")
-    ap.add_argument("src", help="source folder ('-' for synthetic; shards for index)")
-    ap.add_argument("dst", nargs="?", default=None,
-                    help="destination: a local folder or s3://bucket/prefix (index: where "
-                         "manifest.json goes; default: the shards' folder)")
+                         "(no --data); index: --data names existing shards")
+    ap.add_argument("--data", metavar="URI",
+                    help="what to read: an image folder, a VTAB-1k task folder, or (index) "
+                         "shards: a .tar, a brace pattern, a folder or prefix of them")
+    ap.add_argument("--out", metavar="URI",
+                    help="where the shards and manifest.json go: a local folder or "
+                         "s3://bucket/prefix (index: where manifest.json goes; default: the "
+                         "shards' folder)")
+    # The spelling before 0.2: `vit-shards KIND SRC [DST]`.
+    ap.add_argument("old_data", nargs="?", help=argparse.SUPPRESS)
+    ap.add_argument("old_out", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--split", default="train", help="split name for a folder source or an "
                                                      "index (default: train)")
     ap.add_argument("--shard-size-mb", type=float, default=256.0,
@@ -68,7 +74,12 @@ def parse_args(argv=None):
                     help="stop at the first file that is not a decodable image (or has a label "
                          "out of range), naming it; default: skip it, log it and list it in "
                          "the manifest")
-    return ap.parse_args(argv)
+    cli.add_common(ap, mlflow=False)
+    args = ap.parse_args(argv)
+    if args.old_data == "-" and args.kind == "synthetic":
+        args.old_data = None            # the old placeholder for "no source"
+    cli.positional_deprecated(args, {"old_data": "data", "old_out": "out"})
+    return args
 
 
 def main(argv=None) -> int:
@@ -82,25 +93,28 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = parse_args(argv)
-    if args.dst is None and args.kind != "index":
-        print(f"error: {args.kind} needs a destination (DST: a folder or s3://bucket/prefix)",
-              file=sys.stderr)
-        return 2
+    cli.configure_logging(args.log_level)
+    missing = ("--data (what to read)" if args.data is None and args.kind != "synthetic" else
+               "--out (a folder or s3://bucket/prefix)" if args.out is None and
+               args.kind != "index" else None)
+    if missing:
+        print(f"error: {args.kind} needs {missing}", file=sys.stderr)
+        return cli.BAD_INPUT
     from pipeline import interrupt
 
     try:
         if args.kind == "index":
             from pipeline.data.index import index_shards
 
-            index_shards(args.src, args.split, args.dst, args.num_classes, args.workers or 16)
+            index_shards(args.data, args.split, args.out, args.num_classes, args.workers or 16)
             return 0
-        if args.dst is not None:
-            shards.check_destination(args.dst)
+        if args.out is not None:
+            shards.check_destination(args.out)
         if args.kind == "folder":
-            source = shards.image_folder(args.src, split=args.split,
+            source = shards.image_folder(args.data, split=args.split,
                                          log=lambda m: print(m, file=sys.stderr))
         elif args.kind == "vtab":
-            source = shards.vtab_folder(args.src, num_classes=args.num_classes)
+            source = shards.vtab_folder(args.data, num_classes=args.num_classes)
         else:
             source = shards.synthetic(args.num_samples, args.num_classes or 10, args.image_size,
                                       seed=args.seed, val_fraction=args.val_fraction)
@@ -108,15 +122,15 @@ def _main(argv=None) -> int:
                                       resize_short=args.resize_short,
                                       shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
         try:
-            manifest = shards.write_shards(source, args.dst, options, workers=args.workers,
+            manifest = shards.write_shards(source, args.out, options, workers=args.workers,
                                            strict=args.strict)
         except interrupt.Interrupted as stop:
             raise interrupt.Interrupted(stop.signum, (
-                f"shard writing stopped; the shards written so far stay at {args.dst} and "
+                f"shard writing stopped; the shards written so far stay at {args.out} and "
                 f"the same command skips them (no manifest.json until it completes)")) from None
     except (shards.DatasetError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.BAD_INPUT
     for split, info in manifest["splits"].items():
         skipped = f", {info['num_skipped']} skipped" if info.get("num_skipped") else ""
         print(f"  {split:<16} {info['num_samples']:>9} samples in {len(info['shards'])} shards"

@@ -74,7 +74,7 @@ def test_vtab_and_pretraining_runs_side_by_side(mlflow_server, tmp_path):
 
 def test_unknown_runs_are_one_line_errors(mlflow_server, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    assert main(["no-such-run", "other", "--no-log"]) == 2
+    assert main(["no-such-run", "other", "--no-mlflow"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: no MLflow run with id or name 'no-such-run' in " \
                   f"{mlflow_server.uri}; list them with `mlflow runs list` or the MLflow UI"

@@ -70,7 +70,7 @@ def test_shards_and_folder_layout_on_s3_give_the_same_data(tmp_path, s3):
     folder = write_synthetic_task(tmp_path / "vtab", task, train=12, val=4, test=9,
                                   image_size=24)
     storage.upload_dir(tmp_path / "vtab", f"s3://{s3}/folder")
-    assert make_shards(["vtab", str(folder), f"s3://{s3}/shards/eurosat",
+    assert make_shards(["vtab", "--data", str(folder), "--out", f"s3://{s3}/shards/eurosat",
                         "--num-classes", "10"]) == 0
     local, on_s3, shards = str(tmp_path / "vtab"), f"s3://{s3}/folder", f"s3://{s3}/shards"
     sizes = {"train800": 12, "val200": 4, "train800val200": 16, "test": 9}
@@ -93,7 +93,8 @@ def test_bad_shards_and_s3_folders(tmp_path, s3):
     task = BY_NAME["kitti"]
     folder = write_synthetic_task(tmp_path / "vtab", task, train=8, val=2, test=4, image_size=16)
     dst = tmp_path / "shards" / "kitti"
-    assert make_shards(["vtab", str(folder), str(dst), "--num-classes", "4"]) == 0
+    assert make_shards(["vtab", "--data", str(folder),
+                        "--out", str(dst), "--num-classes", "4"]) == 0
     shard = next(dst.glob("test-*.tar"))
     shard.write_bytes(shard.read_bytes()[:700])                 # truncated inside a member
     with pytest.raises(TaskDataError, match=r"kitti: bad data in shard test-000000.tar"):

@@ -311,7 +311,7 @@ def test_checkpoint_data_and_results_on_s3(s3, tmp_path, monkeypatch):
                                         num_heads=2, mlp_dim=64, num_classes=10)),
                           f"s3://{s3}/ckpt")
     local = make_tasks(tmp_path / "vtab-1k", ("kitti",), train=8, val=4, test=8)
-    assert make_shards(["vtab", str(local / "kitti"), f"s3://{s3}/vtab/kitti",
+    assert make_shards(["vtab", "--data", str(local / "kitti"), "--out", f"s3://{s3}/vtab/kitti",
                         "--num-classes", "4"]) == 0
     args = ["--checkpoint", checkpoint, "--data", f"s3://{s3}/vtab", "--tasks", "kitti",
             "--resolution", "32", "--lrs", "0.01", "--steps", "5", "--batch-size", "8",

@@ -25,7 +25,7 @@ def shards(tmp_path_factory):
     from jobs.make_shards import main as make_shards
 
     out = tmp_path_factory.mktemp("shards")
-    assert make_shards(["synthetic", "-", str(out), "--num-samples", "48", "--num-classes",
+    assert make_shards(["synthetic", "--out", str(out), "--num-samples", "48", "--num-classes",
                         "4", "--image-size", "40"]) == 0
     return out
 
@@ -51,7 +51,7 @@ def test_writes_every_output_and_an_mlflow_run_linked_to_the_pretraining_run(
                                    "mlflow_run_id": pretrain})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     out = tmp_path / "out"
-    assert main(["--checkpoint", str(ckpt), "--images", str(shards), "--num-images", "20",
+    assert main(["--checkpoint", str(ckpt), "--data", str(shards), "--num-images", "20",
                  "--batch-size", "8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == OUTPUTS
@@ -87,7 +87,7 @@ def test_another_resolution_and_an_import_from_hugging_face_format(tmp_path, sha
     results = {}
     for name, ckpt in (("ours", ours), ("hf", hf)):
         out = tmp_path / f"out-{name}"
-        assert main(["--checkpoint", str(ckpt), "--images", str(shards), "--num-images", "12",
+        assert main(["--checkpoint", str(ckpt), "--data", str(shards), "--num-images", "12",
                      "--resolution", "48", "--out", str(out), "--no-mlflow"]) == 0
         results[name] = json.loads((out / "attention.json").read_text())
     a, b = results["ours"], results["hf"]
@@ -113,15 +113,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, shards, capsys):
     broken.mkdir()
     (broken / "0.jpg").write_bytes(b"not a jpeg at all")
     cases = [
-        (["--checkpoint", str(not_vit), "--images", str(shards)], "not"),
-        (["--checkpoint", str(tmp_path / "nothing"), "--images", str(shards)], "not found"),
-        (["--checkpoint", str(good), "--images", str(empty)], "no images found"),
-        (["--checkpoint", str(good), "--images", str(broken)], "cannot be decoded"),
-        (["--checkpoint", str(good), "--images", str(shards), "--split", "nosuch"], "no split"),
+        (["--checkpoint", str(not_vit), "--data", str(shards)], "not"),
+        (["--checkpoint", str(tmp_path / "nothing"), "--data", str(shards)], "not found"),
+        (["--checkpoint", str(good), "--data", str(empty)], "no images found"),
+        (["--checkpoint", str(good), "--data", str(broken)], "cannot be decoded"),
+        (["--checkpoint", str(good), "--data", str(shards), "--split", "nosuch"], "no split"),
     ]
     for args, words in cases:
         out = tmp_path / "out"
-        assert main([*args, "--out", str(out), "--no-mlflow"]) == 1, args
+        assert main([*args, "--out", str(out), "--no-mlflow"]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], (args, err)
         assert not out.exists()

@@ -93,3 +93,25 @@ def test_placeholders_are_refused_before_anything_starts(tmp_path):
         assert out.stderr.strip().startswith(message), out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
         assert "Ray" not in out.stdout            # refused before Ray was started
+
+
+def test_old_spellings_work_for_one_release_with_a_warning(tmp_path):
+    """The spellings before the commands agreed still run, each with one deprecation line."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    shards = subprocess.run([str(BIN / "vit-shards"), "synthetic", "-", str(tmp_path / "ds"),
+                             "--num-samples", "8", "--image-size", "16"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert shards.returncode == 0, shards.stderr[-2000:]
+    assert "write --out " in shards.stderr and (tmp_path / "ds" / "manifest.json").exists()
+    compare = subprocess.run([str(BIN / "vit-compare"), "no-such-run", "--no-log"],
+                             capture_output=True, text=True, timeout=120, env=env)
+    lines = compare.stderr.strip().splitlines()
+    assert compare.returncode == 2 and lines[0] == (
+        "warning: --no-log is deprecated and goes in the next release; use --no-mlflow")
+    assert lines[-1].startswith("error: ")
+    export = subprocess.run([str(BIN / "vit-export"), str(tmp_path / "nothing"),
+                             str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=120, env=env)
+    lines = export.stderr.strip().splitlines()
+    assert export.returncode == 2 and "write --checkpoint " in lines[0], lines
+    assert lines[-1].startswith("error: checkpoint not found")

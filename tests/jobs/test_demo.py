@@ -25,7 +25,7 @@ def test_demo_smoke(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "demo.py"), "--smoke", "--root",
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "demo.py"), "--smoke", "--out",
                           str(root)], env=env, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]

@@ -20,16 +20,16 @@ def test_a_destination_that_is_a_file_fails_before_any_image_is_decoded(tmp_path
                       (taken / "sub" / "dir", f"cannot create the destination, {taken} is a "
                                               f"file")):
         t0 = time.monotonic()
-        rc = make_shards(["synthetic", "-", str(dst), "--num-samples", "200000"])
+        rc = make_shards(["synthetic", "--out", str(dst), "--num-samples", "200000"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and time.monotonic() - t0 < 10
         assert err == [f"error: {dst}: {says}; give a folder (created if missing) or "
                        f"s3://bucket/prefix"], err
     src = image_folder(tmp_path / "src", per_class=1)
-    assert make_shards(["folder", str(src), str(taken)]) == 2
+    assert make_shards(["folder", "--data", str(src), "--out", str(taken)]) == 2
     shards_dir = tmp_path / "shards"
     shards.write_shards(shards.image_folder(src), str(shards_dir), log=lambda m: None)
-    assert make_shards(["index", str(shards_dir), str(taken)]) == 2
+    assert make_shards(["index", "--data", str(shards_dir), "--out", str(taken)]) == 2
     assert "the destination is a file" in capsys.readouterr().err
     assert taken.read_text() == "not a folder"
 
@@ -43,7 +43,8 @@ def test_empty_class_folders_and_root_entries_are_named_not_classes(tmp_path, ca
     elsewhere = image_folder(tmp_path / "more", classes=("lynx",), per_class=2)
     (src / "lynx").symlink_to(elsewhere / "lynx")           # a linked class folder
     (src / "gone").symlink_to(tmp_path / "nowhere")         # a broken link
-    assert make_shards(["folder", str(src), str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert make_shards(["folder", "--data", str(src),
+                        "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
     err = capsys.readouterr().err
     manifest = shards.read_manifest(str(tmp_path / "out"))
     assert manifest["classes"] == ["cat", "dog", "lynx"] and manifest["num_classes"] == 3
@@ -60,12 +61,14 @@ def test_empty_class_folders_and_root_entries_are_named_not_classes(tmp_path, ca
 def test_skipped_files_are_named_in_full(tmp_path, capsys):
     src = image_folder(tmp_path / "src", classes=("cat", "dog"), per_class=2)
     (src / "dog" / "broken.jpg").write_bytes(jpeg_bytes(7)[:300])
-    assert make_shards(["folder", str(src), str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert make_shards(["folder", "--data", str(src),
+                        "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
     assert f"skipping {src / 'dog' / 'broken.jpg'}: not a decodable image" in \
         capsys.readouterr().out
     skipped = shards.read_manifest(str(tmp_path / "out"))["splits"]["train"]["skipped"]
     assert [s["path"] for s in skipped] == ["dog/broken.jpg"]     # portable: relative
-    assert make_shards(["folder", str(src), str(tmp_path / "strict"), "--strict"]) == 2
+    assert make_shards(["folder", "--data", str(src),
+                        "--out", str(tmp_path / "strict"), "--strict"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"error: {src / 'dog' / 'broken.jpg'}: not a decodable image")
     assert not os.path.exists(tmp_path / "strict" / "manifest.json")

@@ -310,7 +310,7 @@ def test_sources_folder_shards_vtab_and_dataset(tmp_path):
     assert len(names_of(tmp_path / "vtab" / "eurosat", "val200")) == 2
     from jobs.make_shards import main as make_shards
 
-    assert make_shards(["synthetic", "-", str(tmp_path / "ds"), "--num-samples", "12",
+    assert make_shards(["synthetic", "--out", str(tmp_path / "ds"), "--num-samples", "12",
                         "--num-classes", "3", "--image-size", "16"]) == 0
     _, items = analysis.image_source(str(tmp_path / "ds"))
     batch = list(analysis.image_batches(items, 32, 7, 4))
@@ -340,7 +340,7 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     with pytest.raises(AnalysisError, match="no split 'val'"):
         from jobs.make_shards import main as make_shards
 
-        make_shards(["synthetic", "-", str(tmp_path / "ds"), "--num-samples", "4",
+        make_shards(["synthetic", "--out", str(tmp_path / "ds"), "--num-samples", "4",
                      "--num-classes", "2", "--image-size", "16"])
         names_of(tmp_path / "ds", "val")
 

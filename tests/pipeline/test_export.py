@@ -188,13 +188,14 @@ def test_hub_names_resolve_through_an_offline_cache(tmp_path, monkeypatch):
 
 def test_export_command(tmp_path):
     save_vit(trained_like(small()), tmp_path / "ours")
-    ok = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), str(tmp_path / "ours"),
-                         str(tmp_path / "out"), "--format", "timm"],
+    ok = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--checkpoint",
+                         str(tmp_path / "ours"), "--out", str(tmp_path / "out"), "--format",
+                         "timm"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "exported" in ok.stdout and (tmp_path / "out" / "config.json").exists()
-    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"),
-                          str(tmp_path / "nothing"), str(tmp_path / "out2")],
+    bad = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--checkpoint",
+                          str(tmp_path / "nothing"), "--out", str(tmp_path / "out2")],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: checkpoint not found")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: checkpoint not found")
     assert len(bad.stderr.strip().splitlines()) == 1

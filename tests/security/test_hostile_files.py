@@ -154,7 +154,7 @@ def test_export_falls_back_past_a_hostile_newest_checkpoint(tmp_path, good_check
     """`vit-export RUN` takes the run's newest checkpoint that is complete and intact: the
     hostile step 4 is skipped with a warning, step 2 is exported."""
     run_dir = hostile_run(tmp_path, good_checkpoint, kind, marker, keep_good=True)
-    out = run("vit-export", run_dir, tmp_path / "out")
+    out = run("vit-export", "--checkpoint", run_dir, "--out", tmp_path / "out")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step_00000002 ->" in out.stdout
     assert "step_00000004" in out.stderr          # the warning names what was skipped
@@ -168,8 +168,8 @@ def test_a_run_with_only_a_hostile_checkpoint_is_refused(tmp_path, good_checkpoi
     Ray starts, nothing written."""
     run_dir = hostile_run(tmp_path, good_checkpoint, "metadata-dotted-name", marker,
                           keep_good=False)
-    args = {"vit-export": [run_dir, tmp_path / "out"],
-            "vit-analyze": ["--checkpoint", run_dir, "--images", tmp_path, "--out",
+    args = {"vit-export": ["--checkpoint", run_dir, "--out", tmp_path / "out"],
+            "vit-analyze": ["--checkpoint", run_dir, "--data", tmp_path, "--out",
                             tmp_path / "out", "--no-mlflow"],
             "vit-vtab": ["--checkpoint", run_dir, "--data", tmp_path, "--tasks", "kitti",
                          "--storage", tmp_path / "ev"]}[command]

@@ -153,8 +153,8 @@ def test_no_secret_is_written_anywhere(cluster, mlflow_server, tmp_path):
     run("vit-vtab", "--checkpoint", ckpt, "--data", tmp_path / "vtab", "--tasks", "kitti",
         "--resolution", "32", "--lrs", "0.01", "--steps", "4", "--batch-size", "8",
         "--storage", f"s3://{bucket}/vtab", "--name", "sec-vtab")
-    run("vit-export", ckpt, tmp_path / "export")
-    run("vit-analyze", "--checkpoint", ckpt, "--images", tmp_path / "vtab" / "kitti",
+    run("vit-export", "--checkpoint", ckpt, "--out", tmp_path / "export")
+    run("vit-analyze", "--checkpoint", ckpt, "--data", tmp_path / "vtab" / "kitti",
         "--num-images", "8", "--rollout-images", "1", "--out", tmp_path / "analysis")
     run("vit-compare", "sec", "sec-vtab", "--out", tmp_path / "compare")
 

@@ -62,7 +62,7 @@ def test_index_a_brace_pattern_on_s3_without_touching_the_shards(s3, tmp_path):
 
     with pytest.raises(DatasetError, match="names shards, not a dataset folder.*index"):
         read_manifest(pattern)
-    assert make_shards(["index", pattern, "--split", "train"]) == 0
+    assert make_shards(["index", "--data", pattern, "--split", "train"]) == 0
 
     manifest = read_manifest(f"s3://{s3}/public")
     assert sorted(storage.list_objects(f"s3://{s3}/public")) == sorted(before + [
@@ -85,9 +85,10 @@ def test_stream_from_an_index_kept_apart_from_read_only_shards(ray_local, s3, tm
     for f in sorted((tmp_path / "src").iterdir()):
         storage.upload_file(f, f"s3://{s3}/ro/{f.name}")
     index = tmp_path / "index"
-    assert make_shards(["index", f"s3://{s3}/ro/in-train-{{000000..000002}}.tar", str(index),
+    assert make_shards(["index", "--data", f"s3://{s3}/ro/in-train-{{000000..000002}}.tar",
+                        "--out", str(index),
                         "--split", "train"]) == 0
-    assert make_shards(["index", f"s3://{s3}/ro/in-train-000003.tar", str(index),
+    assert make_shards(["index", "--data", f"s3://{s3}/ro/in-train-000003.tar", "--out", str(index),
                         "--split", "val"]) == 0
     manifest = read_manifest(str(index))
     assert set(manifest["splits"]) == {"train", "val"}
@@ -141,7 +142,7 @@ def test_labels_in_every_published_form(tmp_path):
 @pytest.mark.ray
 def test_multi_label_set_streams_padded_labels_that_become_multi_hot(ray_local, tmp_path):
     truth = multi_label_shards(tmp_path / "jft")
-    assert make_shards(["index", str(tmp_path / "jft")]) == 0
+    assert make_shards(["index", "--data", str(tmp_path / "jft")]) == 0
     manifest = read_manifest(str(tmp_path / "jft"))
     assert manifest["max_labels"] == 3 and manifest["num_classes"] == 6
     assert manifest["splits"]["train"]["num_samples"] == 6      # a3 counts; it is skipped
@@ -175,10 +176,10 @@ def test_multi_label_set_streams_padded_labels_that_become_multi_hot(ray_local, 
 
 
 def test_index_errors_are_one_line(tmp_path):
-    assert make_shards(["index", str(tmp_path / "nothing")]) == 2
+    assert make_shards(["index", "--data", str(tmp_path / "nothing")]) == 2
     (tmp_path / "empty").mkdir()
-    assert make_shards(["index", str(tmp_path / "empty")]) == 2
-    assert make_shards(["folder", str(tmp_path)]) == 2   # no destination
+    assert make_shards(["index", "--data", str(tmp_path / "empty")]) == 2
+    assert make_shards(["folder", "--data", str(tmp_path)]) == 2   # no destination
 
 
 @pytest.mark.ray
@@ -198,7 +199,8 @@ def test_pretrain_multi_label_on_an_indexed_set(ray_local, tmp_path):
             {"__key__": f"s{s}_{i:03d}", "jpg": jpeg_bytes(100 * s + i, (40, 40)),
              "cls": json.dumps(sorted({i % 6, (i * 5 + s) % 6})).encode()}
             for i in range(24)])
-    assert make_shards(["index", f"{folder}/jft-{{00..02}}.tar", str(tmp_path / "idx")]) == 0
+    assert make_shards(["index", "--data", f"{folder}/jft-{{00..02}}.tar",
+                        "--out", str(tmp_path / "idx")]) == 0
     assert read_manifest(str(tmp_path / "idx"))["max_labels"] == 2
 
     cfg = apply_overrides(smoke(), [

@@ -94,7 +94,8 @@ def test_vtab_shards_read_in_few_gets(s3, tmp_path):
     task = BY_NAME["eurosat"]
     folder = write_synthetic_task(tmp_path / "vtab", task, train=120, val=20, test=40,
                                   image_size=96)
-    assert make_shards(["vtab", str(folder), f"s3://{s3}/vtab/eurosat", "--num-classes",
+    assert make_shards(["vtab", "--data", str(folder),
+                        "--out", f"s3://{s3}/vtab/eurosat", "--num-classes",
                         "10"]) == 0
     manifest = source.read_manifest(f"s3://{s3}/vtab/eurosat")
     with Requests(s3) as requests:

@@ -157,7 +157,7 @@ def test_s3_upload_resumes_after_an_interruption(s3, tmp_path, monkeypatch):
 def test_cli_to_s3_and_errors(s3, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "jobs" / "make_shards.py")]
-    out = subprocess.run(cmd + ["synthetic", "-", f"s3://{s3}/demo", "--num-samples", "64",
+    out = subprocess.run(cmd + ["synthetic", "--out", f"s3://{s3}/demo", "--num-samples", "64",
                                 "--num-classes", "4", "--image-size", "24"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -167,12 +167,13 @@ def test_cli_to_s3_and_errors(s3, tmp_path):
     assert "testing-secret" not in out.stdout + out.stderr
     assert shards.read_manifest(f"s3://{s3}/demo")["num_classes"] == 4
 
-    bad = subprocess.run(cmd + ["folder", str(tmp_path / "missing"), str(tmp_path / "o")],
+    bad = subprocess.run(cmd + ["folder", "--data", str(tmp_path / "missing"), "--out",
+                                str(tmp_path / "o")],
                          env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "no such folder" in \
         bad.stderr
-    nobucket = subprocess.run(cmd + ["synthetic", "-", "s3://no-such-bucket-x/demo",
+    nobucket = subprocess.run(cmd + ["synthetic", "--out", "s3://no-such-bucket-x/demo",
                                      "--num-samples", "4"],
                               env=env, capture_output=True, text=True, timeout=60)
     assert nobucket.returncode == 2 and "bucket 'no-such-bucket-x' does not exist" in \
@@ -192,7 +193,8 @@ def test_undecodable_files_are_skipped_logged_and_counted(tmp_path, capsys):
     from jobs.make_shards import main as make_shards
 
     src = _folder_with_bad_files(tmp_path / "src")
-    assert make_shards(["folder", str(src), str(tmp_path / "out"), "--shard-size-mb",
+    assert make_shards(["folder", "--data", str(src),
+                        "--out", str(tmp_path / "out"), "--shard-size-mb",
                         "0.01"]) == 0
     out = capsys.readouterr()
     manifest = shards.read_manifest(str(tmp_path / "out"))
@@ -217,7 +219,7 @@ def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path, capsys):
     from jobs.make_shards import main as make_shards
 
     src = _folder_with_bad_files(tmp_path / "src")
-    assert make_shards(["folder", str(src), str(tmp_path / "out"), "--strict",
+    assert make_shards(["folder", "--data", str(src), "--out", str(tmp_path / "out"), "--strict",
                         "--no-shuffle"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {src}/cat/corrupt.jpg: not a decodable image")

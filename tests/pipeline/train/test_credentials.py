@@ -91,7 +91,7 @@ def test_a_run_keeps_reading_and_checkpointing_when_credentials_rotate(tmp_path)
         s3.create_bucket(Bucket="rotation")
 
         make = subprocess.run(
-            [sys.executable, "jobs/make_shards.py", "synthetic", "-", "s3://rotation/data",
+            [sys.executable, "jobs/make_shards.py", "synthetic", "--out", "s3://rotation/data",
              "--num-samples", "1280", "--num-classes", "4", "--image-size", "48",
              "--val-fraction", "0", "--shard-size-mb", "0.2"],
             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -127,7 +127,7 @@ def test_one_store_whatever_the_storage(ray_local, tmp_path, monkeypatch):
     assert (home / "vit-runs" / "mlflow.db").exists()
     assert not list((tmp_path / "elsewhere").glob("*.db"))
     out = subprocess.run([str(Path(sys.executable).parent / "vit-compare"), "store-a",
-                          "store-b", "--no-log"], env=env, capture_output=True, text=True,
+                          "store-b", "--no-mlflow"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Pretraining runs" in out.stdout and "optim.lr" in out.stdout

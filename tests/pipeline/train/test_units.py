@@ -556,7 +556,8 @@ def test_probe_sets_from_vtab_folders_and_shards(tmp_path):
 
     folder = write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], train=40, val=10,
                                   test=30, image_size=40)
-    assert make_shards(["vtab", str(folder), str(tmp_path / "shards"), "--no-shuffle"]) == 0
+    assert make_shards(["vtab", "--data", str(folder),
+                        "--out", str(tmp_path / "shards"), "--no-shuffle"]) == 0
     cfg = apply_overrides(smoke(), [
         f"data.fewshot_sets=folder={folder},shards={tmp_path / 'shards'}",
         "data.fewshot_images=25"])
