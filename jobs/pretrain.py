@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 
-from pipeline import interrupt
+from pipeline import interrupt, timeline
 
 interrupt.install()   # before the heavy imports: a Ctrl-C while they load ends quietly too
 
@@ -160,6 +160,7 @@ def _main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(describe(cfg), flush=True)
+    timeline.mark("driver.imports")
 
     import ray
 
@@ -177,6 +178,7 @@ def _main(argv=None) -> int:
     try:
         interrupt.ray_init(address=address or "local", configure_logging=False,
                            log_to_driver=True)
+        timeline.mark("driver.ray_ready")
         if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
             ray.data.DataContext.get_current().enable_progress_bars = False
         out = pretrain(cfg, resume=args.resume, init=args.init)
@@ -196,6 +198,7 @@ def _main(argv=None) -> int:
         return 1
     logging.getLogger("pipeline.train").info("done")
     summary(cfg, out)
+    timeline.mark("driver.done")
     return 0
 
 

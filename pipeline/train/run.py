@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import interrupt, storage, tracking
+from pipeline import interrupt, storage, timeline, tracking
 from pipeline.train import checkpoints, failures, lease
 from pipeline.train.config import PretrainConfig
 from pipeline.train.loop import WorkerSpec, train_loop
@@ -301,7 +301,9 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
     trainer = make_trainer(cfg, spec, factory, root)
     try:
         with interrupt.deferred(trainer.request_abort):
+            timeline.mark("driver.fit")
             result = trainer.fit()
+            timeline.mark("driver.fit_done")
     except Exception as err:
         if interrupt.received():
             raise _stopped(cfg, run_uri) from None
