@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.checkpoint import EXPORT_FORMATS, CheckpointError, export_vit
 from pipeline.storage import StorageError
+from pipeline.weights import EXPORT_FORMATS, CheckpointError, export_vit
 
 
 def main(argv=None) -> int:
@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="output folder or s3:// prefix")
     ap.add_argument("--format", choices=EXPORT_FORMATS, default="hf")
     args = ap.parse_args(argv)
-    from pipeline.train.checkpoints import resolve_checkpoint
+    from pipeline.weights import resolve_checkpoint
 
     try:
         src = resolve_checkpoint(args.checkpoint)
