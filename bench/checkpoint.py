@@ -61,6 +61,7 @@ def measure(args, s3_root: str, asynchronous: bool) -> dict:
     from pipeline import storage
     from pipeline.train import checkpoints
     from pipeline.train.config import apply_overrides, smoke
+    from pipeline.weights import integrity
 
     name = f"ckpt-{'async' if asynchronous else 'sync'}"
     cfg = apply_overrides(smoke(), [f"model.variant={args.variant}", "model.image_size=224",
@@ -80,7 +81,7 @@ def measure(args, s3_root: str, asynchronous: bool) -> dict:
     run_uri = storage.join(s3_root, name)
     last = checkpoints.latest(run_uri)
     assert last and last.endswith(checkpoints.dir_name(args.checkpoints)), last
-    size = sum(checkpoints._listing(last).values())
+    size = sum(integrity.listing(last).values())
     return {**times, "total": total, "bytes": size}
 
 

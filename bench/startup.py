@@ -192,8 +192,8 @@ def pretrain_submit(work: Path, repeats: int) -> dict:
 def small_checkpoint(work: Path) -> Path:
     import torch
 
-    from pipeline.checkpoint import save_vit
     from pipeline.model import ViT, ViTConfig
+    from pipeline.weights import save_vit
 
     torch.manual_seed(0)
     return save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=2,

@@ -26,8 +26,8 @@ from eval.data import decode, read_encoded, train_size, write_synthetic_task
 from eval.finetune import FinetuneConfig, build_model, finetune, predict, top1
 from eval.sweep import SweepConfig, choose_lrs, load_pretrained, run
 from eval.tasks import BY_NAME
-from pipeline.checkpoint import save_vit
 from pipeline.model import ViT, ViTConfig
+from pipeline.weights import save_vit
 
 TASK_ORDER = ("eurosat", "kitti", "dsprites_ori", "dtd")
 

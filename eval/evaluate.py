@@ -17,10 +17,9 @@ from eval.finetune import FinetuneError
 from eval.sweep import SweepConfig, SweepError, check_data, check_records, load_pretrained, run
 from eval.tasks import BY_NAME
 from pipeline import interrupt, storage
-from pipeline.checkpoint import CheckpointError
 from pipeline.data.shards import DatasetError
 from pipeline.storage import StorageError
-from pipeline.train.checkpoints import resolve_checkpoint
+from pipeline.weights import CheckpointError, resolve_checkpoint
 
 log = logging.getLogger("eval.vtab")
 

@@ -130,7 +130,7 @@ class SweepConfig:
 def model_label(checkpoint: str) -> str:
     """What a person calls the model: `<pretraining run>-step<N>` for our checkpoints (from
     their metadata), the Hub name for hf://, else the file or folder name."""
-    from pipeline.checkpoint import HUB_SCHEME, read_metadata
+    from pipeline.weights import HUB_SCHEME, read_metadata
 
     if checkpoint.startswith(HUB_SCHEME):
         return checkpoint[len(HUB_SCHEME):].replace("/", "-").replace("@", "-")
@@ -151,7 +151,7 @@ class Pretrained:
 # Validation: everything that can be wrong is found before any trial starts
 # ---------------------------------------------------------------------------------------------
 def load_pretrained(cfg: SweepConfig) -> Pretrained:
-    from pipeline.checkpoint import load_vit, read_metadata
+    from pipeline.weights import load_vit, read_metadata
 
     model = load_vit(cfg.checkpoint)
     patch = model.cfg.effective_patch_size          # a hybrid's: pixels per token

@@ -67,9 +67,9 @@ def main(argv=None) -> int:
 
     cli.configure_logging(args.log_level)
     from pipeline.analysis import AnalysisError
-    from pipeline.checkpoint import CheckpointError
     from pipeline.data.shards import DatasetError
     from pipeline.storage import StorageError
+    from pipeline.weights import CheckpointError
 
     try:
         return run(args)
@@ -83,9 +83,8 @@ def run(args) -> int:
 
     from eval.sweep import model_label
     from pipeline import analysis, storage
-    from pipeline.checkpoint import load_vit, read_metadata
     from pipeline.cli import clock
-    from pipeline.train.checkpoints import resolve_checkpoint
+    from pipeline.weights import load_vit, read_metadata, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_vit(checkpoint)

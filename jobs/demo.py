@@ -182,8 +182,7 @@ def inspect_demo(run: Path, images: Path, out: Path, env: dict, log: Path) -> No
 def export_demo(run: Path, out: Path) -> None:
     import torch
 
-    from pipeline.checkpoint import export_vit, load_vit
-    from pipeline.train.checkpoints import resolve_checkpoint
+    from pipeline.weights import export_vit, load_vit, resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(run))
     for fmt in ("hf", "timm"):

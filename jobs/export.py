@@ -21,8 +21,8 @@ import argparse
 import sys
 
 from pipeline import cli
-from pipeline.checkpoint import EXPORT_FORMATS, CheckpointError, export_vit
 from pipeline.storage import StorageError
+from pipeline.weights import EXPORT_FORMATS, CheckpointError, export_vit
 
 
 def parse_args(argv=None):
@@ -45,7 +45,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.configure_logging(args.log_level)
-    from pipeline.train.checkpoints import resolve_checkpoint
+    from pipeline.weights import resolve_checkpoint
 
     try:
         src = resolve_checkpoint(args.checkpoint)

@@ -164,11 +164,11 @@ def _main(argv=None) -> int:
 
     import ray
 
-    from pipeline.checkpoint import CheckpointError
     from pipeline.data.reader import DataError
     from pipeline.data.shards import DatasetError
     from pipeline.storage import StorageError
     from pipeline.train.run import PretrainError, configure_logging, pretrain
+    from pipeline.weights import CheckpointError
 
     configure_logging(args.log_level)
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")

@@ -391,7 +391,7 @@ def register_checkpoint(tracking_uri: str, run_id: str, model_name: str,
         client.get_registered_model(model_name)
     except MlflowException:
         client.create_registered_model(model_name, description=(
-            "ViT checkpoints of the pretraining run of this name (pipeline.checkpoint "
+            "ViT checkpoints of the pretraining run of this name (pipeline.weights "
             "format; load_vit(source))"))
     version = client.create_model_version(model_name, source=checkpoint_uri, run_id=run_id,
                                           tags={"checkpoint": checkpoint_uri})

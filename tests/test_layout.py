@@ -7,8 +7,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Plain PyTorch modules that must import (and unit-test) without Ray.
-NO_RAY = ("pipeline/model.py", "pipeline/checkpoint.py", "pipeline/perf.py", "pipeline/analysis.py",
+# Plain PyTorch modules that must import (and unit-test) without Ray (pipeline/weights/ too:
+# see test_weights_import_neither_ray_nor_training).
+NO_RAY = ("pipeline/model.py", "pipeline/perf.py", "pipeline/analysis.py",
           "eval/tasks.py", "eval/data.py", "eval/finetune.py", "eval/report.py")
 
 
@@ -18,7 +19,8 @@ def imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            names.add(node.module)      # and `from pipeline import train` as pipeline.train
+            names |= {f"{node.module}.{a.name}" for a in node.names}
     return names
 
 
@@ -59,3 +61,15 @@ def test_model_and_checkpoint_do_not_import_ray():
     for rel in NO_RAY:
         bad = {m for m in imports(ROOT / rel) if m.split(".")[0] == "ray"}
         assert not bad, f"{rel} imports {bad}"
+
+
+def test_weights_import_neither_ray_nor_training():
+    """Evaluation, export and analysis read weights (and find a run's newest checkpoint)
+    through pipeline.weights: it sits below the training code, not beside it."""
+    paths = python_files("pipeline/weights")
+    assert paths, "pipeline/weights/ is missing"
+    for path in paths:
+        bad = {m for m in imports(path)
+               if m.split(".")[0] == "ray" or m == "pipeline.train" or
+               m.startswith("pipeline.train.")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

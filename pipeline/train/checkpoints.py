@@ -1,13 +1,15 @@
-"""Training checkpoints: the layout, saving, loading, "latest complete", and the resume order.
-The one owner of all of it (as torchtitan's `CheckpointManager`); the driver, the workers and
-`eval/` ask this module.
+"""Training checkpoints: the layout, saving, loading, "latest complete", and the resume order
+(as torchtitan's `CheckpointManager`); the driver and the workers ask this module. What
+readers of the weights need as well (is a checkpoint complete and intact, the checksums, the
+safe DCP metadata reader) is `pipeline/weights/integrity.py`, which this module imports, so
+that `eval/` never imports the training code.
 
 A run keeps its checkpoints in `<storage>/<run name>/step_<step:08d>/`:
 
     state/.metadata, state/__<rank>_0.distcp   torch.distributed.checkpoint (DCP): the model
                         (with the MPP head) and the AdamW state, each worker writing its own
                         shard; loads into any number of workers and any parallel strategy
-    model.safetensors, vit.json    the ViT in our model format (pipeline.checkpoint), gathered
+    model.safetensors, vit.json    the ViT in our model format (pipeline.weights), gathered
                         from the shards: `load_vit` and `eval/vtab.py --checkpoint` take the
                         directory as it is, without training code
     train_state.json    step, samples seen, the exact data position, the resolved config,
@@ -40,11 +42,9 @@ or the same command again) > `--resume CHECKPOINT` (another run's training check
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -54,24 +54,27 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    CheckpointError,
-    load_vit,
-    write_weights,
-)
 from pipeline.model import ViT, ViTConfig
 from pipeline.train.lease import process_alive
+from pipeline.weights import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_vit, write_weights
+from pipeline.weights.integrity import (
+    CORRUPT_FILE,
+    METADATA_FILE,
+    STATE_DIR,
+    STATE_FILE,
+    STATE_FORMAT,
+    complete_checkpoints,
+    is_complete,
+    rank_sums,
+    read_dcp_metadata,
+    read_state,
+    sha256_file,
+    verify,
+)
+from pipeline.weights.integrity import first_line as _first
 
 log = logging.getLogger("pipeline.train")
 
-STATE_DIR = "state"                     # the DCP checkpoint
-STATE_FILE = "train_state.json"
-METADATA_FILE = f"{STATE_DIR}/.metadata"
-CORRUPT_FILE = "corrupt.json"           # written beside a checkpoint that failed `verify`
-HASH_CHUNK = 8 << 20
-FORMAT = "vit-pipeline-train"
 FORMAT_VERSION = 2
 # Config fields that may differ between a checkpoint and the run resuming from it.
 RUNTIME_FIELDS = ("dropout", "attention_dropout", "drop_path")
@@ -181,90 +184,10 @@ def init_model(model: ViT, uri: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Completeness and "latest"
 # ---------------------------------------------------------------------------------------------
-def read_state(uri: str) -> dict:
-    doc = json.loads(storage.read_bytes(storage.join(uri, STATE_FILE)))
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{STATE_FILE} is not of format {FORMAT!r}")
-    return doc
-
-
-def _listing(uri: str) -> dict[str, int]:
-    """{relative path: size} of every file under `uri` (one recursive listing)."""
-    import pyarrow.fs as pafs
-
-    fs, root = storage.filesystem(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as err:
-        raise storage.StorageError(f"cannot list {uri}: {_first(err)}") from None
-    root = root.rstrip("/") + "/"
-    return {i.path[len(root):]: i.size for i in infos if i.type == pafs.FileType.File}
-
-
-def is_complete(uri: str, files: dict[str, int] | None = None) -> bool:
-    """Every file of the checkpoint at `uri` is there with its full size. `files`: a listing
-    of `uri` taken already ({relative path: size})."""
-    files = _listing(uri) if files is None else files
-    if STATE_FILE not in files or METADATA_FILE not in files or CORRUPT_FILE in files:
-        return False
-    try:
-        doc = read_state(uri)
-        metadata = read_dcp_metadata(uri)
-    except (storage.StorageError, OSError, ValueError, pickle.UnpicklingError, EOFError):
-        return False
-    for name, size in doc.get("files", {}).items():
-        if files.get(name) != size:
-            return False
-    if "sha256" in doc and not all(_rank_sums(r) in files for r in range(doc["world_size"])):
-        return False
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        name = f"{STATE_DIR}/{info.relative_path}"
-        needed[name] = max(needed.get(name, 0), info.offset + info.length)
-    return all(files.get(name, -1) >= end for name, end in needed.items())
-
-
-def resolve_checkpoint(uri: str) -> str:
-    """A pretraining run's folder (`<storage>/<run name>`) stands for its newest complete
-    checkpoint; anything else (a step folder, another format, hf://...) is taken as it is."""
-    from pipeline.checkpoint import HUB_SCHEME, read_metadata
-
-    if uri.startswith(HUB_SCHEME) or "/" not in uri.rstrip("/") or read_metadata(uri):
-        return uri
-    for newest in complete_checkpoints(uri.rstrip("/")):
-        problem = verify(newest, only=(WEIGHTS_FILE, CONFIG_FILE))
-        if problem is None:
-            log.info("%s is a pretraining run: using its newest checkpoint %s", uri, newest)
-            return newest
-        log.warning("checkpoint %s is damaged (%s): trying the previous one", newest, problem)
-    return uri
-
-
 def latest(run_uri: str) -> str | None:
     """The newest complete checkpoint of a run, or None. Incomplete ones (an upload cut off
     by a kill) are skipped with a warning."""
     return next(complete_checkpoints(run_uri), None)
-
-
-def complete_checkpoints(run_uri: str):
-    """The run's complete checkpoints, newest first (one listing of the run folder)."""
-    try:
-        files = _listing(run_uri)
-    except storage.StorageError:
-        return
-    by_step: dict[str, dict[str, int]] = {}
-    for path, size in files.items():
-        top, _, rest = path.partition("/")
-        if top.startswith("step_") and rest:
-            by_step.setdefault(top, {})[rest] = size
-    for name in sorted(by_step, reverse=True):
-        uri = storage.join(run_uri, name)
-        if is_complete(uri, by_step[name]):
-            yield uri
-        elif CORRUPT_FILE in by_step[name]:
-            log.warning("skipping checkpoint %s: marked damaged (%s)", uri, CORRUPT_FILE)
-        else:
-            log.warning("skipping incomplete checkpoint %s (files missing or truncated)", uri)
 
 
 def prune(run_uri: str, keep: int) -> list[str]:
@@ -295,64 +218,6 @@ def prune(run_uri: str, keep: int) -> list[str]:
     return stale
 
 
-def _rank_sums(rank: int) -> str:
-    return f"{STATE_DIR}/sha256_rank{rank}.json"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_uri(uri: str) -> str:
-    import hashlib
-
-    fs, path = storage.filesystem(uri)
-    digest = hashlib.sha256()
-    with storage.open_read(fs, path) as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def checksums(uri: str) -> dict[str, str]:
-    """{relative path: SHA-256} that the checkpoint at `uri` recorded for its files (rank 0's
-    in train_state.json, each rank's DCP files in its sidecar); {} for a checkpoint written
-    before checksums were recorded."""
-    doc = read_state(uri)
-    if "sha256" not in doc:
-        return {}
-    sums = dict(doc["sha256"])
-    for rank in range(doc["world_size"]):
-        part = json.loads(storage.read_bytes(storage.join(uri, _rank_sums(rank))))
-        sums.update({f"{STATE_DIR}/{name}": h for name, h in part.items()})
-    return sums
-
-
-def verify(uri: str, only: tuple[str, ...] | None = None) -> str | None:
-    """Recompute the SHA-256 of the checkpoint's files (or of those named in `only`) and
-    compare them with the recorded ones. -> None if they match, else what differs."""
-    try:
-        sums = checksums(uri)
-    except (storage.StorageError, OSError, ValueError, KeyError) as err:
-        return f"its checksums cannot be read ({_first(err)})"
-    for name, expected in sorted(sums.items()):
-        if only is not None and name not in only:
-            continue
-        try:
-            actual = _sha256_uri(storage.join(uri, name))
-        except (storage.StorageError, OSError) as err:
-            return f"{name} cannot be read ({_first(err)})"
-        if actual != expected:
-            return f"{name} does not match its recorded SHA-256"
-    return None
-
-
 def mark_corrupt(uri: str, reason: str) -> None:
     """Mark a checkpoint that failed `verify` so that no process of the run picks it again
     (nothing is deleted: the files stay for inspection)."""
@@ -375,71 +240,6 @@ def latest_verified(run_uri: str) -> str | None:
                     problem)
         mark_corrupt(uri, problem)
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# DCP without unpickling arbitrary objects
-# ---------------------------------------------------------------------------------------------
-# Every global that DCP's `.metadata` pickle names, as exact (module, name) pairs: listed by
-# unpickling real `dcp.save` metadata with a recording `find_class` (torch 2.13; the test
-# tests/security/test_hostile_files.py repeats that listing, so a torch that adds one fails
-# there, not in a user's resume). Never a module prefix: pickle resolves a dotted name by
-# attribute lookup, so ("torch.distributed.checkpoint.filesystem", "os.system") would reach
-# any module such a module imports.
-_DCP = "torch.distributed.checkpoint.metadata"
-_METADATA_GLOBALS = frozenset({
-    (_DCP, "Metadata"), (_DCP, "MetadataIndex"), (_DCP, "StorageMeta"),
-    (_DCP, "TensorProperties"), (_DCP, "TensorStorageMetadata"),
-    (_DCP, "BytesStorageMetadata"), (_DCP, "ChunkStorageMetadata"),
-    (_DCP, "_MEM_FORMAT_ENCODING"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"),  # older torch
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-})
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP writes `.metadata` with pickle; admit only the exact classes that metadata is made
-    of (and torch's dtypes, which are values, not callables)."""
-
-    def find_class(self, module: str, name: str):
-        import torch.distributed.checkpoint.filesystem  # noqa: F401 - the classes admitted
-
-        ok = "." not in name and ((module, name) in _METADATA_GLOBALS or (
-            module == "torch" and isinstance(torch.__dict__.get(name), torch.dtype)))
-        if not ok:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's "
-                                         f"DCP metadata")
-        return super().find_class(module, name)
-
-
-def read_dcp_metadata(uri: str):
-    """The DCP `Metadata` of the checkpoint at `uri`, checked to be the shape DCP writes
-    (shard files named inside `state/`). Raises pickle.UnpicklingError for anything else,
-    whatever the bytes make the unpickler do."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    data = storage.read_bytes(storage.join(uri, METADATA_FILE))
-    try:
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError:
-        raise
-    except Exception as err:  # noqa: BLE001 - hostile or damaged bytes: one kind of error
-        raise pickle.UnpicklingError(f"{METADATA_FILE} is not DCP metadata "
-                                     f"({type(err).__name__}: {_first(err)})") from None
-    infos = getattr(metadata, "storage_data", None)
-    if not isinstance(metadata, Metadata) or not isinstance(infos, dict) or not all(
-            isinstance(i, _StorageInfo) and isinstance(i.relative_path, str)
-            and i.relative_path and "/" not in i.relative_path and "\\" not in i.relative_path
-            and i.relative_path not in (".", "..")
-            and isinstance(i.offset, int) and isinstance(i.length, int)
-            and i.offset >= 0 and i.length >= 0 for i in infos.values()):
-        raise pickle.UnpicklingError(f"{METADATA_FILE} is not DCP metadata of this pipeline's "
-                                     f"shape (shard files inside {STATE_DIR}/)")
-    return metadata
 
 
 def _reader(uri: str):
@@ -759,22 +559,16 @@ def write_rank_checksums(directory: Path, rank: int) -> None:
     state = directory / STATE_DIR
     sums = {p.name: sha256_file(p) for p in sorted(state.iterdir())
             if p.is_file() and p.name != ".metadata" and not p.name.startswith("sha256_")}
-    (directory / _rank_sums(rank)).write_text(json.dumps(sums, sort_keys=True))
+    (directory / rank_sums(rank)).write_text(json.dumps(sums, sort_keys=True))
 
 
 def new_state(step: int, samples_seen: int, data_position: dict | None, config: dict,
               run_name: str, run_id: str | None, world_size: int, strategy: str) -> dict:
     """The contents of train_state.json (`files` is added when the files are written)."""
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+    return {"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "step": step,
             "samples_seen": samples_seen, "data_position": data_position, "config": config,
             "run_name": run_name, "run_id": run_id, "world_size": world_size,
             "strategy": strategy}
-
-
-def _first(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ class Fatal(RuntimeError):
 
 
 def is_fatal(err: BaseException) -> bool:
-    from pipeline.checkpoint import CheckpointError
     from pipeline.train.step import NonFiniteLoss
+    from pipeline.weights import CheckpointError
 
     if isinstance(err, (Fatal, CheckpointError, NonFiniteLoss)):
         return True

@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 from eval.data import write_synthetic_task
 from eval.tasks import BY_NAME
 from eval.vtab import main
-from pipeline.checkpoint import save_vit
 from pipeline.model import ViT, ViTConfig
+from pipeline.weights import save_vit
 from tests.conftest import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]

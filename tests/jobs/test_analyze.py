@@ -12,9 +12,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from jobs.analyze import main
-from pipeline.checkpoint import export_vit, save_vit
 from pipeline.model import ViT
 from pipeline.train.config import PRESETS
+from pipeline.weights import export_vit, save_vit
 
 OUTPUTS = ["attention.json", "attention_distance.png", "attention_rollout.png",
            "embedding_filters.png", "position_embedding_similarity.png"]

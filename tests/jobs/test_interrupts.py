@@ -235,8 +235,8 @@ def test_sigterm_during_a_vtab_trial(tmp_path, mlflow_server, commands):
 
     from eval.data import write_synthetic_task
     from eval.tasks import BY_NAME
-    from pipeline.checkpoint import save_vit
     from pipeline.model import ViT, ViTConfig
+    from pipeline.weights import save_vit
 
     torch.manual_seed(0)
     checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=2,

@@ -291,8 +291,8 @@ def running_trial(experiment: Path, node: str) -> tuple[str, int] | None:
 def test_vtab_keeps_finished_trials_and_reschedules_the_lost_ones(cluster, tmp_path):
     import torch
 
-    from pipeline.checkpoint import save_vit
     from pipeline.model import ViT, ViTConfig
+    from pipeline.weights import save_vit
     from tests.eval.test_vtab import make_tasks
 
     cluster.start_all(workers=2, cpus=1)

@@ -100,9 +100,9 @@ def test_bad_init_and_resume_fail_on_the_driver_with_one_line(tmp_path):
     bad = tmp_path / "weights.safetensors"
     bad.write_bytes(b"not a checkpoint")
     not_training = tmp_path / "model"
-    from pipeline.checkpoint import save_vit
     from pipeline.model import ViT
     from pipeline.train.config import smoke
+    from pipeline.weights import save_vit
 
     save_vit(ViT(smoke().model), not_training)        # weights, but no training state
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",

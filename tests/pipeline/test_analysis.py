@@ -168,7 +168,7 @@ def test_attention_matches_transformers_output_attentions(tmp_path, image_size):
     from transformers import ViTConfig as HFConfig
     from transformers import ViTModel
 
-    from pipeline.checkpoint import load_vit
+    from pipeline.weights import load_vit
 
     torch.manual_seed(0)
     config = HFConfig(hidden_size=48, num_hidden_layers=3, num_attention_heads=4,

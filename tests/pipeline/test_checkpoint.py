@@ -12,8 +12,8 @@ import scipy.special
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import CheckpointError, load_vit, save_vit
 from pipeline.model import ViT, ViTConfig
+from pipeline.weights import CheckpointError, load_vit, save_vit
 
 SMALL = dict(patch_size=8, hidden_size=48, depth=2, num_heads=3, mlp_dim=96, image_size=32,
              num_classes=5, representation_size=40)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, export_vit, load_vit, save_vit
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT, ViTConfig
+from pipeline.weights import CheckpointError, export_vit, load_vit, save_vit
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

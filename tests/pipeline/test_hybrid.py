@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.checkpoint import CheckpointError, export_vit, load_vit, save_vit
 from pipeline.model import HYBRID_RESNETS, VARIANTS, StdConv2d, ViT, ViTConfig, pad_same
+from pipeline.weights import CheckpointError, export_vit, load_vit, save_vit
 from tests.pipeline.test_checkpoint import vit_jax_forward, vit_jax_params
 
 TINY = dict(patch_size=1, hidden_size=48, depth=2, num_heads=3, mlp_dim=96, image_size=32,
@@ -425,12 +425,12 @@ def test_export_timm_names_and_hf_refusal(tmp_path):
         export_vit(tmp_path / "ckpt", tmp_path / "hf", "hf")
     with pytest.raises(CheckpointError, match="no timm architecture"):
         export_vit(tmp_path / "ckpt", tmp_path / "timm", "timm")
-    from pipeline.checkpoint import _timm_export
+    from pipeline.weights import timm
 
     with torch.device("meta"):
         cfg = ViTConfig.from_variant("R50+B/16", num_classes=0, image_size=384)
         state = ViT(cfg).state_dict()
-    tensors, files = _timm_export(cfg, state, "x")
+    tensors, files = timm.export(cfg, state, "x")
     assert files["config.json"]["architecture"] == "vit_base_r50_s16_384"
     backbone = [k for k in tensors if k.startswith("patch_embed.backbone.")]
     assert "patch_embed.backbone.stages.2.blocks.8.norm3.bias" in backbone

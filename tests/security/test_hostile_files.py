@@ -83,7 +83,7 @@ def test_the_payloads_run_when_unpickled(tmp_path, make):
 def test_dcp_metadata_names_only_allow_listed_globals(good_checkpoint):
     """The allow-list is exactly what DCP's metadata pickle names (listed from real metadata
     with a recording unpickler): a torch that adds a class fails here, not in a resume."""
-    from pipeline.train import checkpoints
+    from pipeline.weights import integrity
 
     seen = set()
 
@@ -94,9 +94,9 @@ def test_dcp_metadata_names_only_allow_listed_globals(good_checkpoint):
 
     Recording(io.BytesIO((good_checkpoint / "state" / ".metadata").read_bytes())).load()
     dtypes = {("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
-    assert seen <= checkpoints._METADATA_GLOBALS | dtypes, seen - checkpoints._METADATA_GLOBALS
-    assert checkpoints.read_dcp_metadata(str(good_checkpoint)).storage_data
-    assert checkpoints.is_complete(str(good_checkpoint))
+    assert seen <= integrity.METADATA_GLOBALS | dtypes, seen - integrity.METADATA_GLOBALS
+    assert integrity.read_dcp_metadata(str(good_checkpoint)).storage_data
+    assert integrity.is_complete(str(good_checkpoint))
 
 
 @pytest.mark.parametrize("kind", ["metadata-dotted-name", "metadata-reduce",
@@ -118,7 +118,7 @@ def test_hostile_dcp_metadata_is_refused(tmp_path, good_checkpoint, marker, kind
     ("evil.pth", corpus.evil_torch_file), ("pytorch_model.bin", corpus.evil_torch_file),
     ("vit.npz", corpus.object_npz), ("model.safetensors", None), ("random.bin", None)])
 def test_weight_files_with_payloads_are_refused(tmp_path, marker, name, make):
-    from pipeline.checkpoint import CheckpointError, load_vit
+    from pipeline.weights import CheckpointError, load_vit
 
     path = tmp_path / name
     if make is not None:

@@ -39,7 +39,7 @@ def test_fsdp_run_on_one_gpu(ray_local, tmp_path):
                                     f"run.storage={tmp_path}", "run.name=fsdp"])
     out = pretrain(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db")
     assert out.step == 20
-    from pipeline.checkpoint import load_vit
+    from pipeline.weights import load_vit
 
     assert load_vit(out.checkpoint).cfg == cfg.model
 

@@ -8,8 +8,8 @@ import logging
 
 import pytest
 
-from pipeline.checkpoint import CheckpointError
 from pipeline.train import checkpoints
+from pipeline.weights import CheckpointError, integrity, resolve_checkpoint
 from tests.pipeline.train.test_units import _write, tiny_run
 
 
@@ -32,7 +32,7 @@ def run(tmp_path):
 
 def test_every_file_has_a_recorded_checksum(run):
     newest = run / "step_00000030"
-    sums = checkpoints.checksums(str(newest))
+    sums = integrity.checksums(str(newest))
     on_disk = {p.relative_to(newest).as_posix() for p in newest.rglob("*") if p.is_file()}
     # Everything but the checksum records themselves is covered, DCP shards included.
     covered = on_disk - {"train_state.json", "state/sha256_rank0.json"}
@@ -84,7 +84,7 @@ def test_a_missing_rank_record_makes_the_checkpoint_incomplete(run):
 
 def test_readers_of_a_run_folder_skip_damaged_weights(run):
     flip_byte(run / "step_00000030" / "model.safetensors")
-    assert checkpoints.resolve_checkpoint(str(run)) == str(run / "step_00000020")
+    assert resolve_checkpoint(str(run)) == str(run / "step_00000020")
 
 
 def test_resume_refuses_a_damaged_checkpoint(run):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import load_vit
 from pipeline.train import checkpoints
 from pipeline.train.config import apply_overrides, smoke, smoke_hybrid
 from pipeline.train.run import pretrain
+from pipeline.weights import load_vit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

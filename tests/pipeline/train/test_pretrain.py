@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import load_vit
 from pipeline.data import shards
 from pipeline.train.config import apply_overrides, smoke
 from pipeline.train.run import PretrainError, pretrain
+from pipeline.weights import load_vit
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import load_vit
 from pipeline.data import shards
 from pipeline.data.source import DataPosition, StreamPlan
 from pipeline.train import checkpoints
+from pipeline.weights import load_vit
 from tests.conftest import kill_tree, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[3]

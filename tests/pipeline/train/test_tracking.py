@@ -87,9 +87,9 @@ def test_experiment_name_from_the_environment_and_standard_tags(mlflow_server, m
 
 def test_vtab_runs_are_named_after_the_pretraining_run_and_step(tmp_path):
     from eval.sweep import SweepConfig, model_label
-    from pipeline.checkpoint import save_vit
     from pipeline.model import ViT
     from pipeline.train.config import smoke
+    from pipeline.weights import save_vit
 
     save_vit(ViT(smoke().model), tmp_path / "step_00000150",
              metadata={"run_name": "b16-augreg", "step": 150})

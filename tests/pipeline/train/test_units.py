@@ -416,7 +416,7 @@ def test_resume_is_exact(tmp_path):
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(p, q)
     # The training checkpoint is also a model checkpoint in our format.
-    from pipeline.checkpoint import load_vit
+    from pipeline.weights import load_vit
 
     assert load_vit(tmp_path).cfg == cfg.model
 
@@ -456,7 +456,7 @@ def test_dcp_metadata_is_read_without_unpickling_arbitrary_objects(tmp_path):
 
 def test_resume_refuses_another_architecture(tmp_path):
     cfg, model, opt = tiny_run()
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.weights import CheckpointError
 
     _write(tmp_path, cfg, model, opt, 1)
     other = apply_overrides(cfg, ["model.depth=3"])
@@ -469,7 +469,7 @@ def test_resume_refuses_another_architecture(tmp_path):
 
 
 def test_init_from_foreign_weights_keeps_our_head(tmp_path):
-    from pipeline.checkpoint import save_vit
+    from pipeline.weights import save_vit
 
     cfg, model, _ = tiny_run()
     src = ViT(cfg.model.replace(num_classes=3, image_size=16))
@@ -499,7 +499,7 @@ def test_compiled_blocks_keep_their_names_and_checkpoint_loads(tmp_path):
     assert [n for n, _ in model.named_parameters()] == names
     train_step(model, opt, [batch(1)], 1e-3, 1.0, None)
     _write(tmp_path, cfg, model, opt, 1)
-    from pipeline.checkpoint import load_vit
+    from pipeline.weights import load_vit
 
     loaded = load_vit(tmp_path)
     x, _ = batch(2)
@@ -595,7 +595,7 @@ def test_a_run_name_reused_with_another_config_stops_unless_resumed(tmp_path):
     ckpt = tmp_path / "smoke" / "step_00000050"
     ckpt.mkdir(parents=True)
     (ckpt / checkpoints.STATE_FILE).write_text(json.dumps(
-        {"format": checkpoints.FORMAT, "step": 50, "config": cfg.to_dict()}))
+        {"format": checkpoints.STATE_FORMAT, "step": 50, "config": cfg.to_dict()}))
     point = checkpoints.ResumePoint("own", str(ckpt))
     # What may change between starts: the length, logging, the scale.
     longer = apply_overrides(cfg, ["train.total_steps=300", "train.log_every=10",
