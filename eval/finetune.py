@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT, ViTConfig
-from pipeline.train.schedule import learning_rate
+from pipeline.schedule import learning_rate
 
 
 class FinetuneError(RuntimeError):
