@@ -67,6 +67,14 @@ class Sectioned:
 # ---------------------------------------------------------------------------------------------
 # --set key=value
 # ---------------------------------------------------------------------------------------------
+class BadValue(ValueError):
+    """A value that is not of its key's type; `reason` says why ("expected int")."""
+
+    def __init__(self, key: str, raw: str, reason: str):
+        super().__init__(f"--set {key}={raw}: {reason}")
+        self.key, self.raw, self.reason = key, raw, reason
+
+
 def parse_value(raw: str, hint, key: str):
     """`raw` (a --set value) as the type `hint` says; `key` names it in errors.
     Tuples are comma-separated ("0.01,0.03"); "none" sets an optional value to None."""
@@ -79,7 +87,7 @@ def parse_value(raw: str, hint, key: str):
         return parse_value(raw, inner[0], key)
     if origin is Literal:
         if raw not in args:
-            raise ValueError(f"--set {key}={raw}: must be one of {list(args)}")
+            raise BadValue(key, raw, f"must be one of {list(args)}")
         return raw
     if origin is tuple:
         return tuple(parse_value(x, args[0], key) for x in raw.split(",") if x)
@@ -88,17 +96,23 @@ def parse_value(raw: str, hint, key: str):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--set {key}={raw}: expected true or false")
+        raise BadValue(key, raw, "expected true or false")
     try:
         if hint is int:
             return int(raw)
         if hint is float:
             return float(raw)
     except ValueError:
-        raise ValueError(f"--set {key}={raw}: expected {hint.__name__}") from None
+        raise BadValue(key, raw, f"expected {hint.__name__}") from None
     if hint is str:
         return raw
     raise ValueError(f"--set {key}: cannot set a value of type {hint}")
+
+
+def hint_of(cls: type, key: str):
+    """The type of "section.key" in the top-level config class `cls`."""
+    section, _, name = key.partition(".")
+    return typing.get_type_hints(typing.get_type_hints(cls)[section])[name]
 
 
 def apply_overrides(cfg: Sectioned, items: list[str],
@@ -180,7 +194,7 @@ def from_dict(cls: type, doc: dict):
         raise ValueError(f"unknown config keys {sorted(unknown)}; the config has sections "
                          f"{sections}")
     if old:
-        log.warning("config: %d key(s) of an older release read by their names now (%s)",
+        log.warning("config: %d key(s) of an earlier release read by their names now (%s)",
                  len(old), ", ".join(f"{k} -> {aliases[k]}" for k in old[:3])
                  + (", ..." if len(old) > 3 else ""))
     return _build(cls, nested, "")

@@ -52,3 +52,12 @@ def test_model_and_checkpoint_do_not_import_ray():
     for rel in NO_RAY:
         bad = {m for m in imports(ROOT / rel) if m.split(".")[0] == "ray"}
         assert not bad, f"{rel} imports {bad}"
+
+
+def test_eval_takes_config_machinery_and_schedule_from_below_training():
+    """Both halves use pipeline/config.py and pipeline/schedule.py; the evaluation never
+    reaches into the training package for them."""
+    for path in python_files("eval"):
+        bad = {m for m in imports(path)
+               if m in ("pipeline.train.config", "pipeline.train.schedule")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
