@@ -156,7 +156,14 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
     assert parent.data.tags["mlflow.source.type"] in ("LOCAL", "JOB")
     assert parent.data.tags["mlflow.user"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"vtab.txt", "vtab.csv", "vtab.json", "vtab.png"} <= artifacts
+    assert {"vtab.txt", "vtab.csv", "vtab.json", "vtab.png", "config.json"} <= artifacts
+    # The resolved config, as --config reads it back.
+    from eval.config import VtabConfig
+
+    logged = VtabConfig.from_dict(json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "config.json", str(tmp_path))).read_text()))
+    assert (logged.run.name, logged.finetune.steps, logged.sweep.lrs, logged.sweep.tasks) == (
+        "e2e", 40, (0.001, 0.03), TASKS)
     assert "testing-secret" not in json.dumps(parent.data.params)
 
 
