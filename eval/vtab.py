@@ -12,6 +12,10 @@ drops the whole head for one zero-initialised linear layer and uses SGD momentum
 to the resolution, bf16 on GPU. Defaults follow the paper: 384 px, 2500 steps, batch 512,
 learning rates {0.001, 0.003, 0.01, 0.03} (the sweep of vit_jax's AugReg notebook).
 
+The config (eval/config.py) has sections finetune, sweep, data and run: a preset or --config
+FILE, then --set section.key=value, then the options below, each a shorthand of one key
+(named in its help); --show-config prints the result.
+
 The checkpoint can be ours (a `jobs/pretrain.py` checkpoint), Hugging Face, timm or the
 authors' .npz. --data is a folder or s3:// prefix holding the VTAB-1k layout
 (<task>/{train800,val200,train800val200,test}.txt + images/) or, per task, shards written by
