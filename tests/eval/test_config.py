@@ -77,3 +77,27 @@ def test_config_file_then_set_and_flags(tmp_path):
             (["--data", "d"], "no checkpoint to evaluate: give --checkpoint")):
         with pytest.raises(ValueError, match=message):
             config_from(parse_args(args))
+
+
+def test_preset_costs_are_their_fine_tuning_flops():
+    """Each preset's "about N H100-hours for ViT-B/16 and M for L/16": its fine-tuning runs'
+    training FLOPs at the preset's resolution, at 40% of an H100's bf16 peak."""
+    import re
+
+    from eval.config import PRESETS
+    from pipeline.model import ViTConfig
+    from pipeline.perf import PEAK_BF16, train_flops_per_image
+
+    for name in ("vit", "per-task", "paper"):
+        preset = PRESETS[name]
+        cfg = preset()
+        found = re.search(r"about (\d+) H100-hours for ViT-B/16 and (\d+) for L/16 at 40% MFU",
+                          " ".join((preset.__doc__ or "").split()))
+        assert found, name
+        s, f = cfg.sweep, cfg.finetune
+        runs = len(s.tasks) * ((len(s.lrs) if len(s.lrs) > 1 else 0) + s.seeds)
+        for variant, stated in zip(("B/16", "L/16"), found.groups(), strict=True):
+            flops = train_flops_per_image(ViTConfig.from_variant(variant,
+                                                                 image_size=f.resolution))
+            hours = runs * f.steps * f.batch_size * flops / (PEAK_BF16["H100"] * 0.4) / 3600
+            assert int(stated) == pytest.approx(hours, rel=0.05), (name, variant)
