@@ -19,8 +19,8 @@ import torch
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT
 from pipeline.perf import peak_flops, train_flops_per_image
+from pipeline.schedule import learning_rate
 from pipeline.train.config import apply_overrides, smoke
-from pipeline.train.schedule import learning_rate
 from pipeline.train.step import Pretrainer, decay_names, make_optimizer, train_step
 
 

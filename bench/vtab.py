@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from eval.data import decode, read_encoded, train_size, write_synthetic_task
+from eval.config import VtabConfig, VtabRunConfig
+from eval.data import TaskDataConfig, decode, read_encoded, train_size, write_synthetic_task
 from eval.finetune import FinetuneConfig, build_model, finetune, predict, top1
 from eval.sweep import SweepConfig, choose_lrs, load_pretrained, run
 from eval.tasks import BY_NAME
@@ -32,29 +33,29 @@ from pipeline.weights import save_vit
 TASK_ORDER = ("eurosat", "kitti", "dsprites_ori", "dtd")
 
 
-def plain(cfg: SweepConfig, pretrained) -> tuple[float, float, list]:
+def plain(cfg: VtabConfig, pretrained) -> tuple[float, float, list]:
     """The same protocol without Ray: -> (wall s, sum of training s, records)."""
-    torch.set_num_threads(int(cfg.cpus_per_trial))
+    torch.set_num_threads(int(cfg.sweep.cpus_per_trial))
+    recipe, root, res = cfg.finetune, cfg.data.uri, cfg.finetune.resolution
     start = time.perf_counter()
     train_s, records = 0.0, []
 
     def one(task, split_train, split_eval, lr, seed):
         nonlocal train_s
         t = BY_NAME[task]
-        tr = decode(read_encoded(cfg.data, t, split_train), train_size(t, cfg.resolution))
-        ev = decode(read_encoded(cfg.data, t, split_eval), cfg.resolution)
-        model = build_model(pretrained.config, pretrained.state, t.num_classes, cfg.resolution)
-        stats = finetune(model, tr.images, tr.labels,
-                         FinetuneConfig(lr=lr, steps=cfg.steps, warmup_steps=cfg.warmup,
-                                        batch_size=cfg.batch_size, seed=seed),
-                         resolution=cfg.resolution, crop=t.crop, flip=t.flip)
+        tr = decode(read_encoded(root, t, split_train), train_size(t, res))
+        ev = decode(read_encoded(root, t, split_eval), res)
+        model = build_model(pretrained.config, pretrained.state, t.num_classes, res)
+        stats = finetune(model, tr.images, tr.labels, recipe, lr=lr, seed=seed, crop=t.crop,
+                         flip=t.flip)
         train_s += stats["train_time_s"]
         return {"task": task, "lr": lr, "top1": top1(predict(model, [ev.images]), ev.labels)}
 
-    selection = [one(t, "train800", "val200", lr, 0) for t in cfg.tasks for lr in cfg.lrs]
-    chosen = choose_lrs(cfg, selection)
+    sweep = cfg.sweep
+    selection = [one(t, "train800", "val200", lr, 0) for t in sweep.tasks for lr in sweep.lrs]
+    chosen = choose_lrs(sweep, selection)
     records = selection + [one(t, "train800val200", "test", chosen[t], s)
-                           for t in cfg.tasks for s in range(cfg.seeds)]
+                           for t in sweep.tasks for s in range(sweep.seeds)]
     return time.perf_counter() - start, train_s, records
 
 
@@ -77,14 +78,17 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ckpt = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=96, depth=4,
                                   num_heads=3, mlp_dim=384, num_classes=10)), tmp / "ckpt")
-    cfg = SweepConfig(checkpoint=str(ckpt), data=str(tmp / "vtab"), tasks=tasks,
-                      resolution=args.resolution, lrs=(0.003, 0.03), steps=args.steps,
-                      batch_size=args.batch_size, seeds=1, gpus_per_trial=0.0,
-                      cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=1,
-                      storage=str(tmp / "evals"), name="bench", progress_reports=4)
+    cfg = VtabConfig(
+        finetune=FinetuneConfig(resolution=args.resolution, steps=args.steps,
+                                batch_size=args.batch_size),
+        sweep=SweepConfig(tasks=tasks, lrs=(0.003, 0.03), seeds=1, gpus_per_trial=0.0,
+                          cpus_per_trial=args.cpus_per_trial, max_concurrent_trials=1,
+                          progress_reports=4),
+        data=TaskDataConfig(uri=str(tmp / "vtab")),
+        run=VtabRunConfig(checkpoint=str(ckpt), storage=str(tmp / "evals"), name="bench"))
     pretrained = load_pretrained(cfg)
-    trials = len(tasks) * (len(cfg.lrs) + cfg.seeds)
-    print(f"{trials} trials ({len(tasks)} tasks x {len(cfg.lrs)} lrs on val200, then "
+    trials = len(tasks) * (len(cfg.sweep.lrs) + cfg.sweep.seeds)
+    print(f"{trials} trials ({len(tasks)} tasks x {len(cfg.sweep.lrs)} lrs on val200, then "
           f"{len(tasks)} finals), {args.steps} steps of batch {args.batch_size} at "
           f"{args.resolution} px, {args.cpus_per_trial} CPU per trial, one at a time")
 

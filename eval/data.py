@@ -41,6 +41,13 @@ SPLITS = ("train800", "val200", "train800val200", "test")
 IO_THREADS = 16
 
 
+@dataclass(frozen=True)
+class TaskDataConfig:
+    """Where the tasks are (the `data` section of `vit-vtab`'s config)."""
+
+    uri: str = ""          # a folder or s3:// prefix in either layout above
+
+
 class TaskDataError(DatasetError):
     """A task whose data is missing or inconsistent, with one line naming the file."""
 

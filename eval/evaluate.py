@@ -4,7 +4,6 @@ parent run, run the sweep, write the report. `eval/vtab.py` only parses and call
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -12,9 +11,10 @@ import tempfile
 from pathlib import Path
 
 from eval import report
+from eval.config import VtabConfig
 from eval.data import TaskDataError
 from eval.finetune import FinetuneError
-from eval.sweep import SweepConfig, SweepError, check_data, check_records, load_pretrained, run
+from eval.sweep import SweepError, check_data, check_records, load_pretrained, run
 from eval.tasks import BY_NAME
 from pipeline import interrupt, storage
 from pipeline.data.shards import DatasetError
@@ -27,7 +27,7 @@ USER_ERRORS = (SweepError, CheckpointError, TaskDataError, DatasetError, Storage
                FinetuneError)
 
 
-def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None = None
+def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None = None
              ) -> tuple[dict, list[str]]:
     """Run (or resume) the evaluation; -> (report document, lines saying where things are)."""
     import ray
@@ -35,10 +35,10 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
     from pipeline import tracking
 
     # Everything a user can get wrong fails here, before Ray starts a trial.
-    cfg = dataclasses.replace(cfg, checkpoint=resolve_checkpoint(cfg.checkpoint))
+    cfg = cfg.updated({"run.checkpoint": resolve_checkpoint(cfg.run.checkpoint)})
     pretrained = load_pretrained(cfg)
     sizes = check_data(cfg)
-    log.info("checkpoint %s: %s, %d px; %d task(s) checked: %s", cfg.checkpoint,
+    log.info("checkpoint %s: %s, %d px; %d task(s) checked: %s", cfg.run.checkpoint,
              pretrained.config.get("hidden_size"), pretrained.config["image_size"],
              len(sizes), ", ".join(f"{t} ({s['train800val200']}/{s['test']})"
                                    for t, s in sizes.items()))
@@ -66,10 +66,10 @@ def evaluate(cfg: SweepConfig, reference: str | None = None, address: str | None
         interrupt.ray_init(address=address or "local", configure_logging=False,
                            log_to_driver=True,
                            runtime_env=None if address else {"env_vars": {"PYTHONPATH": repo}})
-    if cfg.gpus_per_trial and not ray.cluster_resources().get("GPU"):
+    if cfg.sweep.gpus_per_trial and not ray.cluster_resources().get("GPU"):
         log.info("the Ray cluster has no GPU: trials run on CPU (%s CPU each)",
-                 f"{cfg.cpus_per_trial:g}")
-        cfg = dataclasses.replace(cfg, gpus_per_trial=0.0)
+                 f"{cfg.sweep.cpus_per_trial:g}")
+        cfg = cfg.updated({"sweep.gpus_per_trial": 0.0})
     try:
         outcome = run(cfg, pretrained)
     except BaseException as err:

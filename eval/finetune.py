@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT, ViTConfig
-from pipeline.train.schedule import learning_rate
+from pipeline.schedule import learning_rate
 
 
 class FinetuneError(RuntimeError):
@@ -33,23 +33,38 @@ class FinetuneError(RuntimeError):
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    lr: float
+    """The fine-tuning recipe every trial of an evaluation follows (ViT App. B.1.1, Table 4;
+    the `finetune` section of `vit-vtab`'s config). The learning rate and the seed are the
+    trial's own (the sweep's grid), not part of the recipe."""
+
+    resolution: int = 384                 # the paper's, for every task
     steps: int = 2500
-    warmup_steps: int = 500
+    warmup_steps: int | None = None       # None: min(500, steps // 5), vit_jax's 500 of 2500
     batch_size: int = 512
     micro_batch_size: int | None = None   # None: the whole batch on GPU (halved on OOM), 32 on CPU
+    dropout: float | None = None          # None: vit_jax's value for the model (finetune_dropout)
     momentum: float = 0.9
-    grad_clip: float = 1.0
-    seed: int = 0
+    grad_clip: float = 1.0                # global norm
 
     def __post_init__(self):
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("steps and batch_size must be positive")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps="
-                             f"{self.steps})")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        # The flag each key has in `vit-vtab` is named too: most users set it that way.
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"--steps and --batch-size (finetune.steps, finetune.batch_size) "
+                             f"must be positive, got {self.steps} and {self.batch_size}")
+        if self.resolution < 1:
+            raise ValueError(f"--resolution (finetune.resolution) must be positive, got "
+                             f"{self.resolution}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"--warmup-steps (finetune.warmup_steps) must be in [0, "
+                             f"{self.steps}), got {self.warmup_steps}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout (finetune.dropout) must be in [0, 1), got "
+                             f"{self.dropout}")
+
+    @property
+    def warmup(self) -> int:
+        """The warmup steps this recipe runs (`warmup_steps`, or its default)."""
+        return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 5)
 
 
 # vit_jax's fine-tuning dropout per model (`vit_jax/configs/models.py`, `dropout_rate`; the
@@ -118,28 +133,29 @@ def _autocast(device: torch.device):
 
 
 def finetune(model: ViT, images: np.ndarray, labels: np.ndarray, cfg: FinetuneConfig, *,
-             resolution: int, crop: bool, flip: bool, device: torch.device | str = "cpu",
+             lr: float, seed: int, crop: bool, flip: bool, device: torch.device | str = "cpu",
              progress: Callable[[int, float], None] | None = None, progress_every: int = 0
              ) -> dict:
-    """Fine-tune `model` in place on uint8 images (N, R, R, 3); -> {"train_loss",
-    "micro_batch_size", "train_time_s", "images_per_s"}. `progress(step, loss)` is called
-    every `progress_every` steps."""
+    """Fine-tune `model` in place on uint8 images (N, R, R, 3) at `lr`, with the batches and
+    crops of `seed`; -> {"train_loss", "micro_batch_size", "train_time_s", "images_per_s"}.
+    `progress(step, loss)` is called every `progress_every` steps."""
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
     device = torch.device(device)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = BatchSampler(len(labels), cfg.seed)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    sampler = BatchSampler(len(labels), seed)
     micro = cfg.micro_batch_size or (cfg.batch_size if device.type == "cuda" else 32)
     micro = min(micro, cfg.batch_size)
     loss_value, start, smoothed = float("nan"), time.perf_counter(), None
     for step in range(cfg.steps):
-        lr = learning_rate(step, cfg.lr, cfg.steps, cfg.warmup_steps, "cosine")
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = learning_rate(step, lr, cfg.steps, cfg.warmup, "cosine")
         # Indexing copies the batch out of the (read-only, shared) object-store arrays.
         idx = sampler.take(cfg.batch_size)
-        batch = augment_batch(torch.from_numpy(images[idx]), resolution, crop, flip, gen)
+        batch = augment_batch(torch.from_numpy(images[idx]), cfg.resolution, crop, flip, gen)
         batch_targets = torch.from_numpy(labels[idx])
         while True:
             try:
@@ -152,7 +168,7 @@ def finetune(model: ViT, images: np.ndarray, labels: np.ndarray, cfg: FinetuneCo
                 torch.cuda.empty_cache()
                 micro = max(1, micro // 2)
         if not math.isfinite(loss_value):
-            raise FinetuneError(f"non-finite loss at step {step + 1} (lr {cfg.lr}); use a "
+            raise FinetuneError(f"non-finite loss at step {step + 1} (lr {lr}); use a "
                                 f"smaller learning rate")
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()

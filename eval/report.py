@@ -29,32 +29,34 @@ REFERENCE_PROTOCOL = "paper: lr 0.01, 2500 steps, mean of 3 runs (ViT App. B.1.1
 
 def choices(cfg, dropout: float | None = None) -> list[str]:
     """The protocol decisions the paper leaves open, as this run made them."""
-    lrs = ", ".join(f"{lr:g}" for lr in cfg.lrs)
-    if cfg.protocol == "paper":
+    sweep, ft = cfg.sweep, cfg.finetune
+    lrs = ", ".join(f"{lr:g}" for lr in sweep.lrs)
+    if sweep.protocol == "paper":
         selection = "selection: none, lr 0.01 for every task (protocol paper, as Table 9)"
     else:
         selection = (f"selection: learning rates {{{lrs}}} fine-tuned on train800, scored on "
                      f"val200; "
                      + ("one rate for all tasks, the best on average (ViT)"
-                        if cfg.protocol == "vit" else "the best rate per task (per-task)")
-                     + ("" if len(cfg.lrs) > 1 else " (one rate given: no selection run)"))
+                        if sweep.protocol == "vit" else "the best rate per task (per-task)")
+                     + ("" if len(sweep.lrs) > 1 else " (one rate given: no selection run)"))
     drop = [] if dropout is None else [
         f"dropout {dropout:g} while fine-tuning, attention dropout 0 ("
-        + ("--dropout" if cfg.dropout is not None else "vit_jax's value for the model") + ")"]
+        + ("--dropout" if ft.dropout is not None else "vit_jax's value for the model") + ")"]
     return [
-        f"resolution {cfg.resolution} px for every task (ViT; not BiT's task-specific sizes, "
+        f"resolution {ft.resolution} px for every task (ViT; not BiT's task-specific sizes, "
         f"not the 224 px of PETL papers)",
         "preprocessing: train = resize to 448/384 of the resolution, random crop, random "
         "flip, with BiT Supp. F's no-flip / no-crop exceptions; eval = resize; inputs in "
         "[-1, 1] (vit_jax), not ImageNet mean/std",
         "head: the whole pre-training head removed, one zero-initialised linear layer",
-        f"optimizer: SGD momentum 0.9, batch {cfg.batch_size}, {cfg.steps} steps, linear "
-        f"warmup {cfg.warmup} steps then cosine decay, no weight decay, clip at global norm 1",
+        f"optimizer: SGD momentum {ft.momentum:g}, batch {ft.batch_size}, {ft.steps} steps, "
+        f"linear warmup {ft.warmup} steps then cosine decay, no weight decay, clip at global "
+        f"norm {ft.grad_clip:g}",
         selection,
         *drop,
         f"final: retrained on train800val200 (800 + 200, not TA's first 1000 of trainval), "
-        f"top-1 on test; {cfg.seeds} seed(s)"
-        + (", mean and sample std" if cfg.seeds > 1 else ""),
+        f"top-1 on test; {sweep.seeds} seed(s)"
+        + (", mean and sample std" if sweep.seeds > 1 else ""),
         "averages: mean of the tasks (ViT) and, named separately, mean of the group means "
         "(PETL)",
     ]
@@ -63,12 +65,13 @@ def choices(cfg, dropout: float | None = None) -> list[str]:
 def build(cfg, outcome: dict, pretrained_meta: dict, reference: str | None = None,
           dropout: float | None = None) -> dict:
     """The report document (what vtab.json holds). `dropout`: the fine-tuning dropout used."""
+    sweep, ft = cfg.sweep, cfg.finetune
     final = outcome["final"]
     val = {}
     for r in outcome["selection"]:
         val.setdefault(r["task"], {})[f"{r['lr']:g}"] = r["top1"]
     tasks, per_seed = [], {}
-    for name in cfg.tasks:
+    for name in sweep.tasks:
         runs = sorted((r for r in final if r["task"] == name), key=lambda r: r["seed"])
         scores = [r["top1"] for r in runs]
         for r in runs:
@@ -83,24 +86,24 @@ def build(cfg, outcome: dict, pretrained_meta: dict, reference: str | None = Non
         tasks.append(row)
     summary = summarize({t["task"]: t["top1"] for t in tasks})
     spread = {}
-    if cfg.seeds > 1:   # the std of each aggregate over seeds, as the paper's "±"
-        seeds = [summarize(s) for s in per_seed.values() if len(s) == len(cfg.tasks)]
+    if sweep.seeds > 1:   # the std of each aggregate over seeds, as the paper's "±"
+        seeds = [summarize(s) for s in per_seed.values() if len(s) == len(sweep.tasks)]
         spread = {k: statistics.stdev([s[k] for s in seeds]) for k in summary} \
             if len(seeds) > 1 else {}
-    doc = {"checkpoint": cfg.checkpoint, "name": cfg.run_name, "data": cfg.data,
+    doc = {"checkpoint": cfg.run.checkpoint, "name": cfg.run_name, "data": cfg.data.uri,
            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "settings": {"resolution": cfg.resolution, "lrs": list(cfg.lrs),
-                        "steps": cfg.steps, "warmup_steps": cfg.warmup,
-                        "batch_size": cfg.batch_size, "seeds": cfg.seeds,
-                        "protocol": cfg.protocol, "dropout": dropout},
+           "settings": {"resolution": ft.resolution, "lrs": list(sweep.lrs),
+                        "steps": ft.steps, "warmup_steps": ft.warmup,
+                        "batch_size": ft.batch_size, "seeds": sweep.seeds,
+                        "protocol": sweep.protocol, "dropout": dropout},
            "choices": choices(cfg, dropout), "pretraining": pretrained_meta,
            "tasks": tasks, "summary": summary, "summary_std": spread,
            "trials": outcome["selection"] + final}
     if reference:
         ref = REFERENCE[reference]
         doc["reference"] = {"name": reference, "protocol": REFERENCE_PROTOCOL,
-                            "same_protocol": cfg.protocol == "paper",
-                            "summary": summarize({t: ref[t] for t in cfg.tasks})}
+                            "same_protocol": sweep.protocol == "paper",
+                            "summary": summarize({t: ref[t] for t in sweep.tasks})}
     return doc
 
 
@@ -238,20 +241,24 @@ EXPERIMENT = "vtab"
 
 
 def start_parent(tracking_uri: str, cfg, pretrained_meta: dict) -> str | None:
-    """The parent run (created, or found again when the same command resumes)."""
+    """The parent run (created, or found again when the same command resumes), with the
+    main settings as params (the names of earlier releases, which comparisons filter on) and
+    the whole resolved config as the artifact config.json (`vit-vtab --config` reads it)."""
     from pipeline import tracking
 
-    params = {"checkpoint": cfg.checkpoint, "data": cfg.data, "tasks": ",".join(cfg.tasks),
-              "resolution": cfg.resolution, "lrs": ",".join(f"{lr:g}" for lr in cfg.lrs),
-              "steps": cfg.steps, "warmup_steps": cfg.warmup, "batch_size": cfg.batch_size,
-              "seeds": cfg.seeds, "protocol": cfg.protocol,
-              "gpus_per_trial": cfg.gpus_per_trial, "cpus_per_trial": cfg.cpus_per_trial}
-    tags = {"checkpoint": cfg.checkpoint, "vit.kind": "vtab",
-            "mlflow.note.content": f"VTAB-1k evaluation of {cfg.checkpoint}"}
+    sweep, ft = cfg.sweep, cfg.finetune
+    params = {"checkpoint": cfg.run.checkpoint, "data": cfg.data.uri,
+              "tasks": ",".join(sweep.tasks), "resolution": ft.resolution,
+              "lrs": ",".join(f"{lr:g}" for lr in sweep.lrs), "steps": ft.steps,
+              "warmup_steps": ft.warmup, "batch_size": ft.batch_size, "seeds": sweep.seeds,
+              "protocol": sweep.protocol, "gpus_per_trial": sweep.gpus_per_trial,
+              "cpus_per_trial": sweep.cpus_per_trial}
+    tags = {"checkpoint": cfg.run.checkpoint, "vit.kind": "vtab",
+            "mlflow.note.content": f"VTAB-1k evaluation of {cfg.run.checkpoint}"}
     tags.update(tracking.pretrain_tags(pretrained_meta))
     try:
-        return tracking.start_run(tracking_uri, EXPERIMENT, cfg.run_name, params, tags,
-                                  continuing=True, source="eval/vtab.py")
+        run_id = tracking.start_run(tracking_uri, EXPERIMENT, cfg.run_name, params, tags,
+                                    continuing=True, source="eval/vtab.py")
     except Exception as err:  # noqa: BLE001 - an outage must not stop the evaluation
         refused = tracking.refusal(err, tracking_uri)
         if refused:   # a refusal is a setting to fix, not an outage to wait out
@@ -262,6 +269,12 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict) -> str | None:
                     tracking.redact(str(err).splitlines()[0][:160]) if str(err)
                     else type(err).__name__)
         return None
+    try:
+        tracking.client(tracking_uri).log_text(run_id, cfg.to_json(), "config.json")
+    except Exception as err:  # noqa: BLE001 - the report files still come at the end
+        log.warning("could not log config.json to MLflow run %s (%s)", run_id,
+                    type(err).__name__)
+    return run_id
 
 
 def log_results(tracking_uri: str, parent_id: str, doc: dict, files: dict[str, Path]) -> None:

@@ -22,38 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from eval.tasks import BY_NAME, Task
+from eval.tasks import BY_NAME, GROUPS, TASKS, Task, select
 from pipeline import interrupt, storage
+
+if TYPE_CHECKING:
+    from eval.config import VtabConfig
+    from eval.finetune import FinetuneConfig
 
 log = logging.getLogger("eval.vtab")
 
-DEFAULT_STORAGE = "~/vit-runs/vtab"
 # paper: ViT App. B.1.1 as Table 9 was made: lr 0.01, 2,500 steps, mean of 3 runs, no sweep.
 # vit: the sweep over learning rates, one for all tasks (best mean on val200); per-task: each
 # task's best rate.
 PROTOCOLS = ("paper", "vit", "per-task")
 PAPER = {"lrs": (0.01,), "steps": 2500, "seeds": 3}
-
-
-# Starting points of `vit-vtab --preset` (the rest: SweepConfig's defaults, the paper's 384 px,
-# batch 512, 2,500 steps). --set and the flags change any value on top.
-PRESETS = {
-    "vit": {"protocol": "vit"},                   # the lr sweep, one rate for all tasks
-    "per-task": {"protocol": "per-task"},         # the lr sweep, each task's best rate
-    "paper": {"protocol": "paper", **PAPER},      # as ViT Table 9 was made
-    "demo": {"protocol": "vit", "lrs": (0.003, 0.03), "steps": 40, "batch_size": 32,
-             "resolution": 32},                   # seconds per task on a CPU
-}
 
 
 class SweepError(RuntimeError):
@@ -62,68 +54,46 @@ class SweepError(RuntimeError):
 
 @dataclass(frozen=True)
 class SweepConfig:
-    checkpoint: str
-    data: str
-    tasks: tuple[str, ...]
-    resolution: int = 384
-    lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)
-    steps: int = 2500
-    warmup_steps: int | None = None          # None: min(500, steps // 5), as vit_jax's 500/2500
-    batch_size: int = 512
-    micro_batch_size: int | None = None
-    seeds: int = 1
-    protocol: str = "vit"
-    dropout: float | None = None             # None: vit_jax's value for the model
-    gpus_per_trial: float = 0.25
+    """Which trials an evaluation runs and how Ray Tune places them (the `sweep` section of
+    `vit-vtab`'s config; each trial fine-tunes by the `finetune` section's recipe)."""
+
+    protocol: Literal["paper", "vit", "per-task"] = "vit"
+    # Task names, `all` or group names (natural, specialized, structured): resolved to the
+    # task names, in table order.
+    tasks: tuple[str, ...] = tuple(t.name for t in TASKS)
+    lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03)   # vit_jax's AugReg notebook sweep
+    seeds: int = 1                           # final runs per task (mean and std)
+    gpus_per_trial: float = 0.25             # four trials share a device
     cpus_per_trial: float = 1.0
     max_concurrent_trials: int = 0           # 0: as many as the resources allow
     max_failures: int = 2                    # retries of a trial (e.g. its node was lost)
-    name: str | None = None
-    storage: str = DEFAULT_STORAGE
     progress_reports: int = 4                # intermediate Tune reports per trial
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; use {', '.join(PROTOCOLS)}")
-        if self.protocol == "paper" and (tuple(self.lrs), self.steps, self.seeds) != (
-                PAPER["lrs"], PAPER["steps"], PAPER["seeds"]):
-            raise ValueError("--protocol paper fixes lr 0.01, 2500 steps and 3 seeds (ViT App. "
-                             "B.1.1); drop --lrs/--steps/--seeds, or use --protocol vit")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        object.__setattr__(self, "tasks", _task_names(self.tasks))
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
-            raise ValueError(f"learning rates must be positive, got {list(self.lrs)}")
+            raise ValueError(f"learning rates must be positive, got {list(self.lrs)} (--lrs, "
+                             f"sweep.lrs)")
         if self.seeds < 1:
-            raise ValueError("--seeds must be at least 1")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("--steps and --batch-size must be positive")
-        if self.resolution < 1:
-            raise ValueError("--resolution must be positive")
+            raise ValueError("--seeds (sweep.seeds) must be at least 1")
         if self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
-            raise ValueError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0")
-        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"--warmup-steps must be in [0, {self.steps})")
+            raise ValueError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0 "
+                             "(sweep.gpus_per_trial, sweep.cpus_per_trial)")
 
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 5)
 
-    @property
-    def run_name(self) -> str:
-        """Stable for the same command: the name under which it resumes."""
-        if self.name:
-            return self.name
-        keys = {k: v for k, v in asdict(self).items()
-                if k not in ("name", "storage", "max_concurrent_trials", "max_failures",
-                             "gpus_per_trial", "cpus_per_trial", "progress_reports")}
-        digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
-        return f"vtab-{model_label(self.checkpoint)}-{digest}"
-
-    @property
-    def root(self) -> str:
-        base = self.storage if storage.is_s3(self.storage) else \
-            str(Path(self.storage).expanduser().resolve())
-        return storage.join(base, self.run_name)
+def _task_names(specs: tuple[str, ...]) -> tuple[str, ...]:
+    """Names and groups -> the task names, in table order; unknown names are errors."""
+    groups = [s for s in specs if s == "all" or s in GROUPS]
+    names = {t.name for g in groups for t in select(g)}
+    rest = [s for s in specs if s not in groups]
+    if rest:
+        names |= {t.name for t in select(",".join(rest))}
+    if not names:
+        raise ValueError("no VTAB task given (--tasks, sweep.tasks); use all, natural, "
+                         "specialized, structured or task names")
+    return tuple(t.name for t in TASKS if t.name in names)
 
 
 @functools.lru_cache(maxsize=64)
@@ -150,13 +120,14 @@ class Pretrained:
 # ---------------------------------------------------------------------------------------------
 # Validation: everything that can be wrong is found before any trial starts
 # ---------------------------------------------------------------------------------------------
-def load_pretrained(cfg: SweepConfig) -> Pretrained:
+def load_pretrained(cfg: VtabConfig) -> Pretrained:
     from pipeline.weights import load_vit, read_metadata
 
-    model = load_vit(cfg.checkpoint)
+    model = load_vit(cfg.run.checkpoint)
     patch = model.cfg.effective_patch_size          # a hybrid's: pixels per token
-    if cfg.resolution < patch:
-        raise SweepError(f"--resolution {cfg.resolution} is smaller than the checkpoint's "
+    resolution, dropout = cfg.finetune.resolution, cfg.finetune.dropout
+    if resolution < patch:
+        raise SweepError(f"--resolution {resolution} is smaller than the checkpoint's "
                          f"patch size {patch}; use at least {patch}")
     # Not a multiple (H/14 at the paper's 384 px): the last resolution % patch rows and
     # columns go unused, as in vit_jax (VALID patch convolution; see ViTConfig.grid_size).
@@ -166,15 +137,15 @@ def load_pretrained(cfg: SweepConfig) -> Pretrained:
     # pretrained with (0.1 for ours, 0.0 for imports), unless --dropout says otherwise; no
     # stochastic depth ("No AugReg during fine-tuning", vit_jax configs/augreg.py).
     config = {**model.cfg.to_dict(), "attention_dropout": 0.0, "drop_path": 0.0,
-              "dropout": cfg.dropout if cfg.dropout is not None else finetune_dropout(model.cfg)}
-    return Pretrained(config, read_metadata(cfg.checkpoint),
+              "dropout": dropout if dropout is not None else finetune_dropout(model.cfg)}
+    return Pretrained(config, read_metadata(cfg.run.checkpoint),
                       {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 
-def check_data(cfg: SweepConfig) -> dict[str, dict[str, int]]:
+def check_data(cfg: VtabConfig) -> dict[str, dict[str, int]]:
     from eval.data import check_task
 
-    return {name: check_task(cfg.data, BY_NAME[name]) for name in cfg.tasks}
+    return {name: check_task(cfg.data.uri, BY_NAME[name]) for name in cfg.sweep.tasks}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +164,7 @@ def _load(data_root: str, task_name: str, split: str, resolution: int, kind: str
     return decode(encoded, size, f"{task_name}/{split}"), len(encoded.labels)
 
 
-def load_phase_data(cfg: SweepConfig, phase: str) -> dict[str, dict[str, object]]:
+def load_phase_data(cfg: VtabConfig, phase: str) -> dict[str, dict[str, object]]:
     """{task: {"train": ref, "eval": ref}} for a phase, loaded in parallel Ray tasks and left
     in the object store; raises TaskDataError on bad data."""
     import ray
@@ -202,9 +173,10 @@ def load_phase_data(cfg: SweepConfig, phase: str) -> dict[str, dict[str, object]
     train_split, eval_split, eval_kind = (("train800", "val200", "eval") if phase == "select"
                                           else ("train800val200", "test", "encoded"))
     refs, sizes = {}, []
-    for name in cfg.tasks:
-        train, n_train = load.remote(cfg.data, name, train_split, cfg.resolution, "train")
-        evaluation, n_eval = load.remote(cfg.data, name, eval_split, cfg.resolution, eval_kind)
+    root, resolution = cfg.data.uri, cfg.finetune.resolution
+    for name in cfg.sweep.tasks:
+        train, n_train = load.remote(root, name, train_split, resolution, "train")
+        evaluation, n_eval = load.remote(root, name, eval_split, resolution, eval_kind)
         refs[name] = {"train": train, "eval": evaluation}
         sizes += [n_train, n_eval]
     try:
@@ -217,45 +189,43 @@ def load_phase_data(cfg: SweepConfig, phase: str) -> dict[str, dict[str, object]
 # ---------------------------------------------------------------------------------------------
 # The trial (runs in a Tune actor)
 # ---------------------------------------------------------------------------------------------
-def trial(config: dict, *, data: dict, pretrained, settings: dict) -> None:
-    """One fine-tuning run: config = {"trial": {"task", "lr", "seed", "phase"}}."""
+def trial(config: dict, *, data: dict, pretrained, recipe: FinetuneConfig,
+          sweep: SweepConfig) -> None:
+    """One fine-tuning run by `recipe`: config = {"trial": {"task", "lr", "seed", "phase"}}."""
     import numpy as np
     import ray
     import torch
     from ray import tune
 
     from eval.data import Encoded, decode
-    from eval.finetune import FinetuneConfig, FinetuneError, build_model, finetune, predict, top1
+    from eval.finetune import FinetuneError, build_model, finetune, predict, top1
 
     config = config["trial"]
     task: Task = BY_NAME[config["task"]]
-    torch.set_num_threads(max(1, int(settings["cpus_per_trial"])))
-    use_gpu = settings["gpus_per_trial"] > 0 and torch.cuda.is_available()
+    torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
+    use_gpu = sweep.gpus_per_trial > 0 and torch.cuda.is_available()
     device = torch.device("cuda" if use_gpu else "cpu")
-    if use_gpu and settings["gpus_per_trial"] < 1:
+    if use_gpu and sweep.gpus_per_trial < 1:
         # Ray's GPU fractions are logical: cap this trial's share of the device memory, so
         # that co-located trials cannot starve each other (the batch is accumulated instead).
-        torch.cuda.set_per_process_memory_fraction(settings["gpus_per_trial"])
+        torch.cuda.set_per_process_memory_fraction(sweep.gpus_per_trial)
     weights = pretrained   # tune.with_parameters fetched it from the object store
-    res = settings["resolution"]
+    res = recipe.resolution
     model = build_model(weights.config, weights.state, task.num_classes, res)
     train = ray.get(data[task.name]["train"])
-    ft = FinetuneConfig(lr=config["lr"], steps=settings["steps"],
-                        warmup_steps=settings["warmup_steps"],
-                        batch_size=settings["batch_size"],
-                        micro_batch_size=settings["micro_batch_size"], seed=config["seed"])
-    every = max(1, ft.steps // max(1, settings["progress_reports"]))
+    every = max(1, recipe.steps // max(1, sweep.progress_reports))
 
     def progress(step: int, loss: float) -> None:
-        if step < ft.steps:
+        if step < recipe.steps:
             tune.report({"step": step, "train_loss": loss})
 
     try:
-        stats = finetune(model, train.images, train.labels, ft, resolution=res, crop=task.crop,
-                         flip=task.flip, device=device, progress=progress, progress_every=every)
+        stats = finetune(model, train.images, train.labels, recipe, lr=config["lr"],
+                         seed=config["seed"], crop=task.crop, flip=task.flip, device=device,
+                         progress=progress, progress_every=every)
     except FinetuneError as err:
         # A learning rate that diverges is a result of the sweep, not a failure of it.
-        tune.report({"step": ft.steps, "diverged": True, "top1": float("nan"),
+        tune.report({"step": recipe.steps, "diverged": True, "top1": float("nan"),
                      "error": str(err), "task": task.name})
         return
     del train
@@ -272,14 +242,14 @@ def trial(config: dict, *, data: dict, pretrained, settings: dict) -> None:
     else:
         preds = predict(model, [evaluation.images], device)
     labels = np.asarray(evaluation.labels)
-    tune.report({"step": ft.steps, "top1": top1(preds, labels), "eval_images": len(labels),
+    tune.report({"step": recipe.steps, "top1": top1(preds, labels), "eval_images": len(labels),
                  "diverged": False, "task": task.name, **stats})
 
 
 # ---------------------------------------------------------------------------------------------
 # Phases
 # ---------------------------------------------------------------------------------------------
-def _tune_storage(cfg: SweepConfig):
+def _tune_storage(cfg: VtabConfig):
     """(storage_path, filesystem) for Tune's RunConfig (explicit endpoint for S3)."""
     root = cfg.root
     if storage.is_s3(root):
@@ -289,19 +259,16 @@ def _tune_storage(cfg: SweepConfig):
     return root, None
 
 
-def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
+def run_phase(cfg: VtabConfig, phase: str, combos: list[dict], data: dict,
               pretrained: Pretrained) -> list[dict]:
     """Run one phase, or the trials of it that an earlier run of the same command did not
     finish; -> one record per trial (in `combos` order): config, metrics, error.
     `tune.with_parameters` puts the weights and the dict of data refs into the object store
-    once; every trial reads them from there."""
+    once; every trial reads them from there, and its recipe and placement (typed configs)."""
     from ray import tune
 
     path, fs = _tune_storage(cfg)
-    settings = {"resolution": cfg.resolution, "steps": cfg.steps,
-                "warmup_steps": cfg.warmup, "batch_size": cfg.batch_size,
-                "micro_batch_size": cfg.micro_batch_size, "gpus_per_trial": cfg.gpus_per_trial,
-                "cpus_per_trial": cfg.cpus_per_trial, "progress_reports": cfg.progress_reports}
+    sweep = cfg.sweep
     record = TrialRecord(cfg, phase)
     done = record.read()
     todo = [c for c in combos if _combo_name(c) not in done]
@@ -310,24 +277,25 @@ def run_phase(cfg: SweepConfig, phase: str, combos: list[dict], data: dict,
                  record.uri, len(combos) - len(todo), len(combos))
     results: dict[str, dict] = {}
     if todo:
-        resources = {"cpu": cfg.cpus_per_trial}
-        if cfg.gpus_per_trial > 0:
-            resources["gpu"] = cfg.gpus_per_trial
+        resources = {"cpu": sweep.cpus_per_trial}
+        if sweep.gpus_per_trial > 0:
+            resources["gpu"] = sweep.gpus_per_trial
         trainable = tune.with_resources(
-            tune.with_parameters(trial, data=data, pretrained=pretrained, settings=settings),
+            tune.with_parameters(trial, data=data, pretrained=pretrained, recipe=cfg.finetune,
+                                 sweep=sweep),
             resources)
         tuner = tune.Tuner(
             trainable,
             param_space={"trial": tune.grid_search(todo)},
             tune_config=tune.TuneConfig(
                 reuse_actors=True,
-                max_concurrent_trials=cfg.max_concurrent_trials or None,
+                max_concurrent_trials=sweep.max_concurrent_trials or None,
                 trial_dirname_creator=_trial_name,
                 trial_name_creator=_trial_name),
             # With an explicit filesystem (S3), Tune wants the path without its scheme.
             run_config=tune.RunConfig(
                 name=phase, storage_path=path, storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                 callbacks=[record.callback(), progress_callback(phase, len(todo))],
                 verbose=0))
         # Ctrl-C / SIGTERM: Tune ends its loop when SIGUSR1 comes (its own SIGINT handler is
@@ -368,12 +336,17 @@ class TrialRecord:
     finishes; it names the settings the results depend on, so a rerun under the same --name
     with other settings is refused instead of mixing results."""
 
-    FIELDS = ("checkpoint", "data", "resolution", "steps", "warmup", "batch_size", "dropout")
-
-    def __init__(self, cfg: SweepConfig, phase: str):
+    def __init__(self, cfg: VtabConfig, phase: str):
         self.uri = storage.join(cfg.root, f"{phase}_trials.json")
         self.phase = phase
-        self.settings = {k: getattr(cfg, k) for k in self.FIELDS}
+        ft = cfg.finetune
+        # These keys and values as records of earlier releases hold them, so that those
+        # still resume; a recipe key added since joins them only where it is not at its
+        # default (a record without it was made at the default).
+        self.settings = {"checkpoint": cfg.run.checkpoint, "data": cfg.data.uri,
+                         "resolution": ft.resolution, "steps": ft.steps,
+                         "warmup": ft.warmup, "batch_size": ft.batch_size,
+                         "dropout": ft.dropout, **cfg.changed_recipe()}
         self.trials: dict[str, dict] = {}
 
     def read(self) -> dict[str, dict]:
@@ -430,7 +403,7 @@ class TrialRecord:
         return Record()
 
 
-def check_records(cfg: SweepConfig) -> None:
+def check_records(cfg: VtabConfig) -> None:
     """Read the records of finished trials an earlier run left (before Ray starts): one
     that is not ours, or one of other settings, stops the evaluation here."""
     for phase in ("select", "final"):
@@ -493,7 +466,7 @@ def progress_callback(phase: str, total: int):
 
         def pace(self) -> str:
             """Elapsed time and, at this phase's mean pace, the time left."""
-            from pipeline.train.loop import clock
+            from pipeline.cli import clock
 
             elapsed = time.monotonic() - self.started
             left = (self.total - self.done) * elapsed / self.done if self.done else None
@@ -569,7 +542,7 @@ def choose_lrs(cfg: SweepConfig, selection: list[dict]) -> dict[str, float]:
     return {t: best for t in cfg.tasks}
 
 
-def run(cfg: SweepConfig, pretrained: Pretrained) -> dict:
+def run(cfg: VtabConfig, pretrained: Pretrained) -> dict:
     """Both phases; -> {"selection": [...], "final": [...], "lrs": {task: lr},
     "timings": {"<phase>/data_s", "<phase>/trials_s"}}."""
     selection: list[dict] = []
@@ -586,13 +559,14 @@ def run(cfg: SweepConfig, pretrained: Pretrained) -> dict:
         timings[f"{name}/trials_s"] = time.perf_counter() - start
         return records
 
-    if len(cfg.lrs) > 1:
+    sweep = cfg.sweep
+    if len(sweep.lrs) > 1:
         selection = phase("select", [{"task": t, "lr": lr, "seed": 0, "phase": "select"}
-                                     for t in cfg.tasks for lr in cfg.lrs])
+                                     for t in sweep.tasks for lr in sweep.lrs])
         _raise_failed(selection, "selection")
-    chosen = choose_lrs(cfg, selection)
+    chosen = choose_lrs(sweep, selection)
     final = phase("final", [{"task": t, "lr": chosen[t], "seed": s, "phase": "final"}
-                            for t in cfg.tasks for s in range(cfg.seeds)])
+                            for t in sweep.tasks for s in range(sweep.seeds)])
     _raise_failed(final, "final")
     diverged = [f"{r['task']} (lr {r['lr']:g}, seed {r['seed']})" for r in final
                 if r["diverged"]]
@@ -609,38 +583,3 @@ def _raise_failed(records: list[dict], phase: str) -> None:
         raise SweepError(f"{len(failed)} {phase} trial(s) failed, e.g. {first['task']} "
                          f"(lr {first['lr']:g}, seed {first['seed']}): {first['error']}; run "
                          f"the same command again to retry them (finished trials are kept)")
-
-
-
-def eval_config(checkpoint: str, data: str, preset: str = "vit", sets: list[str] = ()
-                ) -> SweepConfig:
-    """An evaluation config: a preset (PRESETS), then `key=value` overrides of any field,
-    typed and checked as `vit-pretrain --set` is (`tasks=natural` or a list of names)."""
-    import dataclasses
-    import typing
-
-    from pipeline.train.config import parse_value
-
-    if preset not in PRESETS:
-        raise ValueError(f"unknown evaluation preset {preset!r}; use one of {list(PRESETS)}")
-    values = {"checkpoint": checkpoint, "data": data, "tasks": "all", **PRESETS[preset]}
-    hints = typing.get_type_hints(SweepConfig)
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected field=value")
-        if key not in hints:
-            raise ValueError(f"--set {key}: unknown key; the evaluation config has "
-                             f"{sorted(hints)}")
-        values[key] = raw if key == "tasks" else parse_value(raw, hints[key], key)
-    if isinstance(values["tasks"], str):
-        from eval.tasks import select
-
-        values["tasks"] = tuple(t.name for t in select(values["tasks"]))
-    if "://" not in values["data"]:
-        values["data"] = str(Path(values["data"]).expanduser())
-    if "://" not in values["checkpoint"]:
-        values["checkpoint"] = str(Path(values["checkpoint"]).expanduser().resolve())
-    return SweepConfig(**{f.name: values[f.name] for f in dataclasses.fields(SweepConfig)
-                          if f.name in values})

@@ -12,6 +12,10 @@ drops the whole head for one zero-initialised linear layer and uses SGD momentum
 to the resolution, bf16 on GPU. Defaults follow the paper: 384 px, 2500 steps, batch 512,
 learning rates {0.001, 0.003, 0.01, 0.03} (the sweep of vit_jax's AugReg notebook).
 
+The config (eval/config.py) has sections finetune, sweep, data and run: a preset or --config
+FILE, then --set section.key=value, then the options below, each a shorthand of one key
+(named in its help); --show-config prints the result.
+
 The checkpoint can be ours (a `jobs/pretrain.py` checkpoint), Hugging Face, timm or the
 authors' .npz. --data is a folder or s3:// prefix holding the VTAB-1k layout
 (<task>/{train800,val200,train800val200,test}.txt + images/) or, per task, shards written by
@@ -27,90 +31,114 @@ import argparse
 import logging
 import os
 import sys
+import typing
 
 from pipeline import interrupt
 
 interrupt.install()   # before the heavy imports: a Ctrl-C while they load ends quietly too
 
+from eval.config import DEFAULT_STORAGE, PRESETS, VtabConfig, absolute_paths  # noqa: E402
 from eval.report import REFERENCE  # noqa: E402
-from eval.sweep import DEFAULT_STORAGE, PRESETS, PROTOCOLS, SweepConfig, eval_config  # noqa: E402
+from pipeline.config import (  # noqa: E402
+    BadValue,
+    apply_overrides,
+    hint_of,
+    load_config,
+    parse_value,
+)
+
+# The flags that are shorthands of --set: `--steps 500` is `--set finetune.steps=500`.
+# (flag, config key, metavar, help)
+FLAGS = (
+    ("--checkpoint", "run.checkpoint", "URI",
+     "the ViT to evaluate: a checkpoint folder or s3:// prefix (ours or Hugging Face), a "
+     "timm / Hugging Face state dict, the authors' .npz, or a pretraining run's folder (its "
+     "newest checkpoint); required unless --config names one"),
+    ("--data", "data.uri", "ROOT",
+     "VTAB-1k root, local or s3:// (default: $VTAB_DATA or ~/vtab-1k)"),
+    ("--tasks", "sweep.tasks", None,
+     "all, natural, specialized, structured, or comma-separated task names (default: all 19)"),
+    ("--resolution", "finetune.resolution", None,
+     "fine-tuning resolution (default: 384, the paper's); where it is not a multiple of the "
+     "patch size, the last pixels go unused, as in vit_jax (H/14 at 384: 27 x 27 patches)"),
+    ("--lrs", "sweep.lrs", None,
+     "learning rates to select from on val200 (default: 0.001,0.003,0.01,0.03; one value "
+     "skips the selection; protocol paper: 0.01)"),
+    ("--steps", "finetune.steps", None, "fine-tuning steps (default: 2500)"),
+    ("--warmup-steps", "finetune.warmup_steps", None,
+     "linear warmup steps (default: min(500, steps / 5), vit_jax's 500 of 2500)"),
+    ("--batch-size", "finetune.batch_size", None, "images per optimizer step (default: 512)"),
+    ("--micro-batch-size", "finetune.micro_batch_size", None,
+     "images per forward pass, accumulated to the batch (default: the whole batch on GPU, "
+     "halved until it fits; 32 on CPU)"),
+    ("--seeds", "sweep.seeds", None,
+     "final runs per task, reported as mean and std (default: 1; protocol paper: 3, as the "
+     "paper)"),
+    ("--protocol", "sweep.protocol", None,
+     "paper: lr 0.01, 2500 steps, mean of 3 seeds, no sweep (as ViT Table 9; the default with "
+     "--reference); vit: the learning-rate sweep, one rate for all tasks, best on average (the "
+     "default otherwise); per-task: each task's best rate"),
+    ("--dropout", "finetune.dropout", None,
+     "dropout while fine-tuning (default: vit_jax's value for the model: 0.1 for L/16 and "
+     "H/14, 0 for the others)"),
+    ("--gpus-per-trial", "sweep.gpus_per_trial", None,
+     "GPU fraction per trial; small tasks pack onto one device (default: 0.25; ignored where "
+     "the cluster has no GPU)"),
+    ("--cpus-per-trial", "sweep.cpus_per_trial", None, "CPUs per trial (default: 1)"),
+    ("--max-concurrent-trials", "sweep.max_concurrent_trials", None,
+     "cap on trials at once (default: as many as resources allow)"),
+    ("--name", "run.name", None,
+     "evaluation name (default: derived from the checkpoint and settings, so the same command "
+     "resumes)"),
+    ("--storage", "run.storage", None,
+     f"where trials and reports go, a folder or s3:// prefix (default: {DEFAULT_STORAGE})"),
+)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
-            from None
+def _checked(flag: str, key: str):
+    """argparse's `type` for a flag: the text as given (it becomes `--set key=text`), once
+    it parses as the key's type."""
+    hint = hint_of(VtabConfig, key)
+
+    def check(raw: str) -> str:
+        try:
+            parse_value(raw, hint, key)
+        except BadValue as err:
+            raise argparse.ArgumentTypeError(f"{err.reason}, got {err.raw!r} ({key})") \
+                from None
+        return raw
+
+    check.__name__ = flag.lstrip("-")    # argparse names the type in some messages
+    return check
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, metavar="URI",
-                    help="the ViT to evaluate: a checkpoint folder or s3:// prefix (ours or "
-                         "Hugging Face), a timm / Hugging Face state dict, the authors' .npz, "
-                         "or a pretraining run's folder (its newest checkpoint)")
-    ap.add_argument("--data", default=os.environ.get("VTAB_DATA", "~/vtab-1k"),
-                    metavar="ROOT", help="VTAB-1k root, local or s3:// (default: $VTAB_DATA or "
-                                         "~/vtab-1k)")
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="the evaluation config to start from: vit (the learning-rate sweep; "
                          "the default), per-task, paper (lr 0.01, 2500 steps, 3 seeds; the "
-                         "default with --reference), demo (small and fast); the options "
-                         "below and --set change it")
+                         "default with --reference), demo (small and fast); documented in "
+                         "eval/config.py; --set and the options below change it")
+    ap.add_argument("--config", metavar="FILE",
+                    help="start from a resolved configuration instead of a preset (JSON, as "
+                         "--show-config prints and MLflow keeps as config.json, also the flat "
+                         "one of earlier releases; a local path or s3://)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="KEY=VALUE", help="set any field of the evaluation config, e.g. "
-                                              "steps=500 (repeatable; --show-config lists them)")
+                    metavar="KEY=VALUE", help="set any key of the evaluation config, e.g. "
+                                              "finetune.steps=500 (repeatable; sections "
+                                              "finetune, sweep, data, run; --show-config "
+                                              "lists the keys)")
     ap.add_argument("--show-config", action="store_true",
                     help="print the resolved evaluation config and exit")
-    ap.add_argument("--tasks", default=None,
-                    help="all, natural, specialized, structured, or comma-separated task names "
-                         "(default: all 19)")
-    ap.add_argument("--resolution", type=int, default=None,
-                    help="fine-tuning resolution (default: 384, the paper's); where it is not "
-                         "a multiple of the patch size, the last pixels go unused, as in "
-                         "vit_jax (H/14 at 384: 27 x 27 patches)")
-    ap.add_argument("--lrs", type=_floats, default=None,
-                    help="learning rates to select from on val200 (default: "
-                         "0.001,0.003,0.01,0.03; one value skips the selection; protocol "
-                         "paper: 0.01)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="fine-tuning steps (default: 2500)")
-    ap.add_argument("--warmup-steps", type=int, default=None,
-                    help="linear warmup steps (default: min(500, steps / 5), vit_jax's 500 of "
-                         "2500)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="images per optimizer step (default: 512)")
-    ap.add_argument("--micro-batch-size", type=int, default=None,
-                    help="images per forward pass, accumulated to the batch (default: the "
-                         "whole batch on GPU, halved until it fits; 32 on CPU)")
-    ap.add_argument("--seeds", type=int, default=None,
-                    help="final runs per task, reported as mean and std (default: 1; protocol "
-                         "paper: 3, as the paper)")
-    ap.add_argument("--protocol", choices=PROTOCOLS, default=None,
-                    help="paper: lr 0.01, 2500 steps, mean of 3 seeds, no sweep (as ViT Table "
-                         "9; the default with --reference); vit: the learning-rate sweep, one "
-                         "rate for all tasks, best on average (the default otherwise); "
-                         "per-task: each task's best rate")
-    ap.add_argument("--dropout", type=float, default=None,
-                    help="dropout while fine-tuning (default: vit_jax's value for the model: "
-                         "0.1 for L/16 and H/14, 0 for the others)")
-    ap.add_argument("--gpus-per-trial", type=float, default=None,
-                    help="GPU fraction per trial; small tasks pack onto one device (default: "
-                         "0.25; ignored where the cluster has no GPU)")
-    ap.add_argument("--cpus-per-trial", type=float, default=None,
-                    help="CPUs per trial (default: 1)")
-    ap.add_argument("--max-concurrent-trials", type=int, default=None,
-                    help="cap on trials at once (default: as many as resources allow)")
+    for flag, key, metavar, text in FLAGS:
+        hint = hint_of(VtabConfig, key)
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        ap.add_argument(flag, type=_checked(flag, key), metavar=metavar, choices=choices,
+                        help=f"{text} [{key}]")
     ap.add_argument("--reference", choices=sorted(REFERENCE),
                     help="print ViT Table 9's numbers for this model beside ours")
-    ap.add_argument("--name", help="evaluation name (default: derived from the checkpoint and "
-                                   "settings, so the same command resumes)")
-    ap.add_argument("--storage", default=None,
-                    help=f"where trials and reports go, a folder or s3:// prefix (default: "
-                         f"{DEFAULT_STORAGE})")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local "
                                       "Ray started on demand)")
     ap.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -118,39 +146,41 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-# Flags that are shorthands for --set: (flag attribute, config field).
-FLAG_FIELDS = (("tasks", "tasks"), ("resolution", "resolution"), ("lrs", "lrs"),
-               ("steps", "steps"), ("warmup_steps", "warmup_steps"),
-               ("batch_size", "batch_size"), ("micro_batch_size", "micro_batch_size"),
-               ("seeds", "seeds"), ("dropout", "dropout"), ("gpus_per_trial", "gpus_per_trial"),
-               ("cpus_per_trial", "cpus_per_trial"),
-               ("max_concurrent_trials", "max_concurrent_trials"), ("name", "name"),
-               ("storage", "storage"))
-
-
-def config_from(args) -> SweepConfig:
-    """One mechanism: a preset, then --set, then the flags (shorthands for --set). Without
-    --preset: `paper` where --reference compares with Table 9 and the command does not choose
-    the sweep itself (any other protocol is then named beside the reference numbers), the
-    preset of --protocol where given, else `vit`."""
-    chosen = any(v is not None for v in (args.lrs, args.steps, args.seeds)) or any(
-        o.split("=", 1)[0].strip() in ("lrs", "steps", "seeds", "protocol")
-        for o in args.overrides)
-    if args.preset:
-        preset = args.preset
-    elif args.protocol:
-        preset = args.protocol
-    else:
-        preset = "paper" if args.reference and not chosen else "vit"
-    sets = list(args.overrides)
-    if args.protocol and args.preset:
-        sets.append(f"protocol={args.protocol}")
-    for attr, key in FLAG_FIELDS:
-        value = getattr(args, attr)
+def _flag_sets(args) -> list[str]:
+    """The flags given, as the `--set` items they stand for."""
+    sets = []
+    for flag, key, _, _ in FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
-            sets.append(f"{key}=" + (",".join(f"{v:g}" for v in value)
-                                     if isinstance(value, tuple) else str(value)))
-    return eval_config(args.checkpoint, args.data, preset, sets)
+            sets.append(f"{key}={value}")
+    return sets
+
+
+def config_from(args) -> VtabConfig:
+    """One mechanism, pretraining's: a starting config (--config FILE or a preset), then
+    --set and the flags (shorthands of --set, after it), all at once. Without --preset or
+    --config: `paper` where --reference compares with Table 9 and the command does not
+    choose the sweep itself (any other protocol is then named beside the reference numbers),
+    the preset of --protocol where given, else `vit`."""
+    if args.config and args.preset:
+        raise ValueError("--config and --preset both name a starting configuration; give one")
+    sets = [*args.overrides, *_flag_sets(args)]
+    if args.config:
+        cfg = load_config(VtabConfig, args.config)
+    else:
+        keys = {VtabConfig.ALIASES.get(k, k) for k in
+                (item.split("=", 1)[0].strip() for item in sets)}
+        chosen = keys & {"sweep.lrs", "finetune.steps", "sweep.seeds", "sweep.protocol"}
+        preset = args.preset or args.protocol or (
+            "paper" if args.reference and not chosen else "vit")
+        cfg = PRESETS[preset]()
+    cfg = apply_overrides(cfg, sets)
+    if not cfg.data.uri:
+        cfg = cfg.updated({"data.uri": os.environ.get("VTAB_DATA", "~/vtab-1k")})
+    if not cfg.run.checkpoint:
+        raise ValueError("no checkpoint to evaluate: give --checkpoint (or run.checkpoint in "
+                         "--config)")
+    return absolute_paths(cfg)
 
 
 def main(argv=None) -> int:
@@ -169,16 +199,13 @@ def _main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.show_config:
-        import dataclasses
-        import json
-
-        print(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True))
+        print(cfg.to_json())
         return 0
     from pipeline.storage import check_filled_in
 
     try:   # the cluster files' placeholders, refused before anything starts
-        for value, what in ((args.checkpoint, "--checkpoint"), (args.data, "--data"),
-                            (cfg.storage, "--storage")):
+        for value, what in ((cfg.run.checkpoint, "--checkpoint"), (cfg.data.uri, "--data"),
+                            (cfg.run.storage, "--storage")):
             check_filled_in(value, what)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

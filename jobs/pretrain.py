@@ -33,6 +33,7 @@ from pipeline import interrupt, timeline
 
 interrupt.install()   # before the heavy imports: a Ctrl-C while they load ends quietly too
 
+from pipeline.config import load_config  # noqa: E402
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides  # noqa: E402
 from pipeline.train.run import LOG_LEVELS  # noqa: E402
 
@@ -78,7 +79,8 @@ def parse_args(argv=None):
 def resolve(args):
     if args.config and args.preset:
         raise ValueError("--config and --preset both name a starting configuration; give one")
-    cfg = load_config(args.config) if args.config else PRESETS[args.preset or "smoke"]()
+    cfg = load_config(PretrainConfig, args.config) if args.config else \
+        PRESETS[args.preset or "smoke"]()
     sets = list(args.overrides)
     if args.workers is not None:
         sets.append(f"scale.num_workers={args.workers}")
@@ -106,24 +108,6 @@ def check_filled_in(cfg: PretrainConfig, args) -> None:
     check_filled_in(cfg.run.storage, "run.storage (--storage)")
     check_filled_in(args.init, "--init")
     check_filled_in(args.resume, "--resume")
-
-
-def load_config(uri: str) -> PretrainConfig:
-    """A PretrainConfig from a JSON file (local or s3://); one-line errors."""
-    import json
-
-    from pipeline import storage
-
-    try:
-        doc = json.loads(storage.read_bytes(uri))
-    except (storage.StorageError, OSError) as err:
-        raise ValueError(f"--config {uri}: cannot read it ({str(err).splitlines()[0]})") \
-            from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--config {uri}: not JSON ({err})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"--config {uri}: expected a JSON object of config sections")
-    return PretrainConfig.from_dict(doc)
 
 
 def describe(cfg: PretrainConfig) -> str:

@@ -73,3 +73,13 @@ def test_weights_import_neither_ray_nor_training():
                if m.split(".")[0] == "ray" or m == "pipeline.train" or
                m.startswith("pipeline.train.")}
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_eval_never_imports_training():
+    """Evaluation and pretraining are two halves over one library: what both need (config
+    machinery, schedule, weights and checkpoint resolution, console helpers) lives below
+    both, so the evaluation never reaches into the training package."""
+    for path in python_files("eval"):
+        bad = {m for m in imports(path) if m == "pipeline.train" or
+               m.startswith("pipeline.train.")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

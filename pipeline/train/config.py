@@ -1,4 +1,5 @@
-"""The pretraining run configuration: typed, frozen dataclasses, named presets, `--set` overrides.
+"""The pretraining run configuration: typed, frozen dataclasses, named presets, `--set` overrides
+(the machinery, shared with the VTAB evaluation: pipeline/config.py).
 
     cfg = apply_overrides(PRESETS["smoke"](), ["optim.lr=3e-4", "train.total_steps=200"])
 
@@ -10,13 +11,12 @@ the number of workers (`TrainConfig.micro_batch_size` caps what one worker runs 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline import config
+from pipeline.config import Sectioned
 from pipeline.data.augreg import LEVELS
 from pipeline.model import ViTConfig
 
@@ -173,7 +173,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(Sectioned):
     model: ViTConfig = field(default_factory=ViTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(source="synthetic"))
@@ -226,113 +226,19 @@ class PretrainConfig:
     def accumulation_steps(self) -> int:
         return self.per_worker_batch // self.micro_batch
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PretrainConfig:
-        return _build(cls, d, "")
-
-    def flat(self) -> dict[str, object]:
-        """{"optim.lr": 0.001, ...}: every resolved value, for MLflow params."""
-        out = {}
-        for section, values in self.to_dict().items():
-            for key, value in values.items():
-                out[f"{section}.{key}"] = value
-        return out
-
-
-def _build(cls, d: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        value, hint = d[f.name], hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{prefix}{f.name}.")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(prefix + k for k in unknown)}")
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# --set key=value
-# ---------------------------------------------------------------------------------------------
-def parse_value(raw: str, hint, key: str):
-    """`raw` (a --set value) as the type `hint` says; `key` names it in errors."""
-    return _parse_value(raw, hint, key)
-
-
-def _parse_value(raw: str, hint, key: str):
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if raw.lower() in ("none", "null", "") and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _parse_value(raw, inner[0], key)
-    if origin is Literal:
-        if raw not in args:
-            raise ValueError(f"--set {key}={raw}: must be one of {list(args)}")
-        return raw
-    if origin is tuple:
-        return tuple(_parse_value(x, args[0], key) for x in raw.split(",") if x)
-    if hint is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--set {key}={raw}: expected true or false")
-    try:
-        if hint is int:
-            return int(raw)
-        if hint is float:
-            return float(raw)
-    except ValueError:
-        raise ValueError(f"--set {key}={raw}: expected {hint.__name__}") from None
-    if hint is str:
-        return raw
-    raise ValueError(f"--set {key}: cannot set a value of type {hint}")
-
 
 def apply_overrides(cfg: PretrainConfig, items: list[str]) -> PretrainConfig:
-    """Apply `section.field=value` overrides; unknown keys and wrong types are errors.
-    `model.variant=B/16` (or a hybrid, `R50+B/16`) sets all of the model's sizes at once."""
-    sections: dict[str, dict] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected section.field=value")
-        key, raw = item.split("=", 1)
-        section, _, name = key.strip().partition(".")
-        if not dataclasses.is_dataclass(getattr(cfg, section, None)) or not name:
-            raise ValueError(f"--set {key}: unknown section {section!r}; sections are "
-                             f"{[f.name for f in dataclasses.fields(cfg)]}")
-        sections.setdefault(section, {})[name] = raw
-    changes = {}
-    for section, values in sections.items():
-        current = getattr(cfg, section)
-        hints = typing.get_type_hints(type(current))
-        if section == "model" and "variant" in values:
-            sizes = ViTConfig.from_variant(values.pop("variant"))
-            current = current.replace(**{k: getattr(sizes, k) for k in (
-                "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "resnet_layers",
-                "resnet_width")})
-        updates = {}
-        for name, raw in values.items():
-            if name not in hints:
-                raise ValueError(f"--set {section}.{name}: unknown key; {section} has "
-                                 f"{sorted(hints)}")
-            updates[name] = _parse_value(raw, hints[name], f"{section}.{name}")
-        changes[section] = dataclasses.replace(current, **updates)
-    return dataclasses.replace(cfg, **changes)
+    """Apply `section.field=value` overrides (pipeline.config); unknown keys and wrong types
+    are errors. `model.variant=B/16` (or a hybrid, `R50+B/16`) sets all of the model's sizes
+    at once."""
+    return config.apply_overrides(cfg, items, setters={"model.variant": _set_variant})
+
+
+def _set_variant(model: ViTConfig, variant: str) -> ViTConfig:
+    sizes = ViTConfig.from_variant(variant)
+    return model.replace(**{k: getattr(sizes, k) for k in (
+        "patch_size", "hidden_size", "depth", "num_heads", "mlp_dim", "resnet_layers",
+        "resnet_width")})
 
 
 # ---------------------------------------------------------------------------------------------

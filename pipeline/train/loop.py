@@ -26,11 +26,11 @@ from pipeline.data.reader import DataError
 from pipeline.data.source import LOST, lost_samples, skip_summary
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT, ViTConfig
+from pipeline.schedule import learning_rate
 from pipeline.train import checkpoints, parallel
 from pipeline.train.config import PretrainConfig
 from pipeline.train.failures import Fatal
 from pipeline.train.fewshot import fewshot_accuracy
-from pipeline.train.schedule import learning_rate
 from pipeline.train.step import (
     NonFiniteLoss,
     Pretrainer,

@@ -88,9 +88,9 @@ def test_accumulated_batch_equals_the_whole_batch():
     params = []
     for micro in (32, 8):
         model = build_model(config, state, 2, 16)
-        cfg = FinetuneConfig(lr=0.1, steps=3, warmup_steps=1, batch_size=32,
+        cfg = FinetuneConfig(resolution=16, steps=3, warmup_steps=1, batch_size=32,
                              micro_batch_size=micro)
-        ft.finetune(model, images, labels, cfg, resolution=16, crop=False, flip=True)
+        ft.finetune(model, images, labels, cfg, lr=0.1, seed=0, crop=False, flip=True)
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-5, rtol=1e-4)
 
@@ -102,9 +102,9 @@ def test_finetuning_learns_a_separable_task():
     model = build_model(config, state, 2, 16)
     before = ft.top1(ft.predict(model, [test_images]), test_labels)
     seen = []
-    cfg = FinetuneConfig(lr=0.03, steps=40, warmup_steps=5, batch_size=32)
-    stats = ft.finetune(model, images, labels, cfg, resolution=16, crop=False, flip=True,
-                     progress=lambda s, loss: seen.append(s), progress_every=10)
+    cfg = FinetuneConfig(resolution=16, steps=40, warmup_steps=5, batch_size=32)
+    stats = ft.finetune(model, images, labels, cfg, lr=0.03, seed=0, crop=False, flip=True,
+                        progress=lambda s, loss: seen.append(s), progress_every=10)
     assert seen == [10, 20, 30, 40]
     assert stats["train_loss"] < 0.3
     after = ft.top1(ft.predict(model, [test_images[:30], test_images[30:]]), test_labels)
@@ -117,10 +117,9 @@ def test_a_diverging_learning_rate_stops_with_the_step():
     model = build_model(config, state, 2, 16)
     # Clipping at norm 1 keeps any finite rate from overflowing in a few steps.
     with pytest.raises(FinetuneError, match=r"non-finite loss at step 2 \(lr inf\)"):
-        ft.finetune(model, images, labels, FinetuneConfig(lr=float("inf"), steps=20,
-                                                       warmup_steps=0,
-                                                       batch_size=32),
-                 resolution=16, crop=False, flip=False)
+        ft.finetune(model, images, labels,
+                    FinetuneConfig(resolution=16, steps=20, warmup_steps=0, batch_size=32),
+                    lr=float("inf"), seed=0, crop=False, flip=False)
 
 
 def records(scores):
@@ -130,11 +129,10 @@ def records(scores):
 def test_choice_of_learning_rate():
     scores = {("dtd", 0.01): 50.0, ("dtd", 0.03): 60.0,
               ("kitti", 0.01): 90.0, ("kitti", 0.03): 70.0}
-    cfg = SweepConfig("ckpt", "data", ("dtd", "kitti"), lrs=(0.01, 0.03))
+    cfg = SweepConfig(tasks=("dtd", "kitti"), lrs=(0.01, 0.03))
     # vit: one rate for all, best on average (0.01: 70, 0.03: 65)
     assert choose_lrs(cfg, records(scores)) == {"dtd": 0.01, "kitti": 0.01}
-    per_task = SweepConfig("ckpt", "data", ("dtd", "kitti"), lrs=(0.01, 0.03),
-                           protocol="per-task")
+    per_task = SweepConfig(tasks=("dtd", "kitti"), lrs=(0.01, 0.03), protocol="per-task")
     assert choose_lrs(per_task, records(scores)) == {"dtd": 0.03, "kitti": 0.01}
     # a diverged run (nan) never wins; ties go to the smaller rate
     scores[("kitti", 0.01)] = float("nan")

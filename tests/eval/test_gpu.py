@@ -25,8 +25,9 @@ def test_bf16_finetuning_on_gpu_learns():
     dtypes = []
     model.head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     stats = ft.finetune(model, images, labels,
-                        ft.FinetuneConfig(lr=0.01, steps=20, warmup_steps=2, batch_size=64),
-                        resolution=224, crop=False, flip=True, device="cuda")
+                        ft.FinetuneConfig(resolution=224, steps=20, warmup_steps=2,
+                                          batch_size=64),
+                        lr=0.01, seed=0, crop=False, flip=True, device="cuda")
     assert dtypes[0] == torch.bfloat16
     assert stats["micro_batch_size"] == 64          # fits whole on any GPU
     preds = ft.predict(model, [images[:64]], "cuda")
@@ -44,8 +45,9 @@ def test_micro_batch_halves_until_it_fits():
     torch.cuda.set_per_process_memory_fraction(min(1.0, 12 * 2**30 / total))
     try:
         stats = ft.finetune(model, images, labels,
-                            ft.FinetuneConfig(lr=0.01, steps=2, warmup_steps=0, batch_size=256),
-                            resolution=384, crop=False, flip=False, device="cuda")
+                            ft.FinetuneConfig(resolution=384, steps=2, warmup_steps=0,
+                                              batch_size=256),
+                            lr=0.01, seed=0, crop=False, flip=False, device="cuda")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert stats["micro_batch_size"] < 256

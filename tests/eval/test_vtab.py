@@ -156,7 +156,14 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
     assert parent.data.tags["mlflow.source.type"] in ("LOCAL", "JOB")
     assert parent.data.tags["mlflow.user"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"vtab.txt", "vtab.csv", "vtab.json", "vtab.png"} <= artifacts
+    assert {"vtab.txt", "vtab.csv", "vtab.json", "vtab.png", "config.json"} <= artifacts
+    # The resolved config, as --config reads it back.
+    from eval.config import VtabConfig
+
+    logged = VtabConfig.from_dict(json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "config.json", str(tmp_path))).read_text()))
+    assert (logged.run.name, logged.finetune.steps, logged.sweep.lrs, logged.sweep.tasks) == (
+        "e2e", 40, (0.001, 0.03), TASKS)
     assert "testing-secret" not in json.dumps(parent.data.params)
 
 
@@ -336,20 +343,24 @@ def test_trials_read_the_object_store_not_storage(ray_local, tmp_path):
     task folder is gone."""
     import shutil
 
-    from eval.sweep import SweepConfig, load_phase_data, load_pretrained, run_phase
+    from eval.config import VtabConfig
+    from eval.sweep import load_phase_data, load_pretrained, run_phase
+    from pipeline.config import apply_overrides
 
     torch.manual_seed(0)
     checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=1,
                                         num_heads=2, mlp_dim=64, num_classes=10)),
                           tmp_path / "ckpt")
     data = make_tasks(tmp_path / "vtab-1k", ("kitti",), train=8, val=4, test=8)
-    cfg = SweepConfig(str(checkpoint), str(data), ("kitti",), resolution=32, lrs=(0.01, 0.1),
-                      steps=4, batch_size=4, gpus_per_trial=0.0, storage=str(tmp_path / "ev"),
-                      name="object-store")
+    cfg = apply_overrides(VtabConfig(), [
+        f"run.checkpoint={checkpoint}", f"data.uri={data}", "sweep.tasks=kitti",
+        "finetune.resolution=32", "sweep.lrs=0.01,0.1", "finetune.steps=4",
+        "finetune.batch_size=4", "sweep.gpus_per_trial=0", f"run.storage={tmp_path / 'ev'}",
+        "run.name=object-store"])
     refs = load_phase_data(cfg, "select")
     shutil.rmtree(data)
     records = run_phase(cfg, "select", [{"task": "kitti", "lr": lr, "seed": 0,
-                                         "phase": "select"} for lr in cfg.lrs],
+                                         "phase": "select"} for lr in cfg.sweep.lrs],
                         refs, load_pretrained(cfg))
     assert sorted(r["lr"] for r in records) == [0.01, 0.1]
     assert all(r["error"] is None and 0 <= r["top1"] <= 100 for r in records), records
@@ -360,51 +371,69 @@ def test_reference_defaults_to_the_papers_protocol():
 
     base = ["--checkpoint", "c", "--data", "d", "--tasks", "dtd"]
     paper = config_from(parse_args([*base, "--reference", "vit-l16-i21k"]))
-    assert (paper.protocol, paper.lrs, paper.steps, paper.seeds) == ("paper", (0.01,), 2500, 3)
-    sweep = config_from(parse_args(base))
+    assert (paper.sweep.protocol, paper.sweep.lrs, paper.finetune.steps, paper.sweep.seeds) == (
+        "paper", (0.01,), 2500, 3)
+    sweep = config_from(parse_args(base)).sweep
     assert (sweep.protocol, sweep.lrs, sweep.seeds) == ("vit", (0.001, 0.003, 0.01, 0.03), 1)
     mixed = config_from(parse_args([*base, "--reference", "vit-l16-i21k", "--seeds", "1"]))
-    assert mixed.protocol == "vit", "a command that sets the sweep keeps it, named as such"
+    assert mixed.sweep.protocol == "vit", "a command that sets the sweep keeps it, named as such"
+    for sets in (["--set", "sweep.seeds=1"], ["--set", "seeds=1"]):   # the old spelling too
+        assert config_from(parse_args([*base, "--reference", "vit-l16-i21k", *sets])
+                           ).sweep.protocol == "vit"
     with pytest.raises(ValueError, match="--protocol paper fixes lr 0.01, 2500 steps and 3"):
         config_from(parse_args([*base, "--protocol", "paper", "--lrs", "0.1"]))
-    assert parse_args([*base, "--dropout", "0.2"]).dropout == 0.2
+    assert config_from(parse_args([*base, "--dropout", "0.2"])).finetune.dropout == 0.2
 
 
 def test_evaluation_config_presets_set_and_show_config(tmp_path):
-    """One typed mechanism, as pretraining's: a preset, --set on any field (typed and
-    checked), the flags as shorthands, --show-config printing what would run."""
-    import dataclasses
+    """One typed mechanism, pretraining's: a preset, --set on any key (typed and checked),
+    the flags as shorthands, --show-config printing what would run."""
     import json
     import subprocess
     import sys
 
-    from eval.sweep import PRESETS, eval_config
+    from eval.config import PRESETS, VtabConfig, demo
     from eval.vtab import config_from, parse_args
+    from pipeline.config import apply_overrides
 
-    demo = eval_config("c", "d", "demo")
-    assert (demo.resolution, demo.lrs, demo.steps, demo.batch_size) == (32, (0.003, 0.03), 40,
-                                                                         32)
-    assert len(demo.tasks) == 19 and set(PRESETS) == {"vit", "per-task", "paper", "demo"}
-    tuned = eval_config("c", "d", "vit", ["steps=500", "lrs=0.01,0.03", "tasks=structured",
-                                          "dropout=none", "name=x"])
-    assert (tuned.steps, tuned.lrs, tuned.dropout, tuned.name) == (500, (0.01, 0.03), None, "x")
-    assert len(tuned.tasks) == 8
-    for bad, message in ((["steps=many"], "--set steps=many: expected int"),
-                         (["lr=0.1"], "--set lr: unknown key"),
-                         (["tasks=imagenet"], "unknown VTAB task")):
+    cfg = demo()
+    assert (cfg.finetune.resolution, cfg.sweep.lrs, cfg.finetune.steps,
+            cfg.finetune.batch_size) == (32, (0.003, 0.03), 40, 32)
+    assert len(cfg.sweep.tasks) == 19 and set(PRESETS) == {"vit", "per-task", "paper", "demo"}
+    tuned = apply_overrides(VtabConfig(), [
+        "finetune.steps=500", "sweep.lrs=0.01,0.03", "sweep.tasks=structured",
+        "finetune.dropout=none", "run.name=x"])
+    assert (tuned.finetune.steps, tuned.sweep.lrs, tuned.finetune.dropout, tuned.run.name) == (
+        500, (0.01, 0.03), None, "x")
+    assert len(tuned.sweep.tasks) == 8
+    assert apply_overrides(VtabConfig(), ["sweep.tasks=kitti,natural"]).sweep.tasks[-1] == \
+        "kitti"                                   # groups and names mix, in table order
+    for bad, message in ((["finetune.steps=many"], "--set finetune.steps=many: expected int"),
+                         (["finetune.lr=0.1"], r"--set finetune.lr: unknown key; finetune "
+                                               r"has \['batch_size'"),
+                         (["lr=0.1"], "--set lr: unknown section 'lr'"),
+                         (["sweep.tasks=imagenet"], "unknown VTAB task"),
+                         (["sweep.protocol=best"], r"must be one of \['paper', 'vit'"),
+                         (["finetune.warmup_steps=40"], r"--warmup-steps \(finetune.warmup_"
+                                                        r"steps\) must be in \[0, 40\)")):
         with pytest.raises(ValueError, match=message):
-            eval_config("c", "d", "vit", bad)
-    with pytest.raises(ValueError, match="unknown evaluation preset 'fast'"):
-        eval_config("c", "d", "fast")
+            apply_overrides(demo(), bad)
     # The flags are --set shorthands, applied after it; --preset wins over the default.
     base = ["--checkpoint", "c", "--data", "d"]
-    cfg = config_from(parse_args([*base, "--preset", "demo", "--set", "steps=80",
+    cfg = config_from(parse_args([*base, "--preset", "demo", "--set", "finetune.steps=80",
                                   "--steps", "60", "--tasks", "dtd"]))
-    assert (cfg.steps, cfg.tasks, cfg.resolution) == (60, ("dtd",), 32)
+    assert (cfg.finetune.steps, cfg.sweep.tasks, cfg.finetune.resolution) == (60, ("dtd",), 32)
+    assert cfg.run.checkpoint == str(Path("c").resolve())       # local paths made absolute
     out = subprocess.run([sys.executable, "-m", "eval.vtab", *base, "--preset", "paper",
                           "--show-config"], capture_output=True, text=True, timeout=120)
     shown = json.loads(out.stdout)
-    assert shown == json.loads(json.dumps(dataclasses.asdict(eval_config("c", "d", "paper"))))
+    assert shown == json.loads(config_from(parse_args([*base, "--preset", "paper"])).to_json())
+    assert shown["sweep"]["protocol"] == "paper" and shown["data"] == {"uri": "d"}
+    # A flag's value is checked as its key's type, by argparse: one line, exit 2.
+    bad = subprocess.run([sys.executable, "-m", "eval.vtab", *base, "--steps", "many"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "argument --steps: expected int, got 'many' (finetune.steps)" in bad.stderr
 
 
 def test_finetune_dropout_is_vit_jax_s_per_model_value():

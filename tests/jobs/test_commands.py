@@ -76,6 +76,34 @@ def test_a_logged_config_reruns_and_bad_ones_say_why(tmp_path):
         assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_configs_that_runs_of_an_earlier_release_logged_still_load():
+    """`--show-config` of commit 87df5b9 for both commands (what their runs logged as
+    config.json; tests/fixtures) fed back with --config: pretraining prints it unchanged, the
+    evaluation its flat keys in sections, every value the same."""
+    import json
+
+    from eval.config import VtabConfig
+
+    fixtures = ROOT / "tests" / "fixtures"
+    pretrain = subprocess.run([str(BIN / "vit-pretrain"), "--config",
+                               str(fixtures / "config_v0_pretrain.json"), "--show-config"],
+                              capture_output=True, text=True, timeout=120)
+    assert pretrain.returncode == 0, pretrain.stderr
+    assert pretrain.stdout == (fixtures / "config_v0_pretrain.json").read_text()
+    vtab = subprocess.run([str(BIN / "vit-vtab"), "--config",
+                           str(fixtures / "config_v0_vtab.json"), "--show-config"],
+                          capture_output=True, text=True, timeout=120)
+    assert vtab.returncode == 0, vtab.stderr
+    shown, old = json.loads(vtab.stdout), json.loads((fixtures / "config_v0_vtab.json")
+                                                     .read_text())
+    assert {key: shown[new.split(".")[0]][new.split(".")[1]]
+            for key, new in VtabConfig.ALIASES.items()} == old
+    assert vtab.stderr.strip().splitlines() == [
+        "config: 19 key(s) of an earlier release read by their names now (batch_size -> "
+        "finetune.batch_size, checkpoint -> run.checkpoint, cpus_per_trial -> "
+        "sweep.cpus_per_trial, ...)"]
+
+
 def test_placeholders_are_refused_before_anything_starts(tmp_path):
     """The presets' `s3://CHANGE-ME` and the cluster files' `your-bucket` end the command in
     a second with one line, not minutes later on a cluster as a missing bucket."""

@@ -86,7 +86,9 @@ def test_experiment_name_from_the_environment_and_standard_tags(mlflow_server, m
 
 
 def test_vtab_runs_are_named_after_the_pretraining_run_and_step(tmp_path):
-    from eval.sweep import SweepConfig, model_label
+    from eval.config import VtabConfig
+    from eval.sweep import model_label
+    from pipeline.config import apply_overrides
     from pipeline.model import ViT
     from pipeline.train.config import smoke
     from pipeline.weights import save_vit
@@ -97,8 +99,8 @@ def test_vtab_runs_are_named_after_the_pretraining_run_and_step(tmp_path):
     assert model_label("hf://google/vit-base-patch16-224@main") == \
         "google-vit-base-patch16-224-main"
     assert model_label(str(tmp_path / "ViT-B_16.npz")) == "ViT-B_16.npz"
-    cfg = SweepConfig(checkpoint=str(tmp_path / "step_00000150"), data=str(tmp_path),
-                      tasks=("eurosat",))
+    cfg = apply_overrides(VtabConfig(), [f"run.checkpoint={tmp_path / 'step_00000150'}",
+                                         f"data.uri={tmp_path}", "sweep.tasks=eurosat"])
     assert cfg.run_name.startswith("vtab-b16-augreg-step150-")
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from pipeline.model import ViT, ViTConfig
+from pipeline.schedule import learning_rate
 from pipeline.train import checkpoints
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke, smoke_hybrid
 from pipeline.train.fewshot import fewshot_accuracy, seed_accuracy
 from pipeline.train.loop import Meter
 from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets
-from pipeline.train.schedule import learning_rate
 from pipeline.train.step import NonFiniteLoss, Pretrainer, decay_names, make_optimizer, train_step
 
 CPU = torch.device("cpu")

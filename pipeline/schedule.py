@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then linear or cosine decay (vit_jax `utils.py`)."""
+"""Learning-rate schedule: linear warmup, then linear or cosine decay (vit_jax `utils.py`).
+Shared by pretraining (pipeline/train/loop.py) and VTAB fine-tuning (eval/finetune.py)."""
 
 from __future__ import annotations
 
