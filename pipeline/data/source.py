@@ -16,9 +16,12 @@ next few of the plan, on any cluster size; it remembers which numbers went to wh
 a retried or re-executed task reads exactly what it read before (Ray replays generator
 outputs by index, so they must not change). Each read streams the tar, decodes, augments and
 yields blocks of `block_rows` rows. With `preserve_order` the slots instead take contiguous
-runs of the plan, fixed in advance, so the stream is the plan in order. Why: Ray Data spends
-about a millisecond of driver time per input block and per task, so one block per read made
-a 90-epoch x 5,000-shard plan minutes of start-up (`bench/data.py --plan`).
+spans of the stream, fixed in advance, so the stream is the plan in order; its blocks are
+the cells of a grid of `block_rows` samples laid over the plan (`ordered_spans`), so that
+every worker gets the same samples on every run and a resumed run the rest of what each had.
+Why slots: Ray Data spends about a millisecond of driver time per input block and per task,
+so one block per read made a 90-epoch x 5,000-shard plan minutes of start-up
+(`bench/data.py --plan`).
 
 Ray Train's `DataConfig` splits the stream across workers, so the workers see disjoint parts
 of each epoch. On the worker, `iter_torch_batches` prefetches and mixes samples in a local
@@ -73,7 +76,6 @@ log = logging.getLogger(__name__)
 COLUMNS = ("image", "label", "epoch", "shard", "index")
 LOST = "lost"   # shard streams only: int32 (4,) epoch, shard, first, stop of skipped samples
 READS_AHEAD = 2     # shards a read task fetches ahead of the one it decodes
-SYNTHETIC_MAX_BLOCKS = 2048
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,9 @@ class InputConfig:
     block_rows: int = 64            # rows per block a read task yields
     num_cpus_per_read: float = 1.0
     read_tasks: int = 0             # long-lived read tasks (0: as many as the CPUs run)
-    preserve_order: bool = False    # the stream in plan order (with Ray Data's preserve_order)
+    # The stream in plan order, each worker's share the same on every run and after a resume
+    # (with Ray Data's preserve_order; `ordered_spans`).
+    preserve_order: bool = False
 
     def __post_init__(self):
         if self.block_rows <= 0:
@@ -187,6 +191,16 @@ def _order(num_shards: int, seed: int, epoch: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=64)
+def _starts(sizes: tuple[int, ...], seed: int, epoch: int) -> np.ndarray:
+    """position -> samples of the epoch before that position's read, and the epoch's size
+    last ((num_shards + 1,))."""
+    starts = np.zeros(len(sizes) + 1, np.int64)
+    starts[1:] = np.cumsum(np.asarray(sizes, np.int64)[list(_order(len(sizes), seed, epoch))])
+    starts.flags.writeable = False  # shared by every caller of the cache
+    return starts
+
+
+@functools.lru_cache(maxsize=64)
 def _ranks(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     """shard -> its position in the epoch's order."""
     ranks = np.empty(num_shards, np.int64)
@@ -242,6 +256,19 @@ class StreamPlan:
     def rank(self, epoch: int, shard: int) -> int:
         """The position of `shard` in the epoch's order."""
         return int(_ranks(len(self.sizes), self.seed, epoch)[shard])
+
+    def offset(self, number: int) -> int:
+        """Where read `number` (epoch * num_shards + position) starts in the stream: the
+        samples of all reads before it in plan order."""
+        epoch, position = divmod(number, len(self.sizes))
+        return epoch * self.samples_per_epoch + int(
+            _starts(self.sizes, self.seed, epoch)[position])
+
+    def read_at(self, offset: int) -> int:
+        """The number of the read that holds stream sample `offset`."""
+        epoch, within = divmod(offset, self.samples_per_epoch)
+        starts = _starts(self.sizes, self.seed, epoch)
+        return epoch * len(self.sizes) + int(np.searchsorted(starts, within, "right")) - 1
 
     def reads(self, position: DataPosition, num_epochs: int) -> list[dict]:
         """What is left to read of epochs [0, num_epochs) after `position`, in plan order:
@@ -476,11 +503,50 @@ class ReadDealer:
         return mine[-1]
 
 
+def ordered_spans(plan: StreamPlan, start: DataPosition, stop: int, block_rows: int,
+                  tasks: int) -> list[tuple[int, int]]:
+    """The stream in order (`preserve_order`) as contiguous spans of samples [start, stop),
+    one per read task: the read numbers [start's watermark, `stop`) of `plan`, by where each
+    sample sits in the plan (`StreamPlan.offset`), cut on the grid of `block_rows` samples
+    counted from the plan's start. Each cell of the grid becomes one block (`ShardReader`).
+
+    Why the grid: Ray Train's split hands each worker whole blocks, in turn while they are
+    the same size, so which worker trains a sample depends on where the blocks are cut. Cut
+    where the plan says, and not where a read task or a resumed stream happens to start, the
+    blocks of a resumed run are those of the run it continues, less what was consumed, and
+    each worker gets the rest of its own stream. A cell that was partly consumed is a span of
+    its own: Ray merges a small block with the next one the same task yields (`block_bytes`),
+    but not the last one of a task. The rest of the stream is cut into `tasks` spans."""
+    b, n = block_rows, len(plan.sizes)
+    begin = plan.offset(start.epoch * n + start.position)
+    end = plan.offset(stop)
+    if begin >= end:
+        return []
+    first, last = begin // b, -(-end // b)       # the cells [first, last) of the stream
+    partly = {first} if begin % b else set()   # a watermark inside a cell
+    for (epoch, shard), consumed in start.partial.items():
+        at = plan.offset(epoch * n + plan.rank(epoch, shard))
+        partly.update(((at + np.asarray(consumed, np.int64)) // b).tolist())
+    for epoch, shard in start.done:
+        at = plan.offset(epoch * n + plan.rank(epoch, shard))
+        partly.update((at // b, (at + plan.sizes[shard] - 1) // b))
+    cells, cell = [], first
+    for c in sorted(c for c in partly if first <= c < last):
+        cells += [(cell, c)] if cell < c else []
+        cells.append((c, c + 1))
+        cell = c + 1
+    if cell < last:
+        per = -(-(last - cell) // max(tasks, 1))
+        cells += [(c, min(c + per, last)) for c in range(cell, last, per)]
+    return [(max(lo * b, begin), min(hi * b, end)) for lo, hi in cells]
+
+
 @dataclass(frozen=True)
 class Reads:
     """What the read tasks read: the plan numbers [first, stop) (number = epoch * num_shards
     + position) of `plan`, minus what `start` marks consumed, split over `slots` tasks: dealt
-    by `dealer`, or with none, contiguous runs (`preserve_order`)."""
+    by `dealer`, or with none (`preserve_order`), contiguous runs of the stream cut at
+    multiples of `block_rows` samples (`windows`)."""
 
     plan: StreamPlan
     names: tuple[str, ...]
@@ -488,23 +554,39 @@ class Reads:
     stop: int
     slots: int
     dealer: object = None
+    block_rows: int = 1
 
     @property
     def first(self) -> int:
         return self.start.epoch * len(self.plan.sizes) + self.start.position
 
-    def numbers(self, slot: int) -> Iterator[int]:
-        if self.dealer is None:
-            per = -(-(self.stop - self.first) // self.slots)
-            yield from range(self.first + slot * per,
-                             min(self.first + (slot + 1) * per, self.stop))
-            return
-        import ray
+    def spans(self) -> list[tuple[int, int]]:
+        """In order: the stream's samples [start, stop) each read task delivers (`slot`
+        indexes them; `ordered_spans`)."""
+        return ordered_spans(self.plan, self.start, self.stop, self.block_rows, self.slots)
 
-        n = 0
-        while (number := ray.get(self.dealer.deal.remote(slot, n))) >= 0:
-            yield number
-            n += 1
+    def windows(self, slot: int) -> Iterator[tuple[int, int, int]]:
+        """(read number, first, stop): the reads of `slot` and the sample indices [first,
+        stop) of each that are the slot's to deliver: whole reads where dealt, else the reads
+        of the slot's span of the stream (`spans`), the first and last maybe in part."""
+        if self.dealer is not None:
+            import ray
+
+            n = 0
+            while (number := ray.get(self.dealer.deal.remote(slot, n))) >= 0:
+                yield number, 0, self.plan.sizes[self.plan.shard_at(*divmod(
+                    number, len(self.plan.sizes)))]
+                n += 1
+            return
+        plan, spans = self.plan, self.spans()
+        if slot >= len(spans):
+            return
+        lo, hi = spans[slot]
+        number = plan.read_at(lo)
+        while number < self.stop and (at := plan.offset(number)) < hi:
+            size = plan.sizes[plan.shard_at(*divmod(number, len(plan.sizes)))]
+            yield number, max(lo - at, 0), min(hi - at, size)
+            number += 1
 
     def read(self, number: int) -> tuple[int, int, frozenset[int]] | None:
         """-> (epoch, shard, sample indices to skip), or None for a read with nothing left."""
@@ -517,26 +599,34 @@ class Reads:
 
 class ShardReader:
     """Ray Data UDF: a read task's slot number -> blocks of decoded, augmented rows of the
-    reads `Reads.numbers(slot)` gives it. Sample indices a read must skip were trained on
-    before a resume: they are read past (a tar streams in order) but not decoded."""
+    reads `Reads.windows(slot)` gives it. Sample indices a read must skip were trained on
+    before a resume, or are another slot's: they are read past (a tar streams in order) but
+    not decoded.
+
+    Blocks hold `block_rows` rows. Dealt reads fill them in the order the slot reads; in
+    order (`preserve_order`), a block is a cell of the plan's grid of `block_rows` samples
+    (fewer rows where samples were consumed or skipped): see `Reads.windows`."""
 
     def __init__(self, fs, root: str, cfg: InputConfig, num_classes: int, reads: Reads,
                  health=None, max_labels: int = 1, check_after: int = CHECK_AFTER):
         self.fs, self.root, self.cfg = fs, root.rstrip("/"), cfg
+        # One grid for the spans and the blocks: the config's.
+        reads = dataclasses.replace(reads, block_rows=cfg.block_rows)
         self.num_classes, self.reads, self.health = num_classes, reads, health
         self.max_labels, self.check_after = max_labels, check_after
-        self._read: tuple[int, int, frozenset[int]] = (0, 0, frozenset())
+        # The read being decoded: (epoch, shard, skip, first, stop) (see `Reads.windows`).
+        self._read: tuple = (0, 0, frozenset(), 0, 0)
         self._lost: collections.deque = collections.deque()
 
     def _report(self, problem: Problem) -> None:
-        """Queue the samples `problem` lost (minus those consumed before a resume) for the
-        next rows to carry, and count them."""
-        epoch, shard, skip = self._read
+        """Queue the samples `problem` lost (minus those consumed before a resume, and those
+        another slot delivers) for the next rows to carry, and count them."""
+        epoch, shard, skip, lo, hi = self._read
         first, size = problem.first, self.reads.plan.sizes[shard]
-        lost = [i for i in range(first, min(first + problem.samples, size)) if i not in skip
-                ] if first >= 0 else []
-        for lo, hi in _to_ranges(lost):
-            self._lost.append((epoch, shard, lo, hi))
+        lost = [i for i in range(max(first, lo), min(first + problem.samples, size, hi))
+                if i not in skip] if first >= 0 else []
+        for a, b in _to_ranges(lost):
+            self._lost.append((epoch, shard, a, b))
         if self.health is not None:  # fire and forget: never slows the read
             self.health.record.remote(problem.shard, problem.key, problem.reason,
                                       len(lost) if first >= 0 else problem.samples,
@@ -551,16 +641,20 @@ class ShardReader:
             raise DataError(message)
 
     def __call__(self, batch: dict) -> Iterator[dict]:
-        cfg = self.cfg
+        cfg, plan = self.cfg, self.reads.plan
+        ordered = self.reads.dealer is None
         policy = BadDataPolicy(cfg.strict, self._report)
-        rows = _empty_rows()
+        rows, cell = _empty_rows(), None
         for slot in batch["id"]:
-            for epoch, shard, skip, stream in self._streams(int(slot)):
+            for number, (epoch, shard, skip, lo, hi), stream in self._streams(int(slot)):
                 self._check()
-                self._read = (epoch, shard, skip)
+                self._read = (epoch, shard, skip, lo, hi)
                 name, delivered = self.reads.names[shard], 0
-                for sample in self._samples(name, stream, policy, self.reads.plan.sizes[shard]):
-                    if sample.index in skip:
+                at = plan.offset(number)
+                for sample in self._samples(name, stream, policy, plan.sizes[shard]):
+                    if sample.index >= hi:
+                        break
+                    if sample.index < lo or sample.index in skip:
                         continue
                     rng = np.random.default_rng([cfg.seed, epoch, shard, sample.index])
                     try:
@@ -571,6 +665,11 @@ class ShardReader:
                                                          f": {text})", 1, UNDECODABLE,
                                        sample.index))
                         continue
+                    if ordered and (at + sample.index) // cfg.block_rows != cell:
+                        if rows["image"]:
+                            yield _to_block(rows, self.max_labels)
+                            rows = _empty_rows()
+                        cell = (at + sample.index) // cfg.block_rows
                     delivered += 1
                     rows["image"].append(image)
                     rows["label"].append(sample.label)
@@ -578,7 +677,7 @@ class ShardReader:
                     rows["shard"].append(shard)
                     rows["index"].append(sample.index)
                     rows[LOST].append(self._lost.popleft() if self._lost else (0, 0, 0, 0))
-                    if len(rows["image"]) >= cfg.block_rows:
+                    if not ordered and len(rows["image"]) >= cfg.block_rows:
                         yield _to_block(rows, self.max_labels)
                         rows = _empty_rows()
                 if self.health is not None and delivered:
@@ -587,23 +686,23 @@ class ShardReader:
             yield _to_block(rows, self.max_labels)
 
     def _streams(self, slot: int):
-        """(epoch, shard, skip, stream) for each read of the slot, the next `READS_AHEAD`
-        reads' shards already fetching (`storage.ReadAhead`) while this one is decoded: no
-        wait for the first bytes at a shard boundary, even with small shards on a slow
-        store. Memory: two chunks per shard ahead at most."""
+        """(read number, (epoch, shard, skip, first, stop), stream) for each read of the
+        slot, the next `READS_AHEAD` reads' shards already fetching (`storage.ReadAhead`)
+        while this one is decoded: no wait for the first bytes at a shard boundary, even
+        with small shards on a slow store. Memory: two chunks per shard ahead at most."""
         started: collections.deque = collections.deque()
         try:
-            for number in self.reads.numbers(slot):
-                if (read := self.reads.read(number)) is None:
+            for number, lo, hi in self.reads.windows(slot):
+                if (read := self.reads.read(number)) is None or lo >= hi:
                     continue
-                started.append((*read, open_shard(self.fs, self.root,
-                                                  self.reads.names[read[1]])))
+                started.append((number, (*read, lo, hi),
+                                open_shard(self.fs, self.root, self.reads.names[read[1]])))
                 if len(started) > READS_AHEAD:
                     yield started[0]
-                    started.popleft()[3].close()
+                    started.popleft()[2].close()
             while started:
                 yield started[0]
-                started.popleft()[3].close()
+                started.popleft()[2].close()
         finally:
             for *_, stream in started:
                 stream.close()
@@ -671,12 +770,22 @@ def lost_samples(lost) -> np.ndarray:
                      starts + np.arange(counts.sum())])
 
 
-def block_bytes(rows: int, image_size: int) -> int:
-    """Ray Data's block size limit for blocks of exactly `rows` rows: the images plus 64
-    bytes a row for the other columns and Arrow's metadata. A looser limit let Ray merge
-    uneven blocks (85 rows of 64), and Ray Train's split then gave workers different
-    samples from run to run even with preserve_order (test_parallel.py)."""
-    return rows * (3 * image_size**2 + 64) + 4096
+def block_bytes(rows: int, image_size: int, max_labels: int = 1, lost: bool = True) -> int:
+    """Ray Data's block size limit (`target_max_block_size`) under which every block a read
+    task yields stays one block of exactly its rows: 3/4 of a full block of `rows` rows.
+
+    Ray shapes a task's output by bytes: it holds what the task yields until the held bytes
+    exceed the limit, then emits them, sliced into pieces of about the limit when they are
+    1.5 times over it. A full block (images, `max_labels` int64 labels, three int32 ids and,
+    in shard streams, the int32 (4,) `lost` range) is over 3/4 of itself and under 1.5 x 3/4
+    of itself, so it passes whole, with a margin of 1/8 either way for Ray's estimate of its
+    bytes. Blocks cut elsewhere break the preserve_order guarantee: a limit of a full block
+    plus 64 bytes a row, as before, let Ray merge two 64-row blocks and slice 67 rows off
+    them, and a resumed run then split the rest of the stream over the workers differently
+    from the run it continued (test_parallel.py). A block under 3/4 of a full one (a cell of
+    the grid with samples consumed or skipped) is held and merged with what follows."""
+    row = 3 * image_size**2 + 8 * max_labels + 12 + (16 if lost else 0)
+    return max(1, rows * row * 3 // 4)
 
 
 def read_slots(reads: int, read_tasks: int = 0, cpus_per_read: float = 1.0) -> int:
@@ -708,17 +817,21 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
     # left half the CPUs idle (bench/data.py: 0.89k -> 1.34k images/s on 2 CPUs).
     ctx = ray.data.DataContext.get_current()
     ctx.op_resource_reservation_enabled = False
+    manifest = manifest or read_manifest(cfg.uri)
     # Emit blocks of `block_rows` images instead of one block per shard, so that the first
     # batch arrives after a few images, not after a whole shard.
-    ctx.target_max_block_size = block_bytes(cfg.block_rows, cfg.augment.size)
-    manifest = manifest or read_manifest(cfg.uri)
+    ctx.target_max_block_size = block_bytes(cfg.block_rows, cfg.augment.size,
+                                            int(manifest.get("max_labels", 1)))
     plan = StreamPlan.from_manifest(manifest, cfg.split, cfg.seed)
     start = start or DataPosition()
     names = tuple(s["name"] for s in manifest["splits"][cfg.split]["shards"])
-    reads = Reads(plan, names, start, stop=max(num_epochs * len(names), 0), slots=1)
+    reads = Reads(plan, names, start, stop=max(num_epochs * len(names), 0), slots=1,
+                  block_rows=cfg.block_rows)
     slots = read_slots(max(reads.stop - reads.first, 0), cfg.read_tasks, cfg.num_cpus_per_read)
     dealer = None if cfg.preserve_order else read_dealer(reads.first, reads.stop)
     reads = dataclasses.replace(reads, slots=slots, dealer=dealer)
+    if dealer is None:
+        slots = max(len(reads.spans()), 1)
     fs, root = storage.filesystem(cfg.uri)
     health = data_health(health_name or f"data-health-{uuid.uuid4().hex[:12]}")
     reader = ShardReader(fs, root, cfg, manifest["num_classes"], reads, health,
@@ -761,35 +874,38 @@ def synthetic_dataset(num_samples: int, num_classes: int = 10, image_size: int =
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    ctx.target_max_block_size = block_bytes(block_rows, image_size)
+    ctx.target_max_block_size = block_bytes(block_rows, image_size, lost=False)
     # The ids left, as [lo, hi) runs of global ids: a partly consumed epoch leaves few runs
     # (its holes and the tail), so the id list itself is never materialised.
+    plan, start = StreamPlan.synthetic(num_samples, seed), start or DataPosition()
     runs = []
-    for r in StreamPlan.synthetic(num_samples, seed).reads(start or DataPosition(), num_epochs):
+    for r in plan.reads(start, num_epochs):
         base = r["epoch"] * num_samples
         edges = np.r_[-1, np.asarray(r["skip"], np.int64), num_samples]
         keep = edges[1:] - edges[:-1] > 1
         runs += zip((base + edges[:-1][keep] + 1).tolist(), (base + edges[1:][keep]).tolist(),
                     strict=True)
     lo = np.asarray([a for a, _ in runs], np.int64)
-    end = np.cumsum([b - a for a, b in runs], dtype=np.int64)   # stream rows through each run
-    begin = end - (np.asarray([b for _, b in runs], np.int64) - lo)
-    total = int(end[-1]) if len(end) else 0
+    hi = np.asarray([b for _, b in runs], np.int64)
+    # A sample's id is its place in the plan: the read tasks take spans of the grid of
+    # `block_rows` ids, and each cell of it is one block (`ordered_spans`).
+    spans = ordered_spans(plan, start, num_epochs, block_rows,
+                          read_slots(max(int(hi[-1] - lo[0]) // block_rows, 1)) if runs else 1)
 
-    def make(batch: dict) -> dict:
-        row = batch["id"].astype(np.int64)              # the row's place in the stream
-        run = np.searchsorted(end, row, side="right")
-        return synthetic_rows(lo[run] + row - begin[run], num_samples, num_classes, image_size,
-                              learnable)
+    def make(batch: dict) -> Iterator[dict]:
+        first, stop = spans[int(batch["id"][0])]
+        for cell in range(first // block_rows, -(-stop // block_rows)):
+            ids = np.arange(max(cell * block_rows, first), min((cell + 1) * block_rows, stop),
+                            dtype=np.int64)
+            at = np.searchsorted(lo, ids, side="right") - 1
+            ids = ids[(at >= 0) & (ids < hi[np.maximum(at, 0)])]     # not consumed
+            if len(ids):
+                yield synthetic_rows(ids, num_samples, num_classes, image_size, learnable)
 
-    # One input block per `block_rows` ids, up to SYNTHETIC_MAX_BLOCKS (Ray Data's driver
-    # cost grows with the number of input blocks: 2,048 cost ~3 s); longer streams get longer
-    # blocks. Few long blocks would be cheaper still, but then two workers under
-    # `preserve_order` no longer saw the same samples run after run (test_parallel.py: FSDP
-    # and DDP differed from the step after a checkpoint with a probe); not understood yet.
-    ds = ray.data.range(total, override_num_blocks=max(1, min(total // block_rows,
-                                                               SYNTHETIC_MAX_BLOCKS)))
-    return ds.map_batches(make, batch_size=block_rows, batch_format="numpy")
+    # Few long read tasks: Ray Data's driver cost grows with the number of input blocks
+    # (2,048 cost ~3 s), and the grid, not the tasks, says where blocks are cut.
+    ds = ray.data.range(len(spans), override_num_blocks=max(len(spans), 1))
+    return ds.map_batches(make, batch_size=1, batch_format="numpy")
 
 
 def iter_batches(data_iterator, batch_size: int, cfg: InputConfig | None = None,

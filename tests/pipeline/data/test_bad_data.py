@@ -45,11 +45,13 @@ def sample(i: int, label: int = 1, data: bytes | None = None) -> dict:
 
 
 def read_all(root: Path, names: tuple, sizes: tuple, start=None) -> list[dict]:
-    """Run the read UDF over epoch 0 of the plan in one slot; -> its blocks."""
+    """Run the read UDF over epoch 0 of the plan in one task (its spans: a resumed stream's
+    partly consumed cells are spans of their own); -> its blocks."""
     cfg = InputConfig(uri=str(root), augment=Augment("resize", 8), block_rows=3)
     plan = StreamPlan(sizes)
-    reads = Reads(plan, names, start or DataPosition(), stop=len(sizes), slots=1)
-    return list(ShardReader(pafs.LocalFileSystem(), str(root), cfg, 10, reads)({"id": [0]}))
+    reads = Reads(plan, names, start or DataPosition(), stop=len(sizes), slots=1, block_rows=3)
+    return list(ShardReader(pafs.LocalFileSystem(), str(root), cfg, 10, reads)(
+        {"id": list(range(len(reads.spans())))}))
 
 
 def consumed(blocks: list[dict]) -> np.ndarray:

@@ -5,6 +5,7 @@ storage errors."""
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -452,6 +453,74 @@ def test_preserve_order_streams_the_plan_in_order(ray_local, tmp_path):
     expected = [(r["epoch"], r["shard"], i) for r in plan.reads(DataPosition(), 2)
                 for i in range(r["samples"])]
     assert rows == expected
+
+
+def split_streams(ds, workers: int, micro_batch: int, steps: int | None = None,
+                  stall: float = 0.0) -> list[list[tuple]]:
+    """What each of `workers` ranks trains on, as Ray Train splits `ds` (its `DataConfig`,
+    with preserve_order and the locality hints it passes): (epoch, shard, index) per sample,
+    in order, for `steps` micro-batches each (all: None). Rank 0 stalls `stall` seconds
+    after its second batch (a probe, a checkpoint), while the others read on."""
+    import threading
+
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    node = ray.get_runtime_context().get_node_id()
+    splits = ray.train.DataConfig(execution_options=ExecutionOptions(
+        preserve_order=True)).configure({"train": ds}, workers, None, [node] * workers)
+    seen: list[list[tuple]] = [[] for _ in range(workers)]
+
+    def consume(rank: int) -> None:
+        batches = iter_batches(splits[rank]["train"], micro_batch, InputConfig(shuffle_buffer=0))
+        for step, batch in enumerate(batches):
+            seen[rank] += list(zip(*(batch[c].tolist() for c in ("epoch", "shard", "index")),
+                                   strict=True))
+            if rank == 0 and step == 1:
+                time.sleep(stall)
+            if steps is not None and step + 1 == steps:
+                break
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return seen
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_preserve_order_gives_each_worker_the_same_stream_and_a_resume_the_rest(ray_local,
+                                                                               tmp_path):
+    """Few long read tasks over shards whose sizes are not multiples of the block: two runs
+    give every rank the same samples in the same order, whatever the ranks' timing; and a run
+    resumed from the position after 3 micro-batches a rank (1.5 blocks) gives every rank the
+    rest of what the uninterrupted run gave it, as `test_parallel.py` needs for FSDP's
+    resumed losses to be the uninterrupted run's."""
+    src = shards.synthetic(num_samples=240, num_classes=4, image_size=24, val_fraction=0)
+    manifest = write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.05))
+    sizes = [s["samples"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(sizes) >= 8 and sizes[0] % 8
+    cfg = InputConfig(uri=str(tmp_path), augment=Augment("resize", 16), read_tasks=2,
+                      preserve_order=True, block_rows=8)
+    ds, _, _ = shard_dataset(cfg, num_epochs=2)
+    ds.context.execution_options.preserve_order = True
+    # Ray keeps the read tasks' blocks as they are: blocks of 8 samples, cut on the plan's grid.
+    rows = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
+    assert set(rows[:-1]) == {8} and sum(rows) == 480
+
+    first = split_streams(shard_dataset(cfg, num_epochs=2)[0], 3, 4)
+    again = split_streams(shard_dataset(cfg, num_epochs=2)[0], 3, 4, stall=1.0)
+    assert first == again
+    assert len({s for rank in first for s in rank}) == sum(len(r) for r in first) == 480
+
+    plan = StreamPlan.from_manifest(manifest, "train", 0)
+    trained = np.array([s for rank in first for s in rank[:12]]).T     # 3 micro-batches each
+    position = DataPosition().advance(plan, *trained)
+    resumed = split_streams(shard_dataset(cfg, num_epochs=2, start=position)[0], 3, 4)
+    assert [rank[12:] for rank in first] == resumed
 
 
 # ---- storage errors: one clear line each ----------------------------------------------------
