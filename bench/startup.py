@@ -121,7 +121,7 @@ def report(title: str, runs: list[dict], table, first: str, last: str, train: st
 
 
 def pretrain_args(work: Path, name: str) -> list[str]:
-    return ["jobs/pretrain.py", "--preset", "smoke", "--storage", str(work / "runs"),
+    return ["jobs/pretrain.py", "--preset", "smoke", "--out", str(work / "runs"),
             "--name", name]
 
 
@@ -209,7 +209,7 @@ def vtab_local(work: Path, repeats: int) -> dict:
     env = base_env(work)
     runs = [run_timed([sys.executable, "eval/vtab.py", "--checkpoint", str(ckpt), "--data",
                        str(work / "vtab-1k"), "--tasks", "eurosat", "--preset", "demo",
-                       "--storage", str(work / "ev"), "--name", f"v{i}"], env,
+                       "--out", str(work / "ev"), "--name", f"v{i}"], env,
                       work / f"vtab{i}.log") for i in range(repeats)]
     return report("vit-vtab --preset demo, 1 task (2 selection + 1 final trial), fresh local "
                   "Ray", runs, VTAB_PHASES, "trial.first_step", "driver.tune_done",
@@ -241,8 +241,8 @@ def tools(work: Path) -> dict:
                                                 "--no-mlflow"]),
         ("REFUSE pretrain: --data missing", [*pretrain_args(work, "bad1"), "--data",
                                              str(work / "missing")]),
-        ("REFUSE pretrain: --storage is a file", ["jobs/pretrain.py", "--preset", "smoke",
-                                                  "--storage", str(work / "a-file")]),
+        ("REFUSE pretrain: --out is a file", ["jobs/pretrain.py", "--preset", "smoke",
+                                                  "--out", str(work / "a-file")]),
         ("REFUSE pretrain: --init missing", [*pretrain_args(work, "bad3"), "--init",
                                              str(work / "missing")]),
         ("REFUSE pretrain: placeholder", ["jobs/pretrain.py", "--preset", "vit_b16_i21k"]),

@@ -27,9 +27,10 @@ USER_ERRORS = (SweepError, CheckpointError, TaskDataError, DatasetError, Storage
                FinetuneError)
 
 
-def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None = None
-             ) -> tuple[dict, list[str]]:
-    """Run (or resume) the evaluation; -> (report document, lines saying where things are)."""
+def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None = None,
+             mlflow: bool = True) -> tuple[dict, list[str]]:
+    """Run (or resume) the evaluation; -> (report document, lines saying where things are).
+    `mlflow` False (--no-mlflow): the report files only."""
     import ray
 
     from pipeline import tracking
@@ -56,7 +57,7 @@ def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     tracking_uri = tracking.default_tracking_uri()
-    parent = report.start_parent(tracking_uri, cfg, pretrained.metadata)
+    parent = report.start_parent(tracking_uri, cfg, pretrained.metadata) if mlflow else None
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")

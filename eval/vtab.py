@@ -28,12 +28,11 @@ server (default: the local store that pretraining uses).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import typing
 
-from pipeline import interrupt
+from pipeline import cli, interrupt
 
 interrupt.install()   # before the heavy imports: a Ctrl-C while they load ends quietly too
 
@@ -90,8 +89,9 @@ FLAGS = (
     ("--name", "run.name", None,
      "evaluation name (default: derived from the checkpoint and settings, so the same command "
      "resumes)"),
-    ("--storage", "run.storage", None,
-     f"where trials and reports go, a folder or s3:// prefix (default: {DEFAULT_STORAGE})"),
+    ("--out", "run.storage", "URI",
+     f"where trials and reports go, a folder or s3:// prefix, the evaluation in "
+     f"<out>/<name> (default: {DEFAULT_STORAGE})"),
 )
 
 
@@ -113,9 +113,7 @@ def _checked(flag: str, key: str):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__, prog="vit-vtab")
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="the evaluation config to start from: vit (the learning-rate sweep; "
                          "the default), per-task, paper (lr 0.01, 2500 steps, 3 seeds; the "
@@ -141,8 +139,8 @@ def parse_args(argv=None):
                     help="print ViT Table 9's numbers for this model beside ours")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local "
                                       "Ray started on demand)")
-    ap.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                    type=str.upper, help="log level (default: VIT_LOG_LEVEL or INFO)")
+    cli.add_common(ap)
+    cli.deprecated(ap, "--storage", "--out")
     return ap.parse_args(argv)
 
 
@@ -205,7 +203,7 @@ def _main(argv=None) -> int:
 
     try:   # the cluster files' placeholders, refused before anything starts
         for value, what in ((cfg.run.checkpoint, "--checkpoint"), (cfg.data.uri, "--data"),
-                            (cfg.run.storage, "--storage")):
+                            (cfg.run.storage, "--out")):
             check_filled_in(value, what)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -213,10 +211,10 @@ def _main(argv=None) -> int:
     from eval.evaluate import evaluate
     from eval.report import table
 
-    level = args.log_level or os.environ.get("VIT_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.configure_logging(args.log_level)
     try:
-        doc, where = evaluate(cfg, reference=args.reference, address=args.address)
+        doc, where = evaluate(cfg, reference=args.reference, address=args.address,
+                              mlflow=not args.no_mlflow)
     except Exception as err:  # noqa: BLE001 - every failure ends in one line and exit != 0
         from eval.evaluate import USER_ERRORS
 
@@ -225,11 +223,11 @@ def _main(argv=None) -> int:
 
         if isinstance(err, USER_ERRORS):
             print(f"error: {err}", file=sys.stderr)
-            return 2
+            return cli.BAD_INPUT
         lines = [ln for ln in str(err).splitlines() if ln.strip()]
         print(f"error: evaluation failed: {lines[-1] if lines else type(err).__name__}",
               file=sys.stderr)
-        return 1
+        return cli.FAILED
     print()
     print(table(doc))
     print()

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         for name, lr in runs.items():
             out = submit("jobs/pretrain.py", [
                 "--preset", "smoke", "--data", str(shards), "--name", name,
-                "--storage", str(root / "runs"), "--set", f"optim.lr={lr}",
+                "--out", str(root / "runs"), "--set", f"optim.lr={lr}",
                 "--set", f"train.total_steps={pre_steps}",
                 "--set", f"train.checkpoint_every={pre_steps}"], env,
                 root / "logs" / f"pretrain-{name}.log")
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                 "--checkpoint", str(root / "runs" / name), "--data", str(vtab),
                 "--preset", "demo", "--tasks", ",".join(DEMO_TASKS),
                 "--set", f"steps={ft_steps}",
-                "--storage", str(root / "vtab"), "--name", f"vtab-{name}",
+                "--out", str(root / "vtab"), "--name", f"vtab-{name}",
                 "--reference", "vit-l16-i21k"], env, root / "logs" / f"vtab-{name}.log")
             tables[name] = (root / "vtab" / f"vtab-{name}" / "vtab.txt").read_text()
 

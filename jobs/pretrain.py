@@ -7,7 +7,9 @@
 The same command resumes: a run whose name already has checkpoints in the storage continues
 from the newest one (with another run-defining config it stops and says what changed).
 MLFLOW_TRACKING_URI chooses the MLflow server (default: the local store ~/vit-runs/mlflow.db,
-whatever --storage is). S3 settings come from the standard AWS variables.
+whatever --out is). S3 settings come from the standard AWS variables. --no-mlflow logs
+nothing to MLflow (the metrics stay in the run folder, and a later start of the run that logs
+to MLflow sends them).
 
 Presets (each documented in pipeline/train/config.py):
   smoke         tiny ViT, synthetic data, CPU, about a minute
@@ -24,24 +26,20 @@ config.json every MLflow run keeps) instead of a preset.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
-from pipeline import interrupt, timeline
+from pipeline import cli, interrupt, timeline
 
 interrupt.install()   # before the heavy imports: a Ctrl-C while they load ends quietly too
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides  # noqa: E402
-from pipeline.train.run import LOG_LEVELS  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__, prog="vit-pretrain")
     ap.add_argument("--preset", choices=sorted(PRESETS),
                     help="named configuration to start from (default: smoke)")
     ap.add_argument("--config", metavar="FILE",
@@ -56,10 +54,12 @@ def parse_args(argv=None):
     ap.add_argument("--cpus-per-worker", type=float, help="CPUs per worker "
                                                           "(scale.cpus_per_worker)")
     ap.add_argument("--name", help="run name (run.name): the same name resumes the same run")
-    ap.add_argument("--storage", help="checkpoint storage: a folder or s3://bucket/prefix "
-                                      "(run.storage; default ~/vit-runs)")
-    ap.add_argument("--data", help="dataset folder or s3:// prefix with a manifest.json "
-                                   "(sets data.source=shards and data.uri)")
+    ap.add_argument("--out", metavar="URI",
+                    help="where the run's checkpoints go: a folder or s3://bucket/prefix, the "
+                         "run in <out>/<name> (run.storage; default ~/vit-runs)")
+    ap.add_argument("--data", metavar="URI",
+                    help="dataset folder or s3:// prefix with a manifest.json (sets "
+                         "data.source=shards and data.uri; default: the preset's)")
     ap.add_argument("--resume", metavar="CHECKPOINT",
                     help="continue from another run's training checkpoint (weights, optimizer, "
                          "step); this run's own checkpoints take precedence")
@@ -70,9 +70,8 @@ def parse_args(argv=None):
                                       "Ray started on demand)")
     ap.add_argument("--show-config", action="store_true",
                     help="print the resolved configuration and exit")
-    ap.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper,
-                    help="log level of the driver and the workers (default: VIT_LOG_LEVEL or "
-                         "INFO)")
+    cli.add_common(ap)
+    cli.deprecated(ap, "--storage", "--out")
     return ap.parse_args(argv)
 
 
@@ -91,8 +90,8 @@ def resolve(args):
         sets.append(f"scale.cpus_per_worker={args.cpus_per_worker}")
     if args.name:
         sets.append(f"run.name={args.name}")
-    if args.storage:
-        sets.append(f"run.storage={args.storage}")
+    if args.out:
+        sets.append(f"run.storage={args.out}")
     if args.data:
         sets += ["data.source=shards", f"data.uri={args.data}"]
     # All at once: the cross-field checks see the final values, whatever the order given.
@@ -105,7 +104,7 @@ def check_filled_in(cfg: PretrainConfig, args) -> None:
 
     if cfg.data.source == "shards":
         check_filled_in(cfg.data.uri, "data.uri")
-    check_filled_in(cfg.run.storage, "run.storage (--storage)")
+    check_filled_in(cfg.run.storage, "run.storage (--out)")
     check_filled_in(args.init, "--init")
     check_filled_in(args.resume, "--resume")
 
@@ -151,10 +150,10 @@ def _main(argv=None) -> int:
     from pipeline.data.reader import DataError
     from pipeline.data.shards import DatasetError
     from pipeline.storage import StorageError
-    from pipeline.train.run import PretrainError, configure_logging, pretrain
+    from pipeline.train.run import PretrainError, pretrain
     from pipeline.weights import CheckpointError
 
-    configure_logging(args.log_level)
+    cli.configure_logging(args.log_level)
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     address = args.address or os.environ.get("RAY_ADDRESS")
     # No address: a new local Ray ("local"), never a stray `ray start` cluster that
@@ -165,21 +164,21 @@ def _main(argv=None) -> int:
         timeline.mark("driver.ray_ready")
         if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
             ray.data.DataContext.get_current().enable_progress_bars = False
-        out = pretrain(cfg, resume=args.resume, init=args.init)
+        out = pretrain(cfg, resume=args.resume, init=args.init, mlflow=not args.no_mlflow)
     except interrupt.Interrupted:
         # The Ray processes this command started (a local Ray) go with it; a cluster's stay.
         ray.shutdown()
         raise
     except (PretrainError, CheckpointError, DatasetError, DataError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.BAD_INPUT
     except Exception as err:  # noqa: BLE001 - a Ray failure: its last line says why
         if interrupt.received():    # a signal Ray's C++ code turned into another error
             raise interrupt.Interrupted(interrupt.received()) from None
         lines = [ln for ln in str(err).splitlines() if ln.strip()]
         print(f"error: training failed: {lines[-1] if lines else type(err).__name__}",
               file=sys.stderr)
-        return 1
+        return cli.FAILED
     logging.getLogger("pipeline.train").info("done")
     summary(cfg, out)
     timeline.mark("driver.done")
@@ -195,7 +194,8 @@ def summary(cfg, out) -> None:
         print(f"  {key:<28} {value:.4g}")
     print(f"  checkpoint: {out.checkpoint}")
     print(f"    evaluate: vit-vtab --checkpoint {out.checkpoint}")
-    print(f"    export:   vit-export {out.checkpoint} OUT --format hf|timm")
+    print(f"    export:   vit-export --checkpoint {out.checkpoint} --out OUT --format "
+              f"hf|timm")
     if out.run_id:
         from pipeline.tracking import experiment_name, how_to_open
 

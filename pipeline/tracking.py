@@ -3,7 +3,7 @@ VTAB parent and nested runs, dataset inputs, model versions, system metrics, the
 comparisons make, and metric buffering that never stops training.
 
 One store for every command: `MLFLOW_TRACKING_URI`, else the local SQLite store
-`~/vit-runs/mlflow.db` (artifacts in `~/vit-runs/mlartifacts`), whatever `--storage` a run
+`~/vit-runs/mlflow.db` (artifacts in `~/vit-runs/mlartifacts`), whatever `--out` a run
 writes its checkpoints to, so evaluations and comparisons find every run.
 `MLFLOW_EXPERIMENT_NAME` replaces the default experiment names, as in MLflow itself.
 

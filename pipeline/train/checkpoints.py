@@ -390,7 +390,7 @@ def _save_error(err: BaseException, step: int, where: str, path: str) -> BaseExc
     if isinstance(err, (Fatal, KeyboardInterrupt, SystemExit)):
         return err
     if _disk_full(err, path):
-        fix = "TMPDIR" if where == "staging" else "--storage"
+        fix = "TMPDIR" if where == "staging" else "--out"
         place = "the local staging folder" if where == "staging" else "the checkpoint storage"
         return Fatal(f"checkpoint at step {step}: no space left on {place} ({path}); free "
                      f"space there or point {fix} elsewhere")

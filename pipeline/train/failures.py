@@ -40,10 +40,10 @@ def describe(err: BaseException) -> str:
     """The one line a fatal error shows."""
     if isinstance(err, OSError) and err.errno in FATAL_ERRNOS:
         where = f" ({err.filename})" if err.filename else ""
-        fix = {errno.ENOSPC: "free space or point --storage / TMPDIR elsewhere",
-               errno.EDQUOT: "free space under the quota or point --storage elsewhere",
-               errno.EROFS: "point --storage at a writable place"}.get(
-            err.errno, "fix the permissions or point --storage elsewhere")
+        fix = {errno.ENOSPC: "free space or point --out / TMPDIR elsewhere",
+               errno.EDQUOT: "free space under the quota or point --out elsewhere",
+               errno.EROFS: "point --out at a writable place"}.get(
+            err.errno, "fix the permissions or point --out elsewhere")
         return f"{err.strerror or err}{where}; {fix}"
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -1,6 +1,6 @@
 """One writer per run: a lease file in the run's storage folder.
 
-Two drivers writing the same run (`--name` and `--storage` reused while the first still runs)
+Two drivers writing the same run (`--name` and `--out` reused while the first still runs)
 would interleave checkpoints, resume each other's half-written steps and log into the same
 MLflow run. The driver takes `<storage>/<run name>/lease.json` before anything else and keeps
 it fresh with a heartbeat; a second driver finds it held and stops with one line. A driver that

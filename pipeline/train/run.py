@@ -60,8 +60,8 @@ def check_storage(cfg: PretrainConfig, root: str) -> None:
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and not cfg.run.shared_storage:
-        raise PretrainError(f"--storage {root} is a local folder but the cluster has "
-                            f"{len(nodes)} nodes; use --storage s3://bucket/prefix (or set "
+        raise PretrainError(f"--out {root} is a local folder but the cluster has "
+                            f"{len(nodes)} nodes; use --out s3://bucket/prefix (or set "
                             f"run.shared_storage=true for a folder every node mounts)")
 
 
@@ -247,7 +247,7 @@ def probe_sets(cfg: PretrainConfig, manifest: dict | None) -> list[dict]:
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
-             tracking_uri: str | None = None, dataset=None) -> Outcome:
+             tracking_uri: str | None = None, dataset=None, mlflow: bool = True) -> Outcome:
     """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster.
     `dataset`: a Ray Dataset with the columns of `pipeline.data.source` to train on instead
     of the one `cfg.data` describes (its data position is not tracked)."""
@@ -263,13 +263,13 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     except lease.LeaseHeld as err:
         raise PretrainError(str(err)) from None
     try:
-        return _pretrain(cfg, run_uri, root, resume, init, tracking_uri, dataset)
+        return _pretrain(cfg, run_uri, root, resume, init, tracking_uri, dataset, mlflow)
     finally:
         run_lease.release()
 
 
 def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
-              init: str | None, tracking_uri: str | None, dataset) -> Outcome:
+              init: str | None, tracking_uri: str | None, dataset, mlflow: bool) -> Outcome:
     point = checkpoints.resume_point(run_uri, resume, init, verified=True)
     check_start(cfg, point, resume)
     if point.kind == "own":
@@ -278,8 +278,12 @@ def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
         factory, stream, manifest, health, probe = build_data(cfg, run_uri, resume, init)
     else:
         factory, stream, manifest, health, probe = dataset, None, None, None, None
-    tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
-                                    continuing=point.kind == "own", run_uri=run_uri)
+    if mlflow:
+        tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
+                                        continuing=point.kind == "own", run_uri=run_uri)
+    else:   # --no-mlflow: the workers keep the metrics in the run folder (a metrics spill)
+        tracking_uri, run_id = tracking_uri or tracking.default_tracking_uri(), None
+        log.info("MLflow is off (--no-mlflow): the metrics stay in %s", run_uri)
     try:
         return _train(cfg, run_uri, root, resume, init, tracking_uri, run_id, factory, stream,
                       manifest, health, probe)
@@ -484,14 +488,3 @@ def _manifest_tag(cfg: PretrainConfig, manifest: dict | None) -> str:
 
     digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     return f"{cfg.data.uri} sha256:{digest}"
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def configure_logging(level: str | None = None) -> None:
-    """Log format and level for a command: `level` (--log-level), else VIT_LOG_LEVEL, else
-    INFO; the training workers take the driver's."""
-    level = (level or os.environ.get("VIT_LOG_LEVEL") or "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(level)

@@ -41,7 +41,7 @@ def test_the_flat_config_of_an_earlier_release_loads_with_the_same_values(caplog
     (["--preset", "demo", "--tasks", "dtd", "--warmup-steps", "5"], "1e5e3985"),
     (["--protocol", "per-task", "--lrs", "0.01,0.1", "--steps", "100", "--dropout", "0.2",
       "--micro-batch-size", "8", "--resolution", "224", "--gpus-per-trial", "1",
-      "--storage", "/x", "--max-concurrent-trials", "2"], "32b571e3"),
+      "--out", "/x", "--max-concurrent-trials", "2"], "32b571e3"),
 ])
 def test_the_same_command_names_the_same_evaluation_as_before(args, name):
     """The names 87df5b9 gave these commands: an evaluation interrupted before the config
@@ -58,7 +58,7 @@ def test_a_key_added_since_changes_the_name_only_off_its_default():
     assert same.run_name == default.run_name != other.run_name
     assert other.changed_recipe() == {"momentum": 0.8} and default.changed_recipe() == {}
     # Where trials run is not what they compute: no new name.
-    moved = config_from(parse_args([*base, "--gpus-per-trial", "1", "--storage", "/y"]))
+    moved = config_from(parse_args([*base, "--gpus-per-trial", "1", "--out", "/y"]))
     assert moved.run_name == default.run_name
 
 

@@ -53,7 +53,7 @@ def smoke_checkpoint(tmp_path_factory, mlflow_server):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,
            "RAY_USAGE_STATS_ENABLED": "0"}
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset",
-                          "smoke", "--name", "for-vtab", "--storage", str(tmp),
+                          "smoke", "--name", "for-vtab", "--out", str(tmp),
                           "--set", "train.total_steps=40", "--set", "train.fewshot_every=0"],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
@@ -74,7 +74,7 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
     out = run_vtab(["--checkpoint", str(checkpoint), "--data", str(data),
                     "--tasks", ",".join(TASKS), "--resolution", "48",   # 32 -> 48 px
                     "--lrs", "0.001,0.03", "--steps", "40", "--batch-size", "16",
-                    "--seeds", "2", "--storage", str(tmp_path / "evals"), "--name", "e2e",
+                    "--seeds", "2", "--out", str(tmp_path / "evals"), "--name", "e2e",
                     "--reference", "vit-l16-i21k"],
                    {"MLFLOW_TRACKING_URI": mlflow_server.uri})
     log = out.stdout + out.stderr
@@ -190,7 +190,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(tmp_path):
     data = make_tasks(tmp_path / "vtab-1k", ("eurosat", "kitti"))
     args = ["--checkpoint", str(checkpoint), "--data", str(data), "--tasks", "eurosat,kitti",
             "--resolution", "32", "--lrs", "0.01", "--steps", "1500", "--batch-size", "32",
-            "--seeds", "3", "--max-concurrent-trials", "1", "--storage", str(tmp_path / "ev"),
+            "--seeds", "3", "--max-concurrent-trials", "1", "--out", str(tmp_path / "ev"),
             "--name", "killed"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
@@ -238,7 +238,7 @@ def test_ray_job_submit(ray_head, tmp_path):
            "--runtime-env-json", runtime_env, "--", sys.executable, "eval/vtab.py",
            "--checkpoint", str(checkpoint), "--data", str(data), "--tasks", "kitti",
            "--resolution", "32", "--lrs", "0.01", "--steps", "10", "--batch-size", "8",
-           "--storage", str(tmp_path / "ev"), "--name", "submitted"]
+           "--out", str(tmp_path / "ev"), "--name", "submitted"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
@@ -276,7 +276,7 @@ def small_setup(tmp_path, monkeypatch):
 def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
     tmp_path, checkpoint, data = small_setup
     args = {"--checkpoint": str(checkpoint), "--data": str(data), "--tasks": "dtd,kitti",
-            "--resolution": "32", "--storage": str(tmp_path / "ev"), "--name": "bad"}
+            "--resolution": "32", "--out": str(tmp_path / "ev"), "--name": "bad"}
     if case == "unknown task":
         args["--tasks"] = "dtd,cifar10"
     elif case == "missing data":
@@ -309,7 +309,8 @@ def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
 @pytest.mark.s3
 def test_checkpoint_data_and_results_on_s3(s3, tmp_path, monkeypatch):
     """Checkpoint, VTAB shards and the Tune experiments + report all on an S3 endpoint; the
-    same command again reads the record of finished trials from S3 instead of rerunning them."""
+    same command again reads the record of finished trials from S3 instead of rerunning them.
+    With --no-mlflow, nothing goes to MLflow."""
     from jobs.make_shards import main as make_shards
     from pipeline import storage
 
@@ -322,10 +323,12 @@ def test_checkpoint_data_and_results_on_s3(s3, tmp_path, monkeypatch):
                         "--num-classes", "4"]) == 0
     args = ["--checkpoint", checkpoint, "--data", f"s3://{s3}/vtab", "--tasks", "kitti",
             "--resolution", "32", "--lrs", "0.01", "--steps", "5", "--batch-size", "8",
-            "--storage", f"s3://{s3}/evals", "--name", "on-s3"]
+            "--out", f"s3://{s3}/evals", "--name", "on-s3", "--no-mlflow"]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     first = run_vtab(args, env)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    # --no-mlflow: the report files only, no MLflow store touched
+    assert "MLflow run:" not in first.stdout and not (tmp_path / "mlflow.db").exists()
     report = json.loads(storage.read_bytes(f"s3://{s3}/evals/on-s3/vtab.json"))
     assert report["tasks"][0]["task"] == "kitti" and report["data"] == f"s3://{s3}/vtab"
     assert any(k.startswith("final/kitti-lr0.01-seed0/")

@@ -225,7 +225,7 @@ def test_the_rayjob_entrypoint_through_kuberays_submitter(cluster, tmp_path):
     # $VTAB_DATA expanded by the job's shell on the head, from the ConfigMap.
     data = vtab["argv"][vtab["argv"].index("--data") + 1]
     assert data == cluster["configmap"]["VTAB_DATA"]
-    assert pretrain["argv"][pretrain["argv"].index("--storage") + 1] == "s3://test-bucket/runs"
+    assert pretrain["argv"][pretrain["argv"].index("--out") + 1] == "s3://test-bucket/runs"
     # The submitter follows the job to its end and the job succeeded.
     client_env = {**env, "RAY_AUTH_MODE": "token"}
     status = subprocess.run([str(BIN / "ray"), "job", "status", "--address",

@@ -327,7 +327,7 @@ def test_pretraining_logs_with_credentials_from_the_environment(auth_server, tmp
         start = time.monotonic()
         out = subprocess.run(
             [str(BIN / "vit-pretrain"), "--preset", "smoke", "--name", name,
-             "--storage", str(tmp_path / "runs"), "--set", "train.total_steps=20",
+             "--out", str(tmp_path / "runs"), "--set", "train.total_steps=20",
              "--set", "train.fewshot_every=0"],
             env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         return out, time.monotonic() - start
@@ -368,7 +368,7 @@ def test_pretraining_logs_with_credentials_from_the_environment(auth_server, tmp
     write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], seed=0)
     vtab = subprocess.run(
         [str(BIN / "vit-vtab"), "--checkpoint", str(tmp_path / "runs" / "with-auth"),
-         "--data", str(tmp_path / "vtab"), "--tasks", "eurosat", "--storage",
+         "--data", str(tmp_path / "vtab"), "--tasks", "eurosat", "--out",
          str(tmp_path / "vtab-runs")], env={**env, "TMPDIR": "/tmp"}, cwd=tmp_path,
         capture_output=True, text=True, timeout=300)
     assert vtab.returncode == 2, vtab.stdout[-2000:] + vtab.stderr[-2000:]

@@ -111,8 +111,8 @@ def test_placeholders_are_refused_before_anything_starts(tmp_path):
             (["vit-pretrain", "--preset", "vit_b16_i21k"],
              "error: data.uri is still the placeholder 's3://CHANGE-ME/i21k': replace "
              "'CHANGE-ME' with your own bucket"),
-            (["vit-pretrain", "--preset", "smoke", "--storage", "s3://your-bucket/runs"],
-             "error: run.storage (--storage) is still the placeholder 's3://your-bucket/runs'"),
+            (["vit-pretrain", "--preset", "smoke", "--out", "s3://your-bucket/runs"],
+             "error: run.storage (--out) is still the placeholder 's3://your-bucket/runs'"),
             (["vit-vtab", "--checkpoint", "s3://your-bucket/runs/b16", "--data",
               str(tmp_path)], "error: --checkpoint is still the placeholder")):
         out = subprocess.run([str(BIN / cmd[0]), *cmd[1:]], capture_output=True, text=True,

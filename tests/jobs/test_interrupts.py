@@ -135,7 +135,7 @@ def core_worker_started(cmd: Command) -> bool:
 # worker exists.
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_start_up(tmp_path, mlflow_server, sig, commands):
-    cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--storage",
+    cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--out",
                    str(tmp_path / "runs"), "--name", f"startup-{sig}")
     if sig == signal.SIGINT:
         time.sleep(1.0)
@@ -160,7 +160,7 @@ def test_a_signal_during_start_up(tmp_path, mlflow_server, sig, commands):
 def test_sigterm_while_training_then_the_same_command_continues(tmp_path, mlflow_server,
                                                                commands):
     storage, name = tmp_path / "runs", "interrupted"
-    args = ["--preset", "smoke", "--storage", str(storage), "--name", name,
+    args = ["--preset", "smoke", "--out", str(storage), "--name", name,
             "--set", "train.checkpoint_every=10",
             "--set", "train.log_every=5", "--set", "train.fewshot_every=0"]
     cmd = commands(tmp_path, mlflow_server.uri, *args, "--set", "train.total_steps=5000")
@@ -212,7 +212,7 @@ def test_sigterm_while_training_then_the_same_command_continues(tmp_path, mlflow
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path, mlflow_server, commands):
     storage, name = tmp_path / "runs", "twice"
-    cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--storage", str(storage),
+    cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--out", str(storage),
                    "--name", name, "--set", "train.total_steps=5000",
                    "--set", "train.checkpoint_every=10")
     wait_for(lambda: (storage / name / "step_00000010" / "train_state.json").exists(), 240,
@@ -247,7 +247,7 @@ def test_sigterm_during_a_vtab_trial(tmp_path, mlflow_server, commands):
     cmd = commands(tmp_path, mlflow_server.uri, "--checkpoint", str(checkpoint), "--data",
                    str(tmp_path / "vtab-1k"), "--tasks", "eurosat", "--resolution", "32",
                    "--lrs", "0.01", "--steps", "3000", "--batch-size", "32", "--seeds", "4",
-                   "--max-concurrent-trials", "1", "--storage", str(storage), "--name", "term",
+                   "--max-concurrent-trials", "1", "--out", str(storage), "--name", "term",
                    module="eval.vtab")
     record = storage / "term" / "final_trials.json"
     wait_for(record.exists, 300, "a finished trial", cmd)
@@ -335,7 +335,7 @@ def test_sigterm_mid_upload_leaves_the_newest_checkpoint_complete_or_ignored(
     run = f"s3://{s3}/runs/upload"
     with SlowS3Proxy(s3_server, latency_s=0.3, mbps=50) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)    # the command's endpoint
-        cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--storage",
+        cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--out",
                        f"s3://{s3}/runs", "--name", "upload", "--set", "train.total_steps=5000",
                        "--set", "train.checkpoint_every=10", "--set", "train.fewshot_every=0")
 

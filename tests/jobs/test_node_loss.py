@@ -307,7 +307,7 @@ def test_vtab_keeps_finished_trials_and_reschedules_the_lost_ones(cluster, tmp_p
     cmd = [sys.executable, "-m", "eval.vtab", "--checkpoint", str(checkpoint), "--data",
            str(data), "--tasks", "eurosat,kitti", "--resolution", "32", "--lrs", "0.01",
            "--steps", "1200", "--batch-size", "32", "--seeds", "2", "--cpus-per-trial", "1",
-           "--set", "progress_reports=20", "--storage", str(tmp_path / "ev"), "--name",
+           "--set", "progress_reports=20", "--out", str(tmp_path / "ev"), "--name",
            "node-lost"]
     env = {**cluster.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     experiment = tmp_path / "ev" / "node-lost" / "final"

@@ -25,7 +25,7 @@ def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
                                            "RAY_AUTH_MODE": "token"}})
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--runtime-env-json", runtime_env, "--", sys.executable, "jobs/pretrain.py",
-           "--preset", "smoke", "--name", "submitted", "--storage", str(tmp_path / "runs"),
+           "--preset", "smoke", "--name", "submitted", "--out", str(tmp_path / "runs"),
            "--workers", "2", "--set", "train.total_steps=40"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
@@ -90,7 +90,7 @@ finally:
                          timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     refused = [ln for ln in out.stdout.splitlines() if ln.startswith("REFUSED")]
-    assert len(refused) == 1 and "use --storage s3://bucket/prefix" in refused[0], out.stdout
+    assert len(refused) == 1 and "use --out s3://bucket/prefix" in refused[0], out.stdout
     assert "2 nodes" in refused[0]
     result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
     assert result == ["RESULT 30 2"], out.stdout[-2000:]
@@ -111,7 +111,7 @@ def test_bad_init_and_resume_fail_on_the_driver_with_one_line(tmp_path):
     for flag, path, says in (("--init", bad, "weights.safetensors"),
                              ("--resume", not_training, "not a training checkpoint")):
         out = subprocess.run([sys.executable, "jobs/pretrain.py", "--preset", "smoke",
-                              "--storage", str(tmp_path / "runs"), flag, str(path)], env=env,
+                              "--out", str(tmp_path / "runs"), flag, str(path)], env=env,
                              capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert out.returncode == 2, out.stderr[-3000:]
         last = out.stderr.strip().splitlines()[-1]

@@ -199,7 +199,7 @@ def test_pretraining_rides_out_a_15_s_outage(s3, s3_server, tmp_path):
                    RAY_USAGE_STATS_ENABLED="0",
                    MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
         cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--data",
-               f"s3://{s3}/data", "--storage", f"s3://{s3}/runs", "--name", "outage",
+               f"s3://{s3}/data", "--out", f"s3://{s3}/runs", "--name", "outage",
                "--set", "data.augment=resize", "--set", "model.image_size=48",
                "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
                "--set", "train.total_steps=120", "--set", "train.checkpoint_every=10",
@@ -278,7 +278,7 @@ def small_disk(tmp_path):
 @pytest.mark.ray
 @pytest.mark.parametrize("full", ["storage", "staging"])
 def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, tmp_path):
-    """The checkpoint storage (`--storage` on a full disk: the upload fails) or the local
+    """The checkpoint storage (`--out` on a full disk: the upload fails) or the local
     staging folder (TMPDIR on a full disk: DCP's write fails, with no errno in torch's
     message) runs out of space at the first checkpoint: the run stops at once, with one line
     naming the place and the fix, no retry, the MLflow run FAILED, every metric step logged
@@ -298,7 +298,7 @@ def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, tmp_p
     env.update(PYTHONPATH=str(root), RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(staging),
                RAY_TMPDIR="/tmp",                   # Ray's session folder stays off TMPDIR
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--storage", str(runs),
+    cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--out", str(runs),
            "--name", "full", "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
            "--set", "train.total_steps=40", "--set", "train.checkpoint_every=10",
            "--set", "train.log_every=2", "--set", "train.fewshot_every=0"]
@@ -310,7 +310,7 @@ def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, tmp_p
     assert out.returncode != 0, _tail(log)
     errors = [ln for ln in _lines(log) if ln.startswith("error:")]
     assert len(errors) == 1 and "no space left" in errors[0] and str(small_disk) in errors[0] and \
-        ("TMPDIR" if full == "staging" else "--storage") in errors[0], errors or _tail(log)
+        ("TMPDIR" if full == "staging" else "--out") in errors[0], errors or _tail(log)
     assert "RETRY" not in log and took < 120, f"{took:.0f} s"
     assert not list(staging.glob("vit-ckpt-*")), "a staging folder was left behind"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -172,7 +172,7 @@ def test_a_run_with_only_a_hostile_checkpoint_is_refused(tmp_path, good_checkpoi
             "vit-analyze": ["--checkpoint", run_dir, "--data", tmp_path, "--out",
                             tmp_path / "out", "--no-mlflow"],
             "vit-vtab": ["--checkpoint", run_dir, "--data", tmp_path, "--tasks", "kitti",
-                         "--storage", tmp_path / "ev"]}[command]
+                         "--out", tmp_path / "ev"]}[command]
     line = one_error_line(run(command, *args, env={
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}))
     assert "not a ViT checkpoint" in line, line
@@ -186,7 +186,7 @@ def test_vtab_refuses_a_hostile_checkpoint_folder(tmp_path, good_checkpoint, mar
     ckpt = corpus.plant(Path(shutil.copytree(good_checkpoint, tmp_path / "ckpt")), kind,
                         marker)
     one_error_line(run("vit-vtab", "--checkpoint", ckpt, "--data", tmp_path, "--tasks",
-                       "kitti", "--storage", tmp_path / "ev",
+                       "kitti", "--out", tmp_path / "ev",
                        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}))
     assert not (tmp_path / "ev").exists()
 
@@ -203,7 +203,7 @@ def test_vtab_refuses_a_trial_record_that_is_not_its_json(tmp_path, good_checkpo
         corpus.reduce_pickle(marker))
     line = one_error_line(run(
         "vit-vtab", "--checkpoint", good_checkpoint, "--data", tmp_path / "vtab", "--tasks",
-        "kitti", "--resolution", "32", "--storage", tmp_path / "ev", "--name", "planted",
+        "kitti", "--resolution", "32", "--out", tmp_path / "ev", "--name", "planted",
         env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}))
     assert "select_trials.json is not a record of finished trials" in line, line
 
@@ -213,7 +213,7 @@ def test_vtab_refuses_a_trial_record_that_is_not_its_json(tmp_path, good_checkpo
 # ---------------------------------------------------------------------------------------------
 def pretrain(ray_local, tmp_path, *args):
     return run("vit-pretrain", "--preset", "smoke", "--set", "train.total_steps=20",
-               "--set", "train.fewshot_every=0", "--storage", tmp_path / "runs", *args,
+               "--set", "train.fewshot_every=0", "--out", tmp_path / "runs", *args,
                env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
                     "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=300)
 
@@ -267,7 +267,7 @@ def test_vtab_never_restores_tune_from_planted_state(ray_local, tmp_path, good_c
         corpus.plant_tune_state(tmp_path / "ev" / "planted" / phase, marker)
     out = run("vit-vtab", "--checkpoint", good_checkpoint, "--data", tmp_path / "vtab",
               "--tasks", "kitti", "--resolution", "32", "--lrs", "0.01", "--steps", "3",
-              "--batch-size", "4", "--storage", tmp_path / "ev", "--name", "planted",
+              "--batch-size", "4", "--out", tmp_path / "ev", "--name", "planted",
               env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
                    "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]

@@ -146,13 +146,13 @@ def test_no_secret_is_written_anywhere(cluster, mlflow_server, tmp_path):
         assert out.returncode == 0, f"{args[0]}: {(out.stdout + out.stderr)[-3000:]}"
         return out
 
-    run("vit-pretrain", "--preset", "smoke", "--name", "sec", "--storage",
+    run("vit-pretrain", "--preset", "smoke", "--name", "sec", "--out",
         f"s3://{bucket}/runs", "--set", "train.total_steps=20", "--set",
         "train.fewshot_every=0")
     ckpt = f"s3://{bucket}/runs/sec"
     run("vit-vtab", "--checkpoint", ckpt, "--data", tmp_path / "vtab", "--tasks", "kitti",
         "--resolution", "32", "--lrs", "0.01", "--steps", "4", "--batch-size", "8",
-        "--storage", f"s3://{bucket}/vtab", "--name", "sec-vtab")
+        "--out", f"s3://{bucket}/vtab", "--name", "sec-vtab")
     run("vit-export", "--checkpoint", ckpt, "--out", tmp_path / "export")
     run("vit-analyze", "--checkpoint", ckpt, "--data", tmp_path / "vtab" / "kitti",
         "--num-images", "8", "--rollout-images", "1", "--out", tmp_path / "analysis")

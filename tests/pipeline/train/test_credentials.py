@@ -98,7 +98,7 @@ def test_a_run_keeps_reading_and_checkpointing_when_credentials_rotate(tmp_path)
         assert make.returncode == 0, make.stderr[-3000:]
 
         cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--data",
-               "s3://rotation/data", "--storage", "s3://rotation/runs", "--name", "rotating",
+               "s3://rotation/data", "--out", "s3://rotation/runs", "--name", "rotating",
                "--set", "data.augment=resize", "--set", "model.image_size=48",
                "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
                "--set", "train.total_steps=80", "--set", "train.checkpoint_every=10",

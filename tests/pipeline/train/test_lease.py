@@ -151,7 +151,7 @@ def test_a_second_vit_pretrain_of_the_same_run_is_refused(tmp_path):
             os.path.abspath(__file__)))))
         out = subprocess.run(
             [sys.executable, "-m", "jobs.pretrain", "--preset", "smoke", "--name", "busy",
-             "--storage", str(storage)], cwd=root, capture_output=True, text=True, timeout=300,
+             "--out", str(storage)], cwd=root, capture_output=True, text=True, timeout=300,
             env={**os.environ, "PYTHONPATH": root, "MLFLOW_TRACKING_URI":
                  f"sqlite:///{tmp_path}/m.db", "RAY_ADDRESS": ""})
     finally:

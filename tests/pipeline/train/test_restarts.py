@@ -102,7 +102,7 @@ def check_recorded_position(checkpoint: str, samples, manifest: dict) -> None:
 
 def command(tmp_path: Path, data: Path, name: str, *sets: str) -> list[str]:
     return [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset", "smoke", "--data",
-            str(data), "--storage", str(tmp_path / "runs"), "--name", name, "--workers", "2",
+            str(data), "--out", str(tmp_path / "runs"), "--name", name, "--workers", "2",
             "--cpus-per-worker", "0.5",      # 2 cores: leave one for the data tasks
             "--set", "data.augment=resize", "--set", "train.fewshot_every=0",
             "--set", "train.log_every=5", "--set", f"data.trace_dir={tmp_path / 'trace'}",

@@ -108,7 +108,7 @@ def test_vtab_runs_are_named_after_the_pretraining_run_and_step(tmp_path):
 @pytest.mark.ray
 def test_one_store_whatever_the_storage(ray_local, tmp_path, monkeypatch):
     """Without MLFLOW_TRACKING_URI, pretraining runs whose checkpoints go to a non-default
-    --storage log to the one local store, where the comparison command finds them. (The
+    --out log to the one local store, where the comparison command finds them. (The
     runs go through `pretrain` on the session's Ray with HOME redirected: what this checks is
     where the store is, not the command line, which test_pretrain_job covers.)"""
     from pipeline.train.config import apply_overrides, smoke
@@ -133,3 +133,17 @@ def test_one_store_whatever_the_storage(ray_local, tmp_path, monkeypatch):
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Pretraining runs" in out.stdout and "optim.lr" in out.stdout
+
+    # --no-mlflow (pretrain(mlflow=False)): nothing in the store; the metrics stay in the run
+    # folder as a spill, which a later start of the run that logs to MLflow sends.
+    from mlflow.tracking import MlflowClient
+
+    cfg = apply_overrides(cfg, ["run.name=store-off"])
+    off = pretrain(cfg, mlflow=False)
+    assert off.run_id is None and off.step == 6
+    client = MlflowClient(f"sqlite:///{home / 'vit-runs' / 'mlflow.db'}")
+    logged = {r.info.run_name for e in client.search_experiments()
+              for r in client.search_runs([e.experiment_id])}
+    assert {"store-a", "store-b"} <= logged and "store-off" not in logged
+    spills = list((tmp_path / "elsewhere" / "store-off").glob("pending_metrics-*.jsonl"))
+    assert spills and "train/loss" in spills[0].read_text()
