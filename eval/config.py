@@ -42,7 +42,8 @@ class VtabRunConfig:
 
 # Keys that say where and how fast trials run, not what they compute: not part of the name.
 PLACEMENT = ("run.name", "run.storage", "sweep.gpus_per_trial", "sweep.cpus_per_trial",
-             "sweep.max_concurrent_trials", "sweep.max_failures", "sweep.progress_reports")
+             "sweep.max_concurrent_trials", "sweep.max_failures", "sweep.progress_reports",
+             "sweep.wait_for_resources_s")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from eval.data import TaskDataError
 from eval.finetune import FinetuneError
 from eval.sweep import SweepError, check_data, check_records, load_pretrained, run
 from eval.tasks import BY_NAME
-from pipeline import interrupt, storage
+from pipeline import interrupt, resources, storage
 from pipeline.data.shards import DatasetError
 from pipeline.storage import StorageError
 from pipeline.weights import CheckpointError, resolve_checkpoint
@@ -72,6 +72,7 @@ def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None 
                  f"{cfg.sweep.cpus_per_trial:g}")
         cfg = cfg.updated({"sweep.gpus_per_trial": 0.0})
     try:
+        check_fits(cfg)
         outcome = run(cfg, pretrained)
     except BaseException as err:
         if parent:
@@ -98,3 +99,17 @@ def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None 
             print(f"warning: could not log to MLflow ({type(err).__name__}); the report files "
                   f"are complete", file=sys.stderr)
     return doc, where
+
+
+def check_fits(cfg: VtabConfig) -> None:
+    """One trial must fit a node, or Tune keeps it pending forever (pipeline.resources)."""
+    sweep = cfg.sweep
+    bundle = {"CPU": sweep.cpus_per_trial,
+              **({"GPU": sweep.gpus_per_trial} if sweep.gpus_per_trial else {})}
+    each = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
+    try:
+        resources.ensure_fits([bundle], 0.0, what=f"trials of {each} each",
+                              fix="lower --cpus-per-trial / --gpus-per-trial",
+                              wait_s=sweep.wait_for_resources_s)
+    except resources.DoesNotFit as err:
+        raise SweepError(str(err)) from None

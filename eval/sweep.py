@@ -68,6 +68,9 @@ class SweepConfig:
     max_concurrent_trials: int = 0           # 0: as many as the resources allow
     max_failures: int = 2                    # retries of a trial (e.g. its node was lost)
     progress_reports: int = 4                # intermediate Tune reports per trial
+    # Where one trial does not fit any node: stop at once when the cluster cannot grow (a
+    # local Ray, no autoscaler); with an autoscaler, wait this long for it.
+    wait_for_resources_s: float = 600.0
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:

@@ -146,10 +146,15 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Where the workers (plus one data task) do not fit the cluster: stop at once when it
+    # cannot grow (a local Ray, no autoscaler); with an autoscaler, wait this long for it.
+    wait_for_resources_s: float = 600.0
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise ValueError(f"scale.num_workers must be >= 1, got {self.num_workers}")
+        if self.wait_for_resources_s < 0:
+            raise ValueError("scale.wait_for_resources_s must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import interrupt, storage, timeline, tracking
+from pipeline import interrupt, resources, storage, timeline, tracking
 from pipeline.train import checkpoints, failures, lease
 from pipeline.train.config import PretrainConfig
 from pipeline.train.loop import WorkerSpec, train_loop
@@ -256,6 +256,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     root = storage_root(cfg)
     check_storage(cfg, root)
+    check_fits(cfg)
     run_uri = storage.join(root, cfg.run.name)
     run_lease = lease.Lease(run_uri)
     try:
@@ -300,7 +301,6 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
                       tracking_uri=tracking_uri, stream=stream,
                       health=health, probe=probe, log_level=logging.getLevelName(
                           logging.getLogger("pipeline").getEffectiveLevel()))
-    _warn_if_no_cpu_for_data(cfg)
     _forget_ray_snapshot(run_uri)
     trainer = make_trainer(cfg, spec, factory, root)
     try:
@@ -388,11 +388,11 @@ def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest:
     tracking_uri = tracking_uri or tracking.default_tracking_uri()
     check_tracking(tracking_uri, len([n for n in ray.nodes() if n.get("Alive")]),
                    cfg.run.shared_storage)
-    resources = ray.cluster_resources()
+    totals = ray.cluster_resources()
     tags = {"cluster": f"{cfg.scale.num_workers} workers x "
                        f"{cfg.scale.gpus_per_worker if cfg.scale.use_gpu else 0} GPU, "
-                       f"{cfg.scale.cpus_per_worker} CPU; cluster {resources.get('CPU', 0):.0f} "
-                       f"CPU, {resources.get('GPU', 0):.0f} GPU",
+                       f"{cfg.scale.cpus_per_worker} CPU; cluster {totals.get('CPU', 0):.0f} "
+                       f"CPU, {totals.get('GPU', 0):.0f} GPU",
             "data_manifest": _manifest_tag(cfg, manifest),
             "host": platform.node(), "mlflow.note.content": f"pretraining run {cfg.run.name}"}
     try:
@@ -453,17 +453,22 @@ def _read_tasks(cfg: PretrainConfig) -> int:
     return max(1, int(free / max(cfg.data.num_cpus_per_read, 0.05)))
 
 
-def _warn_if_no_cpu_for_data(cfg: PretrainConfig) -> None:
-    """Workers that take every CPU leave none for the Ray Data tasks that feed them: the run
-    would wait for data forever. (A warning: an autoscaling cluster may still grow.)"""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 0)
-    taken = cfg.scale.num_workers * cfg.scale.cpus_per_worker
-    if cpus - taken < min(cfg.data.num_cpus_per_read, 1.0):
-        log.warning("the %d workers take %.1f of the cluster's %.1f CPUs, leaving none for "
-                    "the data tasks; the run waits until the cluster grows (lower "
-                    "--cpus-per-worker, or add CPUs)", cfg.scale.num_workers, taken, cpus)
+def check_fits(cfg: PretrainConfig) -> None:
+    """The workers plus one data task must fit the cluster, or the Train controller waits
+    for them forever (pipeline.resources): stop at once where the cluster cannot grow."""
+    s = cfg.scale
+    bundle = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    spare = min(cfg.data.num_cpus_per_read, 1.0)
+    each = " + ".join(f"{v:g} {k}" for k, v in bundle.items())
+    try:
+        resources.ensure_fits(
+            [bundle] * s.num_workers, spare,
+            what=f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''} x {each}, plus "
+                 f"{spare:g} CPU for the data tasks that feed them,",
+            fix="lower --cpus-per-worker (e.g. 0.5) or use fewer --workers",
+            wait_s=s.wait_for_resources_s, spread=s.placement_strategy == "STRICT_SPREAD")
+    except resources.DoesNotFit as err:
+        raise PretrainError(str(err)) from None
 
 
 def _data_config(cfg: PretrainConfig):
