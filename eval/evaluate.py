@@ -16,7 +16,7 @@ from eval.data import TaskDataError
 from eval.finetune import FinetuneError
 from eval.sweep import SweepError, check_data, check_records, load_pretrained, run
 from eval.tasks import BY_NAME
-from pipeline import interrupt, resources, storage
+from pipeline import cli, interrupt, resources, storage
 from pipeline.data.shards import DatasetError
 from pipeline.storage import StorageError
 from pipeline.weights import CheckpointError, resolve_checkpoint
@@ -64,9 +64,9 @@ def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None 
         repo = str(Path(__file__).resolve().parents[1])
         # No address: a new local Ray ("local"), never a stray `ray start` cluster that
         # ray.init() would otherwise attach to (or a dead one it would wait for).
-        interrupt.ray_init(address=address or "local", configure_logging=False,
-                           log_to_driver=True,
-                           runtime_env=None if address else {"env_vars": {"PYTHONPATH": repo}})
+        interrupt.ray_init(configure_logging=False, log_to_driver=True,
+                           **cli.ray_init_args(address, **({} if address else
+                                                           {"PYTHONPATH": repo})))
     if cfg.sweep.gpus_per_trial and not ray.cluster_resources().get("GPU"):
         log.info("the Ray cluster has no GPU: trials run on CPU (%s CPU each)",
                  f"{cfg.sweep.cpus_per_trial:g}")

@@ -159,8 +159,8 @@ def _main(argv=None) -> int:
     # No address: a new local Ray ("local"), never a stray `ray start` cluster that
     # ray.init() would otherwise attach to (or a dead one it would wait for).
     try:
-        interrupt.ray_init(address=address or "local", configure_logging=False,
-                           log_to_driver=True)
+        interrupt.ray_init(configure_logging=False, log_to_driver=True,
+                           **cli.ray_init_args(address))
         timeline.mark("driver.ray_ready")
         if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
             ray.data.DataContext.get_current().enable_progress_bars = False

@@ -114,7 +114,89 @@ def configure_logging(level: str | None = None) -> str:
     theirs = "WARNING" if level == "INFO" else level
     for name in THIRD_PARTY:
         logging.getLogger(name).setLevel(theirs)
+    # Libraries imported later (MLflow sets its level at import) and the Ray processes a local
+    # Ray starts inherit these; a cluster's processes get them through `ray_env_vars`. A
+    # value the user set wins.
+    for var in LIBRARY_LEVEL_VARS:
+        os.environ.setdefault(var, theirs)
+    # MLflow prints a "View run at <url>" pair at each run's end; our commands say where
+    # their runs are themselves.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return level
+
+
+# Environment variables that set a library's log level in every process that imports it:
+# Ray Data's logger (its console handler would print each dataset's plan and progress) and
+# MLflow's (system-metrics start and stop lines from every training worker).
+LIBRARY_LEVEL_VARS = ("RAY_DATA_LOG_LEVEL", "MLFLOW_LOGGING_LEVEL")
+
+
+class _DropChoices(logging.Filter):
+    """Ray Data's warning that its progress bars are off: we turned them off on purpose
+    (not on a terminal), so each dataset need not say so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def ray_worker_setup() -> None:
+    """Runs first in every Ray worker process of our jobs (the runtime environment's
+    `worker_process_setup_hook`): Ray Data's "progress bars disabled" warning, a choice of
+    ours, is dropped."""
+    logging.getLogger("ray.data._internal.progress").addFilter(_DropChoices())
+
+
+def ray_init_args(address: str | None, **env_vars: str) -> dict:
+    """`address` and `runtime_env` for `ray.init` (`interrupt.ray_init`) in our commands:
+    - the worker set-up hook (`ray_worker_setup`);
+    - on a running cluster (`address`), whose processes do not inherit this one's
+      environment, the library log levels (`ray_env_vars`);
+    - RAY_ADDRESS naming the cluster in its processes: Ray Train's
+      placement-group cleaner finds the cluster's state API from the environment, and with a
+      second Ray on the machine (two runs on one workstation, a test suite) it found two and
+      printed a 30-line traceback. A new local Ray's head takes a port picked here
+      (RAY_GCS_SERVER_PORT), so its address is known before it starts;
+    - `env_vars`."""
+    import socket
+
+    hook = {"worker_process_setup_hook": "pipeline.cli.ray_worker_setup"}
+    if address:
+        named = {}
+        try:            # host:port or "auto" -> the GCS address (not a ray:// client address)
+            from ray._private.services import canonicalize_bootstrap_address
+
+            if "://" not in address and "RAY_ADDRESS" not in _job_env_vars():
+                named = {"RAY_ADDRESS": canonicalize_bootstrap_address(address)}
+        except Exception:  # noqa: BLE001 - only the traceback above depends on it
+            named = {}
+        return {"address": address, "runtime_env": {
+            **hook, "env_vars": {**ray_env_vars(), **named, **env_vars}}}
+    from ray.util import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)     # read by the head ray.init starts
+    return {"address": "local", "runtime_env": {**hook, "env_vars": {
+        "RAY_ADDRESS": f"{get_node_ip_address()}:{port}", **env_vars}}}
+
+
+def ray_env_vars() -> dict[str, str]:
+    """The library log levels for a Ray runtime environment (`ray.init(runtime_env=...)` on
+    a running cluster, whose processes do not inherit this one's environment), without the
+    variables the job's own runtime environment sets: Ray refuses to merge a variable that
+    both set, and the job's choice wins anyway."""
+    theirs = _job_env_vars()
+    return {v: os.environ[v] for v in LIBRARY_LEVEL_VARS if v in os.environ and v not in theirs}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the runtime environment `ray job submit` gave this driver ({} when
+    not a submitted job)."""
+    import json
+
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def clock(seconds: float) -> str:

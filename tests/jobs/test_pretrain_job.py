@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,30 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+OURS = re.compile(r"^(\(RayTrainWorker pid=\d+\) (start at step|step \d+/\d+ )|"
+                  r"resolved config|  |\S+ \S+ (INFO|WARNING) pipeline\.|"
+                  r"Pretraining run '|$)")
+# Lines Ray prints once a job: the job manager's two, the token-authentication notice, and
+# a C++ error-level note from Ray Train's controller about its preemption watcher.
+RAY_BANNERS = ("Runtime env is setting up", "Running entrypoint for job",
+               "Token authentication is enabled", "'PreemptionWatcher'")
+
+
+def lines_by_source(text: str) -> dict[str, list[str]]:
+    """The lines of a `ray job submit` output between Ray's own "Tailing logs" and the
+    job's end, by source: ours, Ray's banners, and anything else."""
+    lines = ANSI.sub("", text).splitlines()
+    start = next(i for i, ln in enumerate(lines) if "Tailing logs until" in ln)
+    end = next(i for i, ln in enumerate(lines) if i > start and "SUCC cli.py" in ln)
+    sources = {"ours": [], "ray banner": [], "other": []}
+    for line in lines[start + 1:end]:
+        kind = ("ray banner" if any(b in line for b in RAY_BANNERS) else
+                "ours" if OURS.match(line) else "other")
+        sources[kind].append(line)
+    return sources
 
 
 def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
@@ -35,6 +60,12 @@ def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
     # A job log is no terminal: no progress bars, from the driver or from the Train
     # controller, where the dataset is built and its bars would start.
     assert "row/s]" not in log and "Tasks: " not in log, log[-3000:]
+    # The job's log, line by line: ours (the config, progress, summary), Ray's banners once
+    # at most, and nothing else at the default level.
+    sources = lines_by_source(out.stdout)
+    assert not sources["other"], "\n".join(sources["other"][:40])
+    assert len(sources["ray banner"]) <= len(RAY_BANNERS), sources["ray banner"]
+    assert sum("step " in ln for ln in sources["ours"]) >= 2, sources["ours"]
 
     client = MlflowClient(mlflow_server.uri)
     runs = client.search_runs([client.get_experiment_by_name("vit-smoke").experiment_id],
