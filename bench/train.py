@@ -30,7 +30,7 @@ def config(args, tmp):
         "model.num_classes=1000", "model.representation_size=none",
         f"train.global_batch_size={args.batch_size}", f"train.total_steps={args.steps}",
         f"train.log_every={args.log_every}", f"train.checkpoint_every={args.steps}",
-        "train.fewshot_every=0", "optim.warmup_steps=5", f"scale.use_gpu={args.gpu}",
+        "probe.every=0", "optim.warmup_steps=5", f"scale.use_gpu={args.gpu}",
         f"scale.cpus_per_worker={args.cpus}", "scale.gpus_per_worker=1",
         f"run.storage={tmp}", "run.name=bench", "data.shuffle_buffer=0"])
 

@@ -1,7 +1,7 @@
 """Typed run configurations, one mechanism for both commands.
 
 A run's config is a frozen dataclass of sections (pretraining: `model`, `optim`, `data`,
-`train`, `scale`, `run`; VTAB: `finetune`, `sweep`, `data`, `run`), each section a frozen
+`train`, `scale`, `run`, `probe`; VTAB: `finetune`, `sweep`, `data`, `run`), each section a frozen
 dataclass beside the code it configures, the top level composing them (`Sectioned`):
 
     cfg = apply_overrides(preset(), ["optim.lr=3e-4"])   # --set section.key=value, typed

@@ -25,12 +25,11 @@ import torch
 from pipeline.data.reader import DataError
 from pipeline.data.source import LOST, lost_samples, skip_summary
 from pipeline.data.transforms import to_model_input
-from pipeline.model import ViT, ViTConfig
+from pipeline.model import ViT
 from pipeline.schedule import learning_rate
 from pipeline.train import checkpoints, parallel
 from pipeline.train.config import PretrainConfig
 from pipeline.train.failures import Fatal
-from pipeline.train.fewshot import fewshot_accuracy
 from pipeline.train.step import (
     NonFiniteLoss,
     Pretrainer,
@@ -54,7 +53,7 @@ class WorkerSpec:
     tracking_uri: str = ""
     stream: Any = None                  # pipeline.data.source.StreamPlan, or None (no position)
     health: Any = None                  # DataHealth actor: skipped samples
-    probe: Any = None                   # ObjectRef of the few-shot probe set
+    probe: Any = None                   # ObjectRef of the FewShotProbe (None: off)
     log_level: str = "INFO"             # the driver's (--log-level), for the workers' logs
 
 
@@ -202,7 +201,7 @@ def node_metrics(spec: WorkerSpec):
 
 
 def _probe_set(spec: WorkerSpec):
-    if spec.probe is None or not spec.cfg.train.fewshot_every:
+    if spec.probe is None:
         return None
     import ray
 
@@ -316,9 +315,8 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
         try:
             if step % t.log_every == 0 or last:
                 metrics = interval_metrics(meter, cfg, lr, env, flops, peak)
-                if probe is not None and t.fewshot_every and (step % t.fewshot_every == 0 or
-                                                              last):
-                    metrics.update(fewshot_metrics(model, probe, env, cfg.model))
+                if probe is not None and probe.due(step):
+                    metrics.update(probe.run(model, env))
                 if env.rank == 0:
                     metrics.update(_skipped(spec.health))
                     log.info(progress_line(step, t.total_steps, metrics, start.step,
@@ -542,53 +540,3 @@ def progress_line(step: int, total: int, m: dict, start_step: int | None = None,
         parts.append(f"skipped {m['data/skipped_samples']:.0f}")
     parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("fewshot/")]
     return " | ".join(parts)
-
-
-@torch.no_grad()
-def probe_features(model, images: np.ndarray, env: WorkerEnv, vit_cfg: ViTConfig,
-                   batch_size: int = 256) -> torch.Tensor | None:
-    """Frozen representations of the probe images through the wrapped model, the work split
-    over the workers (every worker runs the same number of forward passes, as FSDP's
-    collectives require). -> all features on rank 0, None elsewhere."""
-    n = len(images)
-    per = -(-n // env.world)
-    mine = images[env.rank * per:(env.rank + 1) * per]
-    if len(mine) < per:  # pad the last worker's part to the common length
-        pad = images[:per - len(mine)] if len(mine) == 0 else mine[-1:].repeat(
-            per - len(mine), axis=0)
-        mine = np.concatenate([mine, pad]) if len(mine) else pad
-    was_training = model.training
-    model.eval()
-    feats = []
-    for i in range(0, per, batch_size):
-        x = to_model_input(torch.from_numpy(mine[i:i + batch_size]).to(env.device),
-                           vit_cfg.input_mean, vit_cfg.input_std)
-        # No graph: a forward with grad on leaves FSDP2 waiting for a backward that never
-        # comes, and the next training step then differed from DDP's (test_parallel.py).
-        with torch.no_grad(), torch.autocast(env.device.type, dtype=env.amp or torch.float32,
-                                             enabled=env.amp is not None):
-            feats.append(model(x).float())
-    model.train(was_training)
-    local = torch.cat(feats)                                           # (per, D)
-    if env.world > 1:
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(local) for _ in range(env.world)]
-        dist.all_gather(parts, local.contiguous())
-        local = torch.cat(parts)
-    return local[:n].cpu() if env.rank == 0 else None
-
-
-def fewshot_metrics(model, probe: dict, env: WorkerEnv, vit_cfg: ViTConfig) -> dict:
-    """big_vision's few-shot linear probe on each downstream set: every worker computes
-    pre-logits for its part of the images, rank 0 fits and scores -> fewshot/<set>/<k>shot."""
-    out = {}
-    for s in probe["sets"]:
-        train = probe_features(model, s["train_images"], env, vit_cfg)
-        test = probe_features(model, s["test_images"], env, vit_cfg)
-        if train is None:
-            continue
-        for k in probe["shots"]:
-            out[f"fewshot/{s['name']}/{k}shot"] = fewshot_accuracy(
-                train, s["train_labels"], test, s["test_labels"], s["num_classes"], k)
-    return out

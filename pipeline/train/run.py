@@ -173,8 +173,7 @@ class TrainData:
 
 
 def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str | None):
-    """-> (dataset factory, stream plan, manifest or None, data-health actor or None,
-    probe set or None)."""
+    """-> (dataset factory, stream plan, manifest or None, data-health actor or None)."""
     from pipeline.data import source
 
     d, m = cfg.data, cfg.model
@@ -182,7 +181,7 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
     if d.source == "synthetic":
         stream = source.StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
         factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty())
-        return factory, stream, None, None, _probe(cfg, None)
+        return factory, stream, None, None
     manifest = source.read_manifest(d.uri)
     if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
         raise PretrainError(f"the dataset has {manifest['num_classes']} classes but "
@@ -192,58 +191,18 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
         log.warning("%s", line)
     health = source.data_health(health_name)     # the driver's handle keeps it alive
     factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty())
-    return factory, stream, manifest, health, _probe(cfg, manifest)
+    return factory, stream, manifest, health
 
 
 def _probe(cfg: PretrainConfig, manifest: dict | None):
-    """The few-shot probe in the object store: {"sets": probe_sets(...), "shots": [...]}, or
-    None when it is off."""
+    """The few-shot probe (pipeline.train.fewshot) in the object store, or None when it is
+    off: every worker gets it from there once, not pickled into each worker's spec."""
     import ray
 
-    if not cfg.train.fewshot_every:
-        return None
-    sets = probe_sets(cfg, manifest)
-    return ray.put({"sets": sets, "shots": list(cfg.data.fewshot_shots)}) if sets else None
+    from pipeline.train.fewshot import FewShotProbe
 
-
-def probe_sets(cfg: PretrainConfig, manifest: dict | None) -> list[dict]:
-    """The few-shot probe's downstream sets: [{"name", "train_images", "train_labels",
-    "test_images", "test_labels", "num_classes"}] (see `DataConfig.fewshot_sets`)."""
-    import numpy as np
-
-    from pipeline.data import source
-
-    d, size = cfg.data, cfg.model.image_size
-    sets = []
-    for spec in d.fewshot_sets:
-        name, sep, uri = spec.partition("=")
-        if not sep or not name or not uri:
-            raise PretrainError(f"data.fewshot_sets entry {spec!r}: write name=URI (shards or "
-                                f"a VTAB-1k task folder)")
-        sets.append({"name": name, **source.load_fewshot_set(uri, size, d.fewshot_images)})
-    if not sets and d.source == "synthetic":
-        n = min(d.fewshot_images, 50 * d.synthetic_classes)
-        part = {}
-        for which, base in (("train", 10**9), ("test", 2 * 10**9)):
-            rows = source.synthetic_rows(np.arange(n) + base, d.synthetic_samples,
-                                         d.synthetic_classes, size)
-            part[f"{which}_images"], part[f"{which}_labels"] = rows["image"], rows["label"]
-        sets.append({"name": "synthetic", **part, "num_classes": d.synthetic_classes})
-    elif not sets and d.fewshot_split and manifest and d.fewshot_split in manifest["splits"]:
-        pool = source.load_probe(d.uri, d.fewshot_split, size, 2 * d.fewshot_images)
-        half = len(pool["labels"]) // 2
-        log.warning("the few-shot probe draws from the first %d images of %s's %r split "
-                    "(halved: train pool and test set); with many classes few have k images. "
-                    "Give downstream sets with data.fewshot_sets=name=URI,...",
-                    len(pool["labels"]), d.uri, d.fewshot_split)
-        sets.append({"name": d.fewshot_split, "train_images": pool["images"][:half],
-                     "train_labels": pool["labels"][:half],
-                     "test_images": pool["images"][half:], "test_labels": pool["labels"][half:],
-                     "num_classes": int(manifest["num_classes"])})
-    elif not sets and d.fewshot_split:
-        log.warning("no split %r in %s and no data.fewshot_sets: the few-shot probe is off",
-                    d.fewshot_split, d.uri)
-    return [s for s in sets if len(s["train_labels"]) and len(s["test_labels"])]
+    probe = FewShotProbe.build(cfg, manifest)
+    return ray.put(probe) if probe is not None else None
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
@@ -275,7 +234,8 @@ def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
     if point.kind == "own":
         log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, point.uri)
     if dataset is None:
-        factory, stream, manifest, health, probe = build_data(cfg, run_uri, resume, init)
+        factory, stream, manifest, health = build_data(cfg, run_uri, resume, init)
+        probe = _probe(cfg, manifest)
     else:
         factory, stream, manifest, health, probe = dataset, None, None, None, None
     tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,

@@ -165,7 +165,7 @@ def run_cfg(tmp_path, name: str, data: Path, *sets):
     return apply_overrides(smoke(), [
         f"run.name={name}", f"run.storage={tmp_path / 'runs'}", "data.source=shards",
         f"data.uri={data}", "data.augment=resize", "data.shuffle_buffer=16",
-        "data.block_rows=8", "train.global_batch_size=16", "train.fewshot_every=0",
+        "data.block_rows=8", "train.global_batch_size=16", "probe.every=0",
         "train.system_metrics_s=0", *sets])
 
 

@@ -29,7 +29,7 @@ def run(tmp_path, name, *sets, resume=None, preset=smoke):
     cfg = apply_overrides(preset(), [
         f"run.name={name}", f"run.storage={tmp_path / 'runs'}", "scale.num_workers=2",
         "scale.cpus_per_worker=0.5", "data.preserve_order=true", "train.log_every=1",
-        "train.fewshot_every=0", "train.total_steps=8", "train.checkpoint_every=8",
+        "probe.every=0", "train.total_steps=8", "train.checkpoint_every=8",
         "optim.warmup_steps=2", "data.shuffle_buffer=0", *sets])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = pretrain(cfg, resume=resume, tracking_uri=uri)
@@ -47,7 +47,7 @@ def assert_same_losses(a, b):
 def test_fsdp2_matches_ddp_and_its_checkpoint_resumes_exactly(ray_local, tmp_path):
     _, ddp = run(tmp_path, "ddp", "train.parallel=ddp")
     fsdp, losses = run(tmp_path, "fsdp", "train.parallel=fsdp", "train.checkpoint_every=4",
-                       "train.fewshot_every=4")
+                       "probe.every=4")
     assert len(losses) == 8 and losses[-1][1] < 0.9 * losses[0][1], f"it trains: {losses}"
     assert_same_losses(ddp, losses)
 

@@ -39,7 +39,7 @@ def test_two_workers_from_s3_into_mlflow(ray_local, s3, mlflow_server, tmp_path)
     cfg = cfg_for(tmp_path, "two-workers", "data.source=shards", f"data.uri={data}",
                   "data.augment=resize", f"run.storage=s3://{s3}/runs", "scale.num_workers=2",
                   "train.total_steps=60", "train.global_batch_size=32", "train.log_every=10",
-                  "train.checkpoint_every=30", "train.fewshot_every=30",
+                  "train.checkpoint_every=30", "probe.every=30",
                   "train.system_metrics_s=1")
     out = pretrain(cfg, tracking_uri=mlflow_server.uri)
 
@@ -139,6 +139,6 @@ def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(ray_local, tmp_path):
     cfg = cfg_for(tmp_path, "nan", "optim.lr=1e36", "optim.warmup_steps=0",
-                  "train.total_steps=50", "train.fewshot_every=0")
+                  "train.total_steps=50", "probe.every=0")
     with pytest.raises(PretrainError, match=r"non-finite loss at step 2: loss nan.*lower optim.lr"):
         pretrain(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db")

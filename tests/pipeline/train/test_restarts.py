@@ -104,7 +104,7 @@ def command(tmp_path: Path, data: Path, name: str, *sets: str) -> list[str]:
     return [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset", "smoke", "--data",
             str(data), "--storage", str(tmp_path / "runs"), "--name", name, "--workers", "2",
             "--cpus-per-worker", "0.5",      # 2 cores: leave one for the data tasks
-            "--set", "data.augment=resize", "--set", "train.fewshot_every=0",
+            "--set", "data.augment=resize", "--set", "probe.every=0",
             "--set", "train.log_every=5", "--set", f"data.trace_dir={tmp_path / 'trace'}",
             "--set", f"data.shuffle_buffer={SHUFFLE}",
             *[x for s in sets for x in ("--set", s)]]
@@ -179,7 +179,7 @@ def test_worker_killed_mid_epoch_resumes_the_stream_where_the_checkpoint_was(ray
         "data.augment=resize", f"data.trace_dir={tmp_path / 'trace'}",
         f"data.shuffle_buffer={SHUFFLE}",
         "train.total_steps=30", "train.checkpoint_every=10", "train.log_every=5",
-        "train.fewshot_every=0", "train.max_failures=2", "model.hidden_size=128",
+        "probe.every=0", "train.max_failures=2", "model.hidden_size=128",
         "model.mlp_dim=512"])
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=_kill_a_worker_mid_epoch,
