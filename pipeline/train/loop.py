@@ -82,7 +82,7 @@ def train_loop(config: dict) -> None:
     logging.getLogger("pipeline").setLevel(spec.log_level)
     env = worker_env(spec.cfg)
     model, optimizer, start = build(spec, env)
-    writer = checkpoints.CheckpointWriter(env.rank, spec.cfg.train.checkpoint_async)
+    writer = checkpoints.CheckpointWriter(env.rank, spec.cfg.checkpoint.asynchronous)
     tracker = open_tracker(spec, env, start)
     system = node_metrics(spec)
     probe = _probe_set(spec)
@@ -311,7 +311,7 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
         meter.add(progress.step, loss, grad_norm, sum(len(x) for x, _ in inputs))
         step, last = progress.step, progress.step == t.total_steps
         metrics = None
-        save = step % t.checkpoint_every == 0 or last
+        save = step % cfg.checkpoint.every == 0 or last
         try:
             if step % t.log_every == 0 or last:
                 metrics = interval_metrics(meter, cfg, lr, env, flops, peak)
@@ -323,7 +323,7 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
                                            time.monotonic() - started))
                     if tracker is not None:
                         tracker.log_metrics(metrics, step)
-                save = save or _minutes_due(progress, t.checkpoint_minutes, env.world)
+                save = save or _minutes_due(progress, cfg.checkpoint.minutes, env.world)
                 meter.reset()
             elif save:
                 meter.read(env.world)        # never save weights a bad step has touched
@@ -362,7 +362,7 @@ def save_checkpoint(spec: WorkerSpec, env: WorkerEnv, model, optimizer, writer, 
         config=cfg.to_dict(), run_name=cfg.run.name, run_id=spec.run_id,
         world_size=env.world, strategy=env.strategy)
     if env.rank == 0:      # retention, before this save: the earlier ones are done or in flight
-        checkpoints.prune(spec.run_uri, cfg.train.keep_checkpoints)
+        checkpoints.prune(spec.run_uri, cfg.checkpoint.keep)
     writer.save(model, optimizer, cfg.model, doc, metrics)
     progress.last_save = time.monotonic()
     if tracker is not None:

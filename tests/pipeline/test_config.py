@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 import pytest
 
 from pipeline.config import Sectioned, apply_overrides, from_dict, load_config, parse_value
+from pipeline.train.checkpoints import CheckpointConfig
 from pipeline.train.config import PretrainConfig
 from pipeline.train.fewshot import ProbeConfig
 
@@ -119,14 +120,15 @@ def test_config_files_say_what_is_wrong_with_them(tmp_path):
 def test_a_pretraining_config_of_an_earlier_release_loads_unchanged(caplog):
     """`vit-pretrain --show-config` of commit 87df5b9 (what its runs logged as config.json)
     loads to the same values, the keys that moved (the few-shot probe's `data.fewshot_*` and
-    `train.fewshot_every`) read into their sections now, with one warning line; every other
-    key prints as it was."""
+    `train.fewshot_every`, the checkpoints' `train.checkpoint_*` and `train.keep_checkpoints`)
+    read into their sections now, with one warning line; every other key prints as it was."""
     text = (FIXTURES / "config_v0_pretrain.json").read_text()
     with caplog.at_level(logging.WARNING, "pipeline.config"):
         cfg = load_config(PretrainConfig, str(FIXTURES / "config_v0_pretrain.json"))
-    assert "5 key(s) of an earlier release" in caplog.text
+    assert "9 key(s) of an earlier release" in caplog.text
     assert (cfg.optim.lr, cfg.train.total_steps, cfg.run.name) == (3e-3, 200, "old-run")
     assert cfg.probe == ProbeConfig(every=50, sets=(), split="val", shots=(1, 10), images=1000)
+    assert cfg.checkpoint == CheckpointConfig(every=50, minutes=0.0, asynchronous=True, keep=2)
     old, new = json.loads(text), json.loads(cfg.to_json())
     moved = {k for k in PretrainConfig.ALIASES if k.partition(".")[0] in old}
     for section, values in old.items():
@@ -143,8 +145,10 @@ def test_old_pretraining_keys_still_set_with_a_deprecation_line(caplog):
     from pipeline.train.config import apply_overrides, smoke
 
     with caplog.at_level(logging.WARNING, "pipeline.config"):
-        cfg = apply_overrides(smoke(), ["data.fewshot_sets=a=/x", "train.fewshot_every=7"])
-    assert (cfg.probe.sets, cfg.probe.every) == (("a=/x",), 7)
+        cfg = apply_overrides(smoke(), ["data.fewshot_sets=a=/x", "train.fewshot_every=7",
+                                        "train.keep_checkpoints=5"])
+    assert (cfg.probe.sets, cfg.probe.every, cfg.checkpoint.keep) == (("a=/x",), 7, 5)
     assert caplog.messages == [
         "--set data.fewshot_sets: an old spelling; write --set probe.sets=a=/x",
-        "--set train.fewshot_every: an old spelling; write --set probe.every=7"]
+        "--set train.fewshot_every: an old spelling; write --set probe.every=7",
+        "--set train.keep_checkpoints: an old spelling; write --set checkpoint.keep=5"]
