@@ -122,8 +122,9 @@ class ResumePoint:
 def resume_point(run_uri: str, resume: str | None, init: str | None,
                  verified: bool = False) -> ResumePoint:
     """`verified`: check the checksums of this run's checkpoint (and fall back past a damaged
-    one); the driver does, once per start, and marks what fails, so the workers and the data
-    factory, which call this without it, see the same checkpoint."""
+    one); the driver does, once per command, and marks what fails, so that the dataset
+    factory, which asks again without it at each later worker-group start (`run.TrainData`,
+    which sends the answer to the workers), passes over it too."""
     own = latest_verified(run_uri) if verified else latest(run_uri)
     if own:
         return ResumePoint("own", own)

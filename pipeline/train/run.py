@@ -11,11 +11,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import interrupt, storage, timeline, tracking
 from pipeline.train import checkpoints, failures, lease
 from pipeline.train.config import PretrainConfig
-from pipeline.train.loop import WorkerSpec, train_loop
+from pipeline.train.loop import GroupStart, WorkerSpec, attach_start, train_loop
 
 log = logging.getLogger("pipeline.train")
 
@@ -124,11 +125,15 @@ def check_start(cfg: PretrainConfig, point: checkpoints.ResumePoint,
         checkpoints.check_init(point.uri, cfg.model)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainData:
-    """Builds the training stream when a worker group starts (Ray Train calls it then, also
-    after a failure): from the data position of the checkpoint the workers will restore, so
-    that the stream continues exactly where the restored model stopped."""
+    """Ray Train's dataset factory: called in its controller when a worker group starts (also
+    after a failure), it decides where that start continues from, once for all workers
+    (`checkpoints.resume_point`: this run's newest complete checkpoint, after a failure the
+    one the failed group wrote last), builds the training stream from that checkpoint's data
+    position, and sends the two with the stream (`loop.GroupStart`): the workers restore
+    exactly the checkpoint the stream continues, and none of them reads the storage to find
+    it again."""
 
     cfg: PretrainConfig
     run_uri: str
@@ -141,17 +146,31 @@ class TrainData:
     # in the process that builds the dataset (Ray Train's controller), whose context the
     # dataset carries to the processes that run it.
     progress_bars: bool = False
+    # The driver's resume point, checksums verified (`resume_point(verified=True)`), for the
+    # first start; later starts ask again (without re-hashing what this run just wrote; a
+    # checkpoint the driver found damaged is marked, so they pass over it too).
+    first: checkpoints.ResumePoint | None = None
+    # A Ray Dataset to train on instead of the one `cfg.data` describes (`pretrain(dataset=)`;
+    # its data position is not tracked).
+    dataset: Any = None
 
     def __call__(self):
         import ray.data
 
+        ray.data.DataContext.get_current().enable_progress_bars = self.progress_bars
+        point = self.first or checkpoints.resume_point(self.run_uri, self.resume, self.init)
+        self.first = None                 # a later start (after a failure) asks again
+        if self.dataset is not None:
+            return attach_start(self.dataset, GroupStart(point))
+        start = GroupStart(point, checkpoints.start_position(point, self.cfg))
+        return attach_start(self.stream(start.position), start)
+
+    def stream(self, start):
+        """The training stream from the data position `start`."""
         from pipeline.data import source
         from pipeline.data.transforms import Augment
 
-        ray.data.DataContext.get_current().enable_progress_bars = self.progress_bars
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
-        point = checkpoints.resume_point(self.run_uri, self.resume, self.init)
-        start = checkpoints.start_position(point, cfg)
         needed = cfg.train.total_steps * cfg.train.global_batch_size
         if d.source == "synthetic":
             epochs = -(-needed // d.synthetic_samples) + 1
@@ -172,15 +191,18 @@ class TrainData:
         return ds
 
 
-def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str | None):
-    """-> (dataset factory, stream plan, manifest or None, data-health actor or None)."""
+def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str | None,
+               first: checkpoints.ResumePoint | None = None):
+    """-> (dataset factory, stream plan, manifest or None, data-health actor or None).
+    `first`: the driver's resume point, for the first worker-group start."""
     from pipeline.data import source
 
     d, m = cfg.data, cfg.model
     health_name = f"data-health-{cfg.run.name}"
     if d.source == "synthetic":
         stream = source.StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
-        factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty())
+        factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty(),
+                            first)
         return factory, stream, None, None
     manifest = source.read_manifest(d.uri)
     if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
@@ -190,7 +212,8 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
     for line in source.check_shards(manifest, d.uri, d.split):   # one listing, before start
         log.warning("%s", line)
     health = source.data_health(health_name)     # the driver's handle keeps it alive
-    factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty())
+    factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty(),
+                        first)
     return factory, stream, manifest, health
 
 
@@ -234,10 +257,11 @@ def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
     if point.kind == "own":
         log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, point.uri)
     if dataset is None:
-        factory, stream, manifest, health = build_data(cfg, run_uri, resume, init)
+        factory, stream, manifest, health = build_data(cfg, run_uri, resume, init, point)
         probe = _probe(cfg, manifest)
     else:
-        factory, stream, manifest, health, probe = dataset, None, None, None, None
+        factory = TrainData(cfg, run_uri, resume, init, None, "", first=point, dataset=dataset)
+        stream, manifest, health, probe = None, None, None, None
     tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
                                     continuing=point.kind == "own", run_uri=run_uri)
     try:

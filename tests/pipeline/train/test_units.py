@@ -641,7 +641,8 @@ def test_a_run_name_reused_with_another_config_stops_unless_resumed(tmp_path):
 
 
 def test_progress_lines_show_elapsed_time_and_time_left():
-    from pipeline.train.loop import clock, progress_line
+    from pipeline.cli import clock
+    from pipeline.train.loop import progress_line
 
     m = {"train/loss": 1.0, "train/lr": 1e-3, "train/grad_norm": 0.5,
          "perf/images_per_sec": 100.0, "perf/data_wait_frac": 0.1}
