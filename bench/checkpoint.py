@@ -4,8 +4,9 @@ A Ray Train worker builds the model with its AdamW state (one optimizer step, so
 exist), then saves `--checkpoints` checkpoints through `pipeline.train.checkpoints.
 CheckpointWriter` into storage on an S3 endpoint (a moto server on 127.0.0.1 started here),
 with `--gap` seconds of "training" (the loop sleeping) between them, once with
-`checkpoint_async=False` and once with `True`, in the same run. Printed: the seconds each save
-blocked the loop, and the seconds until the last checkpoint was complete in storage.
+`checkpoint.asynchronous=false` and once with `true`, in the same run. Printed: the seconds
+each save blocked the loop, and the seconds until the last checkpoint was complete in
+storage.
 
     python bench/checkpoint.py                      # B/16 (86M parameters, 1.4 GB per checkpoint)
     python bench/checkpoint.py --variant Ti/16      # quick
@@ -38,7 +39,7 @@ def worker(config: dict) -> None:
     opt = make_optimizer(model, decay_names(model), cfg, torch.device("cpu"))
     x = torch.rand(2, 3, cfg.model.image_size, cfg.model.image_size) * 2 - 1
     train_step(model, opt, [(x, torch.tensor([0, 1]))], 1e-4, 1.0, None)
-    writer = checkpoints.CheckpointWriter(0, cfg.train.checkpoint_async)
+    writer = checkpoints.CheckpointWriter(0, cfg.checkpoint.asynchronous)
     blocked = []
     for i in range(config["checkpoints"]):
         time.sleep(config["gap"])                      # the training between checkpoints
@@ -66,7 +67,7 @@ def measure(args, s3_root: str, asynchronous: bool) -> dict:
     name = f"ckpt-{'async' if asynchronous else 'sync'}"
     cfg = apply_overrides(smoke(), [f"model.variant={args.variant}", "model.image_size=224",
                                     "model.num_classes=1000", f"run.name={name}",
-                                    f"train.checkpoint_async={asynchronous}"])
+                                    f"checkpoint.asynchronous={asynchronous}"])
     out = Path(tempfile.mkdtemp()) / "times.json"
     fs, path = storage.filesystem(s3_root)
     t0 = time.perf_counter()

@@ -29,8 +29,8 @@ def config(args, tmp):
         f"model.variant={args.variant}", f"model.image_size={args.image_size}",
         "model.num_classes=1000", "model.representation_size=none",
         f"train.global_batch_size={args.batch_size}", f"train.total_steps={args.steps}",
-        f"train.log_every={args.log_every}", f"train.checkpoint_every={args.steps}",
-        "train.fewshot_every=0", "optim.warmup_steps=5", f"scale.use_gpu={args.gpu}",
+        f"train.log_every={args.log_every}", f"checkpoint.every={args.steps}",
+        "probe.every=0", "optim.warmup_steps=5", f"scale.use_gpu={args.gpu}",
         f"scale.cpus_per_worker={args.cpus}", "scale.gpus_per_worker=1",
         f"run.storage={tmp}", "run.name=bench", "data.shuffle_buffer=0"])
 

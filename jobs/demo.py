@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                 "--preset", "smoke", "--data", str(shards), "--name", name,
                 "--out", str(root / "runs"), "--set", f"optim.lr={lr}",
                 "--set", f"train.total_steps={pre_steps}",
-                "--set", f"train.checkpoint_every={pre_steps}"], env,
+                "--set", f"checkpoint.every={pre_steps}"], env,
                 root / "logs" / f"pretrain-{name}.log")
             line = next((ln for ln in out.splitlines() if "finished at step" in ln), "")
             print(f"      {name}: {line.strip()}")

@@ -19,9 +19,9 @@ Presets (each documented in pipeline/train/config.py):
   vit_r50_b16_i21k  the hybrid R50+ViT-B/16 (§3.1) on ImageNet-21k; smoke_hybrid: a tiny one
   vit_s16_i21k_augreg, vit_b16_i21k_augreg, vit_l16_i21k_augreg: AugReg, 300 epochs on i21k
 Any resolved value can be changed with --set section.field=value (sections: model, optim,
-data, train, scale, run; `model.variant=L/16` sets all model sizes). `--show-config` prints
-the resolved configuration and exits; `--config FILE` starts from such a file (the
-config.json every MLflow run keeps) instead of a preset.
+data, train, scale, run, checkpoint, probe; `model.variant=L/16` sets all model sizes).
+`--show-config` prints the resolved configuration and exits; `--config FILE` starts from
+such a file (the config.json every MLflow run keeps) instead of a preset.
 """
 
 from __future__ import annotations

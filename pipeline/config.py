@@ -1,8 +1,9 @@
 """Typed run configurations, one mechanism for both commands.
 
 A run's config is a frozen dataclass of sections (pretraining: `model`, `optim`, `data`,
-`train`, `scale`, `run`; VTAB: `finetune`, `sweep`, `data`, `run`), each section a frozen
-dataclass beside the code it configures, the top level composing them (`Sectioned`):
+`train`, `scale`, `run`, `checkpoint`, `probe`; VTAB: `finetune`, `sweep`, `data`, `run`),
+each section a frozen dataclass beside the code it configures, the top level composing them
+(`Sectioned`):
 
     cfg = apply_overrides(preset(), ["optim.lr=3e-4"])   # --set section.key=value, typed
     cfg = load_config(PretrainConfig, "config.json")      # --config FILE (MLflow's config.json)

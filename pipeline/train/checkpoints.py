@@ -80,6 +80,26 @@ FORMAT_VERSION = 2
 RUNTIME_FIELDS = ("dropout", "attention_dropout", "drop_path")
 
 
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When a run saves and how many checkpoints it keeps: the run config's `checkpoint`
+    section (before it, `train.checkpoint_every`, `train.checkpoint_minutes`,
+    `train.checkpoint_async` and `train.keep_checkpoints`, which still load and `--set`)."""
+
+    every: int = 1000              # steps between checkpoints (and the last step)
+    minutes: float = 0.0           # also save when this much wall time passed (0: off)
+    asynchronous: bool = True      # write and upload in the background (False: the loop waits)
+    keep: int = 3                  # the newest complete ones kept (`prune`)
+
+    def __post_init__(self):
+        for name in ("every", "keep"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"checkpoint.{name} must be positive, got "
+                                 f"{getattr(self, name)}")
+        if self.minutes < 0:
+            raise ValueError(f"checkpoint.minutes must be >= 0 (0: off), got {self.minutes}")
+
+
 def dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -102,8 +122,9 @@ class ResumePoint:
 def resume_point(run_uri: str, resume: str | None, init: str | None,
                  verified: bool = False) -> ResumePoint:
     """`verified`: check the checksums of this run's checkpoint (and fall back past a damaged
-    one); the driver does, once per start, and marks what fails, so the workers and the data
-    factory, which call this without it, see the same checkpoint."""
+    one); the driver does, once per command, and marks what fails, so that the dataset
+    factory, which asks again without it at each later worker-group start (`run.TrainData`,
+    which sends the answer to the workers), passes over it too."""
     own = latest_verified(run_uri) if verified else latest(run_uri)
     if own:
         return ResumePoint("own", own)
@@ -413,7 +434,7 @@ class CheckpointWriter:
     `save` blocks for the gather of the ViT weights (to rank 0's host memory) and the staging
     of this worker's shards; with `asynchronous` the writing and the upload run in Ray Train's
     upload thread while training goes on, and the checkpoint is registered when every
-    worker's upload is done. Ray Train keeps the last `keep_checkpoints` registered ones."""
+    worker's upload is done. Ray Train keeps the last `checkpoint.keep` registered ones."""
 
     def __init__(self, rank: int, asynchronous: bool):
         import torch.distributed as dist

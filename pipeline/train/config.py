@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pipeline import config
 from pipeline.config import Sectioned
 from pipeline.data.augreg import LEVELS
 from pipeline.model import ViTConfig
+from pipeline.train.checkpoints import CheckpointConfig
+from pipeline.train.fewshot import ProbeConfig
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,6 @@ class DataConfig:
     num_cpus_per_read: float = 1.0
     synthetic_samples: int = 4096
     synthetic_classes: int = 10
-    # Downstream sets of the few-shot probe (big_vision's fewshot_lsr), "name=URI" each: shards
-    # with train(800val200) and test/val splits, or a local VTAB-1k task folder; logged as
-    # fewshot/<name>/<k>shot. None given: the synthetic set for the synthetic source, else
-    # `fewshot_split` of the pretraining data, halved into a train pool and a test set.
-    fewshot_sets: tuple[str, ...] = ()
-    fewshot_split: str = "val"     # the fallback's split of the pretraining data ("": off)
-    fewshot_shots: tuple[int, ...] = (1, 5, 10)
-    fewshot_images: int = 1000     # at most this many images per split of each set
     # A local folder where every worker appends "step epoch shard index" for each sample it
     # trains on: an audit of the data order across restarts ("": off).
     trace_dir: str = ""
@@ -108,11 +102,6 @@ class TrainConfig:
     head_bias: float = 0.0
     seed: int = 0
     log_every: int = 50
-    checkpoint_every: int = 1000
-    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed (0: off)
-    checkpoint_async: bool = True  # write and upload in the background (False: the loop waits)
-    keep_checkpoints: int = 3
-    fewshot_every: int = 0         # 0: off
     # MLflow system metrics (CPU, memory, disk, network, GPU) of every node, sampled every so
     # many seconds into the run as system/node_<i>/... (0: off).
     system_metrics_s: float = 10.0
@@ -128,8 +117,7 @@ class TrainConfig:
     max_failures: int = 20
 
     def __post_init__(self):
-        for name in ("total_steps", "global_batch_size", "log_every", "checkpoint_every",
-                     "keep_checkpoints"):
+        for name in ("total_steps", "global_batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.shard_group_size < 0:
@@ -185,6 +173,18 @@ class PretrainConfig(Sectioned):
     train: TrainConfig = field(default_factory=TrainConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    # The spellings of earlier releases (their config.json, their --set keys) -> the keys now.
+    ALIASES: ClassVar[dict[str, str]] = {
+        "train.checkpoint_every": "checkpoint.every",
+        "train.checkpoint_minutes": "checkpoint.minutes",
+        "train.checkpoint_async": "checkpoint.asynchronous",
+        "train.keep_checkpoints": "checkpoint.keep",
+        "data.fewshot_sets": "probe.sets", "data.fewshot_split": "probe.split",
+        "data.fewshot_shots": "probe.shots", "data.fewshot_images": "probe.images",
+        "train.fewshot_every": "probe.every"}
 
     def __post_init__(self):
         t, s = self.train, self.scale
@@ -264,10 +264,11 @@ def smoke() -> PretrainConfig:
                         image_size=32, num_classes=10),
         optim=OptimConfig(lr=2e-3, weight_decay=0.03, warmup_steps=15, decay="cosine"),
         data=DataConfig(source="synthetic", augment="resize", synthetic_samples=2048,
-                        synthetic_classes=10, shuffle_buffer=256, fewshot_shots=(1, 5)),
-        train=TrainConfig(total_steps=150, global_batch_size=64, log_every=25,
-                          checkpoint_every=50, keep_checkpoints=2, fewshot_every=50),
-        run=RunConfig(name="smoke", experiment="vit-smoke"))
+                        synthetic_classes=10, shuffle_buffer=256),
+        train=TrainConfig(total_steps=150, global_batch_size=64, log_every=25),
+        run=RunConfig(name="smoke", experiment="vit-smoke"),
+        checkpoint=CheckpointConfig(every=50, keep=2),
+        probe=ProbeConfig(every=50, shots=(1, 5)))
 
 
 def smoke_hybrid() -> PretrainConfig:
@@ -302,9 +303,11 @@ def _table3(variant: str, lr: float, wd: float, dropout: float, steps: int, data
                           grad_clip=1.0 if data == "i21k" else 0.0),
         data=DataConfig(source="shards", uri=f"s3://CHANGE-ME/{data}", augment="inception"),
         train=TrainConfig(total_steps=steps, global_batch_size=4096, objective="sigmoid",
-                          head_bias=-10.0, checkpoint_every=2000, fewshot_every=5000),
+                          head_bias=-10.0),
         scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=8),
-        run=RunConfig(name=name, experiment="vit-pretrain"))
+        run=RunConfig(name=name, experiment="vit-pretrain"),
+        checkpoint=CheckpointConfig(every=2000),
+        probe=ProbeConfig(every=5000))
 
 
 # ImageNet-21k: 14.2M images; 90 epochs at batch 4096 = ~312k steps (30 epochs: ~104k).
@@ -379,7 +382,7 @@ def vit_b16_mpp() -> PretrainConfig:
     cfg = _table3("B/16", 2e-4, 0.1, 0.0, 1_000_000, "jft", "vit-b16-mpp", decay="cosine")
     return dataclasses.replace(
         cfg, model=cfg.model.replace(num_classes=0, representation_size=None),
-        train=dataclasses.replace(cfg.train, objective="mpp", fewshot_every=5000))
+        train=dataclasses.replace(cfg.train, objective="mpp"))
 
 
 def _augreg(variant: str, setting: str, wd: float, name: str) -> PretrainConfig:
@@ -401,10 +404,11 @@ def _augreg(variant: str, setting: str, wd: float, name: str) -> PretrainConfig:
         data=DataConfig(source="shards", uri="s3://CHANGE-ME/i21k", augment="inception",
                         randaug_layers=layers, randaug_magnitude=magnitude, mixup=p),
         train=TrainConfig(total_steps=300 * I21K_STEPS_PER_EPOCH, global_batch_size=4096,
-                          objective="sigmoid", head_bias=-10.0, checkpoint_every=2000,
-                          fewshot_every=5000),
+                          objective="sigmoid", head_bias=-10.0),
         scale=ScaleConfig(num_workers=8, use_gpu=True, cpus_per_worker=8),
-        run=RunConfig(name=name, experiment="vit-pretrain"))
+        run=RunConfig(name=name, experiment="vit-pretrain"),
+        checkpoint=CheckpointConfig(every=2000),
+        probe=ProbeConfig(every=5000))
 
 
 def vit_s16_i21k_augreg() -> PretrainConfig:

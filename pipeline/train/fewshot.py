@@ -15,12 +15,30 @@ As big_vision does it:
   taken (a class with fewer gives what it has); 3 seeds, reported as their mean.
 We solve the normal equations (primal or dual, whichever is smaller) in float64 where
 big_vision goes through an eigendecomposition; the test compares the two.
+
+The probe is one evaluator unit, as big_vision's are: `FewShotProbe.build(cfg, manifest)` on the
+driver loads its downstream sets (`ProbeConfig`, the `probe` section of the run config); the
+driver ships the object to the workers through the object store, and the loop calls
+`probe.run(model, env)` at the steps `probe.due(step)` names. The loop knows nothing of its
+data, features or maths.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+from pipeline.data.transforms import to_model_input
+
+if TYPE_CHECKING:
+    from pipeline.train.config import PretrainConfig
+    from pipeline.train.loop import WorkerEnv
+
+log = logging.getLogger("pipeline.train")
 
 BIAS_CONSTANT = 100.0
 L2_REG = 2.0**10
@@ -77,3 +95,157 @@ def seed_accuracy(train_feats: torch.Tensor, train_labels: np.ndarray, test_feat
     pred = lsr_predict(train_feats[idx], torch.from_numpy(np.asarray(train_labels)[idx]),
                        test_feats, num_classes, l2)
     return float((pred.numpy() == np.asarray(test_labels)).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluator unit: its config, its data, its features, its metrics
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The few-shot probe during pretraining (the run config's `probe` section; before it,
+    `data.fewshot_*` and `train.fewshot_every`, which still load and still `--set`)."""
+
+    every: int = 0                 # steps between probes, at log steps (0: off)
+    # Downstream sets, "name=URI" each: shards with train(800val200) and test/val splits, or a
+    # local VTAB-1k task folder; logged as fewshot/<name>/<k>shot. None given: the synthetic
+    # set for the synthetic source, else `split` of the pretraining data, halved into a train
+    # pool and a test set.
+    sets: tuple[str, ...] = ()
+    split: str = "val"             # the fallback's split of the pretraining data ("": off)
+    shots: tuple[int, ...] = (1, 5, 10)
+    images: int = 1000             # at most this many images per split of each set
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"probe.every must be >= 0 (0: off), got {self.every}")
+        for entry in self.sets:
+            name, sep, uri = entry.partition("=")
+            if not sep or not name or not uri:
+                raise ValueError(f"probe.sets entry {entry!r}: write name=URI (shards or a "
+                                 f"VTAB-1k task folder)")
+        if any(k < 1 for k in self.shots):
+            raise ValueError(f"probe.shots must be positive, got {list(self.shots)}")
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """One downstream set: uint8 images (n, S, S, 3) at the model's resolution, int labels."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+
+
+class FewShotProbe:
+    """big_vision's `fewshot_lsr` evaluator as one object: built on the driver with its sets
+    (`build`), pickled once into the object store, run on every worker (`run`: a collective,
+    since the features come through the possibly sharded model)."""
+
+    def __init__(self, sets: list[ProbeSet], shots: tuple[int, ...], every: int,
+                 total_steps: int, input_mean, input_std):
+        self.sets, self.shots, self.every = sets, tuple(shots), every
+        self.total_steps = total_steps
+        self.input_mean, self.input_std = tuple(input_mean), tuple(input_std)
+
+    @classmethod
+    def build(cls, cfg: PretrainConfig, manifest: dict | None) -> FewShotProbe | None:
+        """The probe of a run (None when it is off or has no set with images)."""
+        p = cfg.probe
+        if not p.every:
+            return None
+        sets = load_sets(cfg, manifest)
+        if not sets:
+            return None
+        return cls(sets, p.shots, p.every, cfg.train.total_steps, cfg.model.input_mean,
+                   cfg.model.input_std)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def run(self, model, env: WorkerEnv) -> dict:
+        """Every worker computes pre-logits for its part of the images, rank 0 fits and scores
+        -> {"fewshot/<set>/<k>shot": top-1} on rank 0, {} on the others."""
+        out = {}
+        for s in self.sets:
+            train = self.features(model, s.train_images, env)
+            test = self.features(model, s.test_images, env)
+            if train is None:
+                continue
+            for k in self.shots:
+                out[f"fewshot/{s.name}/{k}shot"] = fewshot_accuracy(
+                    train, s.train_labels, test, s.test_labels, s.num_classes, k)
+        return out
+
+    @torch.no_grad()
+    def features(self, model, images: np.ndarray, env: WorkerEnv,
+                 batch_size: int = 256) -> torch.Tensor | None:
+        """Frozen representations of `images` through the wrapped model, the work split over
+        the workers (every worker runs the same number of forward passes, as FSDP's
+        collectives require). -> all features on rank 0, None elsewhere."""
+        n = len(images)
+        per = -(-n // env.world)
+        mine = images[env.rank * per:(env.rank + 1) * per]
+        if len(mine) < per:  # pad the last worker's part to the common length
+            pad = images[:per - len(mine)] if len(mine) == 0 else mine[-1:].repeat(
+                per - len(mine), axis=0)
+            mine = np.concatenate([mine, pad]) if len(mine) else pad
+        was_training = model.training
+        model.eval()
+        feats = []
+        for i in range(0, per, batch_size):
+            x = to_model_input(torch.from_numpy(mine[i:i + batch_size]).to(env.device),
+                               self.input_mean, self.input_std)
+            # No graph: a forward with grad on leaves FSDP2 waiting for a backward that never
+            # comes, and the next training step then differed from DDP's (test_parallel.py).
+            with torch.no_grad(), torch.autocast(env.device.type,
+                                                 dtype=env.amp or torch.float32,
+                                                 enabled=env.amp is not None):
+                feats.append(model(x).float())
+        model.train(was_training)
+        local = torch.cat(feats)                                           # (per, D)
+        if env.world > 1:
+            import torch.distributed as dist
+
+            parts = [torch.empty_like(local) for _ in range(env.world)]
+            dist.all_gather(parts, local.contiguous())
+            local = torch.cat(parts)
+        return local[:n].cpu() if env.rank == 0 else None
+
+
+def load_sets(cfg: PretrainConfig, manifest: dict | None) -> list[ProbeSet]:
+    """The probe's downstream sets (see `ProbeConfig.sets`), those with images in both
+    parts."""
+    from pipeline.data import source
+
+    p, d, size = cfg.probe, cfg.data, cfg.model.image_size
+    sets = []
+    for entry in p.sets:
+        name, _, uri = entry.partition("=")
+        sets.append(ProbeSet(name=name, **source.load_fewshot_set(uri, size, p.images)))
+    if not sets and d.source == "synthetic":
+        n = min(p.images, 50 * d.synthetic_classes)
+        part = {}
+        for which, base in (("train", 10**9), ("test", 2 * 10**9)):
+            rows = source.synthetic_rows(np.arange(n) + base, d.synthetic_samples,
+                                         d.synthetic_classes, size)
+            part[f"{which}_images"], part[f"{which}_labels"] = rows["image"], rows["label"]
+        sets.append(ProbeSet(name="synthetic", **part, num_classes=d.synthetic_classes))
+    elif not sets and p.split and manifest and p.split in manifest["splits"]:
+        pool = source.load_probe(d.uri, p.split, size, 2 * p.images)
+        half = len(pool["labels"]) // 2
+        log.warning("the few-shot probe draws from the first %d images of %s's %r split "
+                    "(halved: train pool and test set); with many classes few have k images. "
+                    "Give downstream sets with probe.sets=name=URI,...",
+                    len(pool["labels"]), d.uri, p.split)
+        sets.append(ProbeSet(name=p.split, train_images=pool["images"][:half],
+                             train_labels=pool["labels"][:half],
+                             test_images=pool["images"][half:],
+                             test_labels=pool["labels"][half:],
+                             num_classes=int(manifest["num_classes"])))
+    elif not sets and p.split:
+        log.warning("no split %r in %s and no probe.sets: the few-shot probe is off",
+                    p.split, d.uri)
+    return [s for s in sets if len(s.train_labels) and len(s.test_labels)]

@@ -1,9 +1,15 @@
-"""The Ray Train worker: build, wrap, restore, loop over `train_step`, log, checkpoint.
+"""The Ray Train worker: build, wrap, restore, loop over `train_step`, log, probe, checkpoint.
 
 Everything numeric is plain PyTorch (`step.py`); this file adds the distribution (the Ray
 Train context, `parallel.wrap`), the data shard and the exact data position, MLflow from
 rank 0, and checkpoints (`checkpoints.CheckpointWriter`). The worker receives one frozen
-`WorkerSpec` from the driver.
+`WorkerSpec` from the driver, and with its data shard the `GroupStart` of this worker-group
+start (the checkpoint to restore and the data position the stream begins at).
+
+`train` reads as torchtitan's `Trainer.train`: set-up, then the step loop, then the hooks
+after each step (log and probe, checkpoint), each a small function of its own. What a retry
+would repeat (bad data, a non-finite loss, a stream that ends early) raises `Fatal` with the
+line the user sees.
 
 The loop does not wait for the device between steps: losses and gradient norms accumulate on
 the device and are read (and checked for finiteness) at log steps, where one all-reduce makes
@@ -22,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cli import clock
 from pipeline.data.reader import DataError
 from pipeline.data.source import LOST, lost_samples, skip_summary
 from pipeline.data.transforms import to_model_input
-from pipeline.model import ViT, ViTConfig
+from pipeline.model import ViT
 from pipeline.schedule import learning_rate
 from pipeline.train import checkpoints, parallel
 from pipeline.train.config import PretrainConfig
 from pipeline.train.failures import Fatal
-from pipeline.train.fewshot import fewshot_accuracy
 from pipeline.train.step import (
     NonFiniteLoss,
     Pretrainer,
@@ -54,10 +60,51 @@ class WorkerSpec:
     tracking_uri: str = ""
     stream: Any = None                  # pipeline.data.source.StreamPlan, or None (no position)
     health: Any = None                  # DataHealth actor: skipped samples
-    probe: Any = None                   # ObjectRef of the few-shot probe set
+    probe: Any = None                   # ObjectRef of the FewShotProbe (None: off)
     log_level: str = "INFO"             # the driver's (--log-level), for the workers' logs
 
 
+# ---------------------------------------------------------------------------------------------
+# Where a worker group starts: computed once per start, sent with the stream
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupStart:
+    """The resume point of a worker-group start (`checkpoints.resume_point`) and the data
+    position the group's stream was built from (None: a stream whose position is not
+    tracked). The dataset factory (`run.TrainData`, in Ray Train's controller) computes it
+    once per start, after a failure too, so that it names the newest checkpoint, and sends it
+    with the stream: every worker restores the checkpoint whose position the stream begins
+    at, and none reads the storage to find it again."""
+
+    point: checkpoints.ResumePoint
+    position: Any = None
+
+
+# A Ray Data context travels with its dataset: Ray Train's split coordinator keeps a copy,
+# and each worker's shard hands it back (`DataIterator.get_context`).
+START_KEY = "vit.group_start"
+
+
+def attach_start(ds, start: GroupStart):
+    """`ds` with `start` in its context (what `group_start` reads on the workers)."""
+    ds.context.set_config(START_KEY, start)
+    return ds
+
+
+def group_start(shard) -> GroupStart:
+    start = shard.get_context().get_config(START_KEY)
+    if not isinstance(start, GroupStart):
+        # Without it a worker cannot know which checkpoint its stream continues from; guessing
+        # (reading the storage again) could pair the model of one step with the data of another.
+        raise Fatal("the training stream came without its start point (run.TrainData attaches "
+                    "it to the dataset's context): this Ray version does not carry a dataset's "
+                    "context to the workers")
+    return start
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkerEnv:
     rank: int
@@ -74,31 +121,49 @@ class Start:
     source: str
 
 
-# ---------------------------------------------------------------------------------------------
-# The worker function
-# ---------------------------------------------------------------------------------------------
+@dataclass
+class Worker:
+    """What one worker trains with, from set-up to the end of `train`."""
+
+    spec: WorkerSpec
+    env: WorkerEnv
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    writer: checkpoints.CheckpointWriter
+    tracker: Any = None                 # pipeline.tracking.Tracker on rank 0, else None
+    probe: Any = None                   # pipeline.train.fewshot.FewShotProbe, or None
+    flops: float | None = None          # training FLOPs per image and the device's peak,
+    peak: float | None = None           # for perf/mfu (GPU only)
+
+    @property
+    def cfg(self) -> PretrainConfig:
+        return self.spec.cfg
+
+
 def train_loop(config: dict) -> None:
     """Ray Train `train_loop_per_worker`; `config` = {"spec": WorkerSpec}."""
+    import ray.train
+
     spec: WorkerSpec = config["spec"]
     logging.getLogger("pipeline").setLevel(spec.log_level)
     env = worker_env(spec.cfg)
-    model, optimizer, start = build(spec, env)
-    writer = checkpoints.CheckpointWriter(env.rank, spec.cfg.train.checkpoint_async)
-    tracker = open_tracker(spec, env, start)
+    shard = ray.train.get_dataset_shard("train")
+    model, optimizer, start = build(spec, env, group_start(shard))
+    worker = Worker(spec, env, model, optimizer,
+                    checkpoints.CheckpointWriter(env.rank, spec.cfg.checkpoint.asynchronous),
+                    open_tracker(spec, env, start), fetch_probe(spec),
+                    *_mfu_terms(spec.cfg, env))
     system = node_metrics(spec)
-    probe = _probe_set(spec)
     try:
-        error = run(spec, env, model, optimizer, start, writer, tracker, probe)
+        # Fatal from here: Ray Train stops every worker without spending max_failures (these
+        # errors would recur on a retry), and the driver prints the line (failures.py).
+        train(worker, start, batches(shard, spec.cfg, env))
     finally:
-        writer.close()
-        if tracker is not None:
-            tracker.close()
+        worker.writer.close()
+        if worker.tracker is not None:
+            worker.tracker.close()
         if system is not None:
             system.stop()
-    if error is not None:
-        # Fatal: Ray Train stops every worker without spending max_failures (these errors
-        # would recur on a retry), and the driver prints the line (pipeline.train.failures).
-        raise Fatal(error)
 
 
 def worker_env(cfg: PretrainConfig) -> WorkerEnv:
@@ -122,14 +187,14 @@ def worker_env(cfg: PretrainConfig) -> WorkerEnv:
     return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, amp, strategy)
 
 
-def build(spec: WorkerSpec, env: WorkerEnv):
+def build(spec: WorkerSpec, env: WorkerEnv, group: GroupStart):
     """Build the model on every rank from the same seed, apply `--init`, compile, wrap, make
-    the optimizer, and load this run's (or `--resume`'s) checkpoint into the wrapped model.
-    -> (model, optimizer, Start)."""
+    the optimizer, and load the checkpoint `group` names (this run's, or `--resume`'s) into
+    the wrapped model. -> (model, optimizer, Start)."""
     cfg = spec.cfg
+    point = group.point
     torch.manual_seed(cfg.train.seed)
     module = Pretrainer(ViT(cfg.model), cfg.train.objective, cfg.train.head_bias)
-    point = checkpoints.resume_point(spec.run_uri, spec.resume, spec.init)
     if point.kind == "init":
         checkpoints.init_model(module.vit, point.uri)
     decay = decay_names(module)
@@ -139,34 +204,14 @@ def build(spec: WorkerSpec, env: WorkerEnv):
     model = parallel.wrap(module, module.vit.shard_units(), env.strategy, env.device, env.amp,
                           cfg.train.shard_group_size)
     optimizer = make_optimizer(model, decay, cfg, env.device)
-    start = Start(0, _empty_position(spec), point.describe())
+    step = 0
     if point.kind in ("own", "resume"):
-        doc = checkpoints.load(point.uri, model, optimizer, cfg.model, point.describe())
-        start = Start(doc["step"], _position_from(spec, doc), point.describe())
+        step = checkpoints.load(point.uri, model, optimizer, cfg.model, point.describe())["step"]
     # Dropout and MPP noise: a function of (seed, rank, step), so a resumed run draws what an
     # uninterrupted one would have drawn from there.
-    torch.manual_seed(cfg.train.seed + 1000 * env.rank + start.step)
-    np.random.seed((cfg.train.seed + 1000 * env.rank + start.step) % 2**32)
-    return model, optimizer, start
-
-
-def _empty_position(spec: WorkerSpec):
-    if spec.stream is None:
-        return None
-    from pipeline.data.source import DataPosition
-
-    return DataPosition()
-
-
-def _position_from(spec: WorkerSpec, doc: dict):
-    """The checkpoint's data position, if it is a position in this run's data."""
-    from pipeline.data.source import DataPosition
-
-    if spec.stream is None:
-        return None
-    if checkpoints.same_data(doc, spec.cfg) and doc.get("data_position") is not None:
-        return DataPosition.from_dict(doc["data_position"])
-    return DataPosition()
+    torch.manual_seed(cfg.train.seed + 1000 * env.rank + step)
+    np.random.seed((cfg.train.seed + 1000 * env.rank + step) % 2**32)
+    return model, optimizer, Start(step, group.position, point.describe())
 
 
 def open_tracker(spec: WorkerSpec, env: WorkerEnv, start: Start):
@@ -201,12 +246,21 @@ def node_metrics(spec: WorkerSpec):
                          interval_s=interval)
 
 
-def _probe_set(spec: WorkerSpec):
-    if spec.probe is None or not spec.cfg.train.fewshot_every:
+def fetch_probe(spec: WorkerSpec):
+    """The few-shot probe the driver built, from the object store (None: off)."""
+    if spec.probe is None:
         return None
     import ray
 
     return ray.get(spec.probe)
+
+
+def batches(shard, cfg: PretrainConfig, env: WorkerEnv):
+    from pipeline.data.source import InputConfig, iter_batches
+
+    return iter(iter_batches(shard, cfg.micro_batch, InputConfig(
+        shuffle_buffer=cfg.data.shuffle_buffer), drop_last=True,
+        seed=cfg.train.seed + env.rank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,81 +317,118 @@ class Meter:
 
 @dataclass
 class Progress:
+    """What the loop carries from step to step."""
+
     step: int
-    position: Any
+    position: Any                       # DataPosition after the last checkpoint, or None
+    meter: Meter
     consumed: list = field(default_factory=list)      # (epoch, shard, index) since last save
     last_save: float = field(default_factory=time.monotonic)
+    start_step: int = 0                 # where this (re)start began, and when: the pace
+    started: float = field(default_factory=time.monotonic)
 
 
-def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer, tracker,
-        probe) -> str | None:
-    """Train from `start` to `train.total_steps`. -> an error line for the driver, or None."""
-    cfg = spec.cfg
-    t = cfg.train
-    batches = _batches(cfg, env)
-    flops, peak = _mfu_terms(cfg, env)
-    meter = Meter(env.device)
-    progress = Progress(start.step, start.position)
-    trace = _trace_file(cfg, env, start.step)
-    if progress.step >= t.total_steps and env.rank == 0:
+def train(w: Worker, start: Start, batches) -> None:
+    """Train from `start` to `train.total_steps`."""
+    total = w.cfg.train.total_steps
+    progress = Progress(start.step, start.position, Meter(w.env.device), start_step=start.step)
+    trace = _trace_file(w.cfg, w.env, start.step)
+    if progress.step >= total and w.env.rank == 0:
         log.info("already at step %d of %d: nothing to train (raise train.total_steps to "
-                 "continue)", progress.step, t.total_steps)
-    started = time.monotonic()
-    while progress.step < t.total_steps:
-        t0 = time.perf_counter()
-        try:
-            micro = [next(batches) for _ in range(cfg.accumulation_steps)]
-        except StopIteration:
-            return _ran_out(spec, progress.step)
-        except DataError as err:
-            # Raised in a Ray Data read task, it arrives as RayTaskError(DataError): still a
-            # DataError, with the original in `cause`. Bad data recurs on a retry: Fatal.
-            return "data error: " + err.first_line()
-        meter.data_s += time.perf_counter() - t0
-        if progress.position is not None or trace is not None:
-            ids = [np.stack([b[c].numpy() for c in ("epoch", "shard", "index")]) for b in micro]
-            # Samples the read tasks skipped are consumed too (see pipeline.data.source).
-            progress.consumed += ids + [lost_samples(b[LOST].numpy()) for b in micro
-                                        if LOST in b]
-            if trace is not None:
-                for a in ids:
-                    np.savetxt(trace, np.vstack([np.full(a.shape[1], progress.step + 1), a]).T,
-                               fmt="%d")
-                trace.flush()
-        inputs = [model_inputs(b, cfg, env, progress.step, i) for i, b in enumerate(micro)]
-        lr = learning_rate(progress.step, cfg.optim.lr, t.total_steps, cfg.optim.warmup_steps,
-                           cfg.optim.decay, cfg.optim.end_lr)
-        loss, grad_norm = train_step(model, optimizer, inputs, lr, cfg.optim.grad_clip, env.amp)
-        progress.step += 1
-        meter.add(progress.step, loss, grad_norm, sum(len(x) for x, _ in inputs))
-        step, last = progress.step, progress.step == t.total_steps
-        metrics = None
-        save = step % t.checkpoint_every == 0 or last
-        try:
-            if step % t.log_every == 0 or last:
-                metrics = interval_metrics(meter, cfg, lr, env, flops, peak)
-                if probe is not None and t.fewshot_every and (step % t.fewshot_every == 0 or
-                                                              last):
-                    metrics.update(fewshot_metrics(model, probe, env, cfg.model))
-                if env.rank == 0:
-                    metrics.update(_skipped(spec.health))
-                    log.info(progress_line(step, t.total_steps, metrics, start.step,
-                                           time.monotonic() - started))
-                    if tracker is not None:
-                        tracker.log_metrics(metrics, step)
-                save = save or _minutes_due(progress, t.checkpoint_minutes, env.world)
-                meter.reset()
-            elif save:
-                meter.read(env.world)        # never save weights a bad step has touched
-        except NonFiniteLoss as err:
-            return f"{err}; lower optim.lr or check the data"
-        # Only checkpoints go through ray.train.report: each report waits for the controller
-        # to collect it (its poll interval, 2 s by default), so reporting every log step cost
-        # the smoke run 90% of its throughput. Metrics go to MLflow from rank 0 instead.
-        if save:
-            save_checkpoint(spec, env, model, optimizer, writer, progress, metrics or {},
-                            tracker)
-    return None
+                 "continue)", progress.step, total)
+    while progress.step < total:
+        micro = next_batches(w, batches, progress)
+        record_samples(progress, micro, trace)
+        lr = optimizer_step(w, progress, micro)
+        logged = log_due(w, progress)
+        metrics = log_step(w, progress, lr) if logged else {}
+        if checkpoint_due(w, progress, logged):
+            if not logged:
+                read_meter(w, progress)       # never save weights a bad step has touched
+            save_checkpoint(w, progress, metrics)
+
+
+def next_batches(w: Worker, batches, progress: Progress) -> list[dict]:
+    """The micro-batches of the next step; the wait for them is the interval's data wait."""
+    t0 = time.perf_counter()
+    try:
+        micro = [next(batches) for _ in range(w.cfg.accumulation_steps)]
+    except StopIteration:
+        raise Fatal(_ran_out(w.spec, progress.step)) from None
+    except DataError as err:
+        # Raised in a Ray Data read task, it arrives as RayTaskError(DataError): still a
+        # DataError, with the original in `cause`. Bad data recurs on a retry: Fatal.
+        raise Fatal("data error: " + err.first_line()) from None
+    progress.meter.data_s += time.perf_counter() - t0
+    return micro
+
+
+def record_samples(progress: Progress, micro: list[dict], trace) -> None:
+    """The samples of this step, for the data position of the next checkpoint (and the
+    audit file of `data.trace_dir`)."""
+    if progress.position is None and trace is None:
+        return
+    ids = [np.stack([b[c].numpy() for c in ("epoch", "shard", "index")]) for b in micro]
+    # Samples the read tasks skipped are consumed too (see pipeline.data.source).
+    progress.consumed += ids + [lost_samples(b[LOST].numpy()) for b in micro if LOST in b]
+    if trace is not None:
+        for a in ids:
+            np.savetxt(trace, np.vstack([np.full(a.shape[1], progress.step + 1), a]).T,
+                       fmt="%d")
+        trace.flush()
+
+
+def optimizer_step(w: Worker, progress: Progress, micro: list[dict]) -> float:
+    """One optimizer step over the micro-batches (`step.train_step`). -> its learning rate."""
+    cfg, o = w.cfg, w.cfg.optim
+    inputs = [model_inputs(b, cfg, w.env, progress.step, i) for i, b in enumerate(micro)]
+    lr = learning_rate(progress.step, o.lr, cfg.train.total_steps, o.warmup_steps, o.decay,
+                       o.end_lr)
+    loss, grad_norm = train_step(w.model, w.optimizer, inputs, lr, o.grad_clip, w.env.amp)
+    progress.step += 1
+    progress.meter.add(progress.step, loss, grad_norm, sum(len(x) for x, _ in inputs))
+    return lr
+
+
+def log_due(w: Worker, progress: Progress) -> bool:
+    return (progress.step % w.cfg.train.log_every == 0 or
+            progress.step == w.cfg.train.total_steps)
+
+
+def log_step(w: Worker, progress: Progress, lr: float) -> dict:
+    """The interval's metrics (collectives: every worker calls this), with the probe's where
+    it is due; rank 0 prints the progress line and sends them to MLflow. -> the metrics."""
+    step, total = progress.step, w.cfg.train.total_steps
+    metrics = interval_metrics(read_meter(w, progress), progress.meter, w.cfg, lr, w.env,
+                               w.flops, w.peak)
+    if w.probe is not None and w.probe.due(step):
+        metrics.update(w.probe.run(w.model, w.env))
+    if w.env.rank == 0:
+        metrics.update(_skipped(w.spec.health))
+        log.info(progress_line(step, total, metrics, progress.start_step,
+                               time.monotonic() - progress.started))
+        if w.tracker is not None:
+            w.tracker.log_metrics(metrics, step)
+    progress.meter.reset()
+    return metrics
+
+
+def read_meter(w: Worker, progress: Progress) -> dict:
+    """The interval's means over all workers (a collective); a non-finite step is Fatal."""
+    try:
+        return progress.meter.read(w.env.world)
+    except NonFiniteLoss as err:
+        raise Fatal(f"{err}; lower optim.lr or check the data") from None
+
+
+def checkpoint_due(w: Worker, progress: Progress, logged: bool) -> bool:
+    """Every `checkpoint.every` steps and at the last; at log steps also once
+    `checkpoint.minutes` have passed (a collective, so only where every worker asks)."""
+    c = w.cfg.checkpoint
+    due = progress.step % c.every == 0 or progress.step == w.cfg.train.total_steps
+    if logged and not due:
+        return _minutes_due(progress, c.minutes, w.env.world)
+    return due
 
 
 def model_inputs(batch: dict, cfg: PretrainConfig, env: WorkerEnv, step: int, micro: int):
@@ -354,24 +445,27 @@ def model_inputs(batch: dict, cfg: PretrainConfig, env: WorkerEnv, step: int, mi
     return aug(images, labels, cfg.model.num_classes, rng, mean, std)
 
 
-def save_checkpoint(spec: WorkerSpec, env: WorkerEnv, model, optimizer, writer, progress,
-                    metrics: dict, tracker=None) -> None:
-    cfg = spec.cfg
-    position = _advance(spec, env, progress)
+def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
+    """Every rank saves its shard (rank 0 also the gathered data position and the ViT).
+    Only checkpoints go through ray.train.report: each report waits for the controller to
+    collect it (its poll interval, 2 s by default), so reporting every log step cost the smoke
+    run 90% of its throughput. Metrics go to MLflow from rank 0 instead."""
+    cfg, env = w.cfg, w.env
+    position = _advance(w, progress)
     doc = checkpoints.new_state(
         step=progress.step, samples_seen=progress.step * cfg.train.global_batch_size,
         data_position=position.to_dict() if position is not None else None,
-        config=cfg.to_dict(), run_name=cfg.run.name, run_id=spec.run_id,
+        config=cfg.to_dict(), run_name=cfg.run.name, run_id=w.spec.run_id,
         world_size=env.world, strategy=env.strategy)
     if env.rank == 0:      # retention, before this save: the earlier ones are done or in flight
-        checkpoints.prune(spec.run_uri, cfg.train.keep_checkpoints)
-    writer.save(model, optimizer, cfg.model, doc, metrics)
+        checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep)
+    w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics)
     progress.last_save = time.monotonic()
-    if tracker is not None:
-        tracker.save()
+    if w.tracker is not None:
+        w.tracker.save()
 
 
-def _advance(spec: WorkerSpec, env: WorkerEnv, progress: Progress):
+def _advance(w: Worker, progress: Progress):
     """The data position after every sample trained so far: the samples each worker trained
     on since the last checkpoint, gathered on rank 0 and added to the position there (a
     collective; the other ranks return None)."""
@@ -381,15 +475,15 @@ def _advance(spec: WorkerSpec, env: WorkerEnv, progress: Progress):
         np.zeros((3, 0), np.int64)
     progress.consumed = []
     gathered = [mine]
-    if env.world > 1:
+    if w.env.world > 1:
         import torch.distributed as dist
 
-        gathered = [None] * env.world if env.rank == 0 else None
+        gathered = [None] * w.env.world if w.env.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
-    if env.rank != 0:
+    if w.env.rank != 0:
         return None
     ids = np.concatenate(gathered, axis=1)
-    progress.position = progress.position.advance(spec.stream, ids[0], ids[1], ids[2])
+    progress.position = progress.position.advance(w.spec.stream, ids[0], ids[1], ids[2])
     return progress.position
 
 
@@ -416,17 +510,6 @@ def _cpu_group():
     if _CPU_GROUP is None:
         _CPU_GROUP = dist.new_group(backend="gloo")
     return _CPU_GROUP
-
-
-def _batches(cfg: PretrainConfig, env: WorkerEnv):
-    import ray.train
-
-    from pipeline.data.source import InputConfig, iter_batches
-
-    shard = ray.train.get_dataset_shard("train")
-    return iter(iter_batches(shard, cfg.micro_batch, InputConfig(
-        shuffle_buffer=cfg.data.shuffle_buffer), drop_last=True,
-        seed=cfg.train.seed + env.rank))
 
 
 def _trace_file(cfg: PretrainConfig, env: WorkerEnv, start_step: int):
@@ -498,9 +581,9 @@ def _skipped(health) -> dict:
         return {"data/skipped_samples": float("nan")}
 
 
-def interval_metrics(meter: Meter, cfg: PretrainConfig, lr: float, env: WorkerEnv,
-                     flops: float | None, peak: float | None) -> dict:
-    means = meter.read(env.world)
+def interval_metrics(means: dict, meter: Meter, cfg: PretrainConfig, lr: float,
+                     env: WorkerEnv, flops: float | None, peak: float | None) -> dict:
+    """The metrics of a log interval from its means over the workers (`Meter.read`)."""
     elapsed = max(time.perf_counter() - meter.start, 1e-9)
     images_per_sec = meter.steps * cfg.train.global_batch_size / elapsed
     metrics = {"train/loss": means["loss"],
@@ -513,16 +596,6 @@ def interval_metrics(meter: Meter, cfg: PretrainConfig, lr: float, env: WorkerEn
     if flops and peak:
         metrics["perf/mfu"] = images_per_sec * flops / (peak * env.world)
     return metrics
-
-
-def clock(seconds: float) -> str:
-    """3725 -> '1:02:05'; 65 -> '1:05'; days past 24 h ('2d 3:00:00')."""
-    s = int(round(seconds))
-    days, s = divmod(s, 86400)
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    text = f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-    return f"{days}d {h}:{m:02d}:{s:02d}" if days else text
 
 
 def progress_line(step: int, total: int, m: dict, start_step: int | None = None,
@@ -542,53 +615,3 @@ def progress_line(step: int, total: int, m: dict, start_step: int | None = None,
         parts.append(f"skipped {m['data/skipped_samples']:.0f}")
     parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("fewshot/")]
     return " | ".join(parts)
-
-
-@torch.no_grad()
-def probe_features(model, images: np.ndarray, env: WorkerEnv, vit_cfg: ViTConfig,
-                   batch_size: int = 256) -> torch.Tensor | None:
-    """Frozen representations of the probe images through the wrapped model, the work split
-    over the workers (every worker runs the same number of forward passes, as FSDP's
-    collectives require). -> all features on rank 0, None elsewhere."""
-    n = len(images)
-    per = -(-n // env.world)
-    mine = images[env.rank * per:(env.rank + 1) * per]
-    if len(mine) < per:  # pad the last worker's part to the common length
-        pad = images[:per - len(mine)] if len(mine) == 0 else mine[-1:].repeat(
-            per - len(mine), axis=0)
-        mine = np.concatenate([mine, pad]) if len(mine) else pad
-    was_training = model.training
-    model.eval()
-    feats = []
-    for i in range(0, per, batch_size):
-        x = to_model_input(torch.from_numpy(mine[i:i + batch_size]).to(env.device),
-                           vit_cfg.input_mean, vit_cfg.input_std)
-        # No graph: a forward with grad on leaves FSDP2 waiting for a backward that never
-        # comes, and the next training step then differed from DDP's (test_parallel.py).
-        with torch.no_grad(), torch.autocast(env.device.type, dtype=env.amp or torch.float32,
-                                             enabled=env.amp is not None):
-            feats.append(model(x).float())
-    model.train(was_training)
-    local = torch.cat(feats)                                           # (per, D)
-    if env.world > 1:
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(local) for _ in range(env.world)]
-        dist.all_gather(parts, local.contiguous())
-        local = torch.cat(parts)
-    return local[:n].cpu() if env.rank == 0 else None
-
-
-def fewshot_metrics(model, probe: dict, env: WorkerEnv, vit_cfg: ViTConfig) -> dict:
-    """big_vision's few-shot linear probe on each downstream set: every worker computes
-    pre-logits for its part of the images, rank 0 fits and scores -> fewshot/<set>/<k>shot."""
-    out = {}
-    for s in probe["sets"]:
-        train = probe_features(model, s["train_images"], env, vit_cfg)
-        test = probe_features(model, s["test_images"], env, vit_cfg)
-        if train is None:
-            continue
-        for k in probe["shots"]:
-            out[f"fewshot/{s['name']}/{k}shot"] = fewshot_accuracy(
-                train, s["train_labels"], test, s["test_labels"], s["num_classes"], k)
-    return out

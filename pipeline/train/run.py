@@ -11,11 +11,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline import interrupt, resources, storage, timeline, tracking
 from pipeline.train import checkpoints, failures, lease
 from pipeline.train.config import PretrainConfig
-from pipeline.train.loop import WorkerSpec, train_loop
+from pipeline.train.loop import GroupStart, WorkerSpec, attach_start, train_loop
 
 log = logging.getLogger("pipeline.train")
 
@@ -124,11 +125,15 @@ def check_start(cfg: PretrainConfig, point: checkpoints.ResumePoint,
         checkpoints.check_init(point.uri, cfg.model)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrainData:
-    """Builds the training stream when a worker group starts (Ray Train calls it then, also
-    after a failure): from the data position of the checkpoint the workers will restore, so
-    that the stream continues exactly where the restored model stopped."""
+    """Ray Train's dataset factory: called in its controller when a worker group starts (also
+    after a failure), it decides where that start continues from, once for all workers
+    (`checkpoints.resume_point`: this run's newest complete checkpoint, after a failure the
+    one the failed group wrote last), builds the training stream from that checkpoint's data
+    position, and sends the two with the stream (`loop.GroupStart`): the workers restore
+    exactly the checkpoint the stream continues, and none of them reads the storage to find
+    it again."""
 
     cfg: PretrainConfig
     run_uri: str
@@ -141,17 +146,31 @@ class TrainData:
     # in the process that builds the dataset (Ray Train's controller), whose context the
     # dataset carries to the processes that run it.
     progress_bars: bool = False
+    # The driver's resume point, checksums verified (`resume_point(verified=True)`), for the
+    # first start; later starts ask again (without re-hashing what this run just wrote; a
+    # checkpoint the driver found damaged is marked, so they pass over it too).
+    first: checkpoints.ResumePoint | None = None
+    # A Ray Dataset to train on instead of the one `cfg.data` describes (`pretrain(dataset=)`;
+    # its data position is not tracked).
+    dataset: Any = None
 
     def __call__(self):
         import ray.data
 
+        ray.data.DataContext.get_current().enable_progress_bars = self.progress_bars
+        point = self.first or checkpoints.resume_point(self.run_uri, self.resume, self.init)
+        self.first = None                 # a later start (after a failure) asks again
+        if self.dataset is not None:
+            return attach_start(self.dataset, GroupStart(point))
+        start = GroupStart(point, checkpoints.start_position(point, self.cfg))
+        return attach_start(self.stream(start.position), start)
+
+    def stream(self, start):
+        """The training stream from the data position `start`."""
         from pipeline.data import source
         from pipeline.data.transforms import Augment
 
-        ray.data.DataContext.get_current().enable_progress_bars = self.progress_bars
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
-        point = checkpoints.resume_point(self.run_uri, self.resume, self.init)
-        start = checkpoints.start_position(point, cfg)
         needed = cfg.train.total_steps * cfg.train.global_batch_size
         if d.source == "synthetic":
             epochs = -(-needed // d.synthetic_samples) + 1
@@ -172,17 +191,19 @@ class TrainData:
         return ds
 
 
-def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str | None):
-    """-> (dataset factory, stream plan, manifest or None, data-health actor or None,
-    probe set or None)."""
+def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str | None,
+               first: checkpoints.ResumePoint | None = None):
+    """-> (dataset factory, stream plan, manifest or None, data-health actor or None).
+    `first`: the driver's resume point, for the first worker-group start."""
     from pipeline.data import source
 
     d, m = cfg.data, cfg.model
     health_name = f"data-health-{cfg.run.name}"
     if d.source == "synthetic":
         stream = source.StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
-        factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty())
-        return factory, stream, None, None, _probe(cfg, None)
+        factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty(),
+                            first)
+        return factory, stream, None, None
     manifest = source.read_manifest(d.uri)
     if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
         raise PretrainError(f"the dataset has {manifest['num_classes']} classes but "
@@ -191,59 +212,20 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
     for line in source.check_shards(manifest, d.uri, d.split):   # one listing, before start
         log.warning("%s", line)
     health = source.data_health(health_name)     # the driver's handle keeps it alive
-    factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty())
-    return factory, stream, manifest, health, _probe(cfg, manifest)
+    factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty(),
+                        first)
+    return factory, stream, manifest, health
 
 
 def _probe(cfg: PretrainConfig, manifest: dict | None):
-    """The few-shot probe in the object store: {"sets": probe_sets(...), "shots": [...]}, or
-    None when it is off."""
+    """The few-shot probe (pipeline.train.fewshot) in the object store, or None when it is
+    off: every worker gets it from there once, not pickled into each worker's spec."""
     import ray
 
-    if not cfg.train.fewshot_every:
-        return None
-    sets = probe_sets(cfg, manifest)
-    return ray.put({"sets": sets, "shots": list(cfg.data.fewshot_shots)}) if sets else None
+    from pipeline.train.fewshot import FewShotProbe
 
-
-def probe_sets(cfg: PretrainConfig, manifest: dict | None) -> list[dict]:
-    """The few-shot probe's downstream sets: [{"name", "train_images", "train_labels",
-    "test_images", "test_labels", "num_classes"}] (see `DataConfig.fewshot_sets`)."""
-    import numpy as np
-
-    from pipeline.data import source
-
-    d, size = cfg.data, cfg.model.image_size
-    sets = []
-    for spec in d.fewshot_sets:
-        name, sep, uri = spec.partition("=")
-        if not sep or not name or not uri:
-            raise PretrainError(f"data.fewshot_sets entry {spec!r}: write name=URI (shards or "
-                                f"a VTAB-1k task folder)")
-        sets.append({"name": name, **source.load_fewshot_set(uri, size, d.fewshot_images)})
-    if not sets and d.source == "synthetic":
-        n = min(d.fewshot_images, 50 * d.synthetic_classes)
-        part = {}
-        for which, base in (("train", 10**9), ("test", 2 * 10**9)):
-            rows = source.synthetic_rows(np.arange(n) + base, d.synthetic_samples,
-                                         d.synthetic_classes, size)
-            part[f"{which}_images"], part[f"{which}_labels"] = rows["image"], rows["label"]
-        sets.append({"name": "synthetic", **part, "num_classes": d.synthetic_classes})
-    elif not sets and d.fewshot_split and manifest and d.fewshot_split in manifest["splits"]:
-        pool = source.load_probe(d.uri, d.fewshot_split, size, 2 * d.fewshot_images)
-        half = len(pool["labels"]) // 2
-        log.warning("the few-shot probe draws from the first %d images of %s's %r split "
-                    "(halved: train pool and test set); with many classes few have k images. "
-                    "Give downstream sets with data.fewshot_sets=name=URI,...",
-                    len(pool["labels"]), d.uri, d.fewshot_split)
-        sets.append({"name": d.fewshot_split, "train_images": pool["images"][:half],
-                     "train_labels": pool["labels"][:half],
-                     "test_images": pool["images"][half:], "test_labels": pool["labels"][half:],
-                     "num_classes": int(manifest["num_classes"])})
-    elif not sets and d.fewshot_split:
-        log.warning("no split %r in %s and no data.fewshot_sets: the few-shot probe is off",
-                    d.fewshot_split, d.uri)
-    return [s for s in sets if len(s["train_labels"]) and len(s["test_labels"])]
+    probe = FewShotProbe.build(cfg, manifest)
+    return ray.put(probe) if probe is not None else None
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
@@ -276,9 +258,11 @@ def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
     if point.kind == "own":
         log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, point.uri)
     if dataset is None:
-        factory, stream, manifest, health, probe = build_data(cfg, run_uri, resume, init)
+        factory, stream, manifest, health = build_data(cfg, run_uri, resume, init, point)
+        probe = _probe(cfg, manifest)
     else:
-        factory, stream, manifest, health, probe = dataset, None, None, None, None
+        factory = TrainData(cfg, run_uri, resume, init, None, "", first=point, dataset=dataset)
+        stream, manifest, health, probe = None, None, None, None
     if mlflow:
         tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
                                         continuing=point.kind == "own", run_uri=run_uri)
@@ -319,7 +303,7 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
         raise
     if interrupt.received():
         raise _stopped(cfg, run_uri)
-    checkpoints.prune(run_uri, cfg.train.keep_checkpoints)
+    checkpoints.prune(run_uri, cfg.checkpoint.keep)
     uri = checkpoints.latest(run_uri) or ""
     step = checkpoints.read_state(uri)["step"] if uri else 0
     if run_id:

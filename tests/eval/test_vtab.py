@@ -54,7 +54,7 @@ def smoke_checkpoint(tmp_path_factory, mlflow_server):
            "RAY_USAGE_STATS_ENABLED": "0"}
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset",
                           "smoke", "--name", "for-vtab", "--out", str(tmp),
-                          "--set", "train.total_steps=40", "--set", "train.fewshot_every=0"],
+                          "--set", "train.total_steps=40", "--set", "probe.every=0"],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     client = MlflowClient(mlflow_server.uri)

@@ -328,7 +328,7 @@ def test_pretraining_logs_with_credentials_from_the_environment(auth_server, tmp
         out = subprocess.run(
             [str(BIN / "vit-pretrain"), "--preset", "smoke", "--name", name,
              "--out", str(tmp_path / "runs"), "--set", "train.total_steps=20",
-             "--set", "train.fewshot_every=0"],
+             "--set", "probe.every=0"],
             env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         return out, time.monotonic() - start
 

@@ -161,8 +161,8 @@ def test_sigterm_while_training_then_the_same_command_continues(tmp_path, mlflow
                                                                commands):
     storage, name = tmp_path / "runs", "interrupted"
     args = ["--preset", "smoke", "--out", str(storage), "--name", name,
-            "--set", "train.checkpoint_every=10",
-            "--set", "train.log_every=5", "--set", "train.fewshot_every=0"]
+            "--set", "checkpoint.every=10",
+            "--set", "train.log_every=5", "--set", "probe.every=0"]
     cmd = commands(tmp_path, mlflow_server.uri, *args, "--set", "train.total_steps=5000")
     run = storage / name
     wait_for(lambda: (run / "step_00000020" / "train_state.json").exists(), 240,
@@ -214,7 +214,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, mlflow_server, commands):
     storage, name = tmp_path / "runs", "twice"
     cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--out", str(storage),
                    "--name", name, "--set", "train.total_steps=5000",
-                   "--set", "train.checkpoint_every=10")
+                   "--set", "checkpoint.every=10")
     wait_for(lambda: (storage / name / "step_00000010" / "train_state.json").exists(), 240,
              "first checkpoint", cmd)
     cmd.signal(signal.SIGINT)
@@ -337,7 +337,7 @@ def test_sigterm_mid_upload_leaves_the_newest_checkpoint_complete_or_ignored(
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)    # the command's endpoint
         cmd = commands(tmp_path, mlflow_server.uri, "--preset", "smoke", "--out",
                        f"s3://{s3}/runs", "--name", "upload", "--set", "train.total_steps=5000",
-                       "--set", "train.checkpoint_every=10", "--set", "train.fewshot_every=0")
+                       "--set", "checkpoint.every=10", "--set", "probe.every=0")
 
         def mid_upload():
             found = keys("runs/upload/step_")

@@ -212,7 +212,7 @@ def test_pretraining_continues_on_the_surviving_node(cluster, tmp_path):
     total = 120
     # SPREAD: one worker on each node; after the loss both fit on the survivor (2 CPUs).
     cmd = command(tmp_path, tmp_path / "data", "node-lost", f"train.total_steps={total}",
-                  "train.checkpoint_every=10", "scale.placement_strategy=SPREAD",
+                  "checkpoint.every=10", "scale.placement_strategy=SPREAD",
                   "run.shared_storage=true", "train.system_metrics_s=0")
     env = {**cluster.env, "MLFLOW_TRACKING_URI": tracking}
     log = tmp_path / "pretrain.log"

@@ -101,7 +101,7 @@ ray.init(address=cluster.address)
 try:
     sets = ["run.name=two-nodes", "run.storage={tmp_path / 'runs'}", "scale.num_workers=2",
             "scale.placement_strategy=STRICT_SPREAD", "train.total_steps=30",
-            "train.fewshot_every=0"]
+            "probe.every=0"]
     try:  # a node-local folder on two nodes: refused before anything starts
         pretrain(apply_overrides(smoke(), sets), tracking_uri="sqlite:///{tmp_path}/m.db")
     except PretrainError as err:

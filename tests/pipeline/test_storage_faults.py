@@ -202,8 +202,8 @@ def test_pretraining_rides_out_a_15_s_outage(s3, s3_server, tmp_path):
                f"s3://{s3}/data", "--out", f"s3://{s3}/runs", "--name", "outage",
                "--set", "data.augment=resize", "--set", "model.image_size=48",
                "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
-               "--set", "train.total_steps=120", "--set", "train.checkpoint_every=10",
-               "--set", "train.keep_checkpoints=20", "--set", "train.fewshot_every=0",
+               "--set", "train.total_steps=120", "--set", "checkpoint.every=10",
+               "--set", "checkpoint.keep=20", "--set", "probe.every=0",
                "--set", "train.log_every=10"]
         log_path = tmp_path / "run.log"
         job = subprocess.Popen(cmd, env=env, stdout=open(log_path, "w"),
@@ -300,8 +300,8 @@ def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, tmp_p
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
     cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--out", str(runs),
            "--name", "full", "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
-           "--set", "train.total_steps=40", "--set", "train.checkpoint_every=10",
-           "--set", "train.log_every=2", "--set", "train.fewshot_every=0"]
+           "--set", "train.total_steps=40", "--set", "checkpoint.every=10",
+           "--set", "train.log_every=2", "--set", "probe.every=0"]
     start = time.monotonic()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
     took = time.monotonic() - start

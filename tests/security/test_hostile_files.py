@@ -213,7 +213,7 @@ def test_vtab_refuses_a_trial_record_that_is_not_its_json(tmp_path, good_checkpo
 # ---------------------------------------------------------------------------------------------
 def pretrain(ray_local, tmp_path, *args):
     return run("vit-pretrain", "--preset", "smoke", "--set", "train.total_steps=20",
-               "--set", "train.fewshot_every=0", "--out", tmp_path / "runs", *args,
+               "--set", "probe.every=0", "--out", tmp_path / "runs", *args,
                env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
                     "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=300)
 

@@ -148,7 +148,7 @@ def test_no_secret_is_written_anywhere(cluster, mlflow_server, tmp_path):
 
     run("vit-pretrain", "--preset", "smoke", "--name", "sec", "--out",
         f"s3://{bucket}/runs", "--set", "train.total_steps=20", "--set",
-        "train.fewshot_every=0")
+        "probe.every=0")
     ckpt = f"s3://{bucket}/runs/sec"
     run("vit-vtab", "--checkpoint", ckpt, "--data", tmp_path / "vtab", "--tasks", "kitti",
         "--resolution", "32", "--lrs", "0.01", "--steps", "4", "--batch-size", "8",

@@ -165,7 +165,7 @@ def run_cfg(tmp_path, name: str, data: Path, *sets):
     return apply_overrides(smoke(), [
         f"run.name={name}", f"run.storage={tmp_path / 'runs'}", "data.source=shards",
         f"data.uri={data}", "data.augment=resize", "data.shuffle_buffer=16",
-        "data.block_rows=8", "train.global_batch_size=16", "train.fewshot_every=0",
+        "data.block_rows=8", "train.global_batch_size=16", "probe.every=0",
         "train.system_metrics_s=0", *sets])
 
 
@@ -185,7 +185,7 @@ def test_a_run_over_bad_data_trains_many_epochs_to_the_end(ray_local, mlflow_ser
 
     data = bad_shards(tmp_path / "d", undecodable=0.1, missing=(5,))
     cfg = run_cfg(tmp_path, "bad-data", data, "train.total_steps=50", "train.log_every=10",
-                  "train.checkpoint_every=50")
+                  "checkpoint.every=50")
     out = pretrain(cfg, tracking_uri=mlflow_server.uri)
 
     assert out.step == 50

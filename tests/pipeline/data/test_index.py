@@ -207,7 +207,7 @@ def test_pretrain_multi_label_on_an_indexed_set(ray_local, tmp_path):
         "run.name=jft", f"run.storage={tmp_path / 'runs'}", "data.source=shards",
         f"data.uri={tmp_path / 'idx'}", "data.augment=inception", "model.num_classes=6",
         "train.objective=sigmoid", "train.total_steps=6", "train.global_batch_size=16",
-        "train.log_every=1", "train.fewshot_every=0", "train.checkpoint_every=6",
+        "train.log_every=1", "probe.every=0", "checkpoint.every=6",
         "data.shuffle_buffer=16", "optim.warmup_steps=2"])
     uri = f"sqlite:///{tmp_path}/m.db"
     out = pretrain(cfg, tracking_uri=uri)

@@ -101,8 +101,8 @@ def test_a_run_keeps_reading_and_checkpointing_when_credentials_rotate(tmp_path)
                "s3://rotation/data", "--out", "s3://rotation/runs", "--name", "rotating",
                "--set", "data.augment=resize", "--set", "model.image_size=48",
                "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
-               "--set", "train.total_steps=80", "--set", "train.checkpoint_every=10",
-               "--set", "train.keep_checkpoints=10", "--set", "train.fewshot_every=0"]
+               "--set", "train.total_steps=80", "--set", "checkpoint.every=10",
+               "--set", "checkpoint.keep=10", "--set", "probe.every=0"]
         job = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "run.log", "w"),
                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
         try:

@@ -35,7 +35,7 @@ def test_fsdp_run_on_one_gpu(ray_local, tmp_path):
     from pipeline.train.run import pretrain
 
     cfg = apply_overrides(smoke(), ["scale.use_gpu=true", "train.parallel=fsdp",
-                                    "train.total_steps=20", "train.checkpoint_every=10",
+                                    "train.total_steps=20", "checkpoint.every=10",
                                     f"run.storage={tmp_path}", "run.name=fsdp"])
     out = pretrain(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db")
     assert out.step == 20

@@ -145,3 +145,32 @@ def test_resume_restores_the_optimizers_non_tensor_state(tmp_path):
     for group in fresh_opt.param_groups:
         assert group["lr"] == 0.0123 and tuple(group["betas"]) == (0.5, 0.75)
     assert torch.is_tensor(next(iter(fresh_opt.state.values()))["exp_avg"])
+
+
+def test_each_worker_group_start_decides_its_checkpoint_once(run):
+    """The dataset factory decides where a worker-group start continues, once for all the
+    workers, and sends it with their stream: at the first start the driver's point (its
+    checksums verified), at a later one (a restart after a failure) the newest checkpoint."""
+    from ray.data import DataContext
+
+    from pipeline.train.failures import Fatal
+    from pipeline.train.loop import GroupStart, group_start
+    from pipeline.train.run import TrainData
+
+    class Stream:
+        """A dataset as far as the factory and a worker's shard see it: its context."""
+
+        def __init__(self):
+            self.context = DataContext()
+
+        def get_context(self):
+            return self.context
+
+    cfg, _, _ = tiny_run()
+    driver = checkpoints.ResumePoint("own", str(run / "step_00000020"))
+    factory = TrainData(cfg, str(run), None, None, None, "", first=driver, dataset=Stream())
+    assert group_start(factory()) == GroupStart(driver)
+    assert group_start(factory()) == GroupStart(
+        checkpoints.ResumePoint("own", str(run / "step_00000030")))
+    with pytest.raises(Fatal, match="the training stream came without its start point"):
+        group_start(Stream())

@@ -29,7 +29,7 @@ def run(tmp_path, name, *sets, resume=None, preset=smoke):
     cfg = apply_overrides(preset(), [
         f"run.name={name}", f"run.storage={tmp_path / 'runs'}", "scale.num_workers=2",
         "scale.cpus_per_worker=0.5", "data.preserve_order=true", "train.log_every=1",
-        "train.fewshot_every=0", "train.total_steps=8", "train.checkpoint_every=8",
+        "probe.every=0", "train.total_steps=8", "checkpoint.every=8",
         "optim.warmup_steps=2", "data.shuffle_buffer=0", *sets])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = pretrain(cfg, resume=resume, tracking_uri=uri)
@@ -46,8 +46,8 @@ def assert_same_losses(a, b):
 
 def test_fsdp2_matches_ddp_and_its_checkpoint_resumes_exactly(ray_local, tmp_path):
     _, ddp = run(tmp_path, "ddp", "train.parallel=ddp")
-    fsdp, losses = run(tmp_path, "fsdp", "train.parallel=fsdp", "train.checkpoint_every=4",
-                       "train.fewshot_every=4")
+    fsdp, losses = run(tmp_path, "fsdp", "train.parallel=fsdp", "checkpoint.every=4",
+                       "probe.every=4")
     assert len(losses) == 8 and losses[-1][1] < 0.9 * losses[0][1], f"it trains: {losses}"
     assert_same_losses(ddp, losses)
 
@@ -70,7 +70,7 @@ def test_hybrid_trains_sharded_with_its_resnet_as_a_unit_and_resumes_exactly(ray
     """The paper's hybrid (§3.1) through the same path: FSDP2 over two gloo workers, the
     ResNet stem sharded as one more unit; its checkpoint is a hybrid `load_vit` reads, and a
     run resumed from step 4 continues with the uninterrupted run's losses."""
-    out, losses = run(tmp_path, "hybrid", "train.parallel=fsdp", "train.checkpoint_every=4",
+    out, losses = run(tmp_path, "hybrid", "train.parallel=fsdp", "checkpoint.every=4",
                       preset=smoke_hybrid)
     # Its units start as their shortcuts (gn3 at 0): the loss moves later than the ViT's.
     assert len(losses) == 8 and losses[-1][1] < losses[0][1] - 0.02, f"it trains: {losses}"
@@ -83,7 +83,7 @@ def test_hybrid_trains_sharded_with_its_resnet_as_a_unit_and_resumes_exactly(ray
 
 
 def test_hsdp_on_four_workers_matches_ddp(ray_local, tmp_path):
-    sets = ("scale.num_workers=4", "train.total_steps=5", "train.checkpoint_every=5")
+    sets = ("scale.num_workers=4", "train.total_steps=5", "checkpoint.every=5")
     _, ddp = run(tmp_path, "ddp4", "train.parallel=ddp", *sets)
     out, hsdp = run(tmp_path, "hsdp4", "train.parallel=hsdp", "train.shard_group_size=2", *sets)
     assert_same_losses(ddp, hsdp)
@@ -94,9 +94,9 @@ def test_mpp_trains_under_fsdp2_with_checkpoints_by_wall_clock(ray_local, tmp_pa
     # Checkpoints by minutes only (the step cadence is out of reach): due at every log step.
     out, losses = run(tmp_path, "mpp", "train.parallel=fsdp", "train.objective=mpp",
                       "model.num_classes=0", "model.representation_size=none",
-                      "train.total_steps=12", "train.checkpoint_every=1000",
-                      "train.checkpoint_minutes=0.0001", "train.log_every=4",
-                      "train.keep_checkpoints=3", "optim.lr=3e-3")
+                      "train.total_steps=12", "checkpoint.every=1000",
+                      "checkpoint.minutes=0.0001", "train.log_every=4",
+                      "checkpoint.keep=3", "optim.lr=3e-3")
     assert losses[-1][1] < 0.8 * losses[0][1], f"MPP loss falls: {losses}"
     assert load_vit(out.checkpoint).head is None
     run_dir = tmp_path / "runs" / "mpp"

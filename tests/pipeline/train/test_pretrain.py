@@ -39,7 +39,7 @@ def test_two_workers_from_s3_into_mlflow(ray_local, s3, mlflow_server, tmp_path)
     cfg = cfg_for(tmp_path, "two-workers", "data.source=shards", f"data.uri={data}",
                   "data.augment=resize", f"run.storage=s3://{s3}/runs", "scale.num_workers=2",
                   "train.total_steps=60", "train.global_batch_size=32", "train.log_every=10",
-                  "train.checkpoint_every=30", "train.fewshot_every=30",
+                  "checkpoint.every=30", "probe.every=30",
                   "train.system_metrics_s=1")
     out = pretrain(cfg, tracking_uri=mlflow_server.uri)
 
@@ -112,7 +112,7 @@ def test_learns_under_randaugment_mixup_and_stochastic_depth(ray_local, mlflow_s
 def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
     # One worker with gradient accumulation: 4 micro-batches of 16 make the global 64.
     first = pretrain(cfg_for(tmp_path, "resume", "train.total_steps=20",
-                             "train.checkpoint_every=10", "train.micro_batch_size=16",
+                             "checkpoint.every=10", "train.micro_batch_size=16",
                              "train.log_every=5"), tracking_uri=mlflow_server.uri)
     assert first.step == 20
     client = MlflowClient(mlflow_server.uri)
@@ -120,7 +120,7 @@ def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
 
     # The same command with a longer schedule continues the same run from step 20.
     second = pretrain(cfg_for(tmp_path, "resume", "train.total_steps=30",
-                              "train.checkpoint_every=10", "train.micro_batch_size=16",
+                              "checkpoint.every=10", "train.micro_batch_size=16",
                               "train.log_every=5"), tracking_uri=mlflow_server.uri)
     assert second.run_id == first.run_id and second.step == 30
     assert history(client, first.run_id, "train/start_step") == [(0, 0.0), (20, 20.0)]
@@ -131,7 +131,7 @@ def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
 
     # --resume: a new run that starts from another run's training checkpoint.
     third = pretrain(cfg_for(tmp_path, "from-resume", "train.total_steps=25",
-                             "train.checkpoint_every=25"),
+                             "checkpoint.every=25"),
                      resume=first.checkpoint, tracking_uri=mlflow_server.uri)
     assert third.run_id != first.run_id and third.step == 25
     assert history(client, third.run_id, "train/start_step") == [(20, 20.0)]
@@ -139,6 +139,6 @@ def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(ray_local, tmp_path):
     cfg = cfg_for(tmp_path, "nan", "optim.lr=1e36", "optim.warmup_steps=0",
-                  "train.total_steps=50", "train.fewshot_every=0")
+                  "train.total_steps=50", "probe.every=0")
     with pytest.raises(PretrainError, match=r"non-finite loss at step 2: loss nan.*lower optim.lr"):
         pretrain(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db")

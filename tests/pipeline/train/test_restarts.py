@@ -104,7 +104,7 @@ def command(tmp_path: Path, data: Path, name: str, *sets: str) -> list[str]:
     return [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset", "smoke", "--data",
             str(data), "--out", str(tmp_path / "runs"), "--name", name, "--workers", "2",
             "--cpus-per-worker", "0.5",      # 2 cores: leave one for the data tasks
-            "--set", "data.augment=resize", "--set", "train.fewshot_every=0",
+            "--set", "data.augment=resize", "--set", "probe.every=0",
             "--set", "train.log_every=5", "--set", f"data.trace_dir={tmp_path / 'trace'}",
             "--set", f"data.shuffle_buffer={SHUFFLE}",
             *[x for s in sets for x in ("--set", s)]]
@@ -114,7 +114,7 @@ def test_driver_killed_while_a_checkpoint_uploads_then_the_same_command(tmp_path
     manifest = make_data(tmp_path / "data")
     # 5 steps an epoch (320 samples, batch 64), 8 epochs; a checkpoint every 10 steps.
     cmd = command(tmp_path, tmp_path / "data", "killed", "train.total_steps=40",
-                  "train.checkpoint_every=10", "model.hidden_size=128", "model.mlp_dim=512")
+                  "checkpoint.every=10", "model.hidden_size=128", "model.mlp_dim=512")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("RAY_ADDRESS", None)
@@ -178,8 +178,8 @@ def test_worker_killed_mid_epoch_resumes_the_stream_where_the_checkpoint_was(ray
         "scale.cpus_per_worker=0.5", "data.source=shards", f"data.uri={tmp_path / 'data'}",
         "data.augment=resize", f"data.trace_dir={tmp_path / 'trace'}",
         f"data.shuffle_buffer={SHUFFLE}",
-        "train.total_steps=30", "train.checkpoint_every=10", "train.log_every=5",
-        "train.fewshot_every=0", "train.max_failures=2", "model.hidden_size=128",
+        "train.total_steps=30", "checkpoint.every=10", "train.log_every=5",
+        "probe.every=0", "train.max_failures=2", "model.hidden_size=128",
         "model.mlp_dim=512"])
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=_kill_a_worker_mid_epoch,

@@ -47,7 +47,7 @@ def test_pretraining_with_mlflow_down_at_start_loses_no_metric(ray_local, tmp_pa
 
     cfg = apply_overrides(smoke(), ["run.name=offline", f"run.storage={tmp_path / 'runs'}",
                                     "train.total_steps=20", "train.log_every=5",
-                                    "train.checkpoint_every=10", "train.fewshot_every=0",
+                                    "checkpoint.every=10", "probe.every=0",
                                     "train.system_metrics_s=0"])
     down = f"http://127.0.0.1:{free_port()}"       # nothing listens there
     first = pretrain(cfg, tracking_uri=down)

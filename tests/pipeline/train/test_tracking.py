@@ -122,7 +122,7 @@ def test_one_store_whatever_the_storage(ray_local, tmp_path, monkeypatch):
         cfg = apply_overrides(smoke(), [
             f"run.storage={tmp_path / 'elsewhere'}", f"run.name={name}", f"optim.lr={lr}",
             "train.total_steps=6", "optim.warmup_steps=2", "train.log_every=3",
-            "train.checkpoint_every=6", "train.fewshot_every=0", "train.system_metrics_s=0"])
+            "checkpoint.every=6", "probe.every=0", "train.system_metrics_s=0"])
         out = pretrain(cfg)
         assert out.tracking_uri == f"sqlite:///{home / 'vit-runs' / 'mlflow.db'}"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}

@@ -14,7 +14,7 @@ from pipeline.model import ViT, ViTConfig
 from pipeline.schedule import learning_rate
 from pipeline.train import checkpoints
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke, smoke_hybrid
-from pipeline.train.fewshot import fewshot_accuracy, seed_accuracy
+from pipeline.train.fewshot import FewShotProbe, fewshot_accuracy, seed_accuracy
 from pipeline.train.loop import Meter
 from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets
 from pipeline.train.step import NonFiniteLoss, Pretrainer, decay_names, make_optimizer, train_step
@@ -168,11 +168,11 @@ def test_fewshot_probe_separates_separable_features():
 # ---- config ---------------------------------------------------------------------------------
 def test_overrides_types_and_errors():
     cfg = apply_overrides(smoke(), ["optim.lr=3e-4", "train.total_steps=70", "model.variant=S/16",
-                                    "data.fewshot_shots=1,10", "scale.use_gpu=true",
+                                    "probe.shots=1,10", "scale.use_gpu=true",
                                     "model.representation_size=32"])
     assert cfg.optim.lr == 3e-4 and cfg.train.total_steps == 70
     assert (cfg.model.hidden_size, cfg.model.depth, cfg.model.patch_size) == (384, 12, 16)
-    assert cfg.data.fewshot_shots == (1, 10) and cfg.scale.use_gpu is True
+    assert cfg.probe.shots == (1, 10) and cfg.scale.use_gpu is True
     assert cfg.model.representation_size == 32
     assert apply_overrides(PRESETS["vit_b16_i21k"](), ["model.representation_size=none"]
                            ).model.representation_size is None
@@ -547,28 +547,55 @@ def test_fsdp2_in_one_process_matches_the_plain_module(preset):
 
 
 def test_probe_sets_from_vtab_folders_and_shards(tmp_path):
-    """`data.fewshot_sets`: a VTAB-1k task folder and the shards `make_shards.py vtab` writes
-    from it give the same labels, resized to the model's resolution."""
+    """`probe.sets`: a VTAB-1k task folder and the shards `make_shards.py vtab` writes from
+    it give the same labels, resized to the model's resolution."""
     from eval.data import write_synthetic_task
     from eval.tasks import BY_NAME
     from jobs.make_shards import main as make_shards
-    from pipeline.train.run import PretrainError, probe_sets
 
     folder = write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], train=40, val=10,
                                   test=30, image_size=40)
     assert make_shards(["vtab", "--data", str(folder),
                         "--out", str(tmp_path / "shards"), "--no-shuffle"]) == 0
     cfg = apply_overrides(smoke(), [
-        f"data.fewshot_sets=folder={folder},shards={tmp_path / 'shards'}",
-        "data.fewshot_images=25"])
-    a, b = probe_sets(cfg, None)
-    assert (a["name"], b["name"]) == ("folder", "shards")
+        f"probe.sets=folder={folder},shards={tmp_path / 'shards'}", "probe.images=25"])
+    probe = FewShotProbe.build(cfg, None)
+    a, b = probe.sets
+    assert (a.name, b.name) == ("folder", "shards")
     for s in (a, b):
-        assert s["train_images"].shape == (25, 32, 32, 3) and s["num_classes"] == 10
-        assert len(s["test_labels"]) == 25
-    assert sorted(a["train_labels"]) == sorted(b["train_labels"])
-    with pytest.raises(PretrainError, match="write name=URI"):
-        probe_sets(apply_overrides(smoke(), [f"data.fewshot_sets={folder}"]), None)
+        assert s.train_images.shape == (25, 32, 32, 3) and s.num_classes == 10
+        assert len(s.test_labels) == 25
+    assert sorted(a.train_labels) == sorted(b.train_labels)
+    with pytest.raises(ValueError, match="probe.sets entry .*: write name=URI"):
+        apply_overrides(smoke(), [f"probe.sets={folder}"])
+    assert FewShotProbe.build(apply_overrides(cfg, ["probe.every=0"]), None) is None
+
+
+def test_the_probe_is_one_unit_the_loop_calls():
+    """Built from the config alone (the synthetic set of the smoke run), due at its cadence
+    and at the last step, run through a model on one worker: fewshot/<set>/<k>shot for each
+    k, on a representation that separates the classes."""
+    from pipeline.train.loop import WorkerEnv
+
+    cfg = apply_overrides(smoke(), ["probe.images=60", "probe.every=40",
+                                    "train.total_steps=100"])
+    probe = FewShotProbe.build(cfg, None)
+    assert [s.name for s in probe.sets] == ["synthetic"] and probe.shots == (1, 5)
+    assert [step for step in range(1, 101) if probe.due(step)] == [40, 80, 100]
+
+    class RedChannel(torch.nn.Module):
+        """The synthetic images' label is their red channel's mean (31.5 + 21 * label of
+        255, `synthetic_rows`): one bump feature per class level."""
+
+        def forward(self, x):
+            red = x[:, 0].mean((1, 2))                                    # (B,) in [-1, 1]
+            levels = (31.5 + 21 * torch.arange(10)) / 127.5 - 1           # (10,)
+            return torch.exp(-((red[:, None] - levels) / 0.05) ** 2)      # (B, 10)
+
+    env = WorkerEnv(0, 1, torch.device("cpu"), None, "ddp")
+    metrics = probe.run(RedChannel(), env)
+    assert sorted(metrics) == ["fewshot/synthetic/1shot", "fewshot/synthetic/5shot"]
+    assert metrics["fewshot/synthetic/5shot"] > 0.9, metrics
 
 
 def test_resume_accepts_the_checkpoints_json_config_and_older_ones():
@@ -614,7 +641,8 @@ def test_a_run_name_reused_with_another_config_stops_unless_resumed(tmp_path):
 
 
 def test_progress_lines_show_elapsed_time_and_time_left():
-    from pipeline.train.loop import clock, progress_line
+    from pipeline.cli import clock
+    from pipeline.train.loop import progress_line
 
     m = {"train/loss": 1.0, "train/lr": 1e-3, "train/grad_norm": 0.5,
          "perf/images_per_sec": 100.0, "perf/data_wait_frac": 0.1}
