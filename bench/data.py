@@ -7,7 +7,7 @@ random-resized crops + flips (`pipeline.data.transforms`), as uint8 batches.
 
   raw        one process, samples already in memory: decode + crop in a tight loop
   dataloader webdataset.WebDataset(shards) -> DataLoader(num_workers=N), batches of B
-  ray local  pipeline.data.source.shard_dataset -> iter_torch_batches(B), ray.init(num_cpus=N)
+  ray local  pipeline.data.stream.shard_dataset -> iter_torch_batches(B), ray.init(num_cpus=N)
   ray remote the same, the shards in an S3 bucket (moto's server) behind a proxy that adds
              cloud-like latency and a per-connection bandwidth cap (infra/s3_proxy.py)
 
@@ -111,7 +111,7 @@ def bench_ray(uri: str, cores: int, batch: int, during=None, consume=None
     `consume`: a function the consumer applies to each batch (the trainer's device work)."""
     import ray
 
-    from pipeline.data.source import InputConfig, shard_dataset
+    from pipeline.data.stream import InputConfig, shard_dataset
 
     ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
@@ -120,7 +120,7 @@ def bench_ray(uri: str, cores: int, batch: int, during=None, consume=None
         # Warm the workers once: process start-up and imports are a one-off per cluster, not
         # per epoch (DataLoader workers inherit the parent's imports through fork).
         def warm():
-            import pipeline.data.source  # noqa: F401
+            import pipeline.data.stream  # noqa: F401
             time.sleep(0.5)  # keep this worker busy so that each task lands on its own
 
         ray.get([ray.remote(warm).remote() for _ in range(cores)])
@@ -346,7 +346,8 @@ def plan_cost(args) -> None:
     was built before (the plan listed, one Ray Data block per read)."""
     import ray
 
-    from pipeline.data.source import DataPosition, InputConfig, StreamPlan, shard_dataset
+    from pipeline.data.plan import DataPosition, StreamPlan
+    from pipeline.data.stream import InputConfig, shard_dataset
     from pipeline.data.transforms import Augment
 
     root = Path(args.data) / "plan-shards"

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.health import skip_summary
 from pipeline.data.reader import DataError
-from pipeline.data.source import LOST, lost_samples, skip_summary
+from pipeline.data.stream import LOST, lost_samples
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT, ViTConfig
 from pipeline.schedule import learning_rate
@@ -52,7 +53,7 @@ class WorkerSpec:
     init: str | None = None
     run_id: str | None = None           # MLflow run, created by the driver
     tracking_uri: str = ""
-    stream: Any = None                  # pipeline.data.source.StreamPlan, or None (no position)
+    stream: Any = None                  # pipeline.data.plan.StreamPlan, or None (no position)
     health: Any = None                  # DataHealth actor: skipped samples
     probe: Any = None                   # ObjectRef of the few-shot probe set
     log_level: str = "INFO"             # the driver's (--log-level), for the workers' logs
@@ -153,14 +154,14 @@ def build(spec: WorkerSpec, env: WorkerEnv):
 def _empty_position(spec: WorkerSpec):
     if spec.stream is None:
         return None
-    from pipeline.data.source import DataPosition
+    from pipeline.data.plan import DataPosition
 
     return DataPosition()
 
 
 def _position_from(spec: WorkerSpec, doc: dict):
     """The checkpoint's data position, if it is a position in this run's data."""
-    from pipeline.data.source import DataPosition
+    from pipeline.data.plan import DataPosition
 
     if spec.stream is None:
         return None
@@ -296,7 +297,7 @@ def run(spec: WorkerSpec, env: WorkerEnv, model, optimizer, start: Start, writer
         meter.data_s += time.perf_counter() - t0
         if progress.position is not None or trace is not None:
             ids = [np.stack([b[c].numpy() for c in ("epoch", "shard", "index")]) for b in micro]
-            # Samples the read tasks skipped are consumed too (see pipeline.data.source).
+            # Samples the read tasks skipped are consumed too (see pipeline.data.health).
             progress.consumed += ids + [lost_samples(b[LOST].numpy()) for b in micro
                                         if LOST in b]
             if trace is not None:
@@ -421,7 +422,7 @@ def _cpu_group():
 def _batches(cfg: PretrainConfig, env: WorkerEnv):
     import ray.train
 
-    from pipeline.data.source import InputConfig, iter_batches
+    from pipeline.data.stream import InputConfig, iter_batches
 
     shard = ray.train.get_dataset_shard("train")
     return iter(iter_batches(shard, cfg.micro_batch, InputConfig(
@@ -467,7 +468,7 @@ def _quiet_ray_reports() -> None:
 
 def _ran_out(spec: WorkerSpec, step: int) -> str:
     """The error line when the stream ends before train.total_steps. The plan holds enough
-    epochs while at least half of what is read is usable (`source.epochs_for`), so this
+    epochs while at least half of what is read is usable (`health.epochs_for`), so this
     means bad data near that limit, or a stream shorter than its plan (a bug)."""
     total = spec.cfg.train.total_steps
     summary = None

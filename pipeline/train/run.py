@@ -145,7 +145,7 @@ class TrainData:
     def __call__(self):
         import ray.data
 
-        from pipeline.data import source
+        from pipeline.data import health, stream, synthetic
         from pipeline.data.transforms import Augment
 
         ray.data.DataContext.get_current().enable_progress_bars = self.progress_bars
@@ -155,10 +155,10 @@ class TrainData:
         needed = cfg.train.total_steps * cfg.train.global_batch_size
         if d.source == "synthetic":
             epochs = -(-needed // d.synthetic_samples) + 1
-            return source.synthetic_dataset(d.synthetic_samples, d.synthetic_classes,
-                                            m.image_size, epochs, block_rows=d.block_rows,
-                                            start=start, seed=cfg.train.seed)
-        inp = source.InputConfig(uri=d.uri, split=d.split, augment=Augment(d.augment,
+            return synthetic.noise_dataset(d.synthetic_samples, d.synthetic_classes,
+                                           m.image_size, epochs, block_rows=d.block_rows,
+                                           start=start, seed=cfg.train.seed)
+        inp = stream.InputConfig(uri=d.uri, split=d.split, augment=Augment(d.augment,
                                                                            m.image_size),
                                  seed=cfg.train.seed, strict=d.strict,
                                  shuffle_buffer=d.shuffle_buffer, block_rows=d.block_rows,
@@ -166,8 +166,8 @@ class TrainData:
                                  read_tasks=_read_tasks(cfg), preserve_order=d.preserve_order)
         # From the epoch the position is in: skipped samples make epochs shorter than the
         # manifest says, and a resumed run may be past what the whole run needed by its count.
-        epochs = start.epoch + source.epochs_for(self.manifest, d.split, needed)
-        ds, _, _ = source.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
+        epochs = start.epoch + health.epochs_for(self.manifest, d.split, needed)
+        ds, _, _ = stream.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
                                         manifest=self.manifest)
         return ds
 
@@ -175,22 +175,24 @@ class TrainData:
 def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str | None):
     """-> (dataset factory, stream plan, manifest or None, data-health actor or None,
     probe set or None)."""
-    from pipeline.data import source
+    from pipeline.data.health import check_shards, data_health
+    from pipeline.data.plan import StreamPlan
+    from pipeline.data.shards import read_manifest
 
     d, m = cfg.data, cfg.model
     health_name = f"data-health-{cfg.run.name}"
     if d.source == "synthetic":
-        stream = source.StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
+        stream = StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
         factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty())
         return factory, stream, None, None, _probe(cfg, None)
-    manifest = source.read_manifest(d.uri)
+    manifest = read_manifest(d.uri)
     if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
         raise PretrainError(f"the dataset has {manifest['num_classes']} classes but "
                             f"model.num_classes={m.num_classes}; set model.num_classes")
-    stream = source.StreamPlan.from_manifest(manifest, d.split, cfg.train.seed)
-    for line in source.check_shards(manifest, d.uri, d.split):   # one listing, before start
+    stream = StreamPlan.from_manifest(manifest, d.split, cfg.train.seed)
+    for line in check_shards(manifest, d.uri, d.split):   # one listing, before start
         log.warning("%s", line)
-    health = source.data_health(health_name)     # the driver's handle keeps it alive
+    health = data_health(health_name)     # the driver's handle keeps it alive
     factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty())
     return factory, stream, manifest, health, _probe(cfg, manifest)
 
@@ -211,7 +213,8 @@ def probe_sets(cfg: PretrainConfig, manifest: dict | None) -> list[dict]:
     "test_images", "test_labels", "num_classes"}] (see `DataConfig.fewshot_sets`)."""
     import numpy as np
 
-    from pipeline.data import source
+    from pipeline.data.probe import load_fewshot_set, load_probe
+    from pipeline.data.synthetic import noise_rows
 
     d, size = cfg.data, cfg.model.image_size
     sets = []
@@ -220,17 +223,17 @@ def probe_sets(cfg: PretrainConfig, manifest: dict | None) -> list[dict]:
         if not sep or not name or not uri:
             raise PretrainError(f"data.fewshot_sets entry {spec!r}: write name=URI (shards or "
                                 f"a VTAB-1k task folder)")
-        sets.append({"name": name, **source.load_fewshot_set(uri, size, d.fewshot_images)})
+        sets.append({"name": name, **load_fewshot_set(uri, size, d.fewshot_images)})
     if not sets and d.source == "synthetic":
         n = min(d.fewshot_images, 50 * d.synthetic_classes)
         part = {}
         for which, base in (("train", 10**9), ("test", 2 * 10**9)):
-            rows = source.synthetic_rows(np.arange(n) + base, d.synthetic_samples,
-                                         d.synthetic_classes, size)
+            rows = noise_rows(np.arange(n) + base, d.synthetic_samples, d.synthetic_classes,
+                              size)
             part[f"{which}_images"], part[f"{which}_labels"] = rows["image"], rows["label"]
         sets.append({"name": "synthetic", **part, "num_classes": d.synthetic_classes})
     elif not sets and d.fewshot_split and manifest and d.fewshot_split in manifest["splits"]:
-        pool = source.load_probe(d.uri, d.fewshot_split, size, 2 * d.fewshot_images)
+        pool = load_probe(d.uri, d.fewshot_split, size, 2 * d.fewshot_images)
         half = len(pool["labels"]) // 2
         log.warning("the few-shot probe draws from the first %d images of %s's %r split "
                     "(halved: train pool and test set); with many classes few have k images. "
@@ -249,7 +252,7 @@ def probe_sets(cfg: PretrainConfig, manifest: dict | None) -> list[dict]:
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
              tracking_uri: str | None = None, dataset=None) -> Outcome:
     """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster.
-    `dataset`: a Ray Dataset with the columns of `pipeline.data.source` to train on instead
+    `dataset`: a Ray Dataset with the columns of `pipeline.data.stream` to train on instead
     of the one `cfg.data` describes (its data position is not tracked)."""
     # Bounded MLflow retries on the driver: an unreachable server costs seconds, not minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")

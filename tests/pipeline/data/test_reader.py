@@ -9,8 +9,9 @@ import tarfile
 import pyarrow.fs as pafs
 import pytest
 
+from pipeline.data.plan import DataPosition, StreamPlan
 from pipeline.data.reader import BadDataPolicy, DataError, Problem, iter_samples
-from pipeline.data.source import DataPosition, InputConfig, Reads, ShardReader, StreamPlan
+from pipeline.data.stream import InputConfig, Reads, ShardReader
 from pipeline.data.transforms import Augment
 
 from .helpers import jpeg_bytes, write_tar

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data import shards
-from pipeline.data.source import DataPosition, StreamPlan
+from pipeline.data.plan import DataPosition, StreamPlan
 from pipeline.train import checkpoints
 from pipeline.weights import load_vit
 from tests.conftest import kill_tree, stop_process_group
