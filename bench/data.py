@@ -53,7 +53,7 @@ EPOCHS = 2  # passes over the shards per pipeline measurement
 def make_data(root: Path, images: int, size: int) -> dict:
     if (root / shards.MANIFEST).exists():
         return shards.read_manifest(str(root))
-    src = shards.synthetic(num_samples=images, num_classes=10, image_size=size, val_fraction=0)
+    src = shards.grating_images(num_samples=images, num_classes=10, image_size=size, val_fraction=0)
     return shards.write_shards(src, str(root), shards.ShardOptions(shard_size_mb=2),
                                log=lambda m: None)
 
@@ -352,7 +352,7 @@ def plan_cost(args) -> None:
 
     root = Path(args.data) / "plan-shards"
     root.mkdir(parents=True, exist_ok=True)
-    src = shards.synthetic(num_samples=10, num_classes=2, image_size=32, val_fraction=0)
+    src = shards.grating_images(num_samples=10, num_classes=2, image_size=32, val_fraction=0)
     files = [str(root / f"s{i}.tar") for i in range(10)]
     for i, f in enumerate(files):
         if not Path(f).exists():

@@ -68,7 +68,7 @@ def _bound(size: int) -> int:
 def test_training_stream_and_probe_read_each_shard_in_few_gets(ray_local, s3):
     data = f"s3://{s3}/data"
     manifest = shards.write_shards(
-        shards.synthetic(num_samples=240, num_classes=4, image_size=96, val_fraction=0.25),
+        shards.grating_images(num_samples=240, num_classes=4, image_size=96, val_fraction=0.25),
         data, shards.ShardOptions(shard_size_mb=0.4), log=lambda m: None)
     train = _shards_of(manifest, "train")
     assert len(train) >= 3 and min(train.values()) > 200_000, train   # >20 tar records each
@@ -90,13 +90,13 @@ def test_training_stream_and_probe_read_each_shard_in_few_gets(ray_local, s3):
 
 
 def test_vtab_shards_read_in_few_gets(s3, tmp_path):
-    from eval.data import read_encoded, write_synthetic_task
+    from eval.data import read_encoded, write_grating_task
     from eval.tasks import BY_NAME
     from jobs.make_shards import main as make_shards
 
     task = BY_NAME["eurosat"]
-    folder = write_synthetic_task(tmp_path / "vtab", task, train=120, val=20, test=40,
-                                  image_size=96)
+    folder = write_grating_task(tmp_path / "vtab", task, train=120, val=20, test=40,
+                                image_size=96)
     assert make_shards(["vtab", "--data", str(folder),
                         "--out", f"s3://{s3}/vtab/eurosat", "--num-classes",
                         "10"]) == 0
@@ -145,7 +145,7 @@ def test_stream_through_a_slow_endpoint_reads_ahead(s3, s3_server, monkeypatch):
 
     data = f"s3://{s3}/slow"
     manifest = shards.write_shards(
-        shards.synthetic(num_samples=120, num_classes=4, image_size=64, val_fraction=0),
+        shards.grating_images(num_samples=120, num_classes=4, image_size=64, val_fraction=0),
         data, shards.ShardOptions(shard_size_mb=0.2), log=lambda m: None)
     with SlowS3Proxy(s3_server, latency_s=0.05, mbps=20) as proxy:
         # The read task's UDF, run in this process (Ray's workers were started with the

@@ -71,7 +71,7 @@ def ground_truth(folder: Path, manifest: dict, split="train") -> dict:
 @pytest.mark.s3
 def test_every_key_once_per_epoch_across_two_workers_from_s3(ray_local, s3, tmp_path):
     local = tmp_path / "shards"
-    src = shards.synthetic(num_samples=96, num_classes=6, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=96, num_classes=6, image_size=24, val_fraction=0)
     manifest = write_shards(src, str(local), ShardOptions(shard_size_mb=0.04))
     assert len(manifest["splits"]["train"]["shards"]) >= 4
     uri = f"s3://{s3}/data/synth"
@@ -98,7 +98,7 @@ def test_every_key_once_per_epoch_across_two_workers_from_s3(ray_local, s3, tmp_
 @pytest.mark.slow
 @pytest.mark.ray
 def test_same_seed_same_stream(ray_local, tmp_path):
-    src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
     write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.02))
 
     def stream(seed):
@@ -263,7 +263,7 @@ def test_a_plan_of_90_epochs_of_5000_shards_is_never_listed(ray_local, tmp_path)
 def test_a_stream_run_twice_is_the_same_stream(ray_local, tmp_path):
     """Ray Data executes a dataset again (a second iteration, a retried task): the dealer
     replays each slot's reads, so every sample comes once, with the same augmentation."""
-    src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
     write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.01))
     cfg = InputConfig(uri=str(tmp_path), augment=Augment("inception", 16), read_tasks=3)
     ds, _, _ = shard_dataset(cfg, num_epochs=2)
@@ -275,7 +275,7 @@ def test_a_stream_run_twice_is_the_same_stream(ray_local, tmp_path):
 
 @pytest.mark.ray
 def test_preserve_order_streams_the_plan_in_order(ray_local, tmp_path):
-    src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
     manifest = write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.01))
     num_shards = len(manifest["splits"]["train"]["shards"])
     assert num_shards >= 4
@@ -334,7 +334,7 @@ def test_preserve_order_gives_each_worker_the_same_stream_and_a_resume_the_rest(
     resumed from the position after 3 micro-batches a rank (1.5 blocks) gives every rank the
     rest of what the uninterrupted run gave it, as `test_parallel.py` needs for FSDP's
     resumed losses to be the uninterrupted run's."""
-    src = shards.synthetic(num_samples=240, num_classes=4, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=240, num_classes=4, image_size=24, val_fraction=0)
     manifest = write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.05))
     sizes = [s["samples"] for s in manifest["splits"]["train"]["shards"]]
     assert len(sizes) >= 8 and sizes[0] % 8

@@ -43,8 +43,8 @@ IN_FLIGHT = 2 * (SHUFFLE + 2 * 32)
 
 
 def make_data(path: Path, samples: int = 320) -> dict:
-    shards.write_shards(shards.synthetic(num_samples=samples, num_classes=4, image_size=32,
-                                         val_fraction=0.0),
+    shards.write_shards(shards.grating_images(num_samples=samples, num_classes=4, image_size=32,
+                                              val_fraction=0.0),
                         str(path), shards.ShardOptions(shard_size_mb=0.05), log=lambda m: None)
     return json.loads((path / "manifest.json").read_text())
 

@@ -549,13 +549,13 @@ def test_fsdp2_in_one_process_matches_the_plain_module(preset):
 def test_probe_sets_from_vtab_folders_and_shards(tmp_path):
     """`data.fewshot_sets`: a VTAB-1k task folder and the shards `make_shards.py vtab` writes
     from it give the same labels, resized to the model's resolution."""
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
     from jobs.make_shards import main as make_shards
     from pipeline.train.run import PretrainError, probe_sets
 
-    folder = write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], train=40, val=10,
-                                  test=30, image_size=40)
+    folder = write_grating_task(tmp_path / "vtab", BY_NAME["eurosat"], train=40, val=10,
+                                test=30, image_size=40)
     assert make_shards(["vtab", "--data", str(folder),
                         "--out", str(tmp_path / "shards"), "--no-shuffle"]) == 0
     cfg = apply_overrides(smoke(), [
