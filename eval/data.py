@@ -102,10 +102,8 @@ def read_list(root: str | os.PathLike, task: Task, split: str) -> list[tuple[str
         if storage.is_s3(folder):
             try:
                 text = storage.read_bytes(list_uri).decode()
-            except storage.StorageError as err:
-                if "no such" in str(err):
-                    raise TaskDataError(f"{task.name}: {list_uri} is missing; {hint}") from None
-                raise
+            except storage.NotFound:
+                raise TaskDataError(f"{task.name}: {list_uri} is missing; {hint}") from None
             pairs = parse_vtab_list(text, list_uri, task.num_classes)
             present = set(storage.list_objects(storage.join(folder, f"images/{split}")))
             for n, rel, _ in pairs:

@@ -506,12 +506,10 @@ def read_manifest(uri: str) -> dict:
     path = storage.join(uri, MANIFEST)
     try:
         doc = json.loads(storage.read_bytes(path))
-    except storage.StorageError as err:
-        if "no such" in str(err):
-            raise DatasetError(f"{uri}: no {MANIFEST}; the path is wrong, the dataset is "
-                               f"incomplete, or its shards were written elsewhere (index them "
-                               f"with `python jobs/make_shards.py index {uri}`)") from None
-        raise
+    except storage.NotFound:
+        raise DatasetError(f"{uri}: no {MANIFEST}; the path is wrong, the dataset is "
+                           f"incomplete, or its shards were written elsewhere (index them "
+                           f"with `python jobs/make_shards.py index {uri}`)") from None
     except json.JSONDecodeError:
         raise DatasetError(f"{path}: not valid JSON; rewrite the dataset") from None
     if doc.get("format") != "webdataset":

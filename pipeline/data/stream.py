@@ -287,13 +287,10 @@ class ShardReader:
     def _samples(self, name: str, stream, policy: BadDataPolicy, expected: int):
         try:
             stream.wait_open()
-        except (FileNotFoundError, OSError) as err:
-            if "not found" in str(err).lower() or "no such" in str(err).lower() or isinstance(
-                    err, FileNotFoundError):
-                policy(Problem(name, "-", "shard vanished (listed in the manifest, not on "
-                                          "storage)", expected, MISSING, 0))
-                return
-            raise
+        except storage.NotFound:
+            policy(Problem(name, "-", "shard vanished (listed in the manifest, not on storage)",
+                           expected, MISSING, 0))
+            return
         yield from iter_samples(stream, name, policy, self.num_classes, expected,
                                 self.max_labels)
 

@@ -347,14 +347,7 @@ def _forget_ray_snapshot(run_uri: str) -> None:
     deleted checkpoint refuses to start (CheckpointManagerInitializationError). Where a run
     continues from is ours to say (`checkpoints.resume_point`), so each start begins
     without it."""
-    fs, path = storage.filesystem(storage.join(run_uri, RAY_SNAPSHOT))
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        if "not found" not in str(err).lower() and "does not exist" not in str(err).lower():
-            raise
+    storage.delete(storage.join(run_uri, RAY_SNAPSHOT), missing_ok=True)
 
 
 def _stopped(cfg: PretrainConfig, run_uri: str) -> interrupt.Interrupted:
