@@ -7,7 +7,7 @@ random-resized crops + flips (`pipeline.data.transforms`), as uint8 batches.
 
   raw        one process, samples already in memory: decode + crop in a tight loop
   dataloader webdataset.WebDataset(shards) -> DataLoader(num_workers=N), batches of B
-  ray local  pipeline.data.source.shard_dataset -> iter_torch_batches(B), ray.init(num_cpus=N)
+  ray local  pipeline.data.stream.shard_dataset -> iter_torch_batches(B), ray.init(num_cpus=N)
   ray remote the same, the shards in an S3 bucket (moto's server) behind a proxy that adds
              cloud-like latency and a per-connection bandwidth cap (infra/s3_proxy.py)
 
@@ -53,7 +53,7 @@ EPOCHS = 2  # passes over the shards per pipeline measurement
 def make_data(root: Path, images: int, size: int) -> dict:
     if (root / shards.MANIFEST).exists():
         return shards.read_manifest(str(root))
-    src = shards.synthetic(num_samples=images, num_classes=10, image_size=size, val_fraction=0)
+    src = shards.grating_images(num_samples=images, num_classes=10, image_size=size, val_fraction=0)
     return shards.write_shards(src, str(root), shards.ShardOptions(shard_size_mb=2),
                                log=lambda m: None)
 
@@ -111,7 +111,7 @@ def bench_ray(uri: str, cores: int, batch: int, during=None, consume=None
     `consume`: a function the consumer applies to each batch (the trainer's device work)."""
     import ray
 
-    from pipeline.data.source import InputConfig, shard_dataset
+    from pipeline.data.stream import InputConfig, shard_dataset
 
     ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False,
              log_to_driver=False)
@@ -120,7 +120,7 @@ def bench_ray(uri: str, cores: int, batch: int, during=None, consume=None
         # Warm the workers once: process start-up and imports are a one-off per cluster, not
         # per epoch (DataLoader workers inherit the parent's imports through fork).
         def warm():
-            import pipeline.data.source  # noqa: F401
+            import pipeline.data.stream  # noqa: F401
             time.sleep(0.5)  # keep this worker busy so that each task lands on its own
 
         ray.get([ray.remote(warm).remote() for _ in range(cores)])
@@ -346,12 +346,13 @@ def plan_cost(args) -> None:
     was built before (the plan listed, one Ray Data block per read)."""
     import ray
 
-    from pipeline.data.source import DataPosition, InputConfig, StreamPlan, shard_dataset
+    from pipeline.data.plan import DataPosition, StreamPlan
+    from pipeline.data.stream import InputConfig, shard_dataset
     from pipeline.data.transforms import Augment
 
     root = Path(args.data) / "plan-shards"
     root.mkdir(parents=True, exist_ok=True)
-    src = shards.synthetic(num_samples=10, num_classes=2, image_size=32, val_fraction=0)
+    src = shards.grating_images(num_samples=10, num_classes=2, image_size=32, val_fraction=0)
     files = [str(root / f"s{i}.tar") for i in range(10)]
     for i, f in enumerate(files):
         if not Path(f).exists():

@@ -201,11 +201,11 @@ def small_checkpoint(work: Path) -> Path:
 
 
 def vtab_local(work: Path, repeats: int) -> dict:
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
 
     ckpt = small_checkpoint(work)
-    write_synthetic_task(work / "vtab-1k", BY_NAME["eurosat"])
+    write_grating_task(work / "vtab-1k", BY_NAME["eurosat"])
     env = base_env(work)
     runs = [run_timed([sys.executable, "eval/vtab.py", "--checkpoint", str(ckpt), "--data",
                        str(work / "vtab-1k"), "--tasks", "eurosat", "--preset", "demo",

@@ -70,7 +70,7 @@ def main():
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipeline.data.source import synthetic_dataset
+    from pipeline.data.synthetic import noise_dataset
     from pipeline.train.run import pretrain
 
     ray.init(address="local", num_cpus=max(int(args.cpus), 1) + 1, include_dashboard=False,
@@ -82,7 +82,7 @@ def main():
         cfg = config(args, tmp)
         samples = args.batch_size * args.steps
         # One materialised dataset for both loops: data generation is not what is measured.
-        ds = synthetic_dataset(samples, 1000, cfg.model.image_size, 1).materialize()
+        ds = noise_dataset(samples, 1000, cfg.model.image_size, 1).materialize()
         rows = _collect(ds)
         out = pretrain(cfg, tracking_uri=f"sqlite:///{tmp}/m.db", dataset=ds)
         hist = MlflowClient(f"sqlite:///{tmp}/m.db").get_metric_history(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from eval.config import VtabConfig, VtabRunConfig
-from eval.data import TaskDataConfig, decode, read_encoded, train_size, write_synthetic_task
+from eval.data import TaskDataConfig, decode, read_encoded, train_size, write_grating_task
 from eval.finetune import FinetuneConfig, build_model, finetune, predict, top1
 from eval.sweep import SweepConfig, choose_lrs, load_pretrained, run
 from eval.tasks import BY_NAME
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-vtab-"))
     tasks = TASK_ORDER[:args.tasks]
     for i, name in enumerate(tasks):
-        write_synthetic_task(tmp / "vtab", BY_NAME[name], train=80, val=20, test=100,
-                             image_size=48, seed=i)
+        write_grating_task(tmp / "vtab", BY_NAME[name], train=80, val=20, test=100,
+                           image_size=48, seed=i)
     torch.manual_seed(0)
     ckpt = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=96, depth=4,
                                   num_heads=3, mlp_dim=384, num_classes=10)), tmp / "ckpt")

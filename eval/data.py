@@ -102,10 +102,8 @@ def read_list(root: str | os.PathLike, task: Task, split: str) -> list[tuple[str
         if storage.is_s3(folder):
             try:
                 text = storage.read_bytes(list_uri).decode()
-            except storage.StorageError as err:
-                if "no such" in str(err):
-                    raise TaskDataError(f"{task.name}: {list_uri} is missing; {hint}") from None
-                raise
+            except storage.NotFound:
+                raise TaskDataError(f"{task.name}: {list_uri} is missing; {hint}") from None
             pairs = parse_vtab_list(text, list_uri, task.num_classes)
             present = set(storage.list_objects(storage.join(folder, f"images/{split}")))
             for n, rel, _ in pairs:
@@ -225,11 +223,13 @@ def load_split(root: str | os.PathLike, task: Task, split: str, resolution: int,
 # ---------------------------------------------------------------------------------------------
 # Generated tasks in the exact layout: for tests, the demo and the benchmark
 # ---------------------------------------------------------------------------------------------
-def synthetic_image(label: int, num_classes: int, size: int, rng: np.random.Generator,
-                    noise: float = 0.1) -> bytes:
+def oriented_grating(label: int, num_classes: int, size: int, rng: np.random.Generator,
+                     noise: float = 0.1) -> bytes:
     """A JPEG whose class is the orientation of a grating (num_classes angles over 180
     degrees); hue, frequency, phase and noise vary freely, so the task takes features that
-    see orientation, and fine classes are hard."""
+    see orientation, and fine classes are hard: on purpose harder than the pretraining demo
+    set (`pipeline.data.shards.grating_images`, where hue and frequency give the class
+    away)."""
     import io
 
     from PIL import Image
@@ -246,20 +246,20 @@ def synthetic_image(label: int, num_classes: int, size: int, rng: np.random.Gene
     return buf.getvalue()
 
 
-def write_synthetic_task(root: str | os.PathLike, task: Task, train: int = 40, val: int = 10,
-                         test: int = 40, image_size: int = 40, seed: int = 0,
-                         noise: float = 0.1) -> Path:
+def write_grating_task(root: str | os.PathLike, task: Task, train: int = 40, val: int = 10,
+                       test: int = 40, image_size: int = 40, seed: int = 0,
+                       noise: float = 0.1) -> Path:
     """A generated task in the VTAB-1k folder layout: real JPEG files and list files, with
     `train` / `val` / `test` images standing in for 800 / 200 / the test split, and
     train800val200 stored again as train800 + val200 (as NOAH's generator does). Classes are
-    balanced within each split (`synthetic_image`: the orientation of a grating)."""
+    balanced within each split (`oriented_grating`: the orientation of a grating)."""
     folder = Path(root) / task.name
     rng = np.random.default_rng(seed)
     K = task.num_classes
 
     def draw(n: int) -> list[tuple[bytes, int]]:
         labels = rng.permutation(np.arange(n) % K)
-        return [(synthetic_image(int(lab), K, image_size, rng, noise), int(lab))
+        return [(oriented_grating(int(lab), K, image_size, rng, noise), int(lab))
                 for lab in labels]
 
     train_items, val_items = draw(train), draw(val)

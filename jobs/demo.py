@@ -111,14 +111,14 @@ def main(argv=None) -> int:
 
         step(4, total, "evaluating both on generated VTAB-1k-layout tasks "
                        f"({', '.join(DEMO_TASKS)}) with eval/vtab.py")
-        from eval.data import write_synthetic_task
+        from eval.data import write_grating_task
         from eval.tasks import BY_NAME
 
         vtab = root / "vtab-1k"
         for i, name in enumerate(DEMO_TASKS):
             if not (vtab / name / "test.txt").exists():
-                write_synthetic_task(vtab, BY_NAME[name], train=40, val=10, test=60,
-                                     image_size=40, seed=i)
+                write_grating_task(vtab, BY_NAME[name], train=40, val=10, test=60,
+                                   image_size=40, seed=i)
         tables = {}
         for name in runs:
             submit("eval/vtab.py", [

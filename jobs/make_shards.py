@@ -116,8 +116,9 @@ def _main(argv=None) -> int:
         elif args.kind == "vtab":
             source = shards.vtab_folder(args.data, num_classes=args.num_classes)
         else:
-            source = shards.synthetic(args.num_samples, args.num_classes or 10, args.image_size,
-                                      seed=args.seed, val_fraction=args.val_fraction)
+            source = shards.grating_images(args.num_samples, args.num_classes or 10,
+                                           args.image_size, seed=args.seed,
+                                           val_fraction=args.val_fraction)
         options = shards.ShardOptions(shard_size_mb=args.shard_size_mb,
                                       resize_short=args.resize_short,
                                       shuffle_seed=None if args.no_shuffle else args.shuffle_seed)

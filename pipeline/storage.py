@@ -19,6 +19,13 @@ class StorageError(RuntimeError):
     """A storage problem with a one-line explanation and the fix."""
 
 
+class NotFound(StorageError, FileNotFoundError):
+    """No file or object at the path, on local disk or S3: a missing shard, manifest or
+    snapshot. Callers tell it from other storage failures by type, never by message text (an
+    S3 endpoint words its errors as it likes). A FileNotFoundError too, so code that catches
+    the builtin, as for a local file, catches it on S3 as well."""
+
+
 def is_s3(uri: str | os.PathLike) -> bool:
     return str(uri).startswith("s3://")
 
@@ -105,7 +112,7 @@ def _explain(uri: str, err: Exception) -> StorageError:
         if code == "NoSuchBucket":
             return StorageError(f"{uri}: bucket does not exist; create it or fix the URI")
         if code in ("NoSuchKey", "404", "NotFound"):
-            return StorageError(f"{uri}: no such object; check the path")
+            return NotFound(f"{uri}: no such object; check the path")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(f"{uri}: access denied ({code}); check the credentials and "
                                 f"the bucket policy")
@@ -249,8 +256,28 @@ READ_BUFFER_BYTES = 32 << 20
 
 
 def open_read(fs, path: str):
-    """A buffered sequential reader over a whole file or object of `fs`."""
-    return fs.open_input_stream(path, buffer_size=READ_BUFFER_BYTES)
+    """A buffered sequential reader over a whole file or object of `fs`; `NotFound` when there
+    is none."""
+    try:
+        return fs.open_input_stream(path, buffer_size=READ_BUFFER_BYTES)
+    except FileNotFoundError as err:
+        raise _not_found(path, err) from None
+
+
+def _not_found(path: str, err: FileNotFoundError) -> NotFound:
+    """pyarrow's missing file or object (a FileNotFoundError on local disk and on S3, where
+    HeadObject answered 404) as our type, its first line kept."""
+    return NotFound(f"{path}: no such file or object ({str(err).splitlines()[0][:160]})")
+
+
+def delete(uri: str, missing_ok: bool = False) -> None:
+    """Delete one file or object; `NotFound` when it is not there, unless `missing_ok`."""
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError as err:
+        if not missing_ok:
+            raise _not_found(uri, err) from None
 
 
 class ReadAhead:
@@ -259,7 +286,7 @@ class ReadAhead:
     decodes the current one: per-request latency and transfer time hide behind the work,
     where a plain buffered stream makes the caller wait for each chunk. The object is opened
     in the thread too, so a reader can be started for the next shard before it is needed;
-    `wait_open()` raises what opening raised (FileNotFoundError for a missing object).
+    `wait_open()` raises what opening raised (`NotFound` for a missing file or object).
     Memory: at most three chunks (one read, one queued, one being fetched)."""
 
     def __init__(self, fs, path: str, chunk: int = READ_BUFFER_BYTES):
@@ -275,7 +302,8 @@ class ReadAhead:
         try:
             f = fs.open_input_stream(path)
         except BaseException as err:  # noqa: BLE001 - handed to the reader's thread
-            self._open_error = err
+            self._open_error = _not_found(path, err) if isinstance(err, FileNotFoundError) \
+                else err
             self._opened.set()
             return
         self._opened.set()
@@ -352,7 +380,7 @@ def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
         path = Path(uri)
         if not path.exists():
-            raise StorageError(f"{uri}: no such file; check the path")
+            raise NotFound(f"{uri}: no such file; check the path")
         return path.read_bytes()
     bucket, key = split_s3(uri)
     try:

@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Plain PyTorch modules that must import (and unit-test) without Ray (pipeline/weights/ too:
 # see test_weights_import_neither_ray_nor_training).
 NO_RAY = ("pipeline/model.py", "pipeline/perf.py", "pipeline/analysis.py",
+          "pipeline/data/plan.py", "pipeline/data/probe.py",
           "eval/tasks.py", "eval/data.py", "eval/finetune.py", "eval/report.py")
 
 

@@ -179,15 +179,17 @@ def vtab_folder(root: str | Path, num_classes: int | None = None) -> Source:
                                                                 "task": root.name})
 
 
-def synthetic(num_samples: int = 1024, num_classes: int = 10, image_size: int = 64,
-              seed: int = 0, val_fraction: float = 0.1) -> Source:
-    """Procedural images whose labels are learnable: each class has its own hue and the
+def grating_images(num_samples: int = 1024, num_classes: int = 10, image_size: int = 64,
+                   seed: int = 0, val_fraction: float = 0.1) -> Source:
+    """Grating JPEGs whose labels are easy to learn: each class has its own hue and the
     orientation and frequency of a sinusoidal grating; phase, brightness and noise vary per
-    image. Real JPEGs, so decoding costs what it costs on real data."""
+    image. Real JPEGs, so decoding costs what it costs on real data (`vit-shards synthetic`,
+    the demo). Not `eval.data.write_grating_task` (class = orientation alone, a harder
+    VTAB-layout task) nor the in-memory noise stream of `pipeline.data.synthetic`."""
     rng = random.Random(seed)
     labels = [i % num_classes for i in range(num_samples)]
     rng.shuffle(labels)
-    refs = [SampleRef("", lab, SyntheticLoader(seed, i, lab, num_classes, image_size),
+    refs = [SampleRef("", lab, GratingImage(seed, i, lab, num_classes, image_size),
                       {"index": i}) for i, lab in enumerate(labels)]
     n_val = int(round(num_samples * val_fraction))
     splits = {"train": refs[n_val:]}
@@ -199,8 +201,8 @@ def synthetic(num_samples: int = 1024, num_classes: int = 10, image_size: int = 
 
 
 @dataclass(frozen=True)
-class SyntheticLoader:
-    """One procedural image of `synthetic` (picklable, like `FileLoader`)."""
+class GratingImage:
+    """One grating JPEG of `grating_images` (picklable, like `FileLoader`)."""
 
     seed: int
     index: int
@@ -504,12 +506,10 @@ def read_manifest(uri: str) -> dict:
     path = storage.join(uri, MANIFEST)
     try:
         doc = json.loads(storage.read_bytes(path))
-    except storage.StorageError as err:
-        if "no such" in str(err):
-            raise DatasetError(f"{uri}: no {MANIFEST}; the path is wrong, the dataset is "
-                               f"incomplete, or its shards were written elsewhere (index them "
-                               f"with `python jobs/make_shards.py index {uri}`)") from None
-        raise
+    except storage.NotFound:
+        raise DatasetError(f"{uri}: no {MANIFEST}; the path is wrong, the dataset is "
+                           f"incomplete, or its shards were written elsewhere (index them "
+                           f"with `python jobs/make_shards.py index {uri}`)") from None
     except json.JSONDecodeError:
         raise DatasetError(f"{path}: not valid JSON; rewrite the dataset") from None
     if doc.get("format") != "webdataset":

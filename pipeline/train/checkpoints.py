@@ -607,7 +607,7 @@ def same_data(doc: dict, cfg) -> bool:
 
 def start_position(point: ResumePoint, cfg):
     """The DataPosition a run starting at `point` reads from (empty: from the top)."""
-    from pipeline.data.source import DataPosition
+    from pipeline.data.plan import DataPosition
 
     if point.kind in ("own", "resume"):
         doc = read_state(point.uri)

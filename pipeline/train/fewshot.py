@@ -218,23 +218,24 @@ class FewShotProbe:
 def load_sets(cfg: PretrainConfig, manifest: dict | None) -> list[ProbeSet]:
     """The probe's downstream sets (see `ProbeConfig.sets`), those with images in both
     parts."""
-    from pipeline.data import source
+    from pipeline.data import probe as probe_data
+    from pipeline.data.synthetic import noise_rows
 
     p, d, size = cfg.probe, cfg.data, cfg.model.image_size
     sets = []
     for entry in p.sets:
         name, _, uri = entry.partition("=")
-        sets.append(ProbeSet(name=name, **source.load_fewshot_set(uri, size, p.images)))
+        sets.append(ProbeSet(name=name, **probe_data.load_fewshot_set(uri, size, p.images)))
     if not sets and d.source == "synthetic":
         n = min(p.images, 50 * d.synthetic_classes)
         part = {}
         for which, base in (("train", 10**9), ("test", 2 * 10**9)):
-            rows = source.synthetic_rows(np.arange(n) + base, d.synthetic_samples,
-                                         d.synthetic_classes, size)
+            rows = noise_rows(np.arange(n) + base, d.synthetic_samples, d.synthetic_classes,
+                              size)
             part[f"{which}_images"], part[f"{which}_labels"] = rows["image"], rows["label"]
         sets.append(ProbeSet(name="synthetic", **part, num_classes=d.synthetic_classes))
     elif not sets and p.split and manifest and p.split in manifest["splits"]:
-        pool = source.load_probe(d.uri, p.split, size, 2 * p.images)
+        pool = probe_data.load_probe(d.uri, p.split, size, 2 * p.images)
         half = len(pool["labels"]) // 2
         log.warning("the few-shot probe draws from the first %d images of %s's %r split "
                     "(halved: train pool and test set); with many classes few have k images. "

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from pipeline.cli import clock
+from pipeline.data.health import skip_summary
 from pipeline.data.reader import DataError
-from pipeline.data.source import LOST, lost_samples, skip_summary
+from pipeline.data.stream import LOST, lost_samples
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT
 from pipeline.schedule import learning_rate
@@ -58,7 +59,7 @@ class WorkerSpec:
     init: str | None = None
     run_id: str | None = None           # MLflow run, created by the driver
     tracking_uri: str = ""
-    stream: Any = None                  # pipeline.data.source.StreamPlan, or None (no position)
+    stream: Any = None                  # pipeline.data.plan.StreamPlan, or None (no position)
     health: Any = None                  # DataHealth actor: skipped samples
     probe: Any = None                   # ObjectRef of the FewShotProbe (None: off)
     log_level: str = "INFO"             # the driver's (--log-level), for the workers' logs
@@ -256,7 +257,7 @@ def fetch_probe(spec: WorkerSpec):
 
 
 def batches(shard, cfg: PretrainConfig, env: WorkerEnv):
-    from pipeline.data.source import InputConfig, iter_batches
+    from pipeline.data.stream import InputConfig, iter_batches
 
     return iter(iter_batches(shard, cfg.micro_batch, InputConfig(
         shuffle_buffer=cfg.data.shuffle_buffer), drop_last=True,
@@ -369,7 +370,7 @@ def record_samples(progress: Progress, micro: list[dict], trace) -> None:
     if progress.position is None and trace is None:
         return
     ids = [np.stack([b[c].numpy() for c in ("epoch", "shard", "index")]) for b in micro]
-    # Samples the read tasks skipped are consumed too (see pipeline.data.source).
+    # Samples the read tasks skipped are consumed too (see pipeline.data.health).
     progress.consumed += ids + [lost_samples(b[LOST].numpy()) for b in micro if LOST in b]
     if trace is not None:
         for a in ids:
@@ -550,7 +551,7 @@ def _quiet_ray_reports() -> None:
 
 def _ran_out(spec: WorkerSpec, step: int) -> str:
     """The error line when the stream ends before train.total_steps. The plan holds enough
-    epochs while at least half of what is read is usable (`source.epochs_for`), so this
+    epochs while at least half of what is read is usable (`health.epochs_for`), so this
     means bad data near that limit, or a stream shorter than its plan (a bug)."""
     total = spec.cfg.train.total_steps
     summary = None

@@ -167,17 +167,17 @@ class TrainData:
 
     def stream(self, start):
         """The training stream from the data position `start`."""
-        from pipeline.data import source
+        from pipeline.data import health, stream, synthetic
         from pipeline.data.transforms import Augment
 
         cfg, d, m = self.cfg, self.cfg.data, self.cfg.model
         needed = cfg.train.total_steps * cfg.train.global_batch_size
         if d.source == "synthetic":
             epochs = -(-needed // d.synthetic_samples) + 1
-            return source.synthetic_dataset(d.synthetic_samples, d.synthetic_classes,
-                                            m.image_size, epochs, block_rows=d.block_rows,
-                                            start=start, seed=cfg.train.seed)
-        inp = source.InputConfig(uri=d.uri, split=d.split, augment=Augment(d.augment,
+            return synthetic.noise_dataset(d.synthetic_samples, d.synthetic_classes,
+                                           m.image_size, epochs, block_rows=d.block_rows,
+                                           start=start, seed=cfg.train.seed)
+        inp = stream.InputConfig(uri=d.uri, split=d.split, augment=Augment(d.augment,
                                                                            m.image_size),
                                  seed=cfg.train.seed, strict=d.strict,
                                  shuffle_buffer=d.shuffle_buffer, block_rows=d.block_rows,
@@ -185,8 +185,8 @@ class TrainData:
                                  read_tasks=_read_tasks(cfg), preserve_order=d.preserve_order)
         # From the epoch the position is in: skipped samples make epochs shorter than the
         # manifest says, and a resumed run may be past what the whole run needed by its count.
-        epochs = start.epoch + source.epochs_for(self.manifest, d.split, needed)
-        ds, _, _ = source.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
+        epochs = start.epoch + health.epochs_for(self.manifest, d.split, needed)
+        ds, _, _ = stream.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
                                         manifest=self.manifest)
         return ds
 
@@ -195,23 +195,25 @@ def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str 
                first: checkpoints.ResumePoint | None = None):
     """-> (dataset factory, stream plan, manifest or None, data-health actor or None).
     `first`: the driver's resume point, for the first worker-group start."""
-    from pipeline.data import source
+    from pipeline.data.health import check_shards, data_health
+    from pipeline.data.plan import StreamPlan
+    from pipeline.data.shards import read_manifest
 
     d, m = cfg.data, cfg.model
     health_name = f"data-health-{cfg.run.name}"
     if d.source == "synthetic":
-        stream = source.StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
+        stream = StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
         factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty(),
                             first)
         return factory, stream, None, None
-    manifest = source.read_manifest(d.uri)
+    manifest = read_manifest(d.uri)
     if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
         raise PretrainError(f"the dataset has {manifest['num_classes']} classes but "
                             f"model.num_classes={m.num_classes}; set model.num_classes")
-    stream = source.StreamPlan.from_manifest(manifest, d.split, cfg.train.seed)
-    for line in source.check_shards(manifest, d.uri, d.split):   # one listing, before start
+    stream = StreamPlan.from_manifest(manifest, d.split, cfg.train.seed)
+    for line in check_shards(manifest, d.uri, d.split):   # one listing, before start
         log.warning("%s", line)
-    health = source.data_health(health_name)     # the driver's handle keeps it alive
+    health = data_health(health_name)     # the driver's handle keeps it alive
     factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty(),
                         first)
     return factory, stream, manifest, health
@@ -231,7 +233,7 @@ def _probe(cfg: PretrainConfig, manifest: dict | None):
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
              tracking_uri: str | None = None, dataset=None, mlflow: bool = True) -> Outcome:
     """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster.
-    `dataset`: a Ray Dataset with the columns of `pipeline.data.source` to train on instead
+    `dataset`: a Ray Dataset with the columns of `pipeline.data.stream` to train on instead
     of the one `cfg.data` describes (its data position is not tracked)."""
     # Bounded MLflow retries on the driver: an unreachable server costs seconds, not minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -332,14 +334,7 @@ def _forget_ray_snapshot(run_uri: str) -> None:
     deleted checkpoint refuses to start (CheckpointManagerInitializationError). Where a run
     continues from is ours to say (`checkpoints.resume_point`), so each start begins
     without it."""
-    fs, path = storage.filesystem(storage.join(run_uri, RAY_SNAPSHOT))
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        if "not found" not in str(err).lower() and "does not exist" not in str(err).lower():
-            raise
+    storage.delete(storage.join(run_uri, RAY_SNAPSHOT), missing_ok=True)
 
 
 def _stopped(cfg: PretrainConfig, run_uri: str) -> interrupt.Interrupted:

@@ -62,13 +62,13 @@ def _fingerprint(encoded):
 def test_shards_and_folder_layout_on_s3_give_the_same_data(tmp_path, s3):
     """The same generated task three ways: the folder layout locally, the folder layout on
     S3, and shards written by `jobs/make_shards.py vtab` on S3."""
-    from eval.data import read_encoded, write_synthetic_task
+    from eval.data import read_encoded, write_grating_task
     from jobs.make_shards import main as make_shards
     from pipeline import storage
 
     task = BY_NAME["eurosat"]
-    folder = write_synthetic_task(tmp_path / "vtab", task, train=12, val=4, test=9,
-                                  image_size=24)
+    folder = write_grating_task(tmp_path / "vtab", task, train=12, val=4, test=9,
+                                image_size=24)
     storage.upload_dir(tmp_path / "vtab", f"s3://{s3}/folder")
     assert make_shards(["vtab", "--data", str(folder), "--out", f"s3://{s3}/shards/eurosat",
                         "--num-classes", "10"]) == 0
@@ -86,12 +86,12 @@ def test_shards_and_folder_layout_on_s3_give_the_same_data(tmp_path, s3):
 
 @pytest.mark.s3
 def test_bad_shards_and_s3_folders(tmp_path, s3):
-    from eval.data import read_encoded, write_synthetic_task
+    from eval.data import read_encoded, write_grating_task
     from jobs.make_shards import main as make_shards
     from pipeline import storage
 
     task = BY_NAME["kitti"]
-    folder = write_synthetic_task(tmp_path / "vtab", task, train=8, val=2, test=4, image_size=16)
+    folder = write_grating_task(tmp_path / "vtab", task, train=8, val=2, test=4, image_size=16)
     dst = tmp_path / "shards" / "kitti"
     assert make_shards(["vtab", "--data", str(folder),
                         "--out", str(dst), "--num-classes", "4"]) == 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from eval.data import write_synthetic_task
+from eval.data import write_grating_task
 from eval.tasks import BY_NAME
 from eval.vtab import main
 from pipeline.model import ViT, ViTConfig
@@ -34,7 +34,7 @@ TASKS = ("eurosat", "kitti", "dsprites_ori")
 
 def make_tasks(root: Path, tasks=TASKS, **sizes) -> Path:
     for i, name in enumerate(tasks):
-        write_synthetic_task(root, BY_NAME[name], seed=i, **sizes)
+        write_grating_task(root, BY_NAME[name], seed=i, **sizes)
     return root
 
 

@@ -362,10 +362,10 @@ def test_pretraining_logs_with_credentials_from_the_environment(auth_server, tmp
     assert not list((tmp_path / "runs" / "without-auth").glob("step_*"))
     assert seconds < 120, seconds
     # vit-vtab too, on the checkpoint just trained: refused before Ray starts a trial.
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
 
-    write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], seed=0)
+    write_grating_task(tmp_path / "vtab", BY_NAME["eurosat"], seed=0)
     vtab = subprocess.run(
         [str(BIN / "vit-vtab"), "--checkpoint", str(tmp_path / "runs" / "with-auth"),
          "--data", str(tmp_path / "vtab"), "--tasks", "eurosat", "--out",

@@ -233,7 +233,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, mlflow_server, commands):
 def test_sigterm_during_a_vtab_trial(tmp_path, mlflow_server, commands):
     import torch
 
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
     from pipeline.model import ViT, ViTConfig
     from pipeline.weights import save_vit
@@ -242,7 +242,7 @@ def test_sigterm_during_a_vtab_trial(tmp_path, mlflow_server, commands):
     checkpoint = save_vit(ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, depth=2,
                                         num_heads=2, mlp_dim=64, num_classes=10)),
                           tmp_path / "ckpt")
-    write_synthetic_task(tmp_path / "vtab-1k", BY_NAME["eurosat"], seed=0)
+    write_grating_task(tmp_path / "vtab-1k", BY_NAME["eurosat"], seed=0)
     storage = tmp_path / "ev"
     cmd = commands(tmp_path, mlflow_server.uri, "--checkpoint", str(checkpoint), "--data",
                    str(tmp_path / "vtab-1k"), "--tasks", "eurosat", "--resolution", "32",

@@ -301,11 +301,11 @@ def test_sources_folder_shards_vtab_and_dataset(tmp_path):
     for src in (shards, shards / "a-{000000..000001}.tar"):
         assert [n.rsplit("/", 1)[1] for n in names_of(src)] == expected
     # A VTAB-1k task folder (its test split by default) and a sharded dataset's split.
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
 
-    write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], train=4, val=2, test=5,
-                         image_size=24)
+    write_grating_task(tmp_path / "vtab", BY_NAME["eurosat"], train=4, val=2, test=5,
+                       image_size=24)
     assert len(names_of(tmp_path / "vtab" / "eurosat")) == 5
     assert len(names_of(tmp_path / "vtab" / "eurosat", "val200")) == 2
     from jobs.make_shards import main as make_shards

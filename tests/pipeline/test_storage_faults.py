@@ -180,8 +180,8 @@ def test_pretraining_rides_out_a_15_s_outage(s3, s3_server, tmp_path):
     from tests.conftest import S3_TEST_ENV, stop_process_group
 
     root = Path(__file__).resolve().parents[2]
-    shards.write_shards(shards.synthetic(num_samples=1280, num_classes=4, image_size=48,
-                                         val_fraction=0),
+    shards.write_shards(shards.grating_images(num_samples=1280, num_classes=4, image_size=48,
+                                              val_fraction=0),
                         f"s3://{s3}/data", shards.ShardOptions(shard_size_mb=0.2),
                         log=lambda m: None)
     direct = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")

@@ -194,10 +194,10 @@ def test_vtab_refuses_a_hostile_checkpoint_folder(tmp_path, good_checkpoint, mar
 def test_vtab_refuses_a_trial_record_that_is_not_its_json(tmp_path, good_checkpoint, marker):
     """The record of finished trials is JSON the driver wrote; a pickle in its place stops
     the evaluation before Ray starts."""
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
 
-    write_synthetic_task(tmp_path / "vtab", BY_NAME["kitti"], train=4, val=2, test=4)
+    write_grating_task(tmp_path / "vtab", BY_NAME["kitti"], train=4, val=2, test=4)
     (tmp_path / "ev" / "planted").mkdir(parents=True)
     (tmp_path / "ev" / "planted" / "select_trials.json").write_bytes(
         corpus.reduce_pickle(marker))
@@ -259,10 +259,10 @@ def test_vtab_never_restores_tune_from_planted_state(ray_local, tmp_path, good_c
                                                      marker):
     """tuner.pkl and experiment state planted where Tune keeps them (what `Tuner.restore`
     unpickled): the evaluation runs its trials as a new experiment and reads none of it."""
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
 
-    write_synthetic_task(tmp_path / "vtab", BY_NAME["kitti"], train=8, val=4, test=8)
+    write_grating_task(tmp_path / "vtab", BY_NAME["kitti"], train=8, val=4, test=8)
     for phase in ("select", "final"):
         corpus.plant_tune_state(tmp_path / "ev" / "planted" / phase, marker)
     out = run("vit-vtab", "--checkpoint", good_checkpoint, "--data", tmp_path / "vtab",

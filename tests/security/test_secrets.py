@@ -124,7 +124,7 @@ def test_tune_trials_get_no_aws_variables(monkeypatch):
 def test_no_secret_is_written_anywhere(cluster, mlflow_server, tmp_path):
     import boto3
 
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
 
     address, ray_temp, env = cluster
@@ -136,7 +136,7 @@ def test_no_secret_is_written_anywhere(cluster, mlflow_server, tmp_path):
                                         aws_secret_access_key=SECRET_KEY)
     bucket = f"secrets-{tmp_path.name.lower()[-20:].strip('-_')}"
     s3.create_bucket(Bucket=bucket)
-    write_synthetic_task(tmp_path / "vtab", BY_NAME["kitti"], train=8, val=4, test=8)
+    write_grating_task(tmp_path / "vtab", BY_NAME["kitti"], train=8, val=4, test=8)
     outputs = []
 
     def run(*args, timeout=600):

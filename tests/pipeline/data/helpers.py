@@ -39,3 +39,8 @@ def image_folder(root: Path, classes=("cat", "dog", "emu"), per_class=5) -> Path
         for i in range(per_class):
             (root / name / f"img.{i}.jpg").write_bytes(jpeg_bytes(c * 100 + i, (60 + 7 * i, 50)))
     return root
+
+
+def every_sample(sizes, epochs) -> set:
+    """All (epoch, shard, index) of the epochs, from the shard sizes alone."""
+    return {(e, s, i) for e in range(epochs) for s, n in enumerate(sizes) for i in range(n)}

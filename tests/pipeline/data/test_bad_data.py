@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
+from pipeline.data.health import DataHealth, epochs_for
+from pipeline.data.plan import DataPosition, StreamPlan
 from pipeline.data.reader import (
     MISSING,
     UNDECODABLE,
@@ -22,16 +24,7 @@ from pipeline.data.reader import (
     ManifestMismatch,
     iter_samples,
 )
-from pipeline.data.source import (
-    DataHealth,
-    DataPosition,
-    InputConfig,
-    Reads,
-    ShardReader,
-    StreamPlan,
-    epochs_for,
-    lost_samples,
-)
+from pipeline.data.stream import InputConfig, Reads, ShardReader, lost_samples
 from pipeline.data.transforms import Augment
 
 from .helpers import jpeg_bytes, write_tar
@@ -272,8 +265,8 @@ def test_data_errors_are_typed_through_ray_wrappers():
 
 
 def test_the_driver_names_missing_and_changed_shards_from_one_listing(tmp_path):
+    from pipeline.data.health import check_shards
     from pipeline.data.shards import DatasetError
-    from pipeline.data.source import check_shards
 
     for name in ("a.tar", "c.tar"):
         write_tar(tmp_path / name, [sample(0)])
@@ -297,7 +290,7 @@ def test_the_driver_names_missing_and_changed_shards_from_one_listing(tmp_path):
 @pytest.mark.s3
 def test_the_driver_listing_works_on_s3(s3):
     from pipeline import storage
-    from pipeline.data.source import check_shards
+    from pipeline.data.health import check_shards
 
     for name in ("a.tar", "sub/c.tar"):
         storage.write_bytes(f"s3://{s3}/ds/{name}", b"x" * 10)

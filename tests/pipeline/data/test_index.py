@@ -20,7 +20,7 @@ from pipeline import storage
 from pipeline.data.labels import multi_hot
 from pipeline.data.reader import BadDataPolicy, iter_samples
 from pipeline.data.shards import DatasetError, read_manifest
-from pipeline.data.source import InputConfig, shard_dataset
+from pipeline.data.stream import InputConfig, shard_dataset
 from pipeline.data.transforms import Augment
 from pipeline.train.objectives import sigmoid_xent, softmax_xent
 

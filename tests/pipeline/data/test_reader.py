@@ -6,11 +6,12 @@ from __future__ import annotations
 import re
 import tarfile
 
-import pyarrow.fs as pafs
 import pytest
 
-from pipeline.data.reader import BadDataPolicy, DataError, Problem, iter_samples
-from pipeline.data.source import DataPosition, InputConfig, Reads, ShardReader, StreamPlan
+from pipeline import storage
+from pipeline.data.plan import DataPosition, StreamPlan
+from pipeline.data.reader import MISSING, BadDataPolicy, DataError, Problem, iter_samples
+from pipeline.data.stream import InputConfig, Reads, ShardReader
 from pipeline.data.transforms import Augment
 
 from .helpers import jpeg_bytes, write_tar
@@ -20,16 +21,18 @@ def good(i: int, label: int = 1) -> dict:
     return {"__key__": f"s{i:04d}", "jpg": jpeg_bytes(i), "cls": str(label).encode()}
 
 
-def read(tmp_path, name, strict, expected=None, num_classes=10):
-    """Run the Ray Data UDF over one shard; -> (rows read, problems reported)."""
+def read(tmp_path, name, strict, expected=None, num_classes=10, uri=None):
+    """Run the Ray Data UDF over one shard of the folder `tmp_path` (or of `uri`, local or
+    s3://); -> (rows read, problems reported)."""
     problems: list[Problem] = []
-    cfg = InputConfig(uri=str(tmp_path), augment=Augment("resize", 16), strict=strict,
-                      block_rows=4)
+    uri = uri or str(tmp_path)
+    cfg = InputConfig(uri=uri, augment=Augment("resize", 16), strict=strict, block_rows=4)
     if expected is None:   # what the manifest would say: the keys in the tar
         with tarfile.open(tmp_path / name) as tar:
             expected = len({m.name.split(".")[0] for m in tar.getmembers()})
     reads = Reads(StreamPlan((expected,)), (name,), DataPosition(), stop=1, slots=1)
-    reader = ShardReader(pafs.LocalFileSystem(), str(tmp_path), cfg, num_classes, reads)
+    fs, root = storage.filesystem(uri)
+    reader = ShardReader(fs, root, cfg, num_classes, reads)
     reader._report = problems.append
     rows = [i for block in reader({"id": [0]}) for i in block["index"].tolist()]
     return rows, problems
@@ -101,6 +104,37 @@ def test_empty_and_vanished_shards(tmp_path):
     for name in ("empty.tar", "vanished.tar"):
         with pytest.raises(DataError, match=f"shard {name}, key -"):
             read(tmp_path, name, strict=True, expected=5)
+
+
+@pytest.mark.s3
+def test_a_vanished_shard_on_s3_is_recognised(tmp_path, s3):
+    """Missing is told by type (storage.NotFound), not by the endpoint's wording: on S3 as
+    on local disk, the shard's samples are skipped and counted, or (strict) named."""
+    uri = f"s3://{s3}/data"
+    storage.write_bytes(f"{uri}/there.tar", write_tar(tmp_path / "there.tar",
+                                                      [good(0), good(1)]).read_bytes())
+    assert read(tmp_path, "there.tar", strict=False, uri=uri) == ([0, 1], [])
+    rows, problems = read(tmp_path, "vanished.tar", strict=False, expected=5, uri=uri)
+    assert rows == [] and [(p.shard, p.kind, p.samples) for p in problems] == [
+        ("vanished.tar", MISSING, 5)]
+    assert "shard vanished" in problems[0].reason
+    with pytest.raises(DataError, match="shard vanished.tar, key -: shard vanished"):
+        read(tmp_path, "vanished.tar", strict=True, expected=5, uri=uri)
+
+
+@pytest.mark.s3
+def test_an_unreachable_endpoint_is_not_a_vanished_shard(tmp_path, monkeypatch):
+    """A storage failure other than a missing shard fails the read task (Ray retries it)
+    instead of passing for a vanished shard, whose samples would be skipped for good."""
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(OSError) as err:
+        read(tmp_path, "shard-0.tar", strict=False, expected=5, uri="s3://bucket/data")
+    assert not isinstance(err.value, storage.NotFound), err.value
 
 
 def test_fewer_samples_than_the_manifest_says(tmp_path):

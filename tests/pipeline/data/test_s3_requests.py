@@ -14,7 +14,10 @@ from collections import Counter
 import pytest
 
 from pipeline import storage
-from pipeline.data import shards, source
+from pipeline.data import shards
+from pipeline.data.plan import DataPosition, StreamPlan
+from pipeline.data.probe import load_probe
+from pipeline.data.stream import InputConfig, Reads, ShardReader, shard_dataset
 from pipeline.data.transforms import Augment
 
 pytestmark = [pytest.mark.s3]
@@ -65,12 +68,12 @@ def _bound(size: int) -> int:
 def test_training_stream_and_probe_read_each_shard_in_few_gets(ray_local, s3):
     data = f"s3://{s3}/data"
     manifest = shards.write_shards(
-        shards.synthetic(num_samples=240, num_classes=4, image_size=96, val_fraction=0.25),
+        shards.grating_images(num_samples=240, num_classes=4, image_size=96, val_fraction=0.25),
         data, shards.ShardOptions(shard_size_mb=0.4), log=lambda m: None)
     train = _shards_of(manifest, "train")
     assert len(train) >= 3 and min(train.values()) > 200_000, train   # >20 tar records each
     with Requests(s3) as requests:
-        ds, _, _ = source.shard_dataset(source.InputConfig(uri=data, augment=Augment(
+        ds, _, _ = shard_dataset(InputConfig(uri=data, augment=Augment(
             "resize", 32)), num_epochs=2)
         assert ds.count() == 2 * manifest["splits"]["train"]["num_samples"]
     gets = requests.gets("data/")
@@ -80,24 +83,24 @@ def test_training_stream_and_probe_read_each_shard_in_few_gets(ray_local, s3):
         assert gets.get(f"data/{name}", 0) >= 2, f"{name} was read from the endpoint"
 
     with Requests(s3) as requests:
-        probe = source.load_probe(data, "val", 32, max_images=1000)
+        probe = load_probe(data, "val", 32, max_images=1000)
     assert len(probe["labels"]) == manifest["splits"]["val"]["num_samples"]
     for name, size in _shards_of(manifest, "val").items():
         assert 1 <= requests.gets("data/").get(f"data/{name}", 0) <= _bound(size)
 
 
 def test_vtab_shards_read_in_few_gets(s3, tmp_path):
-    from eval.data import read_encoded, write_synthetic_task
+    from eval.data import read_encoded, write_grating_task
     from eval.tasks import BY_NAME
     from jobs.make_shards import main as make_shards
 
     task = BY_NAME["eurosat"]
-    folder = write_synthetic_task(tmp_path / "vtab", task, train=120, val=20, test=40,
-                                  image_size=96)
+    folder = write_grating_task(tmp_path / "vtab", task, train=120, val=20, test=40,
+                                image_size=96)
     assert make_shards(["vtab", "--data", str(folder),
                         "--out", f"s3://{s3}/vtab/eurosat", "--num-classes",
                         "10"]) == 0
-    manifest = source.read_manifest(f"s3://{s3}/vtab/eurosat")
+    manifest = shards.read_manifest(f"s3://{s3}/vtab/eurosat")
     with Requests(s3) as requests:
         assert len(read_encoded(f"s3://{s3}/vtab", task, "train800").labels) == 120
     sizes = _shards_of(manifest, "train800")
@@ -118,8 +121,8 @@ def test_no_secret_in_what_ray_pickles(s3, tmp_path):
     from pipeline.train.run import TrainData, ray_storage
 
     fs = storage.s3_filesystem()
-    reads = source.Reads(source.StreamPlan((1,)), ("a.tar",), source.DataPosition(), 1, 1)
-    reader = source.ShardReader(fs, f"{s3}/data", source.InputConfig(), 10, reads)
+    reads = Reads(StreamPlan((1,)), ("a.tar",), DataPosition(), 1, 1)
+    reader = ShardReader(fs, f"{s3}/data", InputConfig(), 10, reads)
     path, run_fs = ray_storage(f"s3://{s3}/runs")
     cfg = apply_overrides(smoke(), [f"run.storage=s3://{s3}/runs"])
     spec = WorkerSpec(cfg=cfg, run_uri=f"s3://{s3}/runs/smoke")
@@ -142,17 +145,17 @@ def test_stream_through_a_slow_endpoint_reads_ahead(s3, s3_server, monkeypatch):
 
     data = f"s3://{s3}/slow"
     manifest = shards.write_shards(
-        shards.synthetic(num_samples=120, num_classes=4, image_size=64, val_fraction=0),
+        shards.grating_images(num_samples=120, num_classes=4, image_size=64, val_fraction=0),
         data, shards.ShardOptions(shard_size_mb=0.2), log=lambda m: None)
     with SlowS3Proxy(s3_server, latency_s=0.05, mbps=20) as proxy:
         # The read task's UDF, run in this process (Ray's workers were started with the
         # direct endpoint in their environment).
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         fs, root = storage.filesystem(data)
-        plan = source.StreamPlan.from_manifest(manifest, "train", 0)
+        plan = StreamPlan.from_manifest(manifest, "train", 0)
         names = tuple(s["name"] for s in manifest["splits"]["train"]["shards"])
-        reads = source.Reads(plan, names, source.DataPosition(), stop=2 * len(names), slots=1)
-        reader = source.ShardReader(fs, root, source.InputConfig(
+        reads = Reads(plan, names, DataPosition(), stop=2 * len(names), slots=1)
+        reader = ShardReader(fs, root, InputConfig(
             augment=Augment("resize", 16)), 4, reads)
         rows = [(e, s, i) for b in reader({"id": [0]}) for e, s, i in zip(
             b["epoch"].tolist(), b["shard"].tolist(), b["index"].tolist(), strict=True)]

@@ -82,7 +82,7 @@ def test_vtab_list_and_images_disagree(tmp_path):
 
 
 def test_synthetic_labels_are_learnable():
-    src = shards.synthetic(num_samples=200, num_classes=5, image_size=32, seed=3)
+    src = shards.grating_images(num_samples=200, num_classes=5, image_size=32, seed=3)
     feats, labels = [], []
     for ref in src.splits["train"]:
         img = np.asarray(Image.open(io.BytesIO(ref.load()[0])), dtype=np.float32)
@@ -114,7 +114,7 @@ def test_resize_short_and_determinism(tmp_path):
 
 @pytest.mark.s3
 def test_s3_upload_resumes_after_an_interruption(s3, tmp_path, monkeypatch):
-    src = shards.synthetic(num_samples=120, num_classes=4, image_size=32, val_fraction=0)
+    src = shards.grating_images(num_samples=120, num_classes=4, image_size=32, val_fraction=0)
     dst = f"s3://{s3}/ds/v1"
     opts = ShardOptions(shard_size_mb=0.05)
     real_upload, calls, failed = storage.upload_file, [], []
@@ -228,7 +228,7 @@ def test_strict_stops_at_the_first_bad_file_naming_it(tmp_path, capsys):
 
 
 def test_parallel_writing_gives_the_same_shards(tmp_path):
-    src = shards.synthetic(num_samples=300, num_classes=5, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=300, num_classes=5, image_size=24, val_fraction=0)
     opts = ShardOptions(shard_size_mb=0.1)
     serial = write_shards(src, str(tmp_path / "one"), opts, workers=1)
     parallel = write_shards(src, str(tmp_path / "two"), opts, workers=2)

@@ -33,8 +33,8 @@ def history(client, run_id, key):
 @pytest.mark.mlflow
 def test_two_workers_from_s3_into_mlflow(ray_local, s3, mlflow_server, tmp_path):
     data = f"s3://{s3}/data/synth"
-    shards.write_shards(shards.synthetic(num_samples=640, num_classes=4, image_size=32,
-                                         val_fraction=0.2),
+    shards.write_shards(shards.grating_images(num_samples=640, num_classes=4, image_size=32,
+                                              val_fraction=0.2),
                         data, shards.ShardOptions(shard_size_mb=0.05), log=lambda m: None)
     cfg = cfg_for(tmp_path, "two-workers", "data.source=shards", f"data.uri={data}",
                   "data.augment=resize", f"run.storage=s3://{s3}/runs", "scale.num_workers=2",

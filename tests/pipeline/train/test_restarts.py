@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data import shards
-from pipeline.data.source import DataPosition, StreamPlan
+from pipeline.data.plan import DataPosition, StreamPlan
 from pipeline.train import checkpoints
 from pipeline.weights import load_vit
 from tests.conftest import kill_tree, stop_process_group
@@ -43,8 +43,8 @@ IN_FLIGHT = 2 * (SHUFFLE + 2 * 32)
 
 
 def make_data(path: Path, samples: int = 320) -> dict:
-    shards.write_shards(shards.synthetic(num_samples=samples, num_classes=4, image_size=32,
-                                         val_fraction=0.0),
+    shards.write_shards(shards.grating_images(num_samples=samples, num_classes=4, image_size=32,
+                                              val_fraction=0.0),
                         str(path), shards.ShardOptions(shard_size_mb=0.05), log=lambda m: None)
     return json.loads((path / "manifest.json").read_text())
 

@@ -549,12 +549,12 @@ def test_fsdp2_in_one_process_matches_the_plain_module(preset):
 def test_probe_sets_from_vtab_folders_and_shards(tmp_path):
     """`probe.sets`: a VTAB-1k task folder and the shards `make_shards.py vtab` writes from
     it give the same labels, resized to the model's resolution."""
-    from eval.data import write_synthetic_task
+    from eval.data import write_grating_task
     from eval.tasks import BY_NAME
     from jobs.make_shards import main as make_shards
 
-    folder = write_synthetic_task(tmp_path / "vtab", BY_NAME["eurosat"], train=40, val=10,
-                                  test=30, image_size=40)
+    folder = write_grating_task(tmp_path / "vtab", BY_NAME["eurosat"], train=40, val=10,
+                                test=30, image_size=40)
     assert make_shards(["vtab", "--data", str(folder),
                         "--out", str(tmp_path / "shards"), "--no-shuffle"]) == 0
     cfg = apply_overrides(smoke(), [
@@ -585,7 +585,7 @@ def test_the_probe_is_one_unit_the_loop_calls():
 
     class RedChannel(torch.nn.Module):
         """The synthetic images' label is their red channel's mean (31.5 + 21 * label of
-        255, `synthetic_rows`): one bump feature per class level."""
+        255, `noise_rows`): one bump feature per class level."""
 
         def forward(self, x):
             red = x[:, 0].mean((1, 2))                                    # (B,) in [-1, 1]

@@ -15,21 +15,19 @@ import webdataset as wds
 
 from pipeline import storage
 from pipeline.data import shards
+from pipeline.data.plan import DataPosition, StreamPlan
 from pipeline.data.shards import DatasetError, ShardOptions, write_shards
-from pipeline.data.source import (
+from pipeline.data.stream import (
     COLUMNS,
-    DataPosition,
     InputConfig,
     ReadDealer,
-    StreamPlan,
     iter_batches,
     shard_dataset,
-    shard_order,
-    synthetic_dataset,
 )
+from pipeline.data.synthetic import noise_dataset
 from pipeline.data.transforms import Augment
 
-from .helpers import jpeg_bytes, write_tar
+from .helpers import every_sample, jpeg_bytes, write_tar
 
 
 def collect(config):
@@ -68,146 +66,12 @@ def ground_truth(folder: Path, manifest: dict, split="train") -> dict:
     return truth
 
 
-def test_plan_reshuffles_each_epoch_from_the_seed():
-    manifest = {"splits": {"train": {"num_samples": 80, "shards": [
-        {"name": f"s{i}.tar", "samples": 10} for i in range(8)]}}}
-    a = StreamPlan.from_manifest(manifest, "train", seed=1).reads(DataPosition(), 3)
-    again = StreamPlan.from_manifest(manifest, "train", 1).reads(DataPosition(), 3)
-    assert [x["shard"] for x in a] == [x["shard"] for x in again]
-    orders = [[x["shard"] for x in a if x["epoch"] == e] for e in range(3)]
-    assert all(sorted(o) == list(range(8)) for o in orders), "every shard once per epoch"
-    assert len({tuple(o) for o in orders}) == 3, "a new order every epoch"
-    assert orders == [shard_order(8, 1, e) for e in range(3)]
-    other = StreamPlan.from_manifest(manifest, "train", 2).reads(DataPosition(), 3)
-    assert [x["shard"] for x in other] != [x["shard"] for x in a]
-    assert all(x["samples"] == 10 and x["skip"] == [] for x in a)
-    resumed = StreamPlan.from_manifest(manifest, "train", 1).reads(DataPosition(1, 5), 3)
-    assert resumed == [x for x in a if (x["epoch"], x["position"]) >= (1, 5)]
-    with pytest.raises(DatasetError, match="no split 'val'"):
-        StreamPlan.from_manifest(manifest, "val", 1)
-    with pytest.raises(DatasetError, match="split 'train' has no shards"):
-        StreamPlan.from_manifest({"splits": {"train": {"shards": []}}}, "train", 1)
-
-
-# ---- DataPosition: exactly what was consumed ------------------------------------------------
-SIZES = (7, 3, 12, 5, 1, 9)
-
-
-def every_sample(sizes, epochs) -> set:
-    """All (epoch, shard, index) of the epochs, from the shard sizes alone."""
-    return {(e, s, i) for e in range(epochs) for s, n in enumerate(sizes) for i in range(n)}
-
-
-def delivered(reads) -> list:
-    """The samples a stream of these reads yields (ShardReader's rule: all but `skip`)."""
-    return [(r["epoch"], r["shard"], i) for r in reads for i in range(r["samples"])
-            if i not in set(r["skip"])]
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_reads_after_any_consumption_are_exactly_the_rest(seed):
-    """Workers consume a random subset, in random order and batches, across shards and two
-    epochs; after each batch the position's reads deliver exactly what was not consumed."""
-    rng = np.random.default_rng(seed)
-    plan = StreamPlan(SIZES, seed=seed)
-    everything = every_sample(SIZES, 2)
-    samples = sorted(everything)
-    taken = [samples[k] for k in rng.permutation(len(samples))[:rng.integers(1, len(samples))]]
-    position, consumed = DataPosition(), set()
-    for batch in np.array_split(np.asarray(taken), rng.integers(1, 6)):
-        position = position.advance(plan, batch[:, 0], batch[:, 1], batch[:, 2])
-        consumed |= {tuple(x) for x in batch.tolist()}
-        rest = delivered(plan.reads(position, 2))
-        assert len(rest) == len(set(rest)), "no sample delivered twice"
-        assert not set(rest) & consumed, "nothing consumed is delivered again"
-        assert set(rest) | consumed == everything, "nothing is lost"
-        assert position.consumed_samples(plan) == len(consumed)
-        # The watermark: every read before it consumed, the read at it not.
-        before = [(e, s) for e in range(2) for p, s in enumerate(shard_order(len(SIZES), seed, e))
-                  if (e, p) < (position.epoch, position.position)]
-        assert all({(e, s, i) for i in range(SIZES[s])} <= consumed for e, s in before)
-        at = shard_order(len(SIZES), seed, position.epoch)[position.position]
-        assert not {(position.epoch, at, i) for i in range(SIZES[at])} <= consumed
-        # Only partly consumed reads keep their indices.
-        for (_, s), idx in position.partial.items():
-            assert 0 < len(idx) < SIZES[s] and list(idx) == sorted(idx)
-        assert DataPosition.from_dict(json.loads(json.dumps(position.to_dict()))) == position
-
-
-def test_consuming_a_whole_epoch_moves_the_watermark_to_the_next():
-    plan = StreamPlan(SIZES, seed=3)
-    rng = np.random.default_rng(0)
-    epoch0 = np.asarray(sorted(every_sample(SIZES, 1)))
-    epoch0 = epoch0[rng.permutation(len(epoch0))]
-    position = DataPosition()
-    for batch in np.array_split(epoch0, 4):
-        position = position.advance(plan, *batch.T)
-    assert position == DataPosition(1, 0), "no done or partial read is left behind"
-    assert position.consumed_samples(plan) == sum(SIZES)
-
-    # A read of epoch 1 consumed ahead of the first one waits in `done` until the watermark
-    # reaches it.
-    first, second = plan.order(1)[:2]
-    ahead = position.advance(plan, [1] * SIZES[second], [second] * SIZES[second],
-                             range(SIZES[second]))
-    assert (ahead.epoch, ahead.position, ahead.done) == (1, 0, {(1, second)})
-    caught_up = ahead.advance(plan, [1] * SIZES[first], [first] * SIZES[first],
-                              range(SIZES[first]))
-    assert caught_up == DataPosition(1, 2)
-
-
-def test_a_sample_consumed_twice_raises_naming_it():
-    plan = StreamPlan(SIZES, seed=0)
-    one = DataPosition().advance(plan, [0, 0], [2, 2], [3, 4])
-    with pytest.raises(ValueError, match="epoch 0, shard 2, index 3 consumed twice"):
-        one.advance(plan, [0, 0], [2, 5], [3, 0])                         # a partial read
-    with pytest.raises(ValueError, match="epoch 1, shard 0, index 6 consumed twice"):
-        DataPosition().advance(plan, [1, 1, 1], [0, 0, 1], [6, 6, 0])     # in one batch
-    whole = DataPosition().advance(plan, [0] * 3, [1] * 3, [0, 1, 2])     # shard 1 is done
-    with pytest.raises(ValueError, match="epoch 0, shard 1, index 2 consumed twice"):
-        whole.advance(plan, [0], [1], [2])
-    with pytest.raises(ValueError, match="epoch 0, shard 4, index 0 consumed twice"):
-        DataPosition(1, 0).advance(plan, [0], [4], [0])                   # behind the watermark
-    with pytest.raises(ValueError, match="no sample epoch 0, shard 1, index 3"):
-        DataPosition().advance(plan, [0], [1], [3])
-    with pytest.raises(ValueError, match="no sample epoch 0, shard 6"):
-        DataPosition().advance(plan, [0], [6], [0])
-
-
-def test_position_json_is_plain_and_small():
-    plan = StreamPlan((10_000, 10_000, 500), seed=0)
-    # A checkpoint's usual picture: a long prefix of the first read with a few holes left by
-    # the shuffle buffers, a little of the next read, and the last read done out of order.
-    order = plan.order(0)
-    idx = np.setdiff1d(np.arange(9_000), [17, 4_000, 8_999])
-    e = np.zeros(len(idx) + 100 + plan.sizes[order[2]], np.int64)
-    s = np.r_[[order[0]] * len(idx), [order[1]] * 100, [order[2]] * plan.sizes[order[2]]]
-    i = np.r_[idx, np.arange(100), np.arange(plan.sizes[order[2]])]
-    position = DataPosition().advance(plan, e, s, i)
-    text = json.dumps(position.to_dict())
-    assert len(text) < 200, text
-    assert json.loads(text) == position.to_dict()
-    assert DataPosition.from_dict(json.loads(text)) == position
-    assert position.consumed_samples(plan) == len(i)
-    assert DataPosition.from_dict(DataPosition().to_dict()) == DataPosition()
-
-
-def test_synthetic_plan_is_one_shard_per_epoch():
-    plan = StreamPlan.synthetic(100, seed=5)
-    assert plan.order(0) == plan.order(7) == [0]
-    half = DataPosition().advance(plan, [0] * 50, [0] * 50, range(0, 100, 2))
-    assert plan.reads(half, 2) == [
-        {"epoch": 0, "position": 0, "shard": 0, "samples": 100, "skip": list(range(0, 100, 2))},
-        {"epoch": 1, "position": 0, "shard": 0, "samples": 100, "skip": []}]
-    assert half.advance(plan, [0] * 50, [0] * 50, range(1, 100, 2)) == DataPosition(1, 0)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.s3
 def test_every_key_once_per_epoch_across_two_workers_from_s3(ray_local, s3, tmp_path):
     local = tmp_path / "shards"
-    src = shards.synthetic(num_samples=96, num_classes=6, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=96, num_classes=6, image_size=24, val_fraction=0)
     manifest = write_shards(src, str(local), ShardOptions(shard_size_mb=0.04))
     assert len(manifest["splits"]["train"]["shards"]) >= 4
     uri = f"s3://{s3}/data/synth"
@@ -234,7 +98,7 @@ def test_every_key_once_per_epoch_across_two_workers_from_s3(ray_local, s3, tmp_
 @pytest.mark.slow
 @pytest.mark.ray
 def test_same_seed_same_stream(ray_local, tmp_path):
-    src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
     write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.02))
 
     def stream(seed):
@@ -301,16 +165,6 @@ def test_strict_mode_fails_the_run_naming_shard_and_key(ray_local, tmp_path):
         run_two_workers(ds, cfg, tmp_path / "out", tmp_path / "runs")
 
 
-@pytest.mark.ray
-def test_synthetic_source_has_the_same_interface(ray_local):
-    ds = synthetic_dataset(num_samples=32, num_classes=4, image_size=16, num_epochs=2)
-    rows = ds.take_all()
-    assert len(rows) == 64 and set(rows[0]) == set(COLUMNS)
-    assert rows[0]["image"].shape == (16, 16, 3) and rows[0]["image"].dtype == np.uint8
-    assert Counter(r["epoch"] for r in rows) == {0: 32, 1: 32}
-    assert {r["label"] for r in rows} == {0, 1, 2, 3}
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_resumed_stream_delivers_exactly_the_rest(ray_local, tmp_path):
@@ -365,25 +219,6 @@ def test_a_resumed_stream_delivers_exactly_the_rest(ray_local, tmp_path):
     assert not stream(position.advance(plan, *rest.T))
 
 
-@pytest.mark.ray
-def test_synthetic_source_resumes_at_a_position(ray_local):
-    plan = StreamPlan.synthetic(30, seed=2)
-    rng = np.random.default_rng(0)
-    # Most of epoch 0 (with holes) and a little of epoch 1, as two workers leave it.
-    taken = [(0, 0, i) for i in range(30) if rng.random() < 0.8]
-    taken += [(1, 0, i) for i in range(30) if rng.random() < 0.1]
-    taken = np.asarray(taken)
-    position = DataPosition().advance(plan, *taken.T)
-    ds = synthetic_dataset(30, num_classes=4, image_size=8, num_epochs=3, block_rows=4,
-                           start=position, seed=2)
-    rows = ds.take_all()
-    keys = [(r["epoch"], r["index"]) for r in rows]
-    expected = {(e, i) for e in range(3) for i in range(30)} - {(e, i) for e, _, i in taken}
-    assert len(keys) == len(set(keys)) and set(keys) == expected
-    assert all(r["label"] == r["index"] % 4 and r["shard"] == 0 for r in rows)
-    assert len(synthetic_dataset(30, 4, 8, 1, start=DataPosition(1, 0)).take_all()) == 0
-
-
 def test_the_dealer_hands_out_reads_in_order_and_replays_a_slot_that_starts_over():
     dealer = ReadDealer(first=5, stop=10)
     assert [dealer.deal(0, 0), dealer.deal(1, 0), dealer.deal(0, 1)] == [5, 6, 7]
@@ -428,7 +263,7 @@ def test_a_plan_of_90_epochs_of_5000_shards_is_never_listed(ray_local, tmp_path)
 def test_a_stream_run_twice_is_the_same_stream(ray_local, tmp_path):
     """Ray Data executes a dataset again (a second iteration, a retried task): the dealer
     replays each slot's reads, so every sample comes once, with the same augmentation."""
-    src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
     write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.01))
     cfg = InputConfig(uri=str(tmp_path), augment=Augment("inception", 16), read_tasks=3)
     ds, _, _ = shard_dataset(cfg, num_epochs=2)
@@ -440,7 +275,7 @@ def test_a_stream_run_twice_is_the_same_stream(ray_local, tmp_path):
 
 @pytest.mark.ray
 def test_preserve_order_streams_the_plan_in_order(ray_local, tmp_path):
-    src = shards.synthetic(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=40, num_classes=4, image_size=24, val_fraction=0)
     manifest = write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.01))
     num_shards = len(manifest["splits"]["train"]["shards"])
     assert num_shards >= 4
@@ -499,7 +334,7 @@ def test_preserve_order_gives_each_worker_the_same_stream_and_a_resume_the_rest(
     resumed from the position after 3 micro-batches a rank (1.5 blocks) gives every rank the
     rest of what the uninterrupted run gave it, as `test_parallel.py` needs for FSDP's
     resumed losses to be the uninterrupted run's."""
-    src = shards.synthetic(num_samples=240, num_classes=4, image_size=24, val_fraction=0)
+    src = shards.grating_images(num_samples=240, num_classes=4, image_size=24, val_fraction=0)
     manifest = write_shards(src, str(tmp_path), ShardOptions(shard_size_mb=0.05))
     sizes = [s["samples"] for s in manifest["splits"]["train"]["shards"]]
     assert len(sizes) >= 8 and sizes[0] % 8
@@ -562,6 +397,6 @@ def test_every_batch_is_full_with_a_small_shuffle_buffer_and_uneven_blocks(ray_l
     batches mid-stream (a global batch below the one set)."""
     from collections import Counter as Count
 
-    ds = synthetic_dataset(num_samples=630, num_classes=4, image_size=8, block_rows=7)
+    ds = noise_dataset(num_samples=630, num_classes=4, image_size=8, block_rows=7)
     sizes = Count(len(b["index"]) for b in iter_batches(ds, 16, InputConfig(shuffle_buffer=16)))
     assert sizes == {16: 630 // 16}, sizes

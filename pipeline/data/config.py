@@ -1,0 +1,54 @@
+"""The `data` section of the pretraining config: what a user sets about the training data.
+
+Read where the data is built (`pipeline.train.run`: the stream, `stream.InputConfig`; the
+few-shot probe's sets, `probe`; the device-side AugReg, `augreg.BatchAugment`) and composed
+into `pipeline.train.config.PretrainConfig`. Field names are the `--set data.<field>=...`
+keys and the keys of every `config.json` a run has logged: renaming one breaks loading them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data: WebDataset shards (`source="shards"`, `uri` with a manifest) or the
+    synthetic source (`source="synthetic"`, for tests and starvation checks)."""
+
+    source: Literal["shards", "synthetic"] = "shards"
+    uri: str = ""
+    split: str = "train"
+    augment: Literal["inception", "resize_crop", "resize"] = "inception"
+    # AugReg (Steiner et al., 2021) on the training device, after the read tasks' crop and
+    # flip (pipeline/data/augreg.py): RandAugment with `randaug_layers` ops per image (0: off)
+    # at magnitude `randaug_magnitude` (0-30, the authors' scale of 10), then Mixup with a
+    # Beta(mixup, mixup) ratio (0: off). The paper's named settings: augreg.LEVELS.
+    randaug_layers: int = 0
+    randaug_magnitude: float = 0.0
+    mixup: float = 0.0
+    strict: bool = False
+    shuffle_buffer: int = 4096
+    block_rows: int = 64
+    num_cpus_per_read: float = 1.0
+    synthetic_samples: int = 4096
+    synthetic_classes: int = 10
+    # A local folder where every worker appends "step epoch shard index" for each sample it
+    # trains on: an audit of the data order across restarts ("": off).
+    trace_dir: str = ""
+    # The same samples reach the same worker in the same order on every run (Ray Data's
+    # preserve_order): reproducible runs and comparisons, at some cost in throughput.
+    preserve_order: bool = False
+
+    def __post_init__(self):
+        if self.source not in ("shards", "synthetic"):
+            raise ValueError(f"data.source must be 'shards' or 'synthetic', got {self.source!r}")
+        from pipeline.data.augreg import RandAugment
+
+        RandAugment(self.randaug_layers, self.randaug_magnitude)     # validates both
+        if self.mixup < 0:
+            raise ValueError(f"data.mixup must be >= 0 (0: off), got {self.mixup}")
+        if self.source == "shards" and not self.uri:
+            raise ValueError("data.uri is required for data.source='shards' (a folder or "
+                             "s3:// prefix with manifest.json; see jobs/make_shards.py)")
