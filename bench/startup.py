@@ -148,7 +148,7 @@ def start_head(work: Path) -> tuple[subprocess.Popen, str, str]:
            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp}",
            "--include-dashboard=true", f"--dashboard-agent-listen-port={free_port()}",
            f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen(cmd, env=env, stdout=open(work / "head.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -167,14 +167,14 @@ def start_head(work: Path) -> tuple[subprocess.Popen, str, str]:
 def pretrain_submit(work: Path, repeats: int) -> dict:
     head, address, tmp = start_head(work)
     try:
-        env = base_env(work)
+        env = {**base_env(work), "RAY_AUTH_MODE": "token"}   # Ray's default, as the head's
         runs = []
         for i in range(repeats):
             runtime = json.dumps({"env_vars": {
                 "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
                 timeline.ENV: str(work / f"pretrain-submit{i}.timeline")}})
             cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir",
-                   str(ROOT), "--runtime-env-json", runtime, "--", "python",
+                   str(ROOT), "--runtime-env-json", runtime, "--", sys.executable,
                    *pretrain_args(work, f"submit{i}")]
             runs.append(run_timed(cmd, env, work / f"pretrain-submit{i}.log"))
         return report("the same through `ray job submit` to a running head", runs,

@@ -16,7 +16,7 @@ from eval.data import TaskDataError
 from eval.finetune import FinetuneError
 from eval.sweep import SweepError, check_data, check_records, load_pretrained, run
 from eval.tasks import BY_NAME
-from pipeline import cli, interrupt, resources, storage
+from pipeline import cli, interrupt, resources, storage, timeline
 from pipeline.data.shards import DatasetError
 from pipeline.storage import StorageError
 from pipeline.weights import CheckpointError, resolve_checkpoint
@@ -67,6 +67,7 @@ def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None 
         interrupt.ray_init(configure_logging=False, log_to_driver=True,
                            **cli.ray_init_args(address, **({} if address else
                                                            {"PYTHONPATH": repo})))
+    timeline.mark("driver.ray_ready")
     if cfg.sweep.gpus_per_trial and not ray.cluster_resources().get("GPU"):
         log.info("the Ray cluster has no GPU: trials run on CPU (%s CPU each)",
                  f"{cfg.sweep.cpus_per_trial:g}")

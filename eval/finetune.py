@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import timeline
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT, ViTConfig
 from pipeline.schedule import learning_rate
@@ -173,6 +174,8 @@ def finetune(model: ViT, images: np.ndarray, labels: np.ndarray, cfg: FinetuneCo
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if smoothed is None:
+            timeline.mark("trial.first_step")
         smoothed = loss_value if smoothed is None else 0.9 * smoothed + 0.1 * loss_value
         if progress is not None and progress_every and (step + 1) % progress_every == 0:
             progress(step + 1, smoothed)

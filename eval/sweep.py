@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from eval.tasks import BY_NAME, GROUPS, TASKS, Task, select
-from pipeline import interrupt, storage
+from pipeline import interrupt, storage, timeline
 
 if TYPE_CHECKING:
     from eval.config import VtabConfig
@@ -204,6 +204,7 @@ def trial(config: dict, *, data: dict, pretrained, recipe: FinetuneConfig,
     from eval.finetune import FinetuneError, build_model, finetune, predict, top1
 
     config = config["trial"]
+    timeline.mark("trial.start")
     task: Task = BY_NAME[config["task"]]
     torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
     use_gpu = sweep.gpus_per_trial > 0 and torch.cuda.is_available()
@@ -306,7 +307,9 @@ def run_phase(cfg: VtabConfig, phase: str, combos: list[dict], data: dict,
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         with quiet_tune(), no_credentials_in_trial_env(), \
                 interrupt.deferred(lambda: os.kill(os.getpid(), signal.SIGUSR1)):
+            timeline.mark("driver.tune")
             grid = tuner.fit()
+            timeline.mark("driver.tune_done")
         if interrupt.received():
             raise interrupt.Interrupted(interrupt.received(), (
                 f"evaluation stopped; {len(record.read())} {phase} trial(s) finished are kept "

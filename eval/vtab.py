@@ -32,7 +32,7 @@ import os
 import sys
 import typing
 
-from pipeline import cli, interrupt
+from pipeline import cli, interrupt, timeline
 
 interrupt.install()   # before the heavy imports: a Ctrl-C while they load ends quietly too
 
@@ -210,6 +210,8 @@ def _main(argv=None) -> int:
         return 2
     from eval.evaluate import evaluate
     from eval.report import table
+
+    timeline.mark("driver.imports")
 
     cli.configure_logging(args.log_level)
     try:

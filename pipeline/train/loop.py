@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import timeline
 from pipeline.cli import clock
 from pipeline.data.health import skip_summary
 from pipeline.data.reader import DataError
@@ -146,6 +147,7 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     spec: WorkerSpec = config["spec"]
+    timeline.mark("worker.start")
     logging.getLogger("pipeline").setLevel(spec.log_level)
     env = worker_env(spec.cfg)
     shard = ray.train.get_dataset_shard("train")
@@ -155,6 +157,7 @@ def train_loop(config: dict) -> None:
                     open_tracker(spec, env, start), fetch_probe(spec),
                     *_mfu_terms(spec.cfg, env))
     system = node_metrics(spec)
+    timeline.mark("worker.ready")
     try:
         # Fatal from here: Ray Train stops every worker without spending max_failures (these
         # errors would recur on a retry), and the driver prints the line (failures.py).
@@ -165,6 +168,7 @@ def train_loop(config: dict) -> None:
             worker.tracker.close()
         if system is not None:
             system.stop()
+        timeline.mark("worker.end")
 
 
 def worker_env(cfg: PretrainConfig) -> WorkerEnv:
@@ -339,8 +343,13 @@ def train(w: Worker, start: Start, batches) -> None:
                  "continue)", progress.step, total)
     while progress.step < total:
         micro = next_batches(w, batches, progress)
+        first = progress.step == start.step
+        if first:
+            timeline.mark("worker.first_batch")
         record_samples(progress, micro, trace)
         lr = optimizer_step(w, progress, micro)
+        if first or progress.step == total:
+            timeline.mark("worker.first_step" if first else "worker.last_step")
         logged = log_due(w, progress)
         metrics = log_step(w, progress, lr) if logged else {}
         if checkpoint_due(w, progress, logged):
