@@ -25,8 +25,9 @@ import torch
 from eval.config import VtabConfig, VtabRunConfig
 from eval.data import TaskDataConfig, decode, read_encoded, train_size, write_grating_task
 from eval.finetune import FinetuneConfig, build_model, finetune, predict, top1
-from eval.sweep import SweepConfig, choose_lrs, load_pretrained, run
+from eval.sweep import SweepConfig, choose_lrs, run
 from eval.tasks import BY_NAME
+from eval.trial import load_pretrained
 from pipeline.model import ViT, ViTConfig
 from pipeline.weights import save_vit
 

@@ -21,7 +21,8 @@ from typing import ClassVar
 
 from eval.data import TaskDataConfig
 from eval.finetune import FinetuneConfig
-from eval.sweep import PAPER, SweepConfig, model_label
+from eval.sweep import PAPER, SweepConfig
+from eval.trial import model_label
 from pipeline import storage
 from pipeline.config import Sectioned
 

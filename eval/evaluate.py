@@ -13,9 +13,12 @@ from pathlib import Path
 from eval import report
 from eval.config import VtabConfig
 from eval.data import TaskDataError
+from eval.errors import SweepError
 from eval.finetune import FinetuneError
-from eval.sweep import SweepError, check_data, check_records, load_pretrained, run
+from eval.records import check_records
+from eval.sweep import run
 from eval.tasks import BY_NAME
+from eval.trial import check_data, load_pretrained
 from pipeline import cli, interrupt, resources, storage, timeline
 from pipeline.data.shards import DatasetError
 from pipeline.storage import StorageError

@@ -14,6 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
+from eval.errors import SweepError
 from eval.tasks import BY_NAME, GROUPS, REFERENCE, summarize
 from pipeline import storage
 
@@ -262,8 +263,6 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict) -> str | None:
     except Exception as err:  # noqa: BLE001 - an outage must not stop the evaluation
         refused = tracking.refusal(err, tracking_uri)
         if refused:   # a refusal is a setting to fix, not an outage to wait out
-            from eval.sweep import SweepError
-
             raise SweepError(refused) from None
         log.warning("MLflow unavailable (%s); evaluating without tracking",
                     tracking.redact(str(err).splitlines()[0][:160]) if str(err)

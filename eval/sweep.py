@@ -16,28 +16,32 @@ plant. Trials are plain function trainables with fractional GPUs (`--gpus-per-tr
 0.25` packs four onto a device). A task's data is decoded once per phase, in Ray tasks, and
 shared by all its trials through the object store, as are the pre-trained weights; no trial
 re-reads storage.
+
+Here: the `sweep` config section and the phases. One trial and what it is given (weights,
+data): eval/trial.py; the record of finished trials: eval/records.py; Tune's environment and
+terminal output around `tuner.fit()`: eval/tune_hooks.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
 import logging
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from eval.tasks import BY_NAME, GROUPS, TASKS, Task, select
+from eval.errors import SweepError
+from eval.records import TrialRecord, combo_name, trial_record
+from eval.tasks import GROUPS, TASKS, select
+from eval.trial import Pretrained, load_phase_data, trial
+from eval.tune_hooks import no_credentials_in_trial_env, progress_callback, quiet_tune
 from pipeline import interrupt, storage, timeline
 
 if TYPE_CHECKING:
     from eval.config import VtabConfig
-    from eval.finetune import FinetuneConfig
 
 log = logging.getLogger("eval.vtab")
 
@@ -46,10 +50,6 @@ log = logging.getLogger("eval.vtab")
 # task's best rate.
 PROTOCOLS = ("paper", "vit", "per-task")
 PAPER = {"lrs": (0.01,), "steps": 2500, "seeds": 3}
-
-
-class SweepError(RuntimeError):
-    """The evaluation cannot start or finish, for a reason a user must act on (one line)."""
 
 
 @dataclass(frozen=True)
@@ -99,157 +99,6 @@ def _task_names(specs: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(t.name for t in TASKS if t.name in names)
 
 
-@functools.lru_cache(maxsize=64)
-def model_label(checkpoint: str) -> str:
-    """What a person calls the model: `<pretraining run>-step<N>` for our checkpoints (from
-    their metadata), the Hub name for hf://, else the file or folder name."""
-    from pipeline.weights import HUB_SCHEME, read_metadata
-
-    if checkpoint.startswith(HUB_SCHEME):
-        return checkpoint[len(HUB_SCHEME):].replace("/", "-").replace("@", "-")
-    meta = read_metadata(checkpoint)
-    if meta.get("run_name") and meta.get("step") is not None:
-        return f"{meta['run_name']}-step{meta['step']}"
-    return checkpoint.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
-
-
-@dataclass
-class Pretrained:
-    config: dict              # ViTConfig fields
-    metadata: dict            # our format's vit.json metadata ({} for imports)
-    state: dict = field(repr=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: everything that can be wrong is found before any trial starts
-# ---------------------------------------------------------------------------------------------
-def load_pretrained(cfg: VtabConfig) -> Pretrained:
-    from pipeline.weights import load_vit, read_metadata
-
-    model = load_vit(cfg.run.checkpoint)
-    patch = model.cfg.effective_patch_size          # a hybrid's: pixels per token
-    resolution, dropout = cfg.finetune.resolution, cfg.finetune.dropout
-    if resolution < patch:
-        raise SweepError(f"--resolution {resolution} is smaller than the checkpoint's "
-                         f"patch size {patch}; use at least {patch}")
-    # Not a multiple (H/14 at the paper's 384 px): the last resolution % patch rows and
-    # columns go unused, as in vit_jax (VALID patch convolution; see ViTConfig.grid_size).
-    from eval.finetune import finetune_dropout
-
-    # Fine-tuning dropout: vit_jax's per-model value, not whatever the checkpoint was
-    # pretrained with (0.1 for ours, 0.0 for imports), unless --dropout says otherwise; no
-    # stochastic depth ("No AugReg during fine-tuning", vit_jax configs/augreg.py).
-    config = {**model.cfg.to_dict(), "attention_dropout": 0.0, "drop_path": 0.0,
-              "dropout": dropout if dropout is not None else finetune_dropout(model.cfg)}
-    return Pretrained(config, read_metadata(cfg.run.checkpoint),
-                      {k: v.detach().cpu() for k, v in model.state_dict().items()})
-
-
-def check_data(cfg: VtabConfig) -> dict[str, dict[str, int]]:
-    from eval.data import check_task
-
-    return {name: check_task(cfg.data.uri, BY_NAME[name]) for name in cfg.sweep.tasks}
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: decoded once per phase in Ray tasks, shared through the object store
-# ---------------------------------------------------------------------------------------------
-def _load(data_root: str, task_name: str, split: str, resolution: int, kind: str):
-    """-> (the split, decoded or encoded; its size). Two returns, so that the driver can
-    wait on the small one and never pull the images to itself."""
-    from eval.data import decode, read_encoded, train_size
-
-    task = BY_NAME[task_name]
-    encoded = read_encoded(data_root, task, split)
-    if kind == "encoded":
-        return encoded, len(encoded.labels)
-    size = train_size(task, resolution) if kind == "train" else resolution
-    return decode(encoded, size, f"{task_name}/{split}"), len(encoded.labels)
-
-
-def load_phase_data(cfg: VtabConfig, phase: str) -> dict[str, dict[str, object]]:
-    """{task: {"train": ref, "eval": ref}} for a phase, loaded in parallel Ray tasks and left
-    in the object store; raises TaskDataError on bad data."""
-    import ray
-
-    load = ray.remote(num_cpus=1, max_retries=2, num_returns=2)(_load)
-    train_split, eval_split, eval_kind = (("train800", "val200", "eval") if phase == "select"
-                                          else ("train800val200", "test", "encoded"))
-    refs, sizes = {}, []
-    root, resolution = cfg.data.uri, cfg.finetune.resolution
-    for name in cfg.sweep.tasks:
-        train, n_train = load.remote(root, name, train_split, resolution, "train")
-        evaluation, n_eval = load.remote(root, name, eval_split, resolution, eval_kind)
-        refs[name] = {"train": train, "eval": evaluation}
-        sizes += [n_train, n_eval]
-    try:
-        ray.get(sizes)   # surfaces a data error here, before any trial
-    except ray.exceptions.RayTaskError as err:
-        raise (err.cause if err.cause is not None else err) from None
-    return refs
-
-
-# ---------------------------------------------------------------------------------------------
-# The trial (runs in a Tune actor)
-# ---------------------------------------------------------------------------------------------
-def trial(config: dict, *, data: dict, pretrained, recipe: FinetuneConfig,
-          sweep: SweepConfig) -> None:
-    """One fine-tuning run by `recipe`: config = {"trial": {"task", "lr", "seed", "phase"}}."""
-    import numpy as np
-    import ray
-    import torch
-    from ray import tune
-
-    from eval.data import Encoded, decode
-    from eval.finetune import FinetuneError, build_model, finetune, predict, top1
-
-    config = config["trial"]
-    timeline.mark("trial.start")
-    task: Task = BY_NAME[config["task"]]
-    torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
-    use_gpu = sweep.gpus_per_trial > 0 and torch.cuda.is_available()
-    device = torch.device("cuda" if use_gpu else "cpu")
-    if use_gpu and sweep.gpus_per_trial < 1:
-        # Ray's GPU fractions are logical: cap this trial's share of the device memory, so
-        # that co-located trials cannot starve each other (the batch is accumulated instead).
-        torch.cuda.set_per_process_memory_fraction(sweep.gpus_per_trial)
-    weights = pretrained   # tune.with_parameters fetched it from the object store
-    res = recipe.resolution
-    model = build_model(weights.config, weights.state, task.num_classes, res)
-    train = ray.get(data[task.name]["train"])
-    every = max(1, recipe.steps // max(1, sweep.progress_reports))
-
-    def progress(step: int, loss: float) -> None:
-        if step < recipe.steps:
-            tune.report({"step": step, "train_loss": loss})
-
-    try:
-        stats = finetune(model, train.images, train.labels, recipe, lr=config["lr"],
-                         seed=config["seed"], crop=task.crop, flip=task.flip, device=device,
-                         progress=progress, progress_every=every)
-    except FinetuneError as err:
-        # A learning rate that diverges is a result of the sweep, not a failure of it.
-        tune.report({"step": recipe.steps, "diverged": True, "top1": float("nan"),
-                     "error": str(err), "task": task.name})
-        return
-    del train
-    evaluation = ray.get(data[task.name]["eval"])
-    if isinstance(evaluation, Encoded):   # test: decoded in chunks, never whole
-        chunk = 512
-
-        def chunks():
-            for lo in range(0, len(evaluation.labels), chunk):
-                yield decode(Encoded(evaluation.images[lo:lo + chunk],
-                                     evaluation.labels[lo:lo + chunk]), res,
-                             f"{task.name}/test").images
-        preds = predict(model, chunks(), device)
-    else:
-        preds = predict(model, [evaluation.images], device)
-    labels = np.asarray(evaluation.labels)
-    tune.report({"step": recipe.steps, "top1": top1(preds, labels), "eval_images": len(labels),
-                 "diverged": False, "task": task.name, **stats})
-
-
 # ---------------------------------------------------------------------------------------------
 # Phases
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +124,7 @@ def run_phase(cfg: VtabConfig, phase: str, combos: list[dict], data: dict,
     sweep = cfg.sweep
     record = TrialRecord(cfg, phase)
     done = record.read()
-    todo = [c for c in combos if _combo_name(c) not in done]
+    todo = [c for c in combos if combo_name(c) not in done]
     if done:
         log.info("%s: resuming from %s (%d of %d trials finished are kept)", phase,
                  record.uri, len(combos) - len(todo), len(combos))
@@ -317,215 +166,12 @@ def run_phase(cfg: VtabConfig, phase: str, combos: list[dict], data: dict,
         for result in grid:
             conf = result.config["trial"]
             error = (str(result.error).strip().splitlines()[-1] if result.error else None)
-            results[_combo_name(conf)] = _trial_record(phase, conf, result.metrics or {}, error)
-    return [results.get(_combo_name(c)) or done[_combo_name(c)] for c in combos]
-
-
-def _trial_record(phase: str, conf: dict, metrics: dict, error: str | None) -> dict:
-    return {"phase": phase, **conf, "top1": metrics.get("top1"),
-            "diverged": bool(metrics.get("diverged", False)),
-            "error": error or metrics.get("error"),
-            "train_time_s": metrics.get("train_time_s"),
-            "images_per_s": metrics.get("images_per_s"),
-            "micro_batch_size": metrics.get("micro_batch_size"),
-            "finished_at": metrics.get("timestamp"),
-            "trial_id": metrics.get("trial_id")}
-
-
-def _combo_name(conf: dict) -> str:
-    return f"{conf['task']}-lr{conf['lr']:g}-seed{conf['seed']}"
-
-
-class TrialRecord:
-    """The finished trials of a phase, as JSON in the evaluation's storage: what a rerun of
-    the same command keeps. Written whole (atomically) by the driver each time a trial
-    finishes; it names the settings the results depend on, so a rerun under the same --name
-    with other settings is refused instead of mixing results."""
-
-    def __init__(self, cfg: VtabConfig, phase: str):
-        self.uri = storage.join(cfg.root, f"{phase}_trials.json")
-        self.phase = phase
-        ft = cfg.finetune
-        # These keys and values as records of earlier releases hold them, so that those
-        # still resume; a recipe key added since joins them only where it is not at its
-        # default (a record without it was made at the default).
-        self.settings = {"checkpoint": cfg.run.checkpoint, "data": cfg.data.uri,
-                         "resolution": ft.resolution, "steps": ft.steps,
-                         "warmup": ft.warmup, "batch_size": ft.batch_size,
-                         "dropout": ft.dropout, **cfg.changed_recipe()}
-        self.trials: dict[str, dict] = {}
-
-    def read(self) -> dict[str, dict]:
-        """{trial name: record} of the trials an earlier run finished ({} if none)."""
-        try:
-            raw = storage.read_bytes(self.uri)
-        except storage.StorageError:
-            return {}
-        try:
-            doc = json.loads(raw)
-            trials = doc["trials"]
-            ok = doc.get("phase") == self.phase and isinstance(trials, list) and all(
-                isinstance(t, dict) and isinstance(t.get("task"), str) and
-                isinstance(t.get("lr"), (int, float)) and isinstance(t.get("seed"), int) and
-                (t.get("top1") is None or isinstance(t["top1"], (int, float)))
-                for t in trials)
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise SweepError(f"{self.uri} is not a record of finished trials that this "
-                             f"pipeline wrote; delete it to run the {self.phase} phase again")
-        if doc.get("settings") != json.loads(json.dumps(self.settings)):
-            theirs = doc.get("settings") or {}
-            diff = ", ".join(f"{k}: {theirs.get(k)!r} vs {v!r}" for k, v in
-                             self.settings.items() if theirs.get(k) != v)
-            raise SweepError(f"{self.uri} holds trials run with other settings ({diff}); "
-                             f"use another --name, or delete it to start the phase again")
-        self.trials = {_combo_name(t): t for t in trials}
-        return dict(self.trials)
-
-    def add(self, record: dict) -> None:
-        self.trials[_combo_name(record)] = record
-        doc = {"phase": self.phase, "settings": self.settings,
-               "trials": list(self.trials.values())}
-        try:
-            storage.write_bytes(self.uri, json.dumps(doc, indent=1).encode())
-        except (storage.StorageError, OSError) as err:
-            log.warning("could not record the finished trial %s (%s); a rerun would run it "
-                        "again", _combo_name(record), str(err).splitlines()[0][:160])
-
-    def callback(self):
-        """A Tune callback that adds each trial when its final result (with `top1`) comes
-        in, before Tune's own loggers write it."""
-        from ray import tune
-
-        record = self
-
-        class Record(tune.Callback):
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if "top1" in result:
-                    record.add(_trial_record(record.phase, trial.config["trial"], result,
-                                             None))
-
-        return Record()
-
-
-def check_records(cfg: VtabConfig) -> None:
-    """Read the records of finished trials an earlier run left (before Ray starts): one
-    that is not ours, or one of other settings, stops the evaluation here."""
-    for phase in ("select", "final"):
-        TrialRecord(cfg, phase).read()
-
-
-@contextlib.contextmanager
-def no_credentials_in_trial_env():
-    """Tune copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the session tokens from the
-    driver's environment into every trial actor's runtime env (ray/tune/execution/
-    class_cache.py, ENV_VARS_TO_PROPAGATE), and Ray's runtime_env_agent.log then prints them
-    in plain text on every node. Trials need none of the driver's: they read data and weights
-    from the object store, and whatever a node's processes write to storage resolves its
-    credentials through the standard AWS chain of that node's own environment."""
-    from ray.tune.execution import class_cache
-
-    saved = class_cache.ENV_VARS_TO_PROPAGATE
-    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in saved if not v.startswith("AWS_")}
-    try:
-        yield
-    finally:
-        class_cache.ENV_VARS_TO_PROPAGATE = saved
-
-
-@contextlib.contextmanager
-def quiet_tune():
-    """Tune's own terminal output (the boxed experiment tables, the TensorBoard hint, the
-    "wrote the experiment state" lines, a traceback per failed attempt of a trial, also one
-    that is retried) says nothing our one line per finished, retried or failed trial and the
-    heartbeat do not; keep it off the user's terminal. Tune reads the variables per call."""
-    quiet = {"RAY_AIR_NEW_OUTPUT": "0",            # the legacy reporter: silent at verbose=0
-             "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}   # read when tuner.fit() starts
-    saved = {k: os.environ.get(k) for k in quiet}
-    os.environ.update(quiet)
-    tune_log = logging.getLogger("ray.tune")
-    level = tune_log.level
-    tune_log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        tune_log.setLevel(level)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def progress_callback(phase: str, total: int):
-    """A Tune callback (Tune is imported here, not when the CLI parses its arguments)."""
-    from ray import tune
-
-    class Progress(tune.Callback):
-        """One line per finished trial and a heartbeat a minute: readable for 95 trials."""
-
-        def __init__(self, phase: str, total: int, every_s: float = 60.0):
-            self.phase, self.total, self.every_s = phase, total, every_s
-            self.done, self.last = 0, time.monotonic()
-            self.started = time.monotonic()
-
-        def pace(self) -> str:
-            """Elapsed time and, at this phase's mean pace, the time left."""
-            from pipeline.cli import clock
-
-            elapsed = time.monotonic() - self.started
-            left = (self.total - self.done) * elapsed / self.done if self.done else None
-            return f"{clock(elapsed)} elapsed" + (f", ~{clock(left)} left"
-                                                  if left is not None else "")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
-            c, m = trial.config["trial"], trial.last_result or {}
-            what = "val200" if self.phase == "select" else "test"
-            score = (f"{what} top-1 {m['top1']:.2f}" if not m.get("diverged")
-                     else "diverged")
-            log.info("%s [%d/%d] %s lr %g seed %d: %s (%.0f s) | %s", self.phase,
-                     self.done, self.total, c["task"], c["lr"], c["seed"], score,
-                     m.get("time_total_s", 0.0), self.pace())
-
-        def on_trial_recover(self, iteration, trials, trial, **info):
-            # Its actor failed (the node was lost, say) and Tune runs it again from the start.
-            c = trial.config["trial"]
-            log.warning("%s: trial %s lr %g seed %d failed (%s); running it again (retry %d "
-                        "of %d)", self.phase, c["task"], c["lr"], c["seed"],
-                        _last_error(trial), trial.num_failures, trial.max_failures)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            c = trial.config["trial"]
-            log.warning("%s: trial %s lr %g seed %d failed (error file: %s)", self.phase,
-                        c["task"], c["lr"], c["seed"], trial.error_file)
-
-        def on_step_end(self, iteration, trials, **info):
-            if time.monotonic() - self.last < self.every_s:
-                return
-            self.last = time.monotonic()
-            states = [t.status for t in trials]
-            log.info("%s: %d/%d done, %d running, %d pending | %s", self.phase,
-                     states.count("TERMINATED") + states.count("ERROR"), len(states),
-                     states.count("RUNNING"), states.count("PENDING"), self.pace())
-
-    return Progress(phase, total)
-
-
-def _last_error(trial) -> str:
-    """The last line of a trial's error file (Tune appends each failure's message there)."""
-    try:
-        lines = Path(trial.error_file).read_text().strip().splitlines()
-    except (OSError, TypeError):
-        return "no error file"
-    if not lines:
-        return "no message"
-    return lines[-1] if len(lines[-1]) <= 200 else lines[-1][:197] + "..."
+            results[combo_name(conf)] = trial_record(phase, conf, result.metrics or {}, error)
+    return [results.get(combo_name(c)) or done[combo_name(c)] for c in combos]
 
 
 def _trial_name(t) -> str:
-    return _combo_name(t.config["trial"])
+    return combo_name(t.config["trial"])
 
 
 def choose_lrs(cfg: SweepConfig, selection: list[dict]) -> dict[str, float]:
@@ -557,7 +203,7 @@ def run(cfg: VtabConfig, pretrained: Pretrained) -> dict:
     def phase(name: str, combos: list[dict]) -> list[dict]:
         start = time.perf_counter()
         done = TrialRecord(cfg, name).read()
-        data = load_phase_data(cfg, name) if any(_combo_name(c) not in done
+        data = load_phase_data(cfg, name) if any(combo_name(c) not in done
                                                  for c in combos) else {}
         timings[f"{name}/data_s"] = time.perf_counter() - start
         start = time.perf_counter()

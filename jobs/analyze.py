@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import torch
 
-    from eval.sweep import model_label
+    from eval.trial import model_label
     from pipeline import analysis, storage
     from pipeline.cli import clock
     from pipeline.weights import load_vit, read_metadata, resolve_checkpoint

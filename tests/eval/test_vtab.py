@@ -347,7 +347,8 @@ def test_trials_read_the_object_store_not_storage(ray_local, tmp_path):
     import shutil
 
     from eval.config import VtabConfig
-    from eval.sweep import load_phase_data, load_pretrained, run_phase
+    from eval.sweep import run_phase
+    from eval.trial import load_phase_data, load_pretrained
     from pipeline.config import apply_overrides
 
     torch.manual_seed(0)

@@ -99,7 +99,7 @@ def test_tune_trials_get_no_aws_variables(monkeypatch):
     fails if a Ray upgrade moves where Tune copies them."""
     from ray.tune.execution.class_cache import _ActorClassCache
 
-    from eval.sweep import no_credentials_in_trial_env
+    from eval.tune_hooks import no_credentials_in_trial_env
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)

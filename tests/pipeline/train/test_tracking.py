@@ -87,7 +87,7 @@ def test_experiment_name_from_the_environment_and_standard_tags(mlflow_server, m
 
 def test_vtab_runs_are_named_after_the_pretraining_run_and_step(tmp_path):
     from eval.config import VtabConfig
-    from eval.sweep import model_label
+    from eval.trial import model_label
     from pipeline.config import apply_overrides
     from pipeline.model import ViT
     from pipeline.train.config import smoke
