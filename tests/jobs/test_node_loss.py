@@ -302,12 +302,13 @@ def test_vtab_keeps_finished_trials_and_reschedules_the_lost_ones(cluster, tmp_p
                           tmp_path / "ckpt")
     data = make_tasks(tmp_path / "vtab-1k", ("eurosat", "kitti"))
     # One rate (no selection phase); 2 tasks x 2 seeds = 4 trials of 1 CPU: one at a time on
-    # each worker node, two rounds. A progress report every 5% of the steps shows a trial
-    # running (and on which node) from early on.
+    # each worker node, two rounds. A progress report every 2.5% of the steps shows a trial
+    # running (and on which node) from early on; 3,000 steps keep a trial running long enough
+    # (~20 s on 2 cores) to be caught on w1 after another has finished.
     cmd = [sys.executable, "-m", "eval.vtab", "--checkpoint", str(checkpoint), "--data",
            str(data), "--tasks", "eurosat,kitti", "--resolution", "32", "--lrs", "0.01",
-           "--steps", "1200", "--batch-size", "32", "--seeds", "2", "--cpus-per-trial", "1",
-           "--set", "progress_reports=20", "--out", str(tmp_path / "ev"), "--name",
+           "--steps", "3000", "--batch-size", "32", "--seeds", "2", "--cpus-per-trial", "1",
+           "--set", "sweep.progress_reports=40", "--out", str(tmp_path / "ev"), "--name",
            "node-lost"]
     env = {**cluster.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     experiment = tmp_path / "ev" / "node-lost" / "final"
