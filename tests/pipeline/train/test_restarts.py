@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.data import shards
@@ -153,16 +154,25 @@ def test_driver_killed_while_a_checkpoint_uploads_then_the_same_command(tmp_path
     check_recorded_position(final, samples, manifest)
 
 
+def _cmdline(p) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def _kill_a_worker_mid_epoch(run_dir: Path, killed: list, stop: threading.Event):
     # Kill a worker as soon as the step-10 checkpoint is complete: mid-epoch (7.5 steps an
     # epoch), and before the end of the run.
     while not stop.is_set():
         if checkpoints.is_complete(str(run_dir / "step_00000010")):
-            pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True,
-                                  text=True).stdout.split()
+            # A Train worker of this session's Ray (a descendant of this process), never
+            # one of another Ray on the machine.
+            pids = [p.pid for p in psutil.Process().children(recursive=True)
+                    if _cmdline(p).startswith("ray::RayTrainWorker")]
             if pids:
-                os.kill(int(pids[-1]), signal.SIGKILL)
-                killed.append(int(pids[-1]))
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
                 return
         time.sleep(0.05)
 

@@ -663,3 +663,17 @@ def test_a_local_mlflow_store_is_refused_on_a_cluster_of_several_nodes():
                                                 "nodes; set MLFLOW_TRACKING_URI"):
             check_tracking(local, 3)
     check_tracking("sqlite:////shared/mlflow.db", 3, shared=True)   # declared: every node
+
+
+def test_the_controller_polls_small_groups_often_and_a_users_interval_wins(monkeypatch):
+    from pipeline.train import run
+
+    monkeypatch.delenv(run.POLL_INTERVAL_ENV, raising=False)
+    monkeypatch.setattr(run, "_poll_set", None)
+    run.set_poll_interval(2)
+    assert float(os.environ[run.POLL_INTERVAL_ENV]) == 0.5
+    run.set_poll_interval(1024)              # a later run in the same process: its own size
+    assert float(os.environ[run.POLL_INTERVAL_ENV]) == 2.0     # Ray's default at scale
+    monkeypatch.setenv(run.POLL_INTERVAL_ENV, "3")               # the user's choice
+    run.set_poll_interval(2)
+    assert os.environ[run.POLL_INTERVAL_ENV] == "3"
