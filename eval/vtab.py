@@ -78,8 +78,8 @@ FLAGS = (
      "--reference); vit: the learning-rate sweep, one rate for all tasks, best on average (the "
      "default otherwise); per-task: each task's best rate"),
     ("--dropout", "finetune.dropout", None,
-     "dropout while fine-tuning (default: vit_jax's value for the model: 0.1 for L/16 and "
-     "H/14, 0 for the others)"),
+     "dropout while fine-tuning (default: vit_jax's value for the checkpoint: 0 for AugReg "
+     "ones, else 0.1 for L/16, H/14 and R50+B/16 and 0 for the others)"),
     ("--gpus-per-trial", "sweep.gpus_per_trial", None,
      "GPU fraction per trial; small tasks pack onto one device (default: 0.25; ignored where "
      "the cluster has no GPU)"),
