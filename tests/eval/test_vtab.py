@@ -473,8 +473,9 @@ def test_finetune_dropout_is_vit_jax_s_per_checkpoint_value():
 
 def test_load_pretrained_gives_an_augreg_checkpoint_no_dropout(tmp_path, monkeypatch):
     """The sweep's weights carry the fine-tuning dropout `finetune_dropout` picks from the
-    checkpoint's name: a Ti/16 stands in for L/16 (whose 0.1 the table is patched to give Ti
-    here, to keep the file small); AugReg-named files get 0, `--dropout` wins over both."""
+    checkpoint's name or run name: 0 for AugReg's, the size's value otherwise, `--dropout`
+    over both. A Ti/16 stands in for an L/16 (the table patched to give it L/16's 0.1), to
+    keep the files small."""
     from eval import finetune
     from eval.config import VtabConfig
     from eval.trial import load_pretrained
