@@ -3,6 +3,7 @@ the train step (accumulation, non-finite loss) and exact checkpoint resume. No R
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -563,7 +564,9 @@ def test_probe_sets_from_vtab_folders_and_shards(tmp_path):
     a, b = probe.sets
     assert (a.name, b.name) == ("folder", "shards")
     for s in (a, b):
-        assert s.train_images.shape == (25, 32, 32, 3) and s.num_classes == 10
+        # the pool: each class's first max(shots) = 5 of its 5 images; 25 test images
+        assert s.train_images.shape == (50, 32, 32, 3) and s.num_classes == 10
+        assert np.bincount(s.train_labels).tolist() == [5] * 10
         assert len(s.test_labels) == 25
     assert sorted(a.train_labels) == sorted(b.train_labels)
     with pytest.raises(ValueError, match="probe.sets entry .*: write name=URI"):
@@ -594,8 +597,63 @@ def test_the_probe_is_one_unit_the_loop_calls():
 
     env = WorkerEnv(0, 1, torch.device("cpu"), None, "ddp")
     metrics = probe.run(RedChannel(), env)
-    assert sorted(metrics) == ["fewshot/synthetic/1shot", "fewshot/synthetic/5shot"]
+    # each seed's top-1, as big_vision logs them (`<set>_<k>shot-seed-<i>`), and their mean
+    assert sorted(metrics) == [f"fewshot/synthetic/{k}shot{seed}" for k in (1, 5)
+                               for seed in ("", "/seed0", "/seed1", "/seed2")]
+    seeds = {k: [metrics[f"fewshot/synthetic/{k}shot/seed{i}"] for i in range(3)]
+             for k in (1, 5)}
+    for k in (1, 5):
+        assert metrics[f"fewshot/synthetic/{k}shot"] == pytest.approx(np.mean(seeds[k]))
     assert metrics["fewshot/synthetic/5shot"] > 0.9, metrics
+
+
+def test_probe_pools_hold_the_shots_of_every_class(tmp_path, caplog):
+    """A 47-class set: the training pool holds max(shots) images of every class however
+    small `probe.images` (the test set's cap) is; `probe.pool_images` bounds it, with a
+    warning that says how short it falls. big_vision's shots: 1, 5, 10, 25."""
+    from eval.data import write_grating_task
+    from eval.tasks import BY_NAME
+    from pipeline.train.fewshot import ProbeConfig
+
+    assert ProbeConfig().shots == (1, 5, 10, 25)
+    folder = write_grating_task(tmp_path / "vtab", BY_NAME["dtd"], train=235, val=47,
+                                test=60, image_size=16)
+    cfg = apply_overrides(smoke(), [f"probe.sets=dtd={folder}", "probe.images=30"])
+    (s,) = FewShotProbe.build(cfg, None).sets
+    assert np.bincount(s.train_labels, minlength=47).tolist() == [5] * 47   # shots (1, 5)
+    assert len(s.test_labels) == 30
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        (s,) = FewShotProbe.build(apply_overrides(cfg, ["probe.pool_images=100"]), None).sets
+    assert len(s.train_labels) == 100
+    held = np.bincount(s.train_labels, minlength=47)
+    assert held.max() == 5 and (held < 5).any()
+    assert (f"few-shot set dtd: probe.pool_images=100 stops its pool short: it holds "
+            f"{(held > 0).sum()} of 47 classes, {((held > 0) & (held < 5)).sum()} have fewer "
+            f"than 5") in caplog.text
+    with pytest.raises(ValueError, match="probe.images and probe.pool_images must be "
+                                         "positive, got 30 and 0"):
+        apply_overrides(cfg, ["probe.pool_images=0"])
+
+
+def test_probe_fallback_splits_one_split_into_pool_and_test(tmp_path):
+    """Without downstream sets: the pretraining data's split read once, each class's first
+    max(shots) images to the pool, the others (up to probe.images) to the test set."""
+    from eval.data import write_grating_task
+    from eval.tasks import BY_NAME
+    from jobs.make_shards import main as make_shards
+    from pipeline.data.probe import load_split_pool
+
+    folder = write_grating_task(tmp_path / "vtab", BY_NAME["eurosat"], train=80, val=20,
+                                test=10, image_size=16)
+    assert make_shards(["vtab", "--data", str(folder), "--out", str(tmp_path / "shards"),
+                        "--no-shuffle"]) == 0
+    pool, test = load_split_pool(str(tmp_path / "shards"), "train800val200", 16, per_class=4,
+                                 max_pool=1000, max_test=50)
+    assert np.bincount(pool["labels"]).tolist() == [4] * 10 and len(test["labels"]) == 50
+    assert pool["images"].shape == (40, 16, 16, 3) and test["images"].shape == (50, 16, 16, 3)
+    small, rest = load_split_pool(str(tmp_path / "shards"), "train800val200", 16, per_class=4,
+                                  max_pool=7, max_test=1000)
+    assert len(small["labels"]) == 7 and len(rest["labels"]) == 100 - 7
 
 
 def test_resume_accepts_the_checkpoints_json_config_and_older_ones():
