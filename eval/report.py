@@ -37,7 +37,7 @@ def choices(cfg, dropout: float | None = None) -> list[str]:
     else:
         selection = (f"selection: learning rates {{{lrs}}} fine-tuned on train800, scored on "
                      f"val200; "
-                     + ("one rate for all tasks, the best on average (ViT)"
+                     + ("one rate for all tasks, the best on average (protocol vit)"
                         if sweep.protocol == "vit" else "the best rate per task (per-task)")
                      + ("" if len(sweep.lrs) > 1 else " (one rate given: no selection run)"))
     source = "--dropout" if ft.dropout is not None else (

@@ -17,7 +17,7 @@ from pipeline.train import checkpoints
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke, smoke_hybrid
 from pipeline.train.fewshot import FewShotProbe, fewshot_accuracy, seed_accuracy
 from pipeline.train.loop import Meter
-from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets
+from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets, sigmoid_xent
 from pipeline.train.step import NonFiniteLoss, Pretrainer, decay_names, make_optimizer, train_step
 
 CPU = torch.device("cpu")
@@ -215,8 +215,8 @@ def test_presets_follow_table_3():
         3e-4, 0.1, 14, 32)
     m = PRESETS["vit_b16_mpp"]()
     assert m.train.objective == "mpp" and m.optim.lr == 2e-4 and m.optim.decay == "cosine"
-    # The authors' i21k models: sigmoid xent, head bias -10 (big_vision configs/vit_i21k.py);
-    # clipping "for ImageNet" (Table 3) and in big_vision's i21k config, not for JFT.
+    # Sigmoid xent, head bias -10 (big_vision configs/vit_i21k.py; the paper states no loss);
+    # clipping at 1 as big_vision's i21k config (`grad_clip_norm=1.0`), not for JFT.
     for name in ("vit_b16_i21k", "vit_l16_i21k", "vit_b16_jft", "vit_h14_jft"):
         p = PRESETS[name]()
         assert (p.train.objective, p.train.head_bias) == ("sigmoid", -10.0), name
@@ -325,7 +325,7 @@ def test_the_loop_augments_each_micro_batch_on_the_device():
         assert not torch.equal(other[0], x)
 
 
-def test_head_bias_starts_the_sigmoid_loss_near_ten():
+def test_head_bias_starts_the_sigmoid_loss_near_eleven():
     cfg = smoke().model.replace(num_classes=1000)
     images = torch.randn(4, 3, cfg.image_size, cfg.image_size)
     labels = torch.tensor([1, 5, 999, 0])
@@ -338,6 +338,12 @@ def test_head_bias_starts_the_sigmoid_loss_near_ten():
     # one positive at p = sigmoid(-10), 999 negatives at 1 - p: -log p + 999 * log(1 + e^-10)
     expected = math.log1p(math.exp(10)) + 999 * math.log1p(math.exp(-10))
     assert model(images, labels).item() == pytest.approx(expected, rel=1e-4)   # float32
+    # ImageNet-21k: 10.0 for the true class, 21,842 x 4.54e-5 = 0.99 for the others: 10.99
+    # (11.00 in float32, whose log(1 + e^-10) is 4.58e-5): about 11, not 10
+    exact = math.log1p(math.exp(10)) + 21842 * math.log1p(math.exp(-10))
+    assert exact == pytest.approx(10.99, abs=0.005)
+    i21k = sigmoid_xent(torch.full((2, 21843), -10.0), torch.tensor([0, 21842]))
+    assert i21k.item() == pytest.approx(exact, abs=0.01)
     for preset in PRESETS.values():
         assert PretrainConfig.from_dict(preset().to_dict()) == preset(), "round-trips"
         assert "python jobs/pretrain.py --preset " + preset.__name__ in preset.__doc__
