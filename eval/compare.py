@@ -76,7 +76,8 @@ def pretrain_rows(uri: str, runs) -> list[tuple[str, list]]:
                 values.append(sum(hist) / len(hist) if hist else None)
         if any(v is not None for v in values):
             rows.append((name, values))
-    fewshot = sorted({k for r in runs for k in r.data.metrics if k.startswith("fewshot/")})
+    fewshot = sorted({k for r in runs for k in r.data.metrics
+                      if k.startswith("fewshot/") and "/seed" not in k})     # the seeds' means
     rows += [(k, [r.data.metrics.get(k) for r in runs]) for k in fewshot]
     rows.append(("steps", [_last_step(uri, r) for r in runs]))
     keys = sorted({k for r in runs for k in r.data.params})

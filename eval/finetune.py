@@ -14,6 +14,7 @@ the whole batch and halves the micro-batch after an out-of-memory error until it
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class FinetuneConfig:
     warmup_steps: int | None = None       # None: min(500, steps // 5), vit_jax's 500 of 2500
     batch_size: int = 512
     micro_batch_size: int | None = None   # None: the whole batch on GPU (halved on OOM), 32 on CPU
-    dropout: float | None = None          # None: vit_jax's value for the model (finetune_dropout)
+    dropout: float | None = None          # None: vit_jax's for the checkpoint (finetune_dropout)
     momentum: float = 0.9
     grad_clip: float = 1.0                # global norm
 
@@ -68,15 +69,33 @@ class FinetuneConfig:
         return self.warmup_steps if self.warmup_steps is not None else min(500, self.steps // 5)
 
 
-# vit_jax's fine-tuning dropout per model (`vit_jax/configs/models.py`, `dropout_rate`; the
-# attention dropout is 0 for all): 0.1 for L/16, H/14, R50+B/16 and R50+L/32 (built on the
-# L/16 config), 0 for the others.
-FINETUNE_DROPOUT = {"L/16": 0.1, "H/14": 0.1, "R50+B/16": 0.1, "R50+L/32": 0.1}
+# vit_jax's fine-tuning dropout (the attention dropout is 0 for all models). The ViT paper's
+# checkpoints fine-tune with `configs/vit.py`, which keeps `configs/models.py`'s `dropout_rate`:
+# 0.1 for L/16 (`get_l16_config`), H/14 and R50+B/16 (`get_r50_b16_config`), 0 for the others
+# (`get_l32_config` sets L/32's back to 0). AugReg checkpoints (Steiner et al., 2021) fine-tune
+# with `configs/augreg.py`, which sets `config.model.transformer.dropout_rate = 0  # No AugReg
+# during fine-tuning.` for every model. The models vit_jax ships only as AugReg checkpoints
+# (R50+L/32, whose models.py entry inherits L/16's 0.1; the R26 and R+Ti hybrids; Ti, S, B/8)
+# are therefore fine-tuned without dropout whatever their file is called.
+PAPER_FINETUNE_DROPOUT = {"L/16": 0.1, "H/14": 0.1, "R50+B/16": 0.1}
+
+# How an AugReg checkpoint is named: vit_jax's files (`L_16-i21k-300ep-lr_0.001-aug_strong1-
+# wd_0.1-do_0.0-sd_0.0.npz`, under gs://vit_models/augreg), timm's tags
+# (`vit_large_patch16_224.augreg_in21k`), our AugReg presets' runs (`vit-l16-i21k-augreg`).
+AUGREG_NAME = re.compile(r"augreg|-i(?:1|21)k-\d+ep-lr_", re.IGNORECASE)
 
 
-def finetune_dropout(cfg: ViTConfig) -> float:
-    """The dropout vit_jax fine-tunes this model with (0 for sizes it does not name)."""
-    return FINETUNE_DROPOUT.get(cfg.variant or "", 0.0)
+def is_augreg(*names: str) -> bool:
+    """Whether any of `names` (the checkpoint's URI, Hub id or pretraining run name) is an
+    AugReg checkpoint's (`AUGREG_NAME`)."""
+    return any(AUGREG_NAME.search(n or "") for n in names)
+
+
+def finetune_dropout(cfg: ViTConfig, augreg: bool = False) -> float:
+    """The dropout vit_jax fine-tunes this checkpoint with: 0 for an AugReg checkpoint
+    (`configs/augreg.py`), else `configs/models.py`'s value for the size (0 for sizes it does
+    not name, and for free sizes)."""
+    return 0.0 if augreg else PAPER_FINETUNE_DROPOUT.get(cfg.variant or "", 0.0)
 
 
 def build_model(config: dict, state: dict[str, torch.Tensor], num_classes: int,

@@ -37,12 +37,14 @@ def choices(cfg, dropout: float | None = None) -> list[str]:
     else:
         selection = (f"selection: learning rates {{{lrs}}} fine-tuned on train800, scored on "
                      f"val200; "
-                     + ("one rate for all tasks, the best on average (ViT)"
+                     + ("one rate for all tasks, the best on average (protocol vit)"
                         if sweep.protocol == "vit" else "the best rate per task (per-task)")
                      + ("" if len(sweep.lrs) > 1 else " (one rate given: no selection run)"))
+    source = "--dropout" if ft.dropout is not None else (
+        "vit_jax's value for the checkpoint: configs/augreg.py for AugReg ones, else "
+        "configs/models.py")
     drop = [] if dropout is None else [
-        f"dropout {dropout:g} while fine-tuning, attention dropout 0 ("
-        + ("--dropout" if ft.dropout is not None else "vit_jax's value for the model") + ")"]
+        f"dropout {dropout:g} while fine-tuning, attention dropout 0 ({source})"]
     return [
         f"resolution {ft.resolution} px for every task (ViT; not BiT's task-specific sizes, "
         f"not the 224 px of PETL papers)",

@@ -1,8 +1,10 @@
 """The VTAB-1k protocol on Ray Tune (ViT paper App. B.1.1).
 
     1. selection  one trial per (task, learning rate): fine-tune on train800, score val200;
-    2. choice     `vit`: the one learning rate best on average over the tasks (the paper's
-                  way); `per-task`: the best learning rate of each task;
+    2. choice     `vit`: the one learning rate best on average over the tasks (one setting
+                  for all tasks, chosen on val200 as the paper chose its own, though the
+                  paper swept 2 learning rates x 2 schedules, not `lrs` at one schedule);
+                  `per-task`: the best learning rate of each task;
     3. final      one trial per (task, seed) at the chosen rate: fine-tune on train800val200,
                   score test.
 With a single learning rate, step 1 has nothing to choose and is skipped.

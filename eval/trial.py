@@ -55,14 +55,17 @@ def load_pretrained(cfg: VtabConfig) -> Pretrained:
                          f"patch size {patch}; use at least {patch}")
     # Not a multiple (H/14 at the paper's 384 px): the last resolution % patch rows and
     # columns go unused, as in vit_jax (VALID patch convolution; see ViTConfig.grid_size).
-    from eval.finetune import finetune_dropout
+    from eval.finetune import finetune_dropout, is_augreg
 
-    # Fine-tuning dropout: vit_jax's per-model value, not whatever the checkpoint was
-    # pretrained with (0.1 for ours, 0.0 for imports), unless --dropout says otherwise; no
-    # stochastic depth ("No AugReg during fine-tuning", vit_jax configs/augreg.py).
+    # Fine-tuning dropout: vit_jax's value for the checkpoint (0 for AugReg ones, else the
+    # size's), not whatever it was pretrained with (0.1 for ours, 0.0 for imports), unless
+    # --dropout says otherwise. No stochastic depth: vit_jax's fine-tuning models have none
+    # (its ViT takes no drop-path rate at all).
+    metadata = read_metadata(cfg.run.checkpoint)
+    augreg = is_augreg(cfg.run.checkpoint, metadata.get("run_name", ""))
     config = {**model.cfg.to_dict(), "attention_dropout": 0.0, "drop_path": 0.0,
-              "dropout": dropout if dropout is not None else finetune_dropout(model.cfg)}
-    return Pretrained(config, read_metadata(cfg.run.checkpoint),
+              "dropout": dropout if dropout is not None else finetune_dropout(model.cfg, augreg)}
+    return Pretrained(config, metadata,
                       {k: v.detach().cpu() for k, v in model.state_dict().items()})
 
 

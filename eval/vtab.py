@@ -4,13 +4,16 @@
     ray job submit --working-dir . -- python eval/vtab.py --checkpoint s3://bucket/ckpt \\
         --data s3://bucket/vtab-1k --gpus-per-trial 0.25
 
-The protocol of the ViT paper (App. B.1.1): for each task and learning rate, fine-tune on
-train800 and score val200; keep the one rate best on average (`--protocol vit`) or each task's
-best (`--protocol per-task`); retrain on train800val200 and report top-1 on test. Fine-tuning
-drops the whole head for one zero-initialised linear layer and uses SGD momentum 0.9, batch
-512, warmup + cosine decay, no weight decay, clipping at norm 1, position embeddings resampled
-to the resolution, bf16 on GPU. Defaults follow the paper: 384 px, 2500 steps, batch 512,
-learning rates {0.001, 0.003, 0.01, 0.03} (the sweep of vit_jax's AugReg notebook).
+The ViT paper's fine-tuning (App. B.1.1) under a learning-rate sweep: for each task and
+learning rate, fine-tune on train800 and score val200; keep the one rate best on average
+(`--protocol vit`; the paper chose its one setting so, from 2 learning rates x 2 schedules)
+or each task's best (`--protocol per-task`); retrain on train800val200 and report top-1 on
+test. `--protocol paper` runs the setting the paper chose (lr 0.01, 2500 steps, 3 seeds).
+Fine-tuning drops the whole head for one zero-initialised linear layer and uses SGD momentum
+0.9, batch 512, warmup + cosine decay, no weight decay, clipping at norm 1, position
+embeddings resampled to the resolution, bf16 on GPU. Defaults follow the paper (384 px, 2500
+steps, batch 512); the learning rates {0.001, 0.003, 0.01, 0.03} are the sweep of vit_jax's
+AugReg notebook.
 
 The config (eval/config.py) has sections finetune, sweep, data and run: a preset or --config
 FILE, then --set section.key=value, then the options below, each a shorthand of one key
@@ -78,8 +81,8 @@ FLAGS = (
      "--reference); vit: the learning-rate sweep, one rate for all tasks, best on average (the "
      "default otherwise); per-task: each task's best rate"),
     ("--dropout", "finetune.dropout", None,
-     "dropout while fine-tuning (default: vit_jax's value for the model: 0.1 for L/16 and "
-     "H/14, 0 for the others)"),
+     "dropout while fine-tuning (default: vit_jax's value for the checkpoint: 0 for AugReg "
+     "ones, else 0.1 for L/16, H/14 and R50+B/16 and 0 for the others)"),
     ("--gpus-per-trial", "sweep.gpus_per_trial", None,
      "GPU fraction per trial; small tasks pack onto one device (default: 0.25; ignored where "
      "the cluster has no GPU)"),

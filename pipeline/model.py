@@ -35,8 +35,10 @@ with any patch size; `ViTConfig` also takes free sizes for tests.
 
 Hybrids (paper §3.1 "Hybrid Architecture", Table 6, Fig. 5): the input sequence is the feature
 map of a ResNet instead of raw patches, and the patch embedding (here 1 x 1 "patches") is
-applied to that map. The ResNet is BiT's as the authors' code builds it (vit_jax
-`models_resnet.py` and the root block in `models_vit.py`):
+applied to that map. The ResNet is the one the authors' code builds (vit_jax
+`models_resnet.py` and the root block in `models_vit.py`), reproduced exactly: BiT's weight
+standardisation and GroupNorm, but post-activation units (norm and ReLU after each
+convolution, ReLU after the sum), where BiT's ResNet-v2 units are pre-activation:
 
     root     StdConv 7x7/2 (width 64) - GroupNorm - ReLU - max pool 3x3/2       # /4
     stages   bottleneck units, 1x1 - 3x3 - 1x1 StdConvs (width w, w, 4w), each followed by
@@ -119,8 +121,8 @@ class ViTConfig:
     input_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     input_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     # Hybrid: units per stage of the ResNet whose feature map the patch embedding sees (None:
-    # a pure ViT, patches of pixels; () the root block alone), and its root width (64: BiT's
-    # width factor 1). `patch_size` is then in feature-map cells.
+    # a pure ViT, patches of pixels; () the root block alone), and its root width (64: vit_jax's
+    # width_factor 1). `patch_size` is then in feature-map cells.
     resnet_layers: tuple[int, ...] | None = None
     resnet_width: int = 64
 
@@ -352,7 +354,7 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), p, training)
 
 
-# ---- the hybrids' ResNet (BiT, as vit_jax builds it) ------------------------------------------
+# ---- the hybrids' ResNet (vit_jax's: post-activation, BiT's StdConv and GroupNorm) -----------
 def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> torch.Tensor:
     """TF / flax "SAME" padding of (B, C, H, W) for a kernel and stride: the output has
     ceil(H / stride) rows; the total padding is split with the odd one at the bottom / right

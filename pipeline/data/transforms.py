@@ -5,11 +5,13 @@ in vit_jax and big_vision) happens on the training device (`to_model_input`), wh
 and the transfer is 4x smaller than float32.
 
 Augmentations:
-- "inception": Inception-style random-resized crop + horizontal flip: pretraining. Area
-  5%-100% and aspect 3/4-4/3 as big_vision's `inception_crop` (area_min=5, TF's
-  `sample_distorted_bounding_box`); the sampling is torchvision's RandomResizedCrop (10 tries
-  at an area and log-uniform aspect, else a central crop) where TF makes 100 tries and then
-  takes the whole image: the same crops whenever a try fits, which is almost always.
+- "inception": Inception-style random crop + horizontal flip: pretraining. The crop is
+  big_vision's `inception_crop` (`pp/ops_image.py`: area 5%-100%, TF's default aspect ratios
+  0.75-1.33), whose box comes from TF's `sample_distorted_bounding_box`; `inception_box` ports
+  that op's sampler. It is not torchvision's RandomResizedCrop, which draws the area
+  uniformly and the ratio log-uniformly: TF draws the ratio and then the crop's height
+  uniformly, which favours small crops (mean area 0.34 of a 4:3 image, 0.38 of a square one,
+  where torchvision's gives 0.42 and 0.47).
 - "resize_crop": resize to `resize_to` (square) then a random S x S crop + flip: BiT / ViT
   fine-tuning (§2.2 of vtab.md); VTAB tasks switch the crop and / or flip off (Supp. F).
 - "resize": resize to S x S: evaluation.
@@ -35,8 +37,8 @@ class Augment:
     flip: bool = True
     crop: bool = True                # resize_crop only: False -> plain resize to `size`
     resize_to: int | None = None     # resize_crop only: pre-crop size (default 448/384 * size)
-    area: tuple[float, float] = (0.05, 1.0)        # big_vision's inception_crop
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    area: tuple[float, float] = (0.05, 1.0)        # big_vision's inception_crop(area_min=5)
+    ratio: tuple[float, float] = (0.75, 1.33)      # TF's sample_distorted_bounding_box default
 
     def __post_init__(self):
         if self.kind not in ("inception", "resize_crop", "resize"):
@@ -61,29 +63,60 @@ def decode(data: bytes, draft_to: int | None = None) -> Image.Image:
 
 
 def inception_box(w: int, h: int, rng: np.random.Generator, area=(0.05, 1.0),
-                  ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """A random crop box (left, top, right, bottom): 10 tries at a random area fraction and
-    log-uniform aspect ratio, else the central crop at the nearest allowed ratio."""
-    total = w * h
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = total * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(*log_r))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            x = int(rng.integers(0, w - cw + 1))
-            y = int(rng.integers(0, h - ch + 1))
-            return x, y, x + cw, y + ch
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    x, y = (w - cw) // 2, (h - ch) // 2
-    return x, y, x + cw, y + ch
+                  ratio=(0.75, 1.33), max_attempts: int = 100) -> tuple[int, int, int, int]:
+    """A random crop box (left, top, right, bottom) of a w x h image, as TF's
+    `tf.image.sample_distorted_bounding_box` draws it for big_vision's `inception_crop`
+    (no bounding boxes, `use_image_if_no_bounding_boxes=True`, `min_object_covered=0`).
+
+    Ported from TF's kernel (tensorflow/core/kernels/image/sample_distorted_bounding_box_op.cc,
+    `SampleDistortedBoundingBoxBaseOp::DoCompute` and `GenerateRandomCrop`): up to
+    `max_attempts` tries (TF's default 100), each drawing an aspect ratio (width / height)
+    uniformly from `ratio`, then a height uniformly among the integers whose crop at that
+    ratio has an area within `area` of the image's and fits; the first try that fits wins,
+    else the whole image. `ratio` and `area` default to TF's op defaults (0.75, 1.33) and
+    (0.05, 1.0), which big_vision's `inception_crop` keeps for the ratio and sets for the
+    area (`area_min=5`). As in TF, a crop narrower than the image starts at x in
+    [0, w - width) (the last column is never a left edge), and likewise for y. TF computes in
+    float32 and rounds with `lrintf` (half to even); this uses Python floats and `round`
+    (half to even too), which can differ only where a value falls on a rounding tie."""
+    for _ in range(max_attempts):
+        aspect = ratio[0] + rng.random() * (ratio[1] - ratio[0])
+        box = _random_crop(w, h, area[0], area[1], aspect, rng)
+        if box is not None:
+            return box
+    return 0, 0, w, h
+
+
+def _random_crop(w: int, h: int, min_rel: float, max_rel: float, aspect: float,
+                 rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+    """TF's `GenerateRandomCrop`: a crop of width round(height * aspect) whose height is
+    uniform between the heights at the two area bounds (the larger clamped so that the crop
+    fits), nudged by one where rounding left the area outside the bounds; None where no such
+    crop exists (the caller tries another aspect ratio)."""
+    min_area, max_area = min_rel * w * h, max_rel * w * h
+    height = round(math.sqrt(min_area / aspect))
+    max_height = round(math.sqrt(max_area / aspect))
+    if round(max_height * aspect) > w:
+        # the largest height whose width round(height * aspect) still fits
+        max_height = int((w + 0.5 - 1e-7) / aspect)
+        if round(max_height * aspect) > w:
+            max_height -= 1
+    max_height = min(max_height, h)
+    height = min(height, max_height)
+    if height < max_height:
+        height += int(rng.integers(0, max_height - height + 1))    # [height, max_height]
+    width = round(height * aspect)
+    if width * height < min_area:
+        height += 1
+        width = round(height * aspect)
+    if width * height > max_area:
+        height -= 1
+        width = round(height * aspect)
+    if not (min_area <= width * height <= max_area and 0 < width <= w and 0 < height <= h):
+        return None
+    y = int(rng.integers(0, h - height)) if height < h else 0
+    x = int(rng.integers(0, w - width)) if width < w else 0
+    return x, y, x + width, y + height
 
 
 def augment(img: Image.Image, aug: Augment, rng: np.random.Generator) -> np.ndarray:

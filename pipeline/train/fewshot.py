@@ -12,9 +12,22 @@ As big_vision does it:
 - a constant feature of 100 appended as the bias (so large it is almost unregularised);
 - targets 2 * one_hot(label, K) - 1 over all K classes of the set; l2 = 2^10;
 - per seed, each class's images permuted by `np.random.default_rng(seed)` and its first k
-  taken (a class with fewer gives what it has); 3 seeds, reported as their mean.
+  taken (a class with fewer gives what it has); 3 seeds, each logged
+  (`fewshot/<set>/<k>shot/seed<i>`, as big_vision logs `<set>_<k>shot-seed-<i>`), and their
+  mean (`fewshot/<set>/<k>shot`);
+- k in (1, 5, 10, 25), `configs/common_fewshot.py`'s `shots`.
 We solve the normal equations (primal or dual, whichever is smaller) in float64 where
 big_vision goes through an eigendecomposition; the test compares the two.
+
+Where big_vision holds the representations of a set's whole train split, the probe holds
+images (it recomputes their features at every probe) and so bounds them: the training pool is
+each class's first max(shots) images in the split's order (a k-shot draw permutes those, not
+the whole class: big_vision's draws exactly where no class has more), at most
+`probe.pool_images`; the test set is the test split's first `probe.images`. 10,000 pool
+images cover 25 shots of 400 classes (SUN397 has 397); at 224 px that is 1.5 GB of uint8 per
+set, held on the driver and once per node in the object store, and 10,000 forward passes per
+probe, split over the workers. Where the cap stops a set short of max(shots) images of every
+class, a warning says how short.
 
 The probe is one evaluator unit, as big_vision's are: `FewShotProbe.build(cfg, manifest)` on the
 driver loads its downstream sets (`ProbeConfig`, the `probe` section of the run config); the
@@ -108,12 +121,15 @@ class ProbeConfig:
     every: int = 0                 # steps between probes, at log steps (0: off)
     # Downstream sets, "name=URI" each: shards with train(800val200) and test/val splits, or a
     # local VTAB-1k task folder; logged as fewshot/<name>/<k>shot. None given: the synthetic
-    # set for the synthetic source, else `split` of the pretraining data, halved into a train
-    # pool and a test set.
+    # set for the synthetic source, else `split` of the pretraining data, read into a train
+    # pool and a test set (`probe_data.load_split_pool`).
     sets: tuple[str, ...] = ()
     split: str = "val"             # the fallback's split of the pretraining data ("": off)
-    shots: tuple[int, ...] = (1, 5, 10)
-    images: int = 1000             # at most this many images per split of each set
+    shots: tuple[int, ...] = (1, 5, 10, 25)      # big_vision configs/common_fewshot.py
+    # The training pool of a set: each class's first max(shots) images, at most this many in
+    # all (memory: S * S * 3 bytes an image; 1.5 GB at 224 px).
+    pool_images: int = 10_000
+    images: int = 1000             # at most this many test images per set
 
     def __post_init__(self):
         if self.every < 0:
@@ -123,8 +139,11 @@ class ProbeConfig:
             if not sep or not name or not uri:
                 raise ValueError(f"probe.sets entry {entry!r}: write name=URI (shards or a "
                                  f"VTAB-1k task folder)")
-        if any(k < 1 for k in self.shots):
+        if not self.shots or any(k < 1 for k in self.shots):
             raise ValueError(f"probe.shots must be positive, got {list(self.shots)}")
+        if self.images < 1 or self.pool_images < 1:
+            raise ValueError(f"probe.images and probe.pool_images must be positive, got "
+                             f"{self.images} and {self.pool_images}")
 
 
 @dataclass(frozen=True)
@@ -167,7 +186,8 @@ class FewShotProbe:
 
     def run(self, model, env: WorkerEnv) -> dict:
         """Every worker computes pre-logits for its part of the images, rank 0 fits and scores
-        -> {"fewshot/<set>/<k>shot": top-1} on rank 0, {} on the others."""
+        -> {"fewshot/<set>/<k>shot": mean top-1 over the seeds, "fewshot/<set>/<k>shot/seed<i>":
+        each seed's} on rank 0, {} on the others."""
         out = {}
         for s in self.sets:
             train = self.features(model, s.train_images, env)
@@ -175,8 +195,10 @@ class FewShotProbe:
             if train is None:
                 continue
             for k in self.shots:
-                out[f"fewshot/{s.name}/{k}shot"] = fewshot_accuracy(
-                    train, s.train_labels, test, s.test_labels, s.num_classes, k)
+                accs = [seed_accuracy(train, s.train_labels, test, s.test_labels,
+                                      s.num_classes, k, seed) for seed in range(SEEDS)]
+                out[f"fewshot/{s.name}/{k}shot"] = float(np.mean(accs))
+                out |= {f"fewshot/{s.name}/{k}shot/seed{i}": a for i, a in enumerate(accs)}
         return out
 
     @torch.no_grad()
@@ -222,10 +244,12 @@ def load_sets(cfg: PretrainConfig, manifest: dict | None) -> list[ProbeSet]:
     from pipeline.data.synthetic import noise_rows
 
     p, d, size = cfg.probe, cfg.data, cfg.model.image_size
+    per_class = max(p.shots)
     sets = []
     for entry in p.sets:
         name, _, uri = entry.partition("=")
-        sets.append(ProbeSet(name=name, **probe_data.load_fewshot_set(uri, size, p.images)))
+        sets.append(ProbeSet(name=name, **probe_data.load_fewshot_set(
+            uri, size, p.images, per_class, p.pool_images)))
     if not sets and d.source == "synthetic":
         n = min(p.images, 50 * d.synthetic_classes)
         part = {}
@@ -235,18 +259,38 @@ def load_sets(cfg: PretrainConfig, manifest: dict | None) -> list[ProbeSet]:
             part[f"{which}_images"], part[f"{which}_labels"] = rows["image"], rows["label"]
         sets.append(ProbeSet(name="synthetic", **part, num_classes=d.synthetic_classes))
     elif not sets and p.split and manifest and p.split in manifest["splits"]:
-        pool = probe_data.load_probe(d.uri, p.split, size, 2 * p.images)
-        half = len(pool["labels"]) // 2
-        log.warning("the few-shot probe draws from the first %d images of %s's %r split "
-                    "(halved: train pool and test set); with many classes few have k images. "
-                    "Give downstream sets with probe.sets=name=URI,...",
-                    len(pool["labels"]), d.uri, p.split)
-        sets.append(ProbeSet(name=p.split, train_images=pool["images"][:half],
-                             train_labels=pool["labels"][:half],
-                             test_images=pool["images"][half:],
-                             test_labels=pool["labels"][half:],
+        pool, test = probe_data.load_split_pool(d.uri, p.split, size, per_class,
+                                                p.pool_images, p.images)
+        log.warning("the few-shot probe draws from %s's %r split (a pool of %d images, the "
+                    "next %d its test set); with many classes few have k images. Give "
+                    "downstream sets with probe.sets=name=URI,...",
+                    d.uri, p.split, len(pool["labels"]), len(test["labels"]))
+        sets.append(ProbeSet(name=p.split, train_images=pool["images"],
+                             train_labels=pool["labels"], test_images=test["images"],
+                             test_labels=test["labels"],
                              num_classes=int(manifest["num_classes"])))
     elif not sets and p.split:
         log.warning("no split %r in %s and no probe.sets: the few-shot probe is off",
                     p.split, d.uri)
-    return [s for s in sets if len(s.train_labels) and len(s.test_labels)]
+    sets = [s for s in sets if len(s.train_labels) and len(s.test_labels)]
+    for s in sets:
+        short = short_shots(s.train_labels, s.num_classes, p.shots, p.pool_images)
+        if short:
+            log.warning("few-shot set %s: probe.pool_images=%d stops its pool short: %s. "
+                        "Raise probe.pool_images (memory: %d bytes an image)", s.name,
+                        p.pool_images, short, size * size * 3)
+    return sets
+
+
+def short_shots(labels: np.ndarray, num_classes: int, shots, pool_images: int) -> str:
+    """What a pool cut at `pool_images` cannot give ("" when it was not cut, and so holds
+    max(shots) images of every class, or all the split has): the classes it holds, and for
+    each k how many of them have fewer than k images."""
+    if len(labels) < pool_images:
+        return ""
+    counts = np.bincount(labels, minlength=num_classes)
+    held = counts[counts > 0]
+    parts = [f"{int((held < k).sum())} have fewer than {k}" for k in shots if (held < k).any()]
+    if len(held) == num_classes and not parts:
+        return ""
+    return f"it holds {len(held)} of {num_classes} classes" + "".join(f", {p}" for p in parts)

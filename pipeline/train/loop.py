@@ -623,5 +623,6 @@ def progress_line(step: int, total: int, m: dict, start_step: int | None = None,
         parts.append(f"MFU {m['perf/mfu']:.1%}")
     if m.get("data/skipped_samples"):
         parts.append(f"skipped {m['data/skipped_samples']:.0f}")
-    parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items() if k.startswith("fewshot/")]
+    parts += [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items()
+              if k.startswith("fewshot/") and "/seed" not in k]      # the means, not each seed
     return " | ".join(parts)

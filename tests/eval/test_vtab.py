@@ -440,16 +440,54 @@ def test_evaluation_config_presets_set_and_show_config(tmp_path):
     assert "argument --steps: expected int, got 'many' (finetune.steps)" in bad.stderr
 
 
-def test_finetune_dropout_is_vit_jax_s_per_model_value():
-    from eval.finetune import finetune_dropout
+def test_finetune_dropout_is_vit_jax_s_per_checkpoint_value():
+    """vit_jax fine-tunes the ViT paper's checkpoints with configs/vit.py, which keeps
+    configs/models.py's `dropout_rate`, and AugReg checkpoints with configs/augreg.py:
+        config.model = models.AUGREG_CONFIGS[model].copy_and_resolve_references()
+        config.model.transformer.dropout_rate = 0  # No AugReg during fine-tuning."""
+    from eval.finetune import finetune_dropout, is_augreg
     from pipeline.model import ViTConfig
 
-    got = {v: finetune_dropout(ViTConfig.from_variant(v)) for v in
-           ("Ti/16", "S/16", "B/16", "B/32", "L/16", "L/32", "H/14", "R50+B/16", "R50+L/32",
-            "R26+S/32", "R26+B/32")}
-    # vit_jax/configs/models.py: dropout_rate 0.1 for L/16 and H/14 (L/32 sets it back to 0);
-    # get_r50_b16_config sets 0.1; R50+L/32 starts from get_l16_config (0.1), R26+S/32 from
-    # get_s16_config and R26+B/32 from get_b32_config (0).
-    assert got == {"Ti/16": 0.0, "S/16": 0.0, "B/16": 0.0, "B/32": 0.0, "L/16": 0.1,
-                   "L/32": 0.0, "H/14": 0.1, "R50+B/16": 0.1, "R50+L/32": 0.1,
-                   "R26+S/32": 0.0, "R26+B/32": 0.0}
+    sizes = ("Ti/16", "S/16", "B/16", "B/32", "L/16", "L/32", "H/14", "R50+B/16", "R50+L/32",
+             "R26+S/32", "R26+B/32")
+    paper = {v: finetune_dropout(ViTConfig.from_variant(v)) for v in sizes}
+    # models.py: dropout_rate 0.1 in get_l16_config and get_h14_config (get_l32_config sets
+    # it back to 0); get_r50_b16_config sets 0.1. R50+L/32 (get_r50_l32_config, from L/16's
+    # 0.1) is released only as an AugReg checkpoint (R50_L_32-i21k-300ep-...), so augreg.py
+    # fine-tunes it at 0; the R26 hybrids start from S/16 and B/32 (0).
+    assert paper == {"Ti/16": 0.0, "S/16": 0.0, "B/16": 0.0, "B/32": 0.0, "L/16": 0.1,
+                     "L/32": 0.0, "H/14": 0.1, "R50+B/16": 0.1, "R50+L/32": 0.0,
+                     "R26+S/32": 0.0, "R26+B/32": 0.0}
+    assert all(finetune_dropout(ViTConfig.from_variant(v), augreg=True) == 0.0 for v in sizes)
+    # Which checkpoints are AugReg's: by the names vit_jax, timm and our presets give them.
+    augreg = ["gs://vit_models/augreg/L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-"
+              "sd_0.0.npz", "/ckpt/R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-"
+              "sd_0.1.npz", "hf://timm/vit_large_patch16_224.augreg_in21k",
+              "hf://timm/vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit-l16-i21k-augreg"]
+    paper_names = ["gs://vit_models/imagenet21k/ViT-L_16.npz", "/ckpt/R50+ViT-B_16.npz",
+                   "hf://google/vit-large-patch16-224-in21k", "s3://b/vit-l16-i21k/step_10",
+                   "hf://timm/vit_large_patch32_224.orig_in21k"]
+    assert [is_augreg(n) for n in augreg] == [True] * len(augreg)
+    assert [is_augreg(n) for n in paper_names] == [False] * len(paper_names)
+    assert is_augreg("s3://b/ckpt/step_00001000", "vit-l16-i21k-augreg")    # our run's name
+
+def test_load_pretrained_gives_an_augreg_checkpoint_no_dropout(tmp_path, monkeypatch):
+    """The sweep's weights carry the fine-tuning dropout `finetune_dropout` picks from the
+    checkpoint's name or run name: 0 for AugReg's, the size's value otherwise, `--dropout`
+    over both. A Ti/16 stands in for an L/16 (the table patched to give it L/16's 0.1), to
+    keep the files small."""
+    from eval import finetune
+    from eval.config import VtabConfig
+    from eval.trial import load_pretrained
+
+    monkeypatch.setitem(finetune.PAPER_FINETUNE_DROPOUT, "Ti/16", 0.1)
+    model = ViT(ViTConfig.from_variant("Ti/16", image_size=32, num_classes=10, dropout=0.3))
+    paper = save_vit(model, tmp_path / "ViT-Ti_16")
+    augreg = save_vit(model, tmp_path / "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0")
+    ours = save_vit(model, tmp_path / "step_00000100", metadata={
+        "step": 100, "run_name": "vit-ti16-i21k-augreg"})
+    got = {name: load_pretrained(VtabConfig().updated({"run.checkpoint": str(path)})).config[
+        "dropout"] for name, path in (("paper", paper), ("augreg", augreg), ("ours", ours))}
+    assert got == {"paper": 0.1, "augreg": 0.0, "ours": 0.0}
+    forced = VtabConfig().updated({"run.checkpoint": str(augreg), "finetune.dropout": 0.2})
+    assert load_pretrained(forced).config["dropout"] == 0.2

@@ -1,8 +1,9 @@
-"""The paper's hybrids (§3.1): BiT ResNet stem + ViT. The ResNet against transformers'
-`BitModel` on the same weights, the whole hybrid imported from the authors' .npz names
-against a NumPy transcription of vit_jax's forward, timm's names, parameter counts from the
-authors' checkpoint shapes, FLOPs against PyTorch's counter, and the downstream paths
-(checkpoints, resolution, fine-tuning head, few-shot features, inspection, export)."""
+"""The paper's hybrids (§3.1): vit_jax's ResNet stem (post-activation, BiT's StdConv and
+GroupNorm) + ViT. The ResNet against transformers' `BitModel` on the same weights, the whole
+hybrid imported from the authors' .npz names against a NumPy transcription of vit_jax's
+forward, timm's names, parameter counts from the authors' checkpoint shapes, FLOPs against
+PyTorch's counter, and the downstream paths (checkpoints, resolution, fine-tuning head,
+few-shot features, inspection, export)."""
 
 from __future__ import annotations
 
@@ -126,10 +127,11 @@ def test_flops_count_the_resnet_as_pytorchs_counter_does():
 # The ResNet against transformers' BitModel, on the same weights
 # ---------------------------------------------------------------------------------------------
 def test_resnet_matches_transformers_bitmodel():
-    """transformers' `BitModel` with layer_type="bottleneck" and "SAME" padding is the
-    hybrid's BiT ResNet. It standardises weights as (w - mean) / sqrt(var + eps) and uses
-    GroupNorm eps 1e-5, where vit_jax divides by std + 1e-5 and uses 1e-6: both sides get
-    (nearly) 0 and 1e-6 here, so the comparison is of everything else, and exact."""
+    """transformers' `BitModel` with layer_type="bottleneck" (post-activation; "preactivation"
+    is BiT's own) and "SAME" padding is the hybrid's ResNet. It standardises weights as
+    (w - mean) / sqrt(var + eps) and uses GroupNorm eps 1e-5, where vit_jax divides by
+    std + 1e-5 and uses 1e-6: both sides get (nearly) 0 and 1e-6 here, so the comparison is of
+    everything else, and exact."""
     from transformers import BitConfig, BitModel
 
     torch.manual_seed(0)

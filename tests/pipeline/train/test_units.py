@@ -3,6 +3,7 @@ the train step (accumulation, non-finite loss) and exact checkpoint resume. No R
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -16,7 +17,7 @@ from pipeline.train import checkpoints
 from pipeline.train.config import PRESETS, PretrainConfig, apply_overrides, smoke, smoke_hybrid
 from pipeline.train.fewshot import FewShotProbe, fewshot_accuracy, seed_accuracy
 from pipeline.train.loop import Meter
-from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets
+from pipeline.train.objectives import MaskedPatchPrediction, mean_colour_targets, sigmoid_xent
 from pipeline.train.step import NonFiniteLoss, Pretrainer, decay_names, make_optimizer, train_step
 
 CPU = torch.device("cpu")
@@ -214,8 +215,8 @@ def test_presets_follow_table_3():
         3e-4, 0.1, 14, 32)
     m = PRESETS["vit_b16_mpp"]()
     assert m.train.objective == "mpp" and m.optim.lr == 2e-4 and m.optim.decay == "cosine"
-    # The authors' i21k models: sigmoid xent, head bias -10 (big_vision configs/vit_i21k.py);
-    # clipping "for ImageNet" (Table 3) and in big_vision's i21k config, not for JFT.
+    # Sigmoid xent, head bias -10 (big_vision configs/vit_i21k.py; the paper states no loss);
+    # clipping at 1 as big_vision's i21k config (`grad_clip_norm=1.0`), not for JFT.
     for name in ("vit_b16_i21k", "vit_l16_i21k", "vit_b16_jft", "vit_h14_jft"):
         p = PRESETS[name]()
         assert (p.train.objective, p.train.head_bias) == ("sigmoid", -10.0), name
@@ -324,7 +325,7 @@ def test_the_loop_augments_each_micro_batch_on_the_device():
         assert not torch.equal(other[0], x)
 
 
-def test_head_bias_starts_the_sigmoid_loss_near_ten():
+def test_head_bias_starts_the_sigmoid_loss_near_eleven():
     cfg = smoke().model.replace(num_classes=1000)
     images = torch.randn(4, 3, cfg.image_size, cfg.image_size)
     labels = torch.tensor([1, 5, 999, 0])
@@ -337,6 +338,12 @@ def test_head_bias_starts_the_sigmoid_loss_near_ten():
     # one positive at p = sigmoid(-10), 999 negatives at 1 - p: -log p + 999 * log(1 + e^-10)
     expected = math.log1p(math.exp(10)) + 999 * math.log1p(math.exp(-10))
     assert model(images, labels).item() == pytest.approx(expected, rel=1e-4)   # float32
+    # ImageNet-21k: 10.0 for the true class, 21,842 x 4.54e-5 = 0.99 for the others: 10.99
+    # (11.00 in float32, whose log(1 + e^-10) is 4.58e-5): about 11, not 10
+    exact = math.log1p(math.exp(10)) + 21842 * math.log1p(math.exp(-10))
+    assert exact == pytest.approx(10.99, abs=0.005)
+    i21k = sigmoid_xent(torch.full((2, 21843), -10.0), torch.tensor([0, 21842]))
+    assert i21k.item() == pytest.approx(exact, abs=0.01)
     for preset in PRESETS.values():
         assert PretrainConfig.from_dict(preset().to_dict()) == preset(), "round-trips"
         assert "python jobs/pretrain.py --preset " + preset.__name__ in preset.__doc__
@@ -563,7 +570,9 @@ def test_probe_sets_from_vtab_folders_and_shards(tmp_path):
     a, b = probe.sets
     assert (a.name, b.name) == ("folder", "shards")
     for s in (a, b):
-        assert s.train_images.shape == (25, 32, 32, 3) and s.num_classes == 10
+        # the pool: each class's first max(shots) = 5 of its 5 images; 25 test images
+        assert s.train_images.shape == (50, 32, 32, 3) and s.num_classes == 10
+        assert np.bincount(s.train_labels).tolist() == [5] * 10
         assert len(s.test_labels) == 25
     assert sorted(a.train_labels) == sorted(b.train_labels)
     with pytest.raises(ValueError, match="probe.sets entry .*: write name=URI"):
@@ -594,8 +603,63 @@ def test_the_probe_is_one_unit_the_loop_calls():
 
     env = WorkerEnv(0, 1, torch.device("cpu"), None, "ddp")
     metrics = probe.run(RedChannel(), env)
-    assert sorted(metrics) == ["fewshot/synthetic/1shot", "fewshot/synthetic/5shot"]
+    # each seed's top-1, as big_vision logs them (`<set>_<k>shot-seed-<i>`), and their mean
+    assert sorted(metrics) == [f"fewshot/synthetic/{k}shot{seed}" for k in (1, 5)
+                               for seed in ("", "/seed0", "/seed1", "/seed2")]
+    seeds = {k: [metrics[f"fewshot/synthetic/{k}shot/seed{i}"] for i in range(3)]
+             for k in (1, 5)}
+    for k in (1, 5):
+        assert metrics[f"fewshot/synthetic/{k}shot"] == pytest.approx(np.mean(seeds[k]))
     assert metrics["fewshot/synthetic/5shot"] > 0.9, metrics
+
+
+def test_probe_pools_hold_the_shots_of_every_class(tmp_path, caplog):
+    """A 47-class set: the training pool holds max(shots) images of every class however
+    small `probe.images` (the test set's cap) is; `probe.pool_images` bounds it, with a
+    warning that says how short it falls. big_vision's shots: 1, 5, 10, 25."""
+    from eval.data import write_grating_task
+    from eval.tasks import BY_NAME
+    from pipeline.train.fewshot import ProbeConfig
+
+    assert ProbeConfig().shots == (1, 5, 10, 25)
+    folder = write_grating_task(tmp_path / "vtab", BY_NAME["dtd"], train=235, val=47,
+                                test=60, image_size=16)
+    cfg = apply_overrides(smoke(), [f"probe.sets=dtd={folder}", "probe.images=30"])
+    (s,) = FewShotProbe.build(cfg, None).sets
+    assert np.bincount(s.train_labels, minlength=47).tolist() == [5] * 47   # shots (1, 5)
+    assert len(s.test_labels) == 30
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        (s,) = FewShotProbe.build(apply_overrides(cfg, ["probe.pool_images=100"]), None).sets
+    assert len(s.train_labels) == 100
+    held = np.bincount(s.train_labels, minlength=47)
+    assert held.max() == 5 and (held < 5).any()
+    assert (f"few-shot set dtd: probe.pool_images=100 stops its pool short: it holds "
+            f"{(held > 0).sum()} of 47 classes, {((held > 0) & (held < 5)).sum()} have fewer "
+            f"than 5") in caplog.text
+    with pytest.raises(ValueError, match="probe.images and probe.pool_images must be "
+                                         "positive, got 30 and 0"):
+        apply_overrides(cfg, ["probe.pool_images=0"])
+
+
+def test_probe_fallback_splits_one_split_into_pool_and_test(tmp_path):
+    """Without downstream sets: the pretraining data's split read once, each class's first
+    max(shots) images to the pool, the others (up to probe.images) to the test set."""
+    from eval.data import write_grating_task
+    from eval.tasks import BY_NAME
+    from jobs.make_shards import main as make_shards
+    from pipeline.data.probe import load_split_pool
+
+    folder = write_grating_task(tmp_path / "vtab", BY_NAME["eurosat"], train=80, val=20,
+                                test=10, image_size=16)
+    assert make_shards(["vtab", "--data", str(folder), "--out", str(tmp_path / "shards"),
+                        "--no-shuffle"]) == 0
+    pool, test = load_split_pool(str(tmp_path / "shards"), "train800val200", 16, per_class=4,
+                                 max_pool=1000, max_test=50)
+    assert np.bincount(pool["labels"]).tolist() == [4] * 10 and len(test["labels"]) == 50
+    assert pool["images"].shape == (40, 16, 16, 3) and test["images"].shape == (50, 16, 16, 3)
+    small, rest = load_split_pool(str(tmp_path / "shards"), "train800val200", 16, per_class=4,
+                                  max_pool=7, max_test=1000)
+    assert len(small["labels"]) == 7 and len(rest["labels"]) == 100 - 7
 
 
 def test_resume_accepts_the_checkpoints_json_config_and_older_ones():
