@@ -9,9 +9,9 @@ one line in a second or two instead of after the 5-20 s a Ray start takes.
                this run's own checkpoint with an unchanged config; else `--resume`, a
                complete training checkpoint of this architecture; else `--init`, weights a
                format reads and whose architecture matches (`weights.registry.peek`)
-    MLflow     a tracking server that does not answer within 2 s: one warning, and the run
-               goes on as it would have (metrics kept in the run folder, sent by the next
-               start of this run), without waiting for the server again
+    MLflow     a tracking server that does not answer within 2 s: one warning; the run asks
+               it again when it starts, and goes on without it if it still does not answer
+               (metrics kept in the run folder, sent by the next start of this run)
 
 Cheap on purpose: on S3 a HEAD, a listing and the small JSON files, never a shard or a
 weights file; nothing is created or written (a refused start leaves no run folder). Nothing
@@ -71,8 +71,9 @@ def check(cfg: PretrainConfig, resume: str | None = None, init: str | None = Non
     check_start(cfg, checkpoints.resume_point(run_uri, resume, init), resume, thorough=False)
     down = None
     if mlflow and (down := tracking_problem(os.environ.get("MLFLOW_TRACKING_URI", ""))):
-        log.warning("MLflow server %s does not answer (%s); training goes on, its metrics "
-                    "kept in the run folder and sent by the next start of this run",
+        log.warning("MLflow server %s does not answer (%s); training goes on, and if it "
+                    "still does not when the run starts, its metrics are kept in the run "
+                    "folder and sent by the next start of this run",
                     tracking.redact(os.environ["MLFLOW_TRACKING_URI"]), down)
     return Checked(manifest, down)
 

@@ -276,12 +276,12 @@ def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
     else:
         factory = TrainData(cfg, run_uri, resume, init, None, "", first=point, dataset=dataset)
         stream, manifest, health, probe = None, None, None, None
-    if mlflow and checked is not None and checked.tracking_down:
-        # The server did not answer before Ray started (said then): `open_run`'s fallback.
-        tracking_uri, run_id = tracking_uri or tracking.default_tracking_uri(), None
-    elif mlflow:
+    if mlflow:
+        # A server that did not answer before Ray started (said then) is asked again: one
+        # that was only slow, or came back, still gets this run.
         tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
-                                        continuing=point.kind == "own", run_uri=run_uri)
+                                        continuing=point.kind == "own", run_uri=run_uri,
+                                        warned=bool(checked and checked.tracking_down))
     else:   # --no-mlflow: the workers keep the metrics in the run folder (a metrics spill)
         tracking_uri, run_id = tracking_uri or tracking.default_tracking_uri(), None
         log.info("MLflow is off (--no-mlflow): the metrics stay in %s", run_uri)
@@ -371,11 +371,12 @@ def _stopped(cfg: PretrainConfig, run_uri: str) -> interrupt.Interrupted:
 
 def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest: dict | None,
              resume: str | None, init: str | None, continuing: bool,
-             run_uri: str | None = None) -> tuple[str, str | None]:
+             run_uri: str | None = None, warned: bool = False) -> tuple[str, str | None]:
     """Create (or reopen) the MLflow run on the driver -> (tracking URI, run id or None),
     and send it the metrics an earlier start spilled. Tracking never stops training: without
     a server the run goes on, its metrics kept in the run folder until a later start; a
-    server that refuses the credentials (or the host name) is an error, before any step."""
+    server that refuses the credentials (or the host name) is an error, before any step.
+    `warned`: the preflight has already said that the server does not answer."""
     import ray
 
     tracking_uri = tracking_uri or tracking.default_tracking_uri()
@@ -404,10 +405,11 @@ def open_run(cfg: PretrainConfig, root: str, tracking_uri: str | None, manifest:
     except Exception as err:  # noqa: BLE001 - tracking must not stop training
         if why := tracking.refusal(err, tracking_uri):
             raise PretrainError(why) from None   # wrong settings, not an outage: say so now
-        log.warning("MLflow unavailable at start (%s); training goes on, its metrics kept "
-                    "in the run folder and sent by the next start of this run",
-                    tracking.redact(str(err).splitlines()[0][:160]) if str(err) else
-                    type(err).__name__)
+        (log.info if warned else log.warning)(
+            "MLflow unavailable at start (%s); training goes on, its metrics kept in the run "
+            "folder and sent by the next start of this run",
+            tracking.redact(str(err).splitlines()[0][:160]) if str(err) else
+            type(err).__name__)
         return tracking_uri, None
 
 

@@ -284,9 +284,9 @@ def test_bad_init_and_resume_fail_before_ray_with_one_line(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_mlflow_down_is_said_once_and_the_run_goes_on(ray_local, tmp_path, dataset):
-    """Nobody listens at MLFLOW_TRACKING_URI: one warning before Ray starts, no second
-    attempt after it, and the run trains on its shards, its metrics kept in the run folder
-    (sent by the next start: tests/pipeline/train/test_spill.py)."""
+    """Nobody listens at MLFLOW_TRACKING_URI: one warning before Ray starts (the second
+    attempt, after it, says nothing more), and the run trains on its shards, its metrics
+    kept in the run folder (sent by the next start: tests/pipeline/train/test_spill.py)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}

@@ -302,19 +302,18 @@ def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, tmp_p
            "--name", "full", "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
            "--set", "train.total_steps=40", "--set", "checkpoint.every=10",
            "--set", "train.log_every=2", "--set", "probe.every=0"]
-    start = time.monotonic()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
-    took = time.monotonic() - start
     log = out.stdout + out.stderr
     (tmp_path / "run.log").write_text(f"{log}\nexit code {out.returncode}\n")
     assert out.returncode != 0, _tail(log)
     errors = [ln for ln in _lines(log) if ln.startswith("error:")]
     assert len(errors) == 1 and "no space left" in errors[0] and str(small_disk) in errors[0] and \
         ("TMPDIR" if full == "staging" else "--out") in errors[0], errors or _tail(log)
-    assert "RETRY" not in log and took < 120, f"{took:.0f} s"
+    assert "RETRY" not in log, "a worker group was restarted"
     assert not list(staging.glob("vit-ckpt-*")), "a staging folder was left behind"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs(client.get_experiment_by_name("vit-smoke").experiment_id)
     assert run.info.status == "FAILED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps and len(steps) == len(set(steps)), f"steps logged twice: {sorted(steps)}"
+    assert max(steps) < 40, "the run went on after its first checkpoint failed"
