@@ -182,9 +182,10 @@ def export_vit(uri: str | os.PathLike, out: str | os.PathLike, format: str = "hf
       transformers 5.x also loads. GAP models have no Hugging Face ViT equivalent: an error.
     - `timm`: `model.safetensors` with the state-dict names of timm's `VisionTransformer`
       and `config.json` as timm's `save_for_hf` writes it (`architecture`, `model_args`,
-      `pretrained_cfg` with mean / std), so `timm.create_model("hf-hub:...")` or
-      `create_model(arch, pretrained_cfg_overlay=dict(file=...), **model_args)` builds it.
-      GAP models get `global_pool="avg", class_token=False, fc_norm=False` (the final norm
+      `pretrained_cfg` with mean / std and our class count), so
+      `timm.create_model("local-dir:OUT", pretrained=True)` (or "hf-hub:org/name") builds
+      it with our logits; `timm.export` says how for shapes timm has no name for. GAP
+      models get `global_pool="avg", class_token=False, fc_norm=False` (the final norm
       before pooling, as big_vision). timm has no pre-logits layer: an error for such models.
 
     The input normalisation (`ViTConfig.input_mean` / `input_std`) goes into the
