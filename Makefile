@@ -8,6 +8,7 @@
 #   make interop-env           a second venv (.venv-interop) with timm and transformers, for the
 #                              tests marked `interop` (pytest -m interop): they load our exports
 #                              there as the other library's users do and compare the logits
+#   make test-interop          builds it, then runs just those tests (not part of `make test`)
 #
 # torch is installed on its own, before the project, so that you choose the build:
 #   make test                                        # torch==2.13.0 as pip resolves it
@@ -22,7 +23,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
 
-.PHONY: install test test-fast lint interop-env demo bench-model bench-data bench-train bench-vtab bench-checkpoint clean
+.PHONY: install test test-fast lint interop-env test-interop demo bench-model bench-data bench-train bench-vtab bench-checkpoint clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +63,9 @@ $(INTEROP_VENV)/.installed: Makefile
 	  print('interop env: torch', torch.__version__, '| torchvision', torchvision.__version__, \
 	  '| timm', timm.__version__, '| transformers', transformers.__version__)"
 	touch $@
+
+test-interop: install interop-env
+	$(PY) -m pytest -m interop
 
 # The whole product on the embedded default (jobs/demo.py): a local stack (Ray head, S3
 # endpoint, MLflow server), demo shards, two pretraining runs and their VTAB evaluations

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.model import ViT, ViTConfig
 from pipeline.weights import save_vit
+from tests.pipeline.test_export import fill_hub_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = Path(os.environ.get("VIT_INTEROP_PYTHON") or ROOT / ".venv-interop" / "bin" / "python")
@@ -67,7 +68,7 @@ def export(tmp_path: Path, model: ViT, fmt: str) -> tuple[Path, str]:
 
 
 def run_theirs(python: str, tmp_path: Path, recipe: str, x: torch.Tensor,
-               output: str = "model(x)") -> dict:
+               output: str = "model(x)", env: dict | None = None) -> dict:
     """Run `recipe` (which must bind `model`) in the other interpreter, then `output` on
     our inputs `x`; -> {"y": their output, "num_classes": their class count or -1}."""
     save_file({"x": x}, tmp_path / "x.safetensors")
@@ -82,7 +83,7 @@ def run_theirs(python: str, tmp_path: Path, recipe: str, x: torch.Tensor,
         """)
     done = subprocess.run([python, "-c", script], capture_output=True, text=True,
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": "",
-                                             "HF_HUB_OFFLINE": "1"})
+                                             "HF_HUB_OFFLINE": "1", **(env or {})})
     assert done.returncode == 0, f"{script}\n{done.stderr[-3000:]}"
     found = re.search(r"^num_classes (-?\d+)$", done.stdout, re.M)
     return {"y": load_file(tmp_path / "theirs.safetensors")["y"],
@@ -143,6 +144,20 @@ def test_timm_loads_the_export_by_hand_as_the_readme_shows(interop_python, tmp_p
     by_hand = readme_block("pretrained_cfg_overlay").replace("OUT", str(out))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     assert_same_logits(run_theirs(interop_python, tmp_path, by_hand, x), model, x)
+
+
+def test_timm_loads_the_export_from_the_hub(interop_python, tmp_path):
+    """The folder uploaded to the Hub as it is: timm's `hf-hub:` loader, offline, reads it
+    from huggingface_hub's cache (filled as a download leaves it)."""
+    cfg = ViTConfig(**SMOKE, num_classes=7, pool="gap")
+    model = trained_like(cfg, seed=4)
+    out, _ = export(tmp_path, model, "timm")
+    fill_hub_cache(tmp_path / "cache", "acme/smoke-timm", out)
+    recipe = "import timm\nmodel = timm.create_model('hf-hub:acme/smoke-timm', pretrained=True)\n"
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    theirs = run_theirs(interop_python, tmp_path, recipe + "model.eval()\n", x,
+                        env={"HF_HUB_CACHE": str(tmp_path / "cache")})
+    assert_same_logits(theirs, model, x)
 
 
 # ---- transformers -------------------------------------------------------------------------
