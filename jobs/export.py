@@ -53,10 +53,10 @@ def main(argv=None) -> int:
     try:
         src = resolve_checkpoint(args.checkpoint)
         out = export_vit(src, args.out, args.format)
+        recipe = export_recipe(out, args.format)
     except (CheckpointError, StorageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.BAD_INPUT
-    recipe = export_recipe(out, args.format)
     print(f"exported {src} -> {out} ({args.format}); load it with:\n"
           + "".join(f"    {line}\n" for line in recipe.splitlines()), end="")
     return 0
