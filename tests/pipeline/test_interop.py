@@ -128,6 +128,44 @@ def test_timm_loads_the_export_with_our_logits(interop_python, tmp_path, case):
     assert_same_logits(run_theirs(interop_python, tmp_path, recipe, x), model, x)
 
 
+def test_every_name_the_timm_export_writes_is_timms_and_builds_that_shape(interop_python,
+                                                                           tmp_path):
+    """`pipeline.weights.timm._NAMED` against timm's registry: each name builds our variant
+    at its pooling and image size (the bases only have to exist: model_args override)."""
+    from pipeline.weights import timm as ours
+
+    names = sorted({*ours._NAMED, ours._PLAIN_BASE, *ours._HYBRID_BASES.values()})
+    script = textwrap.dedent(f"""
+        import json, timm, torch
+        shapes = {{}}
+        for name in {names!r}:
+            with torch.device("meta"):
+                m = timm.create_model(name)
+            backbone = getattr(m.patch_embed, "backbone", None)
+            shapes[name] = dict(
+                hidden_size=m.embed_dim, depth=len(m.blocks),
+                mlp_dim=m.blocks[0].mlp.fc1.out_features, num_heads=m.blocks[0].attn.num_heads,
+                image_size=m.patch_embed.img_size[0], patch_size=m.patch_embed.patch_size[0],
+                pool="token" if m.cls_token is not None and m.global_pool == "token" else "gap",
+                resnet_layers=None if backbone is None else
+                    [len(s.blocks) for s in getattr(backbone, "stages", [])])
+        print(json.dumps(shapes))
+        """)
+    done = subprocess.run([interop_python, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    shapes = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, (variant, pool, image_size) in ours._NAMED.items():
+        cfg = ViTConfig.from_variant(variant, pool=pool, image_size=image_size)
+        want = {k: getattr(cfg, k) for k in shapes[name] if k != "resnet_layers"}
+        got = {k: v for k, v in shapes[name].items() if k != "resnet_layers"}
+        assert got == want, name
+        layers = shapes[name]["resnet_layers"]
+        assert (None if layers is None else tuple(layers)) == cfg.resnet_layers, name
+    for layers, name in ours._HYBRID_BASES.items():
+        assert tuple(shapes[name]["resnet_layers"]) == layers, name
+
+
 def readme_block(containing: str) -> str:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     found = [b for b in blocks if containing in b]
