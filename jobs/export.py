@@ -12,7 +12,10 @@ folder or s3:// prefix.
         transformers.ViTForImageClassification.from_pretrained(OUT) (ViTModel when the model
         has the tanh pre-logits layer, which becomes the pooler)
   timm  config.json (architecture, model_args, pretrained_cfg) + model.safetensors with the
-        names of timm's VisionTransformer
+        names of timm's VisionTransformer: timm.create_model("local-dir:OUT", pretrained=True)
+        (or "hf-hub:org/name" once uploaded), with our class count and logits
+
+It prints the Python that loads the export, as the tests run it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 
 from pipeline import cli
 from pipeline.storage import StorageError
-from pipeline.weights import EXPORT_FORMATS, CheckpointError, export_vit
+from pipeline.weights import EXPORT_FORMATS, CheckpointError, export_recipe, export_vit
 
 
 def parse_args(argv=None):
@@ -50,14 +53,12 @@ def main(argv=None) -> int:
     try:
         src = resolve_checkpoint(args.checkpoint)
         out = export_vit(src, args.out, args.format)
+        recipe = export_recipe(out, args.format)
     except (CheckpointError, StorageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.BAD_INPUT
-    hint = {"hf": "transformers: ViTForImageClassification.from_pretrained(...) (ViTModel "
-                  "for a model with pre-logits)",
-            "timm": "timm: timm.create_model(<architecture in config.json>, "
-                    "pretrained_cfg_overlay=dict(file=.../model.safetensors), **model_args)"}
-    print(f"exported {src} -> {out} ({args.format})\n  load it with {hint[args.format]}")
+    print(f"exported {src} -> {out} ({args.format}); load it with:\n"
+          + "".join(f"    {line}\n" for line in recipe.splitlines()), end="")
     return 0
 
 

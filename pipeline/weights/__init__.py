@@ -27,9 +27,15 @@ from pipeline.weights.ours import (
     save_vit,
     write_weights,
 )
-from pipeline.weights.registry import EXPORT_FORMATS, FORMATS, export_vit, load_vit
+from pipeline.weights.registry import (
+    EXPORT_FORMATS,
+    FORMATS,
+    export_recipe,
+    export_vit,
+    load_vit,
+)
 from pipeline.weights.resolve import resolve_checkpoint
 
 __all__ = ["CONFIG_FILE", "EXPORT_FORMATS", "FORMATS", "HUB_SCHEME", "WEIGHTS_FILE",
-           "CheckpointError", "export_vit", "load_vit", "read_metadata", "resolve_checkpoint",
-           "save_vit", "write_weights"]
+           "CheckpointError", "export_recipe", "export_vit", "load_vit", "read_metadata",
+           "resolve_checkpoint", "save_vit", "write_weights"]

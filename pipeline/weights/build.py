@@ -172,7 +172,9 @@ def infer_config(state: dict[str, torch.Tensor], uri: str, source: str) -> dict:
                   pool="token" if prefix else "gap")
     if any(k.startswith("resnet.") for k in state):
         fields.update(_infer_resnet(state, uri, source))
-        fields["image_size"] = int(grid * P) * ViTConfig(**{
+        # patch_size=1: only the ResNet's stride is wanted here, and the default patch (16)
+        # times the stride of R50's /16 or /32 map is more than the default image size.
+        fields["image_size"] = int(grid * P) * ViTConfig(patch_size=1, **{
             k: fields[k] for k in ("resnet_layers", "resnet_width")}).resnet_stride
     return fields
 

@@ -72,17 +72,19 @@ def claims_dir(path: Path) -> bool:
 
 
 def read_dir(path: Path, uri: str, read_file) -> Loaded:
-    """A `save_pretrained` directory; `read_file` reads its weights file (any names)."""
+    """A `save_pretrained` directory; `read_file` reads its weights file (any names). The
+    config is checked first, so that what our ViT cannot be is named by its field, not found
+    later as keys that do not match."""
     hf = json.loads((path / "config.json").read_text())
     if hf.get("model_type") != "vit":
         raise CheckpointError(f"{uri} is not a ViT checkpoint: config.json has model_type="
                               f"{hf.get('model_type')!r}, expected 'vit'")
+    fields = config_fields(hf, uri)
     weights = weight_files(path)
     if not weights:
         raise CheckpointError(f"{uri}: config.json found but no model.safetensors or "
                               f"pytorch_model.bin beside it")
     state = read_file(weights[0], uri).state
-    fields = config_fields(hf)
     if (path / "preprocessor_config.json").exists():
         pre = json.loads((path / "preprocessor_config.json").read_text())
         if pre.get("do_normalize", True) and "image_mean" in pre:
@@ -92,29 +94,50 @@ def read_dir(path: Path, uri: str, read_file) -> Loaded:
     return Loaded(state, fields, SOURCE)
 
 
-def config_fields(hf: dict) -> dict:
-    """ViTConfig fields a Hugging Face config.json states."""
-    if hf.get("qkv_bias", True) is False:
-        raise CheckpointError("Hugging Face ViT without qkv bias is not the paper's model")
-    fields = dict(num_heads=hf.get("num_attention_heads", 12),
-                  hidden_size=hf.get("hidden_size", 768),
-                  mlp_dim=hf.get("intermediate_size", 3072),
-                  depth=hf.get("num_hidden_layers", 12),
-                  patch_size=hf.get("patch_size", 16),
-                  num_channels=hf.get("num_channels", 3),
-                  # HF's ViT configs say 1e-12 where the authors' flax models use 1e-6, also
-                  # for checkpoints converted from theirs. We keep what the source says, so
-                  # an import reproduces its outputs; with activations of variance ~1 the two
-                  # differ by ~5e-7 relative. `load_vit(..., norm_eps=1e-6)` overrides it.
-                  norm_eps=hf.get("layer_norm_eps", 1e-12))
-    if hf.get("pooler_act", "tanh") != "tanh":
-        raise CheckpointError(f"Hugging Face ViT with pooler_act={hf['pooler_act']!r} is not "
-                              f"supported (the paper's pre-logits use tanh)")
+# The classes whose weights are a ViT and nothing else (ViTForMaskedImageModeling adds a
+# decoder, which would have to be dropped).
+_ARCHITECTURES = ("ViTModel", "ViTForImageClassification")
+
+
+def config_fields(hf: dict, uri: str) -> dict:
+    """ViTConfig fields a Hugging Face config.json states; every setting of transformers'
+    `ViTConfig` that changes what the weights compute and that ours cannot represent is
+    refused, in one line naming the field and its value. Settings that do not change the
+    outputs (dropout rates, initializer_range, encoder_stride: the masked-image decoder's)
+    are ignored."""
+    def refuse(field: str, why: str):
+        return CheckpointError(f"{uri}: config.json has {field}={hf[field]!r}: {why}")
+
+    for arch in hf.get("architectures") or ():
+        if arch not in _ARCHITECTURES:
+            raise refuse("architectures", f"{arch} is not supported, only "
+                                          f"{' and '.join(_ARCHITECTURES)}")
+    if hf.get("qkv_bias", True) is not True:
+        raise refuse("qkv_bias", "our ViT (the paper's) always has q, k and v biases")
     act = hf.get("hidden_act", "gelu")
     if act not in ("gelu", "gelu_python"):
-        raise CheckpointError(f"Hugging Face ViT with hidden_act={act!r} is not supported "
-                              f"(exact GELU only)")
-    return fields
+        raise refuse("hidden_act", "only the exact GELU ('gelu') is supported, as in the "
+                                   "paper's models")
+    if hf.get("pooler_act", "tanh") != "tanh":
+        raise refuse("pooler_act", "the paper's pre-logits layer (the pooler here) uses tanh")
+    for field in ("image_size", "patch_size"):
+        value = hf.get(field)
+        if isinstance(value, (list, tuple)) and len(set(value)) != 1:
+            raise refuse(field, "only square images and patches are supported")
+    if hf.get("pruned_heads"):
+        raise refuse("pruned_heads", "attention heads removed per layer are not supported")
+    patch = hf.get("patch_size", 16)
+    return dict(num_heads=hf.get("num_attention_heads", 12),
+                hidden_size=hf.get("hidden_size", 768),
+                mlp_dim=hf.get("intermediate_size", 3072),
+                depth=hf.get("num_hidden_layers", 12),
+                patch_size=patch[0] if isinstance(patch, (list, tuple)) else patch,
+                num_channels=hf.get("num_channels", 3),
+                # HF's ViT configs say 1e-12 where the authors' flax models use 1e-6, also
+                # for checkpoints converted from theirs. We keep what the source says, so
+                # an import reproduces its outputs; with activations of variance ~1 the two
+                # differ by ~5e-7 relative. `load_vit(..., norm_eps=1e-6)` overrides it.
+                norm_eps=hf.get("layer_norm_eps", 1e-12))
 
 
 def claims_keys(keys: set[str]) -> bool:
@@ -202,6 +225,14 @@ def export(cfg: ViTConfig, state: dict, uri: str) -> tuple[dict, dict]:
         "image_mean": list(cfg.input_mean), "image_std": list(cfg.input_std),
     }
     return tensors, {"config.json": config, "preprocessor_config.json": preprocessor}
+
+
+def load_recipe(folder: str, config: dict) -> str:
+    """The Python a transformers user runs to load the export in local `folder` (`vit-export`
+    prints it, the interop tests run it as printed): the class config.json names."""
+    arch = config["architectures"][0]
+    return (f"from transformers import {arch}\n"
+            f"model = {arch}.from_pretrained({folder!r}).eval()")
 
 
 def _theirs(state: dict, width: int, uri: str) -> dict:

@@ -59,6 +59,8 @@ class Format:
     to_ours: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     # (config, our state dict, uri) -> (tensors in its names, {file name: JSON document})
     export: Callable[[ViTConfig, dict, str], tuple[dict, dict]] | None = None
+    # (local folder of an export, its config.json) -> the Python its library's users run
+    recipe: Callable[[str, dict], str] | None = None
 
 
 # Order matters where claims overlap: timm's hub directory also has a config.json.
@@ -66,9 +68,11 @@ FORMATS = (
     Format(ours.FORMAT, ours.FORMAT, claims_dir=ours.claims_dir, read_dir=ours.read_dir,
            claims_keys=ours.claims_keys, to_ours=ours.to_ours),
     Format("timm", timm.SOURCE, claims_dir=timm.claims_dir, read_dir=timm.read_dir,
-           claims_keys=timm.claims_keys, to_ours=timm.to_ours, export=timm.export),
+           claims_keys=timm.claims_keys, to_ours=timm.to_ours, export=timm.export,
+           recipe=timm.load_recipe),
     Format("hf", hf.SOURCE, claims_dir=hf.claims_dir, read_dir=hf.read_dir,
-           claims_keys=hf.claims_keys, to_ours=hf.to_ours, export=hf.export),
+           claims_keys=hf.claims_keys, to_ours=hf.to_ours, export=hf.export,
+           recipe=hf.load_recipe),
     Format("jax", f"{jax.VIT_JAX} / {jax.BIG_VISION}", suffixes=(".npz",),
            read_file=jax.read_file),
 )
@@ -254,9 +258,10 @@ def export_vit(uri: str | os.PathLike, out: str | os.PathLike, format: str = "hf
       transformers 5.x also loads. GAP models have no Hugging Face ViT equivalent: an error.
     - `timm`: `model.safetensors` with the state-dict names of timm's `VisionTransformer`
       and `config.json` as timm's `save_for_hf` writes it (`architecture`, `model_args`,
-      `pretrained_cfg` with mean / std), so `timm.create_model("hf-hub:...")` or
-      `create_model(arch, pretrained_cfg_overlay=dict(file=...), **model_args)` builds it.
-      GAP models get `global_pool="avg", class_token=False, fc_norm=False` (the final norm
+      `pretrained_cfg` with mean / std and our class count), so
+      `timm.create_model("local-dir:OUT", pretrained=True)` (or "hf-hub:org/name") builds
+      it with our logits; `timm.export` says how for shapes timm has no name for. GAP
+      models get `global_pool="avg", class_token=False, fc_norm=False` (the final norm
       before pooling, as big_vision). timm has no pre-logits layer: an error for such models.
 
     The input normalisation (`ViTConfig.input_mean` / `input_std`) goes into the
@@ -283,3 +288,17 @@ def export_vit(uri: str | os.PathLike, out: str | os.PathLike, format: str = "hf
             for name in ["model.safetensors", *docs]:
                 shutil.copyfile(os.path.join(tmp, name), Path(out) / name)
     return out
+
+
+def export_recipe(out: str | os.PathLike, format: str) -> str:
+    """The Python that loads the export at `out` (written by `export_vit(..., out, format)`)
+    in the other library, as its users load weights; `vit-export` prints it. An s3:// export
+    is loaded from a local copy: the first line, a comment, says how to make it."""
+    fmt = next(f for f in FORMATS if f.name == format and f.recipe)
+    out = str(out)
+    config = json.loads(storage.read_bytes(storage.join(out, "config.json")))
+    if not storage.is_s3(out):
+        return fmt.recipe(str(Path(out).resolve()), config)
+    folder = out.rstrip("/").rsplit("/", 1)[-1]
+    return (f"# copy it to a local folder first: aws s3 cp --recursive {out} {folder}\n"
+            + fmt.recipe(folder, config))

@@ -100,14 +100,77 @@ def to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
+# timm's registered ViTs that are exactly one of ours at their own defaults (timm 1.0.31,
+# timm/models/vision_transformer.py and vision_transformer_hybrid.py): name -> (our variant,
+# pooling, image size). Left out: `vit_base_patch16_gap_224` (16 heads, not B/16's 12) and
+# every variant with extra parts (register tokens, LayerScale, qk-norm, CLIP's pre-norm).
+_NAMED = {
+    "vit_tiny_patch16_224": ("Ti/16", "token", 224),
+    "vit_tiny_patch16_384": ("Ti/16", "token", 384),
+    "vit_small_patch8_224": ("S/8", "token", 224),
+    "vit_small_patch16_224": ("S/16", "token", 224),
+    "vit_small_patch16_384": ("S/16", "token", 384),
+    "vit_small_patch32_224": ("S/32", "token", 224),
+    "vit_small_patch32_384": ("S/32", "token", 384),
+    "vit_base_patch8_224": ("B/8", "token", 224),
+    "vit_base_patch16_224": ("B/16", "token", 224),
+    "vit_base_patch16_384": ("B/16", "token", 384),
+    "vit_base_patch32_224": ("B/32", "token", 224),
+    "vit_base_patch32_384": ("B/32", "token", 384),
+    "vit_large_patch14_224": ("L/14", "token", 224),
+    "vit_large_patch16_224": ("L/16", "token", 224),
+    "vit_large_patch16_384": ("L/16", "token", 384),
+    "vit_large_patch32_224": ("L/32", "token", 224),
+    "vit_large_patch32_384": ("L/32", "token", 384),
+    "vit_huge_patch14_224": ("H/14", "token", 224),
+    "vit_huge_patch14_gap_224": ("H/14", "gap", 224),
+    "vit_huge_patch16_gap_448": ("H/16", "gap", 448),
+    "vit_base_r50_s16_224": ("R50+B/16", "token", 224),
+    "vit_base_r50_s16_384": ("R50+B/16", "token", 384),
+    "vit_large_r50_s32_224": ("R50+L/32", "token", 224),
+    "vit_large_r50_s32_384": ("R50+L/32", "token", 384),
+    "vit_small_r26_s32_224": ("R26+S/32", "token", 224),
+    "vit_small_r26_s32_384": ("R26+S/32", "token", 384),
+    "vit_base_r26_s32_224": ("R26+B/32", "token", 224),
+}
+# A shape timm has no name for: the entry point that builds the right kind of model, every
+# shape field then given in `model_args` (which override the entry point's own: timm's entry
+# points build `dict(their_args, **kwargs)`). Hybrids: the one whose ResNet has these units
+# per stage (timm's `_resnetv2` fixes them and the root width 64; `()` is the root alone).
+_PLAIN_BASE = "vit_base_patch16_224"
+_HYBRID_BASES = {(3, 4, 9): "vit_base_r50_s16_224", (3, 4, 6, 3): "vit_large_r50_s32_224",
+                 (2, 2, 2, 2): "vit_small_r26_s32_224", (): "vit_tiny_r_s16_p8_224"}
+
+
 def export(cfg: ViTConfig, state: dict, uri: str) -> tuple[dict, dict]:
-    """-> (tensors in timm's names, {"config.json": what `save_for_hf` writes}). GAP models
-    get `global_pool="avg", class_token=False, fc_norm=False` (the final norm before pooling,
-    as big_vision)."""
+    """-> (tensors in timm's names, {"config.json": what timm's `save_for_hf` writes}).
+
+    What a timm user runs on the folder (the recipe `load_recipe` prints, the tests run):
+    `timm.create_model("local-dir:OUT", pretrained=True)`, or the same by hand:
+    `create_model(architecture, pretrained=True, pretrained_cfg_overlay=dict(pretrained_cfg,
+    file=OUT/model.safetensors), **model_args)`. Three things make that exact:
+    - `architecture` is a name timm registers: ours where the shape has one (`_NAMED`), else
+      the entry point of the right kind (`_PLAIN_BASE`, `_HYBRID_BASES`); `model_args` state
+      every shape field either way, so the model built is ours whatever the name's defaults.
+    - `pretrained_cfg.num_classes` is our class count: timm's `load_pretrained` drops the
+      classifier, without an error, when the model's class count differs from the pretrained
+      config's (a named architecture's default config says 1000).
+    - GAP models get `global_pool="avg", class_token=False, fc_norm=False` (the final norm
+      before pooling, as big_vision).
+    Refused in one line naming the field: a pre-logits layer, a ResNet timm cannot build, an
+    MLP width timm's `int(embed_dim * mlp_ratio)` does not give back. Not carried: dropout
+    rates (as the hf export), and a LayerNorm eps other than timm's 1e-6 (imports from
+    transformers say 1e-12: ~5e-7 relative)."""
     if cfg.representation_size:
         raise CheckpointError(f"{uri}: timm's VisionTransformer has no pre-logits "
-                              f"(representation) layer; export with format='hf' (it becomes "
-                              f"the pooler) or fine-tune without it")
+                              f"(representation) layer, and this model has "
+                              f"representation_size={cfg.representation_size}; export with "
+                              f"format='hf' (it becomes the pooler) or fine-tune without it")
+    mlp_ratio = cfg.mlp_dim / cfg.hidden_size
+    if int(cfg.hidden_size * mlp_ratio) != cfg.mlp_dim:
+        raise CheckpointError(f"{uri}: timm builds the MLP width as int(embed_dim * mlp_ratio), "
+                              f"which does not give mlp_dim={cfg.mlp_dim} for hidden_size="
+                              f"{cfg.hidden_size}; this model has no timm equivalent")
     tensors = {}
     for key, value in state.items():
         key = key.replace("patch_embed.", "patch_embed.proj.", 1) if key.startswith(
@@ -118,13 +181,10 @@ def export(cfg: ViTConfig, state: dict, uri: str) -> tuple[dict, dict]:
     gap = cfg.pool == "gap"
     model_args = {"img_size": cfg.image_size, "patch_size": cfg.patch_size,
                   "embed_dim": cfg.hidden_size, "depth": cfg.depth,
-                  "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_dim / cfg.hidden_size,
+                  "num_heads": cfg.num_heads, "mlp_ratio": mlp_ratio,
                   "in_chans": cfg.num_channels, "num_classes": cfg.num_classes,
-                  "class_token": not gap, "global_pool": "avg" if gap else "token"}
-    if gap:
-        model_args["fc_norm"] = False
-    if cfg.is_hybrid:           # the architecture builds the backbone and its 1x1 embedding
-        del model_args["patch_size"], model_args["in_chans"]
+                  "class_token": not gap, "global_pool": "avg" if gap else "token",
+                  "fc_norm": False}
     config = {
         "architecture": _architecture(cfg, uri), "num_classes": cfg.num_classes,
         "num_features": cfg.hidden_size, "global_pool": model_args["global_pool"],
@@ -133,26 +193,43 @@ def export(cfg: ViTConfig, state: dict, uri: str) -> tuple[dict, dict]:
             "input_size": [cfg.num_channels, cfg.image_size, cfg.image_size],
             "fixed_input_size": True, "interpolation": "bilinear", "crop_pct": 1.0,
             "crop_mode": "center", "mean": list(cfg.input_mean), "std": list(cfg.input_std),
-            "num_classes": cfg.num_classes, "first_conv": "patch_embed.proj",
+            "num_classes": cfg.num_classes,
+            "first_conv": ("patch_embed.backbone.stem.conv" if cfg.is_hybrid
+                           else "patch_embed.proj"),
             "classifier": "head"},
     }
     return tensors, {"config.json": config}
 
 
 def _architecture(cfg: ViTConfig, uri: str) -> str:
-    """timm's architecture name for `cfg` (`vit_base_patch16_224`, `vit_base_r50_s16_384`)."""
-    variant = cfg.variant
+    """The timm entry point for `cfg`: its own name where timm registers this variant and
+    pooling (at this image size if it has one: `vit_base_patch16_384`, else another:
+    `vit_base_patch8_224` for B/8 at 32 px), else one of the right kind (see `export`)."""
     if cfg.is_hybrid:
-        if variant is None:
-            raise CheckpointError(f"{uri}: timm builds the hybrids R50+B/16, R50+L/32, "
-                                  f"R26+S/32 and R26+B/32 only; this one "
-                                  f"(resnet_layers={list(cfg.resnet_layers)}) has no timm "
+        if cfg.resnet_width != 64:
+            raise CheckpointError(f"{uri}: timm's hybrid ResNets have root width 64, this "
+                                  f"model has resnet_width={cfg.resnet_width}; it has no timm "
                                   f"architecture")
-        resnet, vit = variant.split("+")
-        size = _SIZES[vit.split("/")[0]]
-        return f"vit_{size}_{resnet.lower()}_s{cfg.effective_patch_size}_{cfg.image_size}"
-    size = _SIZES[variant.split("/")[0]] if variant else "base"
-    return f"vit_{size}_patch{cfg.patch_size}_{cfg.image_size}"
+        if cfg.resnet_layers not in _HYBRID_BASES:
+            raise CheckpointError(
+                f"{uri}: timm builds the hybrid ResNets with units per stage "
+                f"{', '.join(str(list(k)) for k in _HYBRID_BASES)} only; this model has "
+                f"resnet_layers={list(cfg.resnet_layers)}, which has no timm architecture")
+    variant = cfg.variant
+    named = sorted((pool != cfg.pool, img != cfg.image_size, img, name)
+                   for name, (v, pool, img) in _NAMED.items() if v == variant)
+    if named:
+        return named[0][-1]
+    return _HYBRID_BASES[cfg.resnet_layers] if cfg.is_hybrid else _PLAIN_BASE
+
+
+def load_recipe(folder: str, config: dict) -> str:
+    """The Python a timm user runs to load the export in local `folder` (`vit-export` prints
+    it, the README shows it, the interop tests run it as printed): timm's own local-folder
+    loader, which reads config.json as its Hub loader does (`architecture`, `model_args`,
+    `pretrained_cfg`) and the weights beside it."""
+    return (f"import timm\n"
+            f"model = timm.create_model({'local-dir:' + folder!r}, pretrained=True).eval()")
 
 
 def _resnet_name(key: str) -> str:

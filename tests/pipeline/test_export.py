@@ -1,11 +1,13 @@
 """Export to Hugging Face transformers and timm, hf:// checkpoints, and the input
 normalisation a checkpoint carries. transformers is the real library (dev extra); timm cannot
-be installed beside the CPU torch here, so its names are checked against a key list written
-out from timm's own model definition."""
+be installed beside the CPU torch here: its names are checked against a key list written out
+from timm's own model definition, and tests/pipeline/test_interop.py loads the exports in timm
+itself, in its own environment (`make interop-env`)."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +155,106 @@ def test_exports_refuse_what_the_target_cannot_hold(tmp_path):
         export_vit(tmp_path / "rep", tmp_path / "y", "timm")
     with pytest.raises(CheckpointError, match="unknown export format 'onnx'"):
         export_vit(tmp_path / "rep", tmp_path / "z", "onnx")
+
+
+@pytest.mark.parametrize("cfg, name", [
+    (ViTConfig.from_variant("Ti/16"), "vit_tiny_patch16_224"),
+    (ViTConfig.from_variant("B/16", image_size=384), "vit_base_patch16_384"),
+    (ViTConfig.from_variant("B/8", image_size=32), "vit_base_patch8_224"),   # timm's at 224
+    (ViTConfig.from_variant("B/16", pool="gap"), "vit_base_patch16_224"),  # its gap: 16 heads
+    (ViTConfig.from_variant("H/14", pool="gap", image_size=448), "vit_huge_patch14_gap_224"),
+    (small(), "vit_base_patch16_224"),                                       # no timm name
+    (ViTConfig.from_variant("R50+B/16", image_size=384), "vit_base_r50_s16_384"),
+    (ViTConfig.from_variant("R50+L/32"), "vit_large_r50_s32_224"),
+    (ViTConfig.from_variant("R26+B/32"), "vit_base_r26_s32_224"),
+    (ViTConfig.from_variant("R50+B/16", depth=2, hidden_size=48, num_heads=3, mlp_dim=96),
+     "vit_base_r50_s16_224"),                                   # R50's ResNet, no timm name
+    (small(resnet_layers=(), patch_size=2), "vit_tiny_r_s16_p8_224"),       # the root alone
+])
+def test_timm_architecture_is_timms_name_or_an_entry_point_of_the_right_kind(cfg, name):
+    """Whatever the name, model_args state every shape field (the interop tests build the
+    model from them in timm); the class count is in the pretrained config, where timm's loader
+    compares it."""
+    from pipeline.weights import timm
+
+    with torch.device("meta"):
+        state = ViT(cfg).state_dict()
+    config = timm.export(cfg, state, "x")[1]["config.json"]
+    assert config["architecture"] == name
+    args = config["model_args"]
+    assert (args["embed_dim"], args["depth"], args["num_heads"], args["img_size"],
+            args["patch_size"]) == (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.image_size,
+                                    cfg.patch_size)
+    assert int(args["embed_dim"] * args["mlp_ratio"]) == cfg.mlp_dim
+    assert config["pretrained_cfg"]["num_classes"] == args["num_classes"] == cfg.num_classes
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(representation_size=24), "representation_size=24"),
+    (dict(hidden_size=15, num_heads=3, mlp_dim=123), "mlp_dim=123 for hidden_size=15"),
+    (dict(resnet_layers=(1, 1), patch_size=1), "resnet_layers=[1, 1], which has no timm"),
+    (dict(resnet_layers=(3, 4, 9), resnet_width=32, patch_size=1), "resnet_width=32"),
+])
+def test_timm_export_refuses_what_timm_cannot_build_naming_the_field(tmp_path, fields, message):
+    save_vit(trained_like(small(**fields)), tmp_path / "ours")
+    with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+        export_vit(tmp_path / "ours", tmp_path / "timm", "timm")
+    assert "\n" not in str(err.value)
+
+
+def hf_export_with(tmp_path: Path, **config) -> Path:
+    """Our small model's hf export with config.json fields changed."""
+    save_vit(trained_like(small()), tmp_path / "ours")
+    out = Path(export_vit(tmp_path / "ours", tmp_path / "hf", "hf"))
+    doc = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**doc, **config}))
+    return out
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("qkv_bias", False, "always has q, k and v biases"),
+    ("hidden_act", "gelu_new", "only the exact GELU"),
+    ("pooler_act", "relu", "uses tanh"),
+    ("image_size", [32, 16], "only square images"),
+    ("patch_size", [8, 4], "only square images and patches"),
+    ("architectures", ["ViTForMaskedImageModeling"], "ViTForMaskedImageModeling is not"),
+    ("pruned_heads", {"0": [1]}, "heads removed"),
+])
+def test_transformers_configs_ours_cannot_be_are_refused_naming_field_and_value(
+        tmp_path, field, value, why):
+    out = hf_export_with(tmp_path, **{field: value})
+    with pytest.raises(CheckpointError) as err:
+        load_vit(out)
+    assert str(err.value).startswith(f"{out}: config.json has {field}={value!r}: ")
+    assert why in str(err.value) and "\n" not in str(err.value)
+
+
+def test_transformers_own_qkv_bias_false_model_is_refused_by_its_config(tmp_path):
+    """Saved by transformers itself: the config is read before the weights, whose missing q,
+    k, v biases would otherwise be the message."""
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification
+
+    ViTForImageClassification(HFConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+        image_size=32, patch_size=8, num_labels=5, qkv_bias=False)).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"config.json has qkv_bias=False: "):
+        load_vit(tmp_path)
+    # Square images and patches given as pairs are fine.
+    out = hf_export_with(tmp_path / "pairs", image_size=[32, 32], patch_size=[8, 8])
+    assert load_vit(out).cfg.patch_size == 8
+
+
+@pytest.mark.s3
+def test_export_recipe_for_an_s3_export_says_how_to_copy_it_first(s3, tmp_path):
+    from pipeline.weights import export_recipe
+
+    save_vit(trained_like(small()), tmp_path / "ours")
+    uri = f"s3://{s3}/exports/smoke-timm"
+    export_vit(tmp_path / "ours", uri, "timm")
+    assert export_recipe(uri, "timm") == (
+        f"# copy it to a local folder first: aws s3 cp --recursive {uri} smoke-timm\n"
+        f"import timm\nmodel = timm.create_model('local-dir:smoke-timm', pretrained=True).eval()")
 
 
 def fill_hub_cache(cache: Path, repo: str, files_from: Path) -> None:

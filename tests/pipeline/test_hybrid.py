@@ -396,6 +396,16 @@ def test_checkpoint_round_trip_and_another_resolution_on_the_feature_grid(tmp_pa
         load_vit(tmp_path / "ckpt", variant="S/16")
 
 
+def test_a_hybrid_on_a_16_px_map_reads_back_from_its_checkpoint(tmp_path):
+    """A /16 map (three stages, as R50+B/16): reading the shapes back once built a throwaway
+    config with the default 16-px patch, 256 px with the ResNet's stride, more than its
+    default 224-px image, and refused every R50 checkpoint."""
+    cfg = ViTConfig(**{**TINY, "resnet_layers": (1, 1, 1), "image_size": 64})
+    assert cfg.resnet_stride == 16
+    save_vit(ViT(cfg), tmp_path / "ckpt")
+    assert load_vit(tmp_path / "ckpt").cfg == cfg
+
+
 def test_finetuning_and_the_fewshot_probe_take_a_hybrid():
     from pipeline.train.fewshot import fewshot_accuracy
 
