@@ -119,19 +119,20 @@ def refusal(err: Exception, tracking_uri: str) -> str | None:
     return None
 
 
-def set_terminated(client, tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+def set_terminated(client, tracking_uri: str, run_id: str, status: str = "FINISHED",
+                   end_time: int | None = None) -> None:
     """End a run. MLflow then prints "View run <name> at: <URL>", the URL built from the
     tracking URI as given, user:password included (mlflow/tracking/_tracking_service/
     client.py, `_log_url`); with credentials in the URI the line is left out (the commands
     print where their runs are, redacted)."""
     if redact(tracking_uri) == tracking_uri:
-        client.set_terminated(run_id, status=status)
+        client.set_terminated(run_id, status=status, end_time=end_time)
         return
     key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
     saved = os.environ.get(key)
     os.environ[key] = "true"
     try:
-        client.set_terminated(run_id, status=status)
+        client.set_terminated(run_id, status=status, end_time=end_time)
     finally:
         if saved is None:
             os.environ.pop(key, None)
@@ -156,11 +157,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+# MLflow 3's UI opens an experiment on its GenAI pages (traces) unless the experiment says it
+# is for model training: the tag its "experiment type" selector sets (mlflow/server/js,
+# `mlflow.experimentKind`; the values are ExperimentKind's).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(client, name: str, tracking_uri: str) -> str:
+    """The experiment's id, created when missing; either way marked as a model-training
+    experiment unless someone chose its kind already."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+    if exp is None:
+        exp_id = client.create_experiment(name, artifact_location=artifact_root(tracking_uri),
+                                          tags=dict([EXPERIMENT_KIND]))
+        return exp_id
+    if EXPERIMENT_KIND[0] not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,
@@ -215,6 +228,9 @@ class Tracker:
         self.run_id, self.spill_uri = run_id, spill_uri
         self.retry_every_s = retry_every_s
         self.pending: list[tuple[str, float, int, int]] = []
+        self.pending_params: dict[str, str] = {}
+        self.constants: dict[str, float] = {}     # CONSTANTS' first values
+        self.changed: set[str] = set()            # CONSTANTS that changed after all
         self.down_since: float | None = None
         self.last_try = 0.0
         self.logged_through = self._logged_steps()
@@ -233,6 +249,7 @@ class Tracker:
         return {m.key: m.step for m in run.data._metric_objs}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        metrics = self._constants(metrics)
         ts = int(time.time() * 1000)
         self.pending += [(k, float(v), step, ts) for k, v in metrics.items()
                          if step > self.logged_through.get(k, -1)]
@@ -241,6 +258,54 @@ class Tracker:
             return
         self.flush()
 
+    def _constants(self, metrics: dict[str, float]) -> dict[str, float]:
+        """CONSTANTS' values become params (a line on a chart says nothing); one that
+        changes stays a metric, with a warning, where the change shows."""
+        out = dict(metrics)
+        for key, param in CONSTANTS.items():
+            if key not in out:
+                continue
+            value = out.pop(key)
+            first = self.constants.setdefault(key, value)
+            if first == value and key not in self.changed:
+                self.pending_params.setdefault(param, f"{value:g}")
+                continue
+            if key not in self.changed:               # warn once, at the first change
+                log.warning("%s changed from %g to %g; logged as a metric from here on",
+                            key, first, value)
+                self.changed.add(key)
+            out[key] = value
+        return out
+
+    def note_start(self, step: int) -> None:
+        """This (re)start's step, appended to the run's tag `start_steps` ("0,150": started
+        at step 0, restarted from the checkpoint of step 150). Best effort: an outage here
+        loses the note, never a metric."""
+        if self.run_id is None:
+            return
+        try:
+            steps = start_steps(self.client.get_run(self.run_id)) + [step]
+            self.client.set_tag(self.run_id, START_STEPS, ",".join(map(str, steps)))
+        except Exception as err:  # noqa: BLE001 - a note must not stop training
+            log.warning("could not note the start step in MLflow: %s", type(err).__name__)
+
+    def _send_params(self) -> None:
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        if not self.pending_params:
+            return
+        try:
+            self.client.log_batch(self.run_id, params=[
+                Param(k, v) for k, v in self.pending_params.items()])
+        except MlflowException as err:
+            if err.error_code != "INVALID_PARAMETER_VALUE":
+                raise                       # an outage: flush keeps them for the next try
+            # A continued run whose param differs (MLflow keeps a param's first value).
+            log.warning("MLflow kept the run's earlier value of %s: %s",
+                        ", ".join(self.pending_params), redact(str(err.message))[:160])
+        self.pending_params = {}
+
     def flush(self) -> bool:
         from mlflow.entities import Metric
 
@@ -248,6 +313,7 @@ class Tracker:
         if self.run_id is None:
             return False
         try:
+            self._send_params()
             while self.pending:
                 chunk = self.pending[:1000]
                 self.client.log_batch(self.run_id, metrics=[
@@ -306,6 +372,15 @@ class Tracker:
 
 
 SPILL_PREFIX = "pending_metrics-"
+# Measured values that must not change in a run (the batch that really went into each step):
+# params, named here, unless they change.
+CONSTANTS = {"train/images_per_step": "images_per_step"}
+START_STEPS = "start_steps"
+
+
+def start_steps(run) -> list[int]:
+    """The steps a run (re)started at, from its tag `start_steps` (Tracker.note_start)."""
+    return [int(s) for s in run.data.tags.get(START_STEPS, "").split(",") if s.strip()]
 
 
 def import_spills(tracking_uri: str, run_id: str, run_uri: str) -> int:
@@ -363,39 +438,28 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretraining: the data as a dataset input, the final checkpoint as a model version, and
-# per-node system metrics
+# Pretraining: the data as a dataset input and per-node system metrics (the model registry:
+# pipeline/registry.py)
 # ---------------------------------------------------------------------------------------------
 def log_dataset(tracking_uri: str, run_id: str, name: str, uri: str, digest: str,
                 context: str = "training") -> None:
-    """The training manifest as an MLflow dataset input (name, source URI, digest)."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    """Data as an MLflow dataset input (name, source, digest), its source typed by the
+    URI as MLflow types it: `local` for a path, `s3` for s3://, `http` for a URL."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
-    dataset = MetaDataset(HTTPDatasetSource(uri), name=name, digest=digest[:36])
+    with warnings.catch_warnings():
+        # "can be interpreted in multiple ways": the file and "" schemes both register the
+        # one local source, and MLflow warns that it picked it.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
+    dataset = MetaDataset(source, name=name, digest=digest[:36])
     MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
-
-
-def register_checkpoint(tracking_uri: str, run_id: str, model_name: str,
-                        checkpoint_uri: str) -> str:
-    """A new version of registered model `model_name` whose source is the checkpoint URI
-    (created on first use); -> the version."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException:
-        client.create_registered_model(model_name, description=(
-            "ViT checkpoints of the pretraining run of this name (pipeline.weights "
-            "format; load_vit(source))"))
-    version = client.create_model_version(model_name, source=checkpoint_uri, run_id=run_id,
-                                          tags={"checkpoint": checkpoint_uri})
-    return version.version
 
 
 class SystemMetrics:
