@@ -293,9 +293,11 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict) -> str | None:
 def log_results(tracking_uri: str, parent_id: str, doc: dict, files: dict[str, Path]) -> None:
     """Metrics on the parent, one nested run per task (pipeline.tracking), and the report
     files as the parent's artifacts."""
+    from eval.data import task_uri
     from pipeline import tracking
 
-    tracking.log_vtab_results(tracking_uri, parent_id, doc)
+    tracking.log_vtab_results(tracking_uri, parent_id, doc, {
+        t["task"]: task_uri(doc["data"], BY_NAME[t["task"]]) for t in doc["tasks"]})
     tracking.log_artifacts(tracking_uri, parent_id, list(files.values()))
     tracking.finish_run(tracking_uri, parent_id, "FINISHED")
     meta = doc.get("pretraining") or {}

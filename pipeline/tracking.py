@@ -441,7 +441,7 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
 # Pretraining: the data as a dataset input and per-node system metrics (the model registry:
 # pipeline/registry.py)
 # ---------------------------------------------------------------------------------------------
-def log_dataset(tracking_uri: str, run_id: str, name: str, uri: str, digest: str,
+def log_dataset(tracking_uri: str, run_id: str, name: str, uri: str, digest: str | None,
                 context: str = "training") -> None:
     """Data as an MLflow dataset input (name, source, digest), its source typed by the
     URI as MLflow types it: `local` for a path, `s3` for s3://, `http` for a URL."""
@@ -457,7 +457,8 @@ def log_dataset(tracking_uri: str, run_id: str, name: str, uri: str, digest: str
         # one local source, and MLflow warns that it picked it.
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(uri)
-    dataset = MetaDataset(source, name=name, digest=digest[:36])
+    # No digest: MLflow makes one of the source.
+    dataset = MetaDataset(source, name=name, digest=digest[:36] if digest else None)
     MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 
@@ -490,10 +491,18 @@ class SystemMetrics:
 # ---------------------------------------------------------------------------------------------
 # VTAB-1k: the parent run and one nested run per task
 # ---------------------------------------------------------------------------------------------
-def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict) -> None:
-    """Metrics on the parent (vtab/<task>/top1, the group and overall means) and one nested
-    run per task, each with the same keys (`top1`, `top1_seed`, `val200/lr_<lr>`), so
-    MLflow's compare view lines the tasks up in one column."""
+VTAB_EVAL = "vtab.eval"       # on every run under a VTAB parent: the parent's id
+
+
+def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict,
+                     task_data: dict[str, str] | None = None) -> None:
+    """Metrics on the parent (vtab/<task>/top1, the group and overall means); under it one
+    nested run per task, each with the same keys (`top1`, `top1_seed`, `val200/lr_<lr>`, so
+    MLflow's compare view lines the tasks up in one column) and the task's data
+    (`task_data`: task -> its folder or prefix) as a dataset input; under each task one run
+    per trial (`<eval>/<task>/<phase>-lr<lr>-seed<seed>`) with its fine-tuning loss, lr and
+    val200 top-1 over steps, timed as the trial ran. Runs made before (an earlier attempt
+    at this) are found again, not duplicated."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -504,27 +513,95 @@ def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict) -> None:
     metrics += [Metric(f"vtab/{k}_std", v, ts, 0) for k, v in doc["summary_std"].items()]
     client.log_batch(parent_id, metrics=metrics)
     parent = client.get_run(parent_id)
-    existing = {r.data.tags.get("vtab.task"): r.info.run_id for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    exp_id, name = parent.info.experiment_id, parent.info.run_name
+    existing = {r.info.run_name: r.info.run_id for r in client.search_runs(
+        [exp_id], f"tags.`{VTAB_EVAL}` = '{parent_id}'", max_results=5000)}
     inherited = {k: v for k, v in parent.data.tags.items()
                  if k.startswith("mlflow.source.") or k == "mlflow.user"}
+    trials = {}
+    for r in doc.get("trials", []):
+        trials.setdefault(r["task"], []).append(r)
+    settings = doc.get("settings", {})
     for t in doc["tasks"]:
-        run_id = existing.get(t["task"])
+        mine = trials.get(t["task"], [])
+        times = [_trial_times(r, settings) for r in mine]
+        run_name = f"{name}/{t['task']}"
+        run_id = existing.get(run_name)
         if run_id is None:
-            run_id = client.create_run(
-                parent.info.experiment_id, run_name=f"{parent.info.run_name}/{t['task']}",
-                tags={**inherited, "mlflow.parentRunId": parent_id, "vtab.task": t["task"],
-                      "vtab.group": t["group"]}).info.run_id
+            run_id = client.create_run(exp_id, run_name=run_name, start_time=min(
+                (a for a, _ in times), default=None), tags={
+                    **inherited, "mlflow.parentRunId": parent_id, VTAB_EVAL: parent_id,
+                    "vtab.task": t["task"], "vtab.group": t["group"]}).info.run_id
             client.log_batch(run_id, params=[
                 Param("task", t["task"]), Param("lr", f"{t['lr']:g}"),
                 Param("group", t["group"]), Param("num_classes", str(t["num_classes"])),
                 Param("seeds", str(len(t["seeds"])))])
+            if task_data and t["task"] in task_data:
+                log_dataset(tracking_uri, run_id, f"vtab-1k/{t['task']}",
+                            task_data[t["task"]], None, context="evaluation")
         child = [Metric("top1", t["top1"], ts, 0)]
         child += [Metric("top1_seed", v, ts, i) for i, v in enumerate(t["seeds"])]
         child += [Metric(f"val200/lr_{lr}", v, ts, 0) for lr, v in t["val200"].items()
                   if v is not None and v == v]
         client.log_batch(run_id, metrics=child)
-        set_terminated(client, tracking_uri, run_id, "FINISHED")
+        for r, (start, end) in zip(mine, times, strict=True):
+            _log_trial(client, tracking_uri, exp_id, f"{run_name}/{_trial_name(r)}", r,
+                       (start, end), settings, existing, {
+                           **inherited, "mlflow.parentRunId": run_id, VTAB_EVAL: parent_id,
+                           "vtab.task": t["task"], "vtab.phase": r["phase"]})
+        set_terminated(client, tracking_uri, run_id, "FINISHED",
+                       end_time=max((b for _, b in times), default=None))
+
+
+def _trial_name(r: dict) -> str:
+    return f"{r['phase']}-lr{r['lr']:g}-seed{r['seed']}"
+
+
+def _trial_times(r: dict, settings: dict) -> tuple[int, int]:
+    """(start, end) of a trial in ms: as it ran where its record says (older records do
+    not), else now."""
+    now = int(time.time() * 1000)
+    end = int(r["finished_at"] * 1000) if r.get("finished_at") else now
+    start = int(r["started_at"] * 1000) if r.get("started_at") else \
+        end - int((r.get("train_time_s") or 0) * 1000)
+    return min(start, end), end
+
+
+def _log_trial(client, tracking_uri: str, exp_id: str, run_name: str, r: dict,
+               times: tuple[int, int], settings: dict, existing: dict, tags: dict) -> None:
+    """One trial's run: its settings as params, its curve (train/loss, train/lr, and
+    val200/top1 in the selection phase) over steps, its final top-1 (val200 when selecting,
+    test in the final phase) at the last step."""
+    from mlflow.entities import Metric, Param
+
+    if run_name in existing:
+        return                      # logged whole by an earlier attempt
+    start, end = times
+    run_id = client.create_run(exp_id, run_name=run_name, start_time=start,
+                               tags=tags).info.run_id
+    steps = settings.get("steps") or 0
+    params = {"task": r["task"], "phase": r["phase"], "lr": f"{r['lr']:g}",
+              "seed": str(r["seed"]), "steps": str(steps),
+              "batch_size": str(settings.get("batch_size", ""))}
+    curve = r.get("curve") or {}
+
+    def at(step: int) -> int:        # a point's time: the trial's time, spread over steps
+        return start + (end - start) * step // max(1, steps)
+
+    points = [Metric("train/loss", v, at(s), s) for s, v in zip(
+        curve.get("step", []), curve.get("loss", []), strict=False)]
+    points += [Metric("train/lr", v, at(s), s) for s, v in zip(
+        curve.get("step", []), curve.get("lr", []), strict=False)]
+    points += [Metric("val200/top1", v, at(s), s) for s, v in zip(
+        curve.get("val_step", []), curve.get("val_top1", []), strict=False)]
+    if r.get("top1") is not None and r["top1"] == r["top1"]:
+        points.append(Metric("top1", r["top1"], end, steps))
+    if r.get("diverged"):
+        points.append(Metric("diverged", 1.0, end, steps))
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    for i in range(0, len(points), 1000):
+        client.log_batch(run_id, metrics=points[i:i + 1000])
+    set_terminated(client, tracking_uri, run_id, "FINISHED", end_time=end)
 
 
 def pretrain_tags(meta: dict) -> dict[str, str]:
@@ -566,26 +643,12 @@ def client(tracking_uri: str):
 
 def find_runs(tracking_uri: str, refs: list[str], experiment: str | None = None,
               filter_string: str = "") -> list:
-    """Run ids or names (newest run of that name, in any experiment), then the finished
-    top-level runs of `experiment` (with an MLflow filter) -> MLflow runs, in that order."""
+    """Run ids, names (the newest run of that name) or unique prefixes of top-level runs'
+    names, in any experiment; then the finished top-level runs of `experiment` (with an
+    MLflow filter) -> MLflow runs, in that order, each once."""
     c = client(tracking_uri)
-    runs = []
     experiments = [e.experiment_id for e in c.search_experiments()]
-    for ref in refs:
-        if RUN_ID.match(ref):
-            try:
-                runs.append(c.get_run(ref))
-                continue
-            except Exception:  # noqa: BLE001 - not an id after all; try it as a name
-                pass
-        found = c.search_runs(experiments, f"attributes.run_name = '{ref}'",
-                              order_by=["attributes.start_time DESC"], max_results=1) \
-            if experiments else []
-        if not found:
-            raise RunNotFound(f"no MLflow run with id or name {ref!r} in "
-                              f"{redact(tracking_uri)}; list them with `mlflow runs list` or "
-                              f"the MLflow UI")
-        runs.append(found[0])
+    runs = [_find_run(c, tracking_uri, ref, experiments) for ref in refs]
     if experiment:
         exp = c.get_experiment_by_name(experiment)
         if exp is None:
@@ -593,7 +656,39 @@ def find_runs(tracking_uri: str, refs: list[str], experiment: str | None = None,
         query = " and ".join(x for x in (filter_string, "attributes.status = 'FINISHED'") if x)
         found = c.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"])
         runs += [r for r in found if r.data.tags.get("mlflow.parentRunId") is None]
-    return runs
+    seen: set[str] = set()
+    return [r for r in runs if not (r.info.run_id in seen or seen.add(r.info.run_id))]
+
+
+def _find_run(c, tracking_uri: str, ref: str, experiments: list[str]):
+    where = redact(tracking_uri)
+    if RUN_ID.match(ref):
+        try:
+            return c.get_run(ref)
+        except Exception:  # noqa: BLE001 - not an id after all; try it as a name
+            pass
+    missing = RunNotFound(f"no MLflow run with id or name {ref!r} in {where}; list them "
+                          f"with `mlflow runs list` or the MLflow UI")
+    if not experiments:
+        raise missing
+    quoted = ref.replace("'", "\\'")
+    found = c.search_runs(experiments, f"attributes.run_name = '{quoted}'",
+                          order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0]
+    # A prefix: LIKE's own wildcards (% and _) in it match more, so check startswith after.
+    like = c.search_runs(experiments, f"attributes.run_name LIKE '{quoted}%'",
+                         order_by=["attributes.start_time DESC"], max_results=200)
+    like = [r for r in like if (r.info.run_name or "").startswith(ref)
+            and r.data.tags.get("mlflow.parentRunId") is None]
+    names = sorted({r.info.run_name for r in like})
+    if len(names) == 1:
+        return like[0]
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise RunNotFound(f"{ref!r} begins the names of {len(names)} runs in {where} "
+                          f"({shown}); give more of the name")
+    raise missing
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

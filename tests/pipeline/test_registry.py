@@ -158,3 +158,51 @@ def test_measured_constants_are_params_and_restarts_a_tag(mlflow_server):
     t.log_metrics({"train/loss": 0.5, "train/images_per_step": 30.0}, 30)
     assert [(m.step, m.value) for m in client.get_metric_history(
         run, "train/images_per_step")] == [(30, 30.0)]
+
+
+def test_vtab_task_runs_hold_their_trials_curves_and_data(mlflow_server):
+    """Under the VTAB parent: one run per task with its data as a dataset input, and under
+    it one run per trial with loss, lr and val200 top-1 over steps, timed as it ran; a
+    second attempt at logging duplicates nothing."""
+    uri, client = mlflow_server.uri, MlflowClient(mlflow_server.uri)
+    parent = tracking.start_run(uri, f"vtab-{uuid.uuid4().hex[:6]}", "vtab-x-step40-0123abcd",
+                                {}, {})
+    curve = {"step": [10, 20, 30, 40], "loss": [2.0, 1.5, 1.2, 1.0],
+             "lr": [0.01, 0.008, 0.004, 0.0], "val_step": [20, 40], "val_top1": [30.0, 50.0]}
+    trial = {"task": "eurosat", "seed": 0, "top1": 50.0, "diverged": False,
+             "started_at": 1_700_000_000.0, "finished_at": 1_700_000_100.0, "curve": curve}
+    doc = {"tasks": [{"task": "eurosat", "group": "specialized", "num_classes": 10,
+                      "lr": 0.01, "val200": {"0.01": 50.0, "0.1": 20.0}, "top1": 70.0,
+                      "seeds": [70.0]}],
+           "summary": {"specialized": 70.0, "mean": 70.0}, "summary_std": {},
+           "settings": {"steps": 40, "batch_size": 16},
+           "trials": [{**trial, "phase": "select", "lr": 0.01},
+                      {**trial, "phase": "select", "lr": 0.1, "top1": 20.0},
+                      {**trial, "phase": "final", "lr": 0.01, "top1": 70.0,
+                       "curve": {**curve, "val_step": [], "val_top1": []}}]}
+    for _ in range(2):
+        tracking.log_vtab_results(uri, parent, doc, {"eurosat": "/data/vtab-1k/eurosat"})
+    exp = client.get_run(parent).info.experiment_id
+    (task,) = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert task.info.run_name == "vtab-x-step40-0123abcd/eurosat"
+    (data,) = task.inputs.dataset_inputs
+    assert (data.dataset.name, data.dataset.source_type) == ("vtab-1k/eurosat", "local")
+    assert json.loads(data.dataset.source)["uri"] == "/data/vtab-1k/eurosat"
+    trials = {r.info.run_name.rsplit("/", 1)[1]: r for r in client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{task.info.run_id}'")}
+    assert sorted(trials) == ["final-lr0.01-seed0", "select-lr0.01-seed0",
+                              "select-lr0.1-seed0"]
+    select = trials["select-lr0.01-seed0"]
+    assert (select.info.start_time, select.info.end_time) == (1_700_000_000_000,
+                                                              1_700_000_100_000)
+    assert (task.info.start_time, task.info.end_time) == (1_700_000_000_000, 1_700_000_100_000)
+
+    def series(run, key):
+        return [(m.step, m.value) for m in sorted(client.get_metric_history(
+            run.info.run_id, key), key=lambda m: m.step)]
+
+    assert series(select, "train/loss") == list(zip(curve["step"], curve["loss"], strict=True))
+    assert series(select, "train/lr") == list(zip(curve["step"], curve["lr"], strict=True))
+    assert series(select, "val200/top1") == [(20, 30.0), (40, 50.0)]
+    assert series(trials["final-lr0.01-seed0"], "top1") == [(40, 70.0)]
+    assert select.data.params["lr"] == "0.01" and select.data.params["phase"] == "select"
