@@ -33,7 +33,8 @@ def trial_record(phase: str, conf: dict, metrics: dict, error: str | None) -> di
             "images_per_s": metrics.get("images_per_s"),
             "micro_batch_size": metrics.get("micro_batch_size"),
             "started_at": metrics.get("started_at"),
-            "finished_at": metrics.get("timestamp"),
+            # The trial's own clock; Tune's `timestamp` (whole seconds) in older records.
+            "finished_at": metrics.get("finished_at") or metrics.get("timestamp"),
             "trial_id": metrics.get("trial_id"), "curve": curve}
 
 

@@ -169,7 +169,7 @@ def trial(config: dict, *, data: dict, pretrained, recipe: FinetuneConfig,
         # A learning rate that diverges is a result of the sweep, not a failure of it.
         tune.report({"step": recipe.steps, "diverged": True, "top1": float("nan"),
                      "error": str(err), "task": task.name, "started_at": started_at,
-                     "curve": curve.to_json()})
+                     "finished_at": time.time(), "curve": curve.to_json()})
         return
     del train
     if evaluation is None:
@@ -191,7 +191,7 @@ def trial(config: dict, *, data: dict, pretrained, recipe: FinetuneConfig,
         curve.val(recipe.steps, score)
     tune.report({"step": recipe.steps, "top1": score, "eval_images": len(labels),
                  "diverged": False, "task": task.name, "started_at": started_at,
-                 "curve": curve.to_json(), **stats})
+                 "finished_at": time.time(), "curve": curve.to_json(), **stats})
 
 
 @dataclass
