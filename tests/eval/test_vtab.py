@@ -52,7 +52,7 @@ def smoke_checkpoint(tmp_path_factory, mlflow_server):
     MLflow server; -> (checkpoint path, pretraining run id)."""
     tmp = tmp_path_factory.mktemp("pretrain")
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}   # this tree's code
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset",
                           "smoke", "--name", "for-vtab", "--out", str(tmp),
                           "--set", "train.total_steps=40", "--set", "probe.every=0"],
