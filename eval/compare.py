@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     print(f"\nwritten: {out['csv']} and {out['png'].name} beside it")
     if out["run_id"]:
         print(f"MLflow comparison run: {out['run_id']} (experiment 'comparisons'); "
-              f"{how_to_open(uri)}")
+              f"{how_to_open(uri, out['run_id'])}")
     return 0
 
 

@@ -76,11 +76,25 @@ def standard_tags(source: str | None = None) -> dict[str, str]:
     return tags
 
 
-def how_to_open(tracking_uri: str) -> str:
-    """What a person runs or opens to see the runs of `tracking_uri`."""
+def how_to_open(tracking_uri: str, run_id: str | None = None) -> str:
+    """What a person runs or opens to see the runs of `tracking_uri`, with the run's page
+    where `run_id` is given. The link asks for MLflow 3's model-training view: its UI opens
+    in GenAI mode in a browser that has not chosen one (the mode is the browser's, kept
+    in its local storage, which the experiment's kind tag does not override in 3.17)."""
+    page = f"#/?{ML_VIEW}"
+    if run_id:
+        try:
+            exp = client(tracking_uri).get_run(run_id).info.experiment_id
+            page = f"#/experiments/{exp}/runs/{run_id}?{ML_VIEW}"
+        except Exception:  # noqa: BLE001 - the store's address is still worth printing
+            pass
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {redact(tracking_uri)} in a browser"
-    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
+        return f"open {redact(tracking_uri).rstrip('/')}/{page} in a browser"
+    return (f"mlflow ui --backend-store-uri {redact(tracking_uri)}, then "
+            f"http://127.0.0.1:5000/{page}")
+
+
+ML_VIEW = "workflowType=machine_learning"
 
 
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
