@@ -17,6 +17,9 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# pytest-xdist workers: two suit the 2-core CI machine (most tests wait on processes they
+# start); each worker runs whole modules, with its own session services (Ray, S3, MLflow).
+TEST_WORKERS ?= 2
 
 
 .PHONY: install test test-fast lint demo bench-model bench-data bench-train bench-vtab bench-checkpoint clean
@@ -36,10 +39,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: install lint
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope
 
 # The whole product on the embedded default (jobs/demo.py): a local stack (Ray head, S3
 # endpoint, MLflow server), demo shards, two pretraining runs and their VTAB evaluations

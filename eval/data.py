@@ -81,6 +81,10 @@ def is_sharded(root: str | os.PathLike, task: Task) -> bool:
 # ---------------------------------------------------------------------------------------------
 def check_task(root: str | os.PathLike, task: Task) -> dict[str, int]:
     """Validate every split of a task; -> split sizes."""
+    if not storage.is_s3(root) and not Path(root).is_dir():
+        raise TaskDataError(f"--data {root}: no such folder; give the VTAB-1k root that holds "
+                            f"one folder per task (<root>/{task.name}/train800.txt, ...) or "
+                            f"the shards jobs/make_shards.py vtab writes")
     if is_sharded(root, task):
         sizes = {}
         for split in SPLITS:

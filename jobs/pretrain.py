@@ -142,18 +142,23 @@ def _main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    cli.configure_logging(args.log_level)
+    from pipeline.train import preflight
+
+    try:   # every input a user can get wrong, before Ray starts (pipeline/train/preflight.py)
+        checked = preflight.check(cfg, resume=args.resume, init=args.init,
+                                  mlflow=not args.no_mlflow)
+    except preflight.REFUSALS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return cli.BAD_INPUT
     print(describe(cfg), flush=True)
     timeline.mark("driver.imports")
 
     import ray
 
-    from pipeline.data.reader import DataError
-    from pipeline.data.shards import DatasetError
-    from pipeline.storage import StorageError
-    from pipeline.train.run import PretrainError, pretrain
-    from pipeline.weights import CheckpointError
+    from pipeline.train.run import pretrain
 
-    cli.configure_logging(args.log_level)
+    cli.configure_logging(args.log_level)   # again: `import ray` set up Ray's loggers anew
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     address = args.address or os.environ.get("RAY_ADDRESS")
     # No address: a new local Ray ("local"), never a stray `ray start` cluster that
@@ -164,12 +169,13 @@ def _main(argv=None) -> int:
         timeline.mark("driver.ray_ready")
         if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
             ray.data.DataContext.get_current().enable_progress_bars = False
-        out = pretrain(cfg, resume=args.resume, init=args.init, mlflow=not args.no_mlflow)
+        out = pretrain(cfg, resume=args.resume, init=args.init, mlflow=not args.no_mlflow,
+                       checked=checked)
     except interrupt.Interrupted:
         # The Ray processes this command started (a local Ray) go with it; a cluster's stay.
         ray.shutdown()
         raise
-    except (PretrainError, CheckpointError, DatasetError, DataError, StorageError) as err:
+    except preflight.REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.BAD_INPUT
     except Exception as err:  # noqa: BLE001 - a Ray failure: its last line says why

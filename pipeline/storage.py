@@ -45,6 +45,25 @@ def check_filled_in(value: str | os.PathLike | None, what: str) -> None:
                              f"'{mark}' with your own bucket")
 
 
+def unwritable(dst: str | os.PathLike, what: str = "the destination") -> str | None:
+    """Why a command cannot write into the local folder `dst` (created if missing), as one
+    line naming the fix, or None: it is a file, lies under a file, or its nearest existing
+    folder cannot be written. Nothing is created."""
+    path = Path(dst).expanduser()
+    if path.exists() and not path.is_dir():
+        return (f"{dst}: {what} is a file; give a folder (created if missing) or "
+                f"s3://bucket/prefix")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return (f"{dst}: cannot create {what}, {existing} is a file; give a folder (created "
+                f"if missing) or s3://bucket/prefix")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{dst}: {existing} is not writable; choose another {what.removeprefix('the ')}"
+    return None
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """`s3://bucket/a/b` -> ("bucket", "a/b")."""
     if not is_s3(uri):

@@ -47,12 +47,29 @@ def s3(s3_server, monkeypatch):
     yield bucket
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadscope`: one module per worker at
+    a time, so a module's fixtures start once), the heaviest modules go first and the quick
+    ones fill in at the end, so that no worker is left with one long module while the other
+    idles. Weight: a slow test counts as 30 s (most start Ray), any other as 0.5 s."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    weight: dict[str, float] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        weight[module] = weight.get(module, 0) + (30 if item.get_closest_marker("slow")
+                                                  else 0.5)
+    order = {m: i for i, m in enumerate(sorted(weight, key=lambda m: -weight[m]))}
+    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])    # stable within a module
+
+
 @pytest.fixture(autouse=True)
 def _few_threads():
-    """Keep torch from oversubscribing the 2-core CI machine."""
+    """Keep torch from oversubscribing the 2-core CI machine (shared by the xdist workers)."""
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     yield
 
 
@@ -68,10 +85,16 @@ def ray_local(s3_server):
     a cluster get theirs: every process resolves storage from its own environment."""
     ray = pytest.importorskip("ray")     # GPU machines run the plain-PyTorch tests without it
 
+    from pipeline import cli
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root, "AWS_ENDPOINT_URL": s3_server,
-                                       **S3_TEST_ENV}})
+    # As the commands start theirs (cli.ray_init_args): its processes know its address, so
+    # that Ray Train finds this cluster, not another test's running at the same time.
+    args = cli.ray_init_args(None, PYTHONPATH=root, AWS_ENDPOINT_URL=s3_server, **S3_TEST_ENV)
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, **args)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)   # not for the processes tests start
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray

@@ -329,18 +329,8 @@ def check_destination(dst: str) -> None:
     if storage.is_s3(dst):
         storage.check_bucket(dst)
         return
-    path = Path(dst).expanduser()
-    if path.exists() and not path.is_dir():
-        raise DatasetError(f"{dst}: the destination is a file; give a folder (created if "
-                           f"missing) or s3://bucket/prefix")
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise DatasetError(f"{dst}: cannot create the destination, {existing} is a file; give "
-                           f"a folder (created if missing) or s3://bucket/prefix")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DatasetError(f"{dst}: {existing} is not writable; choose another destination")
+    if why := storage.unwritable(dst):
+        raise DatasetError(why)
 
 
 def source_path(ref: SampleRef) -> str:
@@ -503,6 +493,9 @@ def read_manifest(uri: str) -> dict:
         raise DatasetError(f"{uri} names shards, not a dataset folder: index them once with "
                            f"`python jobs/make_shards.py index '{uri}'` and pass the folder "
                            f"that holds manifest.json")
+    if not storage.is_s3(uri) and not Path(uri).is_dir():
+        raise DatasetError(f"{uri}: no such folder; give the folder (or s3:// prefix) that "
+                           f"holds the dataset's {MANIFEST} (vit-shards writes one)")
     path = storage.join(uri, MANIFEST)
     try:
         doc = json.loads(storage.read_bytes(path))

@@ -135,17 +135,23 @@ def resume_point(run_uri: str, resume: str | None, init: str | None,
     return ResumePoint("scratch")
 
 
-def check_resume(uri: str, model_cfg: ViTConfig) -> dict:
-    """Validate `--resume` before any worker starts -> its train_state.json."""
+def check_resume(uri: str, model_cfg: ViTConfig, checksums: bool = True) -> dict:
+    """Validate `--resume` before any worker starts -> its train_state.json. Without
+    `checksums` (the command's check before Ray starts), only what a listing and
+    train_state.json tell: the files' SHA-256 are read once, by `pretrain` itself."""
     try:
         doc = read_state(uri)
     except (storage.StorageError, OSError, ValueError) as err:
+        newest = latest(uri)
+        if newest:     # a run folder: which of its checkpoints is for the user to say
+            raise CheckpointError(f"--resume {uri} is a run folder, not one of its "
+                                  f"checkpoints; give one, e.g. --resume {newest}") from None
         raise CheckpointError(f"--resume {uri}: not a training checkpoint ({_first(err)}); "
                               f"to start from its weights use --init") from None
     if not is_complete(uri):
         raise CheckpointError(f"--resume {uri}: the checkpoint is incomplete (files missing or "
                               f"truncated); pick an earlier step")
-    problem = verify(uri)
+    problem = verify(uri) if checksums else None
     if problem:
         raise CheckpointError(f"--resume {uri}: the checkpoint is damaged ({problem}); pick "
                               f"an earlier step")
@@ -153,9 +159,26 @@ def check_resume(uri: str, model_cfg: ViTConfig) -> dict:
     return doc
 
 
-def check_init(uri: str, model_cfg: ViTConfig) -> None:
-    """Validate `--init` before any worker starts: the weights load into this architecture."""
+def check_init(uri: str, model_cfg: ViTConfig, load: bool = True) -> None:
+    """Validate `--init` before any worker starts: the weights load into this architecture.
+    Without `load` (the command's check before Ray starts), what the files tell without the
+    weights (`pipeline.weights.registry.peek`: there, a format reads them, the architecture
+    they state or their safetensors header shows)."""
+    if not load:
+        from pipeline.weights.registry import peek
+
+        peek(uri, **_structure(model_cfg))
+        return
     init_model(ViT(model_cfg), uri)
+
+
+def _structure(cfg: ViTConfig) -> dict:
+    """The structural fields `--init` weights must have: this run's (the resolution may
+    differ: the position embedding is resampled)."""
+    hybrid = {"resnet_width": cfg.resnet_width} if cfg.is_hybrid else {}
+    return dict(patch_size=cfg.patch_size, hidden_size=cfg.hidden_size, depth=cfg.depth,
+                mlp_dim=cfg.mlp_dim, num_heads=cfg.num_heads, resnet_layers=cfg.resnet_layers,
+                **hybrid)
 
 
 def check_architecture(ckpt_cfg: dict, run_cfg: ViTConfig, where: str) -> None:
@@ -181,10 +204,7 @@ def init_model(model: ViT, uri: str) -> None:
     this run's fresh ones (the checkpoint's may have another number of classes), and the
     position embedding is resampled to this run's resolution."""
     cfg = model.cfg
-    hybrid = {"resnet_width": cfg.resnet_width} if cfg.is_hybrid else {}
-    src = load_vit(uri, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                   hidden_size=cfg.hidden_size, depth=cfg.depth, mlp_dim=cfg.mlp_dim,
-                   num_heads=cfg.num_heads, resnet_layers=cfg.resnet_layers, **hybrid)
+    src = load_vit(uri, image_size=cfg.image_size, **_structure(cfg))
     if (src.cfg.input_mean, src.cfg.input_std) != (cfg.input_mean, cfg.input_std):
         fmt = lambda v: ",".join(f"{x:g}" for x in v)      # noqa: E731
         raise CheckpointError(

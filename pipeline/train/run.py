@@ -51,13 +51,15 @@ def ray_storage(root: str):
     return root, None
 
 
-def check_storage(cfg: PretrainConfig, root: str) -> None:
-    """Fail at start, not at the first checkpoint: a missing bucket, or a node-local folder
-    on a cluster of several nodes (each node would keep its own, partial checkpoints)."""
+def check_storage(cfg: PretrainConfig, root: str, bucket: bool = True) -> None:
+    """Fail at start, not at the first checkpoint: a missing bucket (`bucket`: not checked
+    already), or a node-local folder on a cluster of several nodes (each node would keep its
+    own, partial checkpoints)."""
     import ray
 
     if storage.is_s3(root):
-        storage.check_bucket(root)
+        if bucket:
+            storage.check_bucket(root)
         return
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and not cfg.run.shared_storage:
@@ -102,9 +104,11 @@ def config_changes(stored: dict, cfg: PretrainConfig) -> list[str]:
 
 
 def check_start(cfg: PretrainConfig, point: checkpoints.ResumePoint,
-                resume: str | None = None) -> None:
+                resume: str | None = None, thorough: bool = True) -> None:
     """--resume / --init are checked here, before any worker starts; so is a run name that
-    has checkpoints made with another config (a rerun with different --set values)."""
+    has checkpoints made with another config (a rerun with different --set values). Not
+    `thorough` (the command's check before Ray starts, `preflight`): without the checksums
+    of a --resume checkpoint and without loading the --init weights."""
     if point.kind == "own":
         try:
             stored = checkpoints.read_state(point.uri).get("config")
@@ -120,9 +124,9 @@ def check_start(cfg: PretrainConfig, point: checkpoints.ResumePoint,
             log.warning("continuing run %r with changed settings: %s", cfg.run.name,
                         "; ".join(changes))
     if point.kind == "resume":
-        checkpoints.check_resume(point.uri, cfg.model)
+        checkpoints.check_resume(point.uri, cfg.model, checksums=thorough)
     elif point.kind == "init":
-        checkpoints.check_init(point.uri, cfg.model)
+        checkpoints.check_init(point.uri, cfg.model, load=thorough)
 
 
 @dataclass
@@ -192,27 +196,28 @@ class TrainData:
 
 
 def build_data(cfg: PretrainConfig, run_uri: str, resume: str | None, init: str | None,
-               first: checkpoints.ResumePoint | None = None):
+               first: checkpoints.ResumePoint | None = None, checked=None):
     """-> (dataset factory, stream plan, manifest or None, data-health actor or None).
-    `first`: the driver's resume point, for the first worker-group start."""
+    `first`: the driver's resume point, for the first worker-group start; `checked`: the
+    manifest read and its shards listed already (`preflight.Checked`)."""
     from pipeline.data.health import check_shards, data_health
     from pipeline.data.plan import StreamPlan
-    from pipeline.data.shards import read_manifest
+    from pipeline.train.preflight import read_dataset
 
-    d, m = cfg.data, cfg.model
+    d = cfg.data
     health_name = f"data-health-{cfg.run.name}"
     if d.source == "synthetic":
         stream = StreamPlan.synthetic(d.synthetic_samples, cfg.train.seed)
         factory = TrainData(cfg, run_uri, resume, init, None, health_name, sys.stdout.isatty(),
                             first)
         return factory, stream, None, None
-    manifest = read_manifest(d.uri)
-    if manifest["num_classes"] > m.num_classes and cfg.train.objective != "mpp":
-        raise PretrainError(f"the dataset has {manifest['num_classes']} classes but "
-                            f"model.num_classes={m.num_classes}; set model.num_classes")
+    if checked is not None:
+        manifest = checked.manifest
+    else:
+        manifest = read_dataset(cfg)
+        for line in check_shards(manifest, d.uri, d.split):   # one listing, before start
+            log.warning("%s", line)
     stream = StreamPlan.from_manifest(manifest, d.split, cfg.train.seed)
-    for line in check_shards(manifest, d.uri, d.split):   # one listing, before start
-        log.warning("%s", line)
     health = data_health(health_name)     # the driver's handle keeps it alive
     factory = TrainData(cfg, run_uri, resume, init, manifest, health_name, sys.stdout.isatty(),
                         first)
@@ -231,15 +236,18 @@ def _probe(cfg: PretrainConfig, manifest: dict | None):
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = None,
-             tracking_uri: str | None = None, dataset=None, mlflow: bool = True) -> Outcome:
+             tracking_uri: str | None = None, dataset=None, mlflow: bool = True,
+             checked=None) -> Outcome:
     """Run (or continue) the pretraining run `cfg.run.name` on the connected Ray cluster.
     `dataset`: a Ray Dataset with the columns of `pipeline.data.stream` to train on instead
-    of the one `cfg.data` describes (its data position is not tracked)."""
+    of the one `cfg.data` describes (its data position is not tracked). `checked`: what
+    `preflight.check` found before Ray started (the bucket, the manifest, MLflow), not
+    asked again."""
     # Bounded MLflow retries on the driver: an unreachable server costs seconds, not minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     root = storage_root(cfg)
-    check_storage(cfg, root)
+    check_storage(cfg, root, bucket=checked is None)
     check_fits(cfg)
     run_uri = storage.join(root, cfg.run.name)
     run_lease = lease.Lease(run_uri)
@@ -248,24 +256,30 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, init: str | None = 
     except lease.LeaseHeld as err:
         raise PretrainError(str(err)) from None
     try:
-        return _pretrain(cfg, run_uri, root, resume, init, tracking_uri, dataset, mlflow)
+        return _pretrain(cfg, run_uri, root, resume, init, tracking_uri, dataset, mlflow,
+                         checked)
     finally:
         run_lease.release()
 
 
 def _pretrain(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None,
-              init: str | None, tracking_uri: str | None, dataset, mlflow: bool) -> Outcome:
+              init: str | None, tracking_uri: str | None, dataset, mlflow: bool,
+              checked) -> Outcome:
     point = checkpoints.resume_point(run_uri, resume, init, verified=True)
     check_start(cfg, point, resume)
     if point.kind == "own":
         log.info("run %r has a checkpoint at %s: continuing it", cfg.run.name, point.uri)
     if dataset is None:
-        factory, stream, manifest, health = build_data(cfg, run_uri, resume, init, point)
+        factory, stream, manifest, health = build_data(cfg, run_uri, resume, init, point,
+                                                       checked)
         probe = _probe(cfg, manifest)
     else:
         factory = TrainData(cfg, run_uri, resume, init, None, "", first=point, dataset=dataset)
         stream, manifest, health, probe = None, None, None, None
-    if mlflow:
+    if mlflow and checked is not None and checked.tracking_down:
+        # The server did not answer before Ray started (said then): `open_run`'s fallback.
+        tracking_uri, run_id = tracking_uri or tracking.default_tracking_uri(), None
+    elif mlflow:
         tracking_uri, run_id = open_run(cfg, root, tracking_uri, manifest, resume, init,
                                         continuing=point.kind == "own", run_uri=run_uri)
     else:   # --no-mlflow: the workers keep the metrics in the run folder (a metrics spill)

@@ -72,11 +72,13 @@ def apply_overrides(model: ViT, overrides: dict) -> ViT:
     return model
 
 
-def build(loaded: Loaded, uri: str, expected: dict) -> ViT:
-    """Infer the config from the shapes (checked against what the files say and what the
-    caller `expected`), build, load strictly."""
+def structure(loaded: Loaded, uri: str, expected: dict) -> dict:
+    """The ViTConfig fields of a checkpoint: inferred from the shapes, checked against what
+    the files say and what the caller `expected`. A `loaded.state` of shapes only (tensors on
+    the meta device) serves as well: no weight is read. An empty one (shapes not known
+    without loading) checks only the fields the files state."""
     state, source = loaded.state, loaded.source
-    inferred = infer_config(state, uri, source)
+    inferred = infer_config(state, uri, source) if state else {}
     cfg_fields = {k: tuple(v) if isinstance(v, list) else v                # JSON lists
                   for k, v in loaded.fields.items()}
     for key, value in cfg_fields.items():
@@ -88,19 +90,26 @@ def build(loaded: Loaded, uri: str, expected: dict) -> ViT:
     if "num_heads" not in fields:
         if "num_heads" in expected:
             fields["num_heads"] = expected["num_heads"]
-        else:
+        elif "hidden_size" in fields:
             fields["num_heads"] = _heads_for_width(fields["hidden_size"], uri)
     for key, want in expected.items():
-        if fields.get(key) != want:
+        if (state or key in fields) and fields.get(key) != want:
             raise CheckpointError(
                 f"{uri}: {_FIELD_WORDS[key]} mismatch: the checkpoint has {key}="
                 f"{fields.get(key)}, but {key}={want} was asked for")
+    return fields
+
+
+def build(loaded: Loaded, uri: str, expected: dict) -> ViT:
+    """Infer the config from the shapes (checked against what the files say and what the
+    caller `expected`: `structure`), build, load strictly."""
+    fields = structure(loaded, uri, expected)
     try:
         cfg = ViTConfig.from_dict(fields)
     except ValueError as err:
         raise CheckpointError(f"{uri}: invalid ViT config: {err}") from None
     model = ViT(cfg)
-    _load_strict(model, state, uri, source)
+    _load_strict(model, loaded.state, uri, loaded.source)
     return model
 
 

@@ -29,6 +29,16 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file as shapes only (on the meta device), from its
+    header: no tensor data is read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), dtype=torch.float32, device="meta")
+                for k in f.keys()}
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an .npz; an object array (a pickle inside) is refused by numpy."""
     with np.load(path, allow_pickle=False) as npz:

@@ -91,6 +91,12 @@ def claims_dir(path: Path) -> bool:
 
 def read_dir(path: Path, uri: str, read_file) -> Loaded:
     """Our directory: the weights as they are, the config `vit.json` states."""
+    doc = read_doc(path, uri)
+    return Loaded(read_safetensors(path / WEIGHTS_FILE), dict(doc["config"]), FORMAT)
+
+
+def read_doc(path: Path, uri: str) -> dict:
+    """`vit.json` of our directory at `path`, checked, and its weights file there."""
     doc = json.loads((path / CONFIG_FILE).read_text())
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{uri}: {CONFIG_FILE} is not a {FORMAT} config")
@@ -99,7 +105,7 @@ def read_dir(path: Path, uri: str, read_file) -> Loaded:
                               f"is newer than this code ({FORMAT_VERSION}); upgrade")
     if not (path / WEIGHTS_FILE).exists():
         raise CheckpointError(f"{uri}: {WEIGHTS_FILE} is missing next to {CONFIG_FILE}")
-    return Loaded(read_safetensors(path / WEIGHTS_FILE), dict(doc["config"]), FORMAT)
+    return doc
 
 
 def claims_keys(keys: set[str]) -> bool:

@@ -28,7 +28,13 @@ import torch
 from pipeline import storage
 from pipeline.model import ViT, ViTConfig
 from pipeline.weights import files, hf, jax, ours, timm
-from pipeline.weights.build import Loaded, apply_overrides, build, expected_structure
+from pipeline.weights.build import (
+    Loaded,
+    apply_overrides,
+    build,
+    expected_structure,
+    structure,
+)
 from pipeline.weights.errors import CheckpointError, short_keys
 from pipeline.weights.hub import HUB_SCHEME, hub_snapshot
 
@@ -113,18 +119,89 @@ def read(path: Path, uri: str) -> Loaded:
                               f"{msg[:200]}") from None
 
 
-def _read_dir(path: Path, uri: str) -> Loaded:
+def _read_dir(path: Path, uri: str, reader: ReadFile | None = None) -> Loaded:
+    """`reader`: how the weights file is read (`read_file`; `_shapes` for `peek`)."""
+    reader = reader or read_file
     for fmt in FORMATS:
         if fmt.claims_dir is not None and fmt.claims_dir(path):
-            return fmt.read_dir(path, uri, read_file)
+            return fmt.read_dir(path, uri, reader)
     weights = files.weight_files(path)
     if weights:
-        return read_file(weights[0], uri)
+        return reader(weights[0], uri)
     names = sorted(p.name for p in path.iterdir())
     if not names:
         raise CheckpointError(f"checkpoint not found: {uri} is an empty directory")
     raise CheckpointError(f"{uri} is not a ViT checkpoint: no {ours.CONFIG_FILE}, config.json, "
                           f"model.safetensors or pytorch_model.bin in {short_keys(names, 5)}")
+
+
+def peek(uri: str | os.PathLike, **expected) -> dict:
+    """What `load_vit(uri, **expected)` checks before it needs the weights, for a start-up
+    check (`vit-pretrain --init`, before Ray starts): the checkpoint is there, a format reads
+    it, and the architecture it has matches the structural fields `expected`. A .safetensors
+    file is read as its header (names and shapes, no tensor data); a torch file, an .npz, a
+    single s3:// object and hf://... are only found (their contents are known by loading
+    them, which `load_vit` does). -> the ViTConfig fields known; CheckpointError as
+    `load_vit` would raise it."""
+    uri = str(uri)
+    expected = expected_structure(dict(expected))
+    if uri.startswith(HUB_SCHEME):
+        return {}
+    if storage.is_s3(uri):
+        return _peek_s3(uri, expected)
+    path = Path(uri)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {uri}")
+    try:
+        if path.is_dir() and ours.claims_dir(path):
+            doc = ours.read_doc(path, uri)
+            loaded = Loaded(_shapes(path / ours.WEIGHTS_FILE, uri).state,
+                            dict(doc["config"]), ours.FORMAT)
+        else:
+            loaded = _read_dir(path, uri, _shapes) if path.is_dir() else _shapes(path, uri)
+    except (CheckpointError, storage.StorageError):
+        raise
+    except Exception as err:  # noqa: BLE001 - as `read`: one clear line
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{uri}: cannot read checkpoint file (corrupt or truncated?): "
+                              f"{msg[:200]}") from None
+    return structure(loaded, uri, expected)
+
+
+def _shapes(path: Path, uri: str) -> Loaded:
+    """`read_file` without the tensor data: a .safetensors file's shapes (meta tensors) in
+    our names; nothing for the files whose contents only loading tells."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return from_state_dict(files.safetensors_shapes(path), uri)
+    if suffix not in files.STATE_DICT_SUFFIXES and not any(suffix in f.suffixes
+                                                           for f in FORMATS):
+        raise CheckpointError(_unknown_type(uri, suffix))
+    return Loaded({}, {}, "")
+
+
+def _peek_s3(uri: str, expected: dict) -> dict:
+    """An s3:// checkpoint is there (one listing, or a HEAD for a single object); our
+    format's `vit.json` is read for its architecture (one small GET)."""
+    names = [k for k in storage.list_objects(uri) if k and not k.endswith("/")]
+    if not names:
+        if storage.object_metadata(uri) is None:
+            raise CheckpointError(f"checkpoint not found: {uri}")
+        return {}
+    if ours.CONFIG_FILE not in names:
+        return {}
+    try:
+        doc = json.loads(storage.read_bytes(storage.join(uri, ours.CONFIG_FILE)))
+    except ValueError:
+        raise CheckpointError(f"{uri}: {ours.CONFIG_FILE} is not valid JSON") from None
+    if doc.get("format") != ours.FORMAT:
+        raise CheckpointError(f"{uri}: {ours.CONFIG_FILE} is not a {ours.FORMAT} config")
+    return structure(Loaded({}, dict(doc.get("config", {})), ours.FORMAT), uri, expected)
+
+
+def _unknown_type(uri: str, suffix: str) -> str:
+    return (f"{uri}: unknown checkpoint file type {suffix!r}; expected a directory, "
+            f".safetensors, .bin/.pt/.pth or .npz")
 
 
 def read_file(path: Path, uri: str) -> Loaded:
@@ -135,8 +212,7 @@ def read_file(path: Path, uri: str) -> Loaded:
         if suffix in fmt.suffixes:
             return fmt.read_file(path, uri)
     if suffix not in files.STATE_DICT_SUFFIXES:
-        raise CheckpointError(f"{uri}: unknown checkpoint file type {suffix!r}; expected a "
-                              f"directory, .safetensors, .bin/.pt/.pth or .npz")
+        raise CheckpointError(_unknown_type(uri, suffix))
     return from_state_dict(files.read_state_dict(path, uri), uri)
 
 

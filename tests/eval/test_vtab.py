@@ -312,6 +312,7 @@ def small_setup(tmp_path, monkeypatch):
 @pytest.mark.parametrize("case, message", [
     ("unknown task", r"unknown VTAB task\(s\) \['cifar10'\]; use all, natural, specialized"),
     ("missing data", r"svhn: .*/svhn/train800.txt is missing; expected the VTAB-1k layout"),
+    ("no data folder", r"--data .*/nowhere: no such folder; give the VTAB-1k root"),
     ("lists disagree", r"dtd/test.txt:3: images/test/000002.jpg does not exist; the list "
                        r"file and the images disagree"),
     ("bad label", r"kitti/val200.txt:1: label 4 outside \[0, 4\)"),
@@ -328,6 +329,8 @@ def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
         args["--tasks"] = "dtd,cifar10"
     elif case == "missing data":
         args["--tasks"] = "dtd,svhn"
+    elif case == "no data folder":
+        args["--data"] = str(tmp_path / "nowhere")
     elif case == "lists disagree":
         (data / "dtd" / "images" / "test" / "000002.jpg").unlink()
     elif case == "bad label":
