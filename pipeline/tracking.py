@@ -1,6 +1,7 @@
-"""All of the pipeline's MLflow: the store, run creation with MLflow's standard tags, the
-VTAB parent and nested runs, dataset inputs, model versions, system metrics, the queries
-comparisons make, and metric buffering that never stops training.
+"""The pipeline's MLflow: the store, run creation with MLflow's standard tags, the VTAB
+parent, task and trial runs, dataset inputs, system metrics, the queries comparisons make,
+and metric buffering that never stops training. The model registry and what VTAB results
+write back into pretraining runs: pipeline/registry.py.
 
 One store for every command: `MLFLOW_TRACKING_URI`, else the local SQLite store
 `~/vit-runs/mlflow.db` (artifacts in `~/vit-runs/mlartifacts`), whatever `--out` a run
