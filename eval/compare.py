@@ -1,12 +1,15 @@
 """Compare MLflow runs side by side: VTAB evaluations and pretraining runs.
 
-    python eval/compare.py RUN [RUN ...]                  # run ids or run names
+    python eval/compare.py RUN [RUN ...]                  # run ids, names or their prefixes
     python eval/compare.py --experiment vtab              # every finished run of an experiment
     python eval/compare.py --experiment vit-smoke --filter "params.\\`optim.lr\\` = '0.001'"
 
 VTAB runs (experiment `vtab`): top-1 per task, per group, the mean of the tasks and the mean
-of the group means, each with its difference to the first run. Pretraining runs: final
-loss, few-shot accuracy, images/s, MFU, and the config values that differ. Printed as
+of the group means, each with its difference to the first run, and the pretraining settings
+that differ (their `pretrain.*` params). Pretraining runs: final loss, few-shot accuracy,
+the VTAB-1k means of their newest evaluated checkpoint, images/s, MFU, and the config values
+that differ. A run is named by its id, its name, or the start of a top-level run's name that
+no other run's shares. Printed as
 tables, written as CSV and a PNG (training-loss curves overlaid; VTAB group bars), and logged
 to MLflow as a run of the experiment `comparisons` (the runs compared are its params).
 MLFLOW_TRACKING_URI chooses the server (default: the local store under ~/vit-runs).
@@ -47,7 +50,12 @@ def label(run) -> str:
 
 
 def is_vtab(run) -> bool:
-    return any(k.startswith("vtab/") for k in run.data.metrics)
+    """A VTAB evaluation (pretraining runs hold vtab/ metrics too: their checkpoints')."""
+    kind = run.data.tags.get("vit.kind")
+    if kind:
+        return kind == "vtab"
+    return "train/loss" not in run.data.metrics and \
+        any(k.startswith("vtab/") for k in run.data.metrics)
 
 
 def vtab_rows(runs) -> list[tuple[str, list[float | None]]]:
@@ -61,6 +69,12 @@ def vtab_rows(runs) -> list[tuple[str, list[float | None]]]:
         values = [r.data.metrics.get(f"vtab/{key}") for r in runs]
         if any(v is not None for v in values):
             rows.append((name, values))
+    keys = sorted({k for r in runs for k in r.data.params if k.startswith("pretrain.")})
+    for k in keys:
+        values = [r.data.params.get(k) for r in runs]
+        if len(set(values)) > 1 and k not in ("pretrain.run.name", "pretrain.resume",
+                                              "pretrain.init"):
+            rows.append((k, values))
     return rows
 
 
@@ -79,6 +93,10 @@ def pretrain_rows(uri: str, runs) -> list[tuple[str, list]]:
     fewshot = sorted({k for r in runs for k in r.data.metrics
                       if k.startswith("fewshot/") and "/seed" not in k})     # the seeds' means
     rows += [(k, [r.data.metrics.get(k) for r in runs]) for k in fewshot]
+    for key, name in (("mean", "VTAB-1k mean"), ("mean_of_groups", "VTAB-1k mean of groups")):
+        values = [r.data.metrics.get(f"vtab/{key}") for r in runs]   # the newest checkpoint's
+        if any(v is not None for v in values):
+            rows.append((name, values))
     rows.append(("steps", [_last_step(uri, r) for r in runs]))
     keys = sorted({k for r in runs for k in r.data.params})
     for k in keys:
@@ -208,7 +226,8 @@ def compare(tracking_uri: str, refs: list[str], experiment: str | None = None,
 
 def main(argv=None) -> int:
     ap = cli.parser(__doc__, prog="vit-compare")
-    ap.add_argument("runs", nargs="*", help="MLflow run ids or run names")
+    ap.add_argument("runs", nargs="*", help="MLflow run ids, run names, or the start of a "
+                                            "run's name that no other run's shares")
     ap.add_argument("--experiment", help="add the finished top-level runs of this experiment")
     ap.add_argument("--filter", default="", help="MLflow search filter for --experiment, e.g. "
                                                  "\"params.protocol = 'vit'\" (default: none)")
@@ -233,7 +252,7 @@ def main(argv=None) -> int:
     print(f"\nwritten: {out['csv']} and {out['png'].name} beside it")
     if out["run_id"]:
         print(f"MLflow comparison run: {out['run_id']} (experiment 'comparisons'); "
-              f"{how_to_open(uri)}")
+              f"{how_to_open(uri, out['run_id'])}")
     return 0
 
 

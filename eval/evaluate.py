@@ -98,7 +98,7 @@ def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None 
             where.append(f"MLflow run: {parent} (experiment "
                          f"{tracking.experiment_name(report.EXPERIMENT)!r}, one nested run "
                          f"per task)")
-            where.append(f"  open it:  {tracking.how_to_open(tracking_uri)}")
+            where.append(f"  open it:  {tracking.how_to_open(tracking_uri, parent)}")
         except Exception as err:  # noqa: BLE001
             print(f"warning: could not log to MLflow ({type(err).__name__}); the report files "
                   f"are complete", file=sys.stderr)

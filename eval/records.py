@@ -20,15 +20,22 @@ log = logging.getLogger("eval.vtab")
 
 
 def trial_record(phase: str, conf: dict, metrics: dict, error: str | None) -> dict:
-    """One finished trial, as `run_phase` returns it and the record file keeps it."""
+    """One finished trial, as `run_phase` returns it and the record file keeps it (`curve`:
+    its loss, lr and val200 top-1 over steps, eval/trial.py's Curve; None if unknown)."""
+    try:
+        curve = json.loads(metrics["curve"]) if metrics.get("curve") else None
+    except ValueError:
+        curve = None
     return {"phase": phase, **conf, "top1": metrics.get("top1"),
             "diverged": bool(metrics.get("diverged", False)),
             "error": error or metrics.get("error"),
             "train_time_s": metrics.get("train_time_s"),
             "images_per_s": metrics.get("images_per_s"),
             "micro_batch_size": metrics.get("micro_batch_size"),
-            "finished_at": metrics.get("timestamp"),
-            "trial_id": metrics.get("trial_id")}
+            "started_at": metrics.get("started_at"),
+            # The trial's own clock; Tune's `timestamp` (whole seconds) in older records.
+            "finished_at": metrics.get("finished_at") or metrics.get("timestamp"),
+            "trial_id": metrics.get("trial_id"), "curve": curve}
 
 
 def combo_name(conf: dict) -> str:

@@ -275,14 +275,41 @@ def start_parent(tracking_uri: str, cfg, pretrained_meta: dict) -> str | None:
     except Exception as err:  # noqa: BLE001 - the report files still come at the end
         log.warning("could not log config.json to MLflow run %s (%s)", run_id,
                     type(err).__name__)
+    if pretrained_meta.get("mlflow_run_id"):
+        from pipeline import registry
+
+        try:
+            registry.link_to_pretraining(tracking_uri, run_id, pretrained_meta["mlflow_run_id"],
+                                         cfg.run.checkpoint, int(pretrained_meta["step"]))
+        except Exception as err:  # noqa: BLE001 - the evaluation stands without the link
+            log.warning("the checkpoint's pretraining run %s is not linked (%s); is it in "
+                        "this MLflow store (%s)? Its results stay in the VTAB run only",
+                        pretrained_meta["mlflow_run_id"],
+                        tracking.redact(str(err).splitlines()[0][:160]) if str(err)
+                        else type(err).__name__, tracking.redact(tracking_uri))
     return run_id
 
 
 def log_results(tracking_uri: str, parent_id: str, doc: dict, files: dict[str, Path]) -> None:
     """Metrics on the parent, one nested run per task (pipeline.tracking), and the report
     files as the parent's artifacts."""
+    from eval.data import task_uri
     from pipeline import tracking
 
-    tracking.log_vtab_results(tracking_uri, parent_id, doc)
+    tracking.log_vtab_results(tracking_uri, parent_id, doc, {
+        t["task"]: task_uri(doc["data"], BY_NAME[t["task"]]) for t in doc["tasks"]})
     tracking.log_artifacts(tracking_uri, parent_id, list(files.values()))
     tracking.finish_run(tracking_uri, parent_id, "FINISHED")
+    meta = doc.get("pretraining") or {}
+    if meta.get("mlflow_run_id"):
+        from pipeline import registry
+
+        try:
+            registry.log_vtab_to_pretraining(
+                tracking_uri, meta["mlflow_run_id"], doc["checkpoint"], int(meta["step"]),
+                doc["summary"], {t["task"]: t["top1"] for t in doc["tasks"]},
+                doc["settings"]["protocol"], parent_id)
+        except Exception as err:  # noqa: BLE001 - the VTAB run holds the results anyway
+            log.warning("could not log the results into pretraining run %s (%s)",
+                        meta["mlflow_run_id"], tracking.redact(str(err).splitlines()[0][:160])
+                        if str(err) else type(err).__name__)

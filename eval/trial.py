@@ -7,6 +7,8 @@ fine-tuning run itself, in a Tune actor. The protocol that runs the trials is ev
 from __future__ import annotations
 
 import functools
+import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -126,9 +128,11 @@ def trial(config: dict, *, data: dict, pretrained, recipe: FinetuneConfig,
 
     from eval.data import Encoded, decode
     from eval.finetune import FinetuneError, build_model, finetune, predict, top1
+    from pipeline.schedule import learning_rate
 
     config = config["trial"]
     timeline.mark("trial.start")
+    started_at = time.time()
     task: Task = BY_NAME[config["task"]]
     torch.set_num_threads(max(1, int(sweep.cpus_per_trial)))
     use_gpu = sweep.gpus_per_trial > 0 and torch.cuda.is_available()
@@ -142,22 +146,34 @@ def trial(config: dict, *, data: dict, pretrained, recipe: FinetuneConfig,
     model = build_model(weights.config, weights.state, task.num_classes, res)
     train = ray.get(data[task.name]["train"])
     every = max(1, recipe.steps // max(1, sweep.progress_reports))
+    # The selection phase scores val200 (decoded, small) at each report too: its curve.
+    evaluation = ray.get(data[task.name]["eval"]) if config["phase"] == "select" else None
+    curve = Curve()
 
     def progress(step: int, loss: float) -> None:
-        if step < recipe.steps:
+        curve.add(step, loss, learning_rate(step - 1, config["lr"], recipe.steps,
+                                            recipe.warmup, "cosine"))
+        if step % every == 0 and step < recipe.steps:
+            if evaluation is not None:
+                curve.val(step, top1(predict(model, [evaluation.images], device),
+                                     np.asarray(evaluation.labels)))
+                model.train()
             tune.report({"step": step, "train_loss": loss})
 
     try:
         stats = finetune(model, train.images, train.labels, recipe, lr=config["lr"],
                          seed=config["seed"], crop=task.crop, flip=task.flip, device=device,
-                         progress=progress, progress_every=every)
+                         progress=progress,
+                         progress_every=math.gcd(every, curve.every(recipe.steps)))
     except FinetuneError as err:
         # A learning rate that diverges is a result of the sweep, not a failure of it.
         tune.report({"step": recipe.steps, "diverged": True, "top1": float("nan"),
-                     "error": str(err), "task": task.name})
+                     "error": str(err), "task": task.name, "started_at": started_at,
+                     "finished_at": time.time(), "curve": curve.to_json()})
         return
     del train
-    evaluation = ray.get(data[task.name]["eval"])
+    if evaluation is None:
+        evaluation = ray.get(data[task.name]["eval"])
     if isinstance(evaluation, Encoded):   # test: decoded in chunks, never whole
         chunk = 512
 
@@ -170,5 +186,42 @@ def trial(config: dict, *, data: dict, pretrained, recipe: FinetuneConfig,
     else:
         preds = predict(model, [evaluation.images], device)
     labels = np.asarray(evaluation.labels)
-    tune.report({"step": recipe.steps, "top1": top1(preds, labels), "eval_images": len(labels),
-                 "diverged": False, "task": task.name, **stats})
+    score = top1(preds, labels)
+    if config["phase"] == "select":
+        curve.val(recipe.steps, score)
+    tune.report({"step": recipe.steps, "top1": score, "eval_images": len(labels),
+                 "diverged": False, "task": task.name, "started_at": started_at,
+                 "finished_at": time.time(), "curve": curve.to_json(), **stats})
+
+
+@dataclass
+class Curve:
+    """A trial's fine-tuning over steps, for its MLflow run: the (smoothed) loss and the
+    learning rate at about `POINTS` steps, and the val200 top-1 at each Tune report (the
+    selection phase). Kept in the trial's record, as JSON, and logged by the driver."""
+
+    POINTS = 50
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    val_step: list[int] = field(default_factory=list)
+    val_top1: list[float] = field(default_factory=list)
+
+    def every(self, steps: int) -> int:
+        return max(1, steps // self.POINTS)
+
+    def add(self, step: int, loss: float, lr: float) -> None:
+        self.step.append(step)
+        self.loss.append(float(loss))
+        self.lr.append(float(lr))
+
+    def val(self, step: int, top1: float) -> None:
+        self.val_step.append(step)
+        self.val_top1.append(float(top1))
+
+    def to_json(self) -> str:
+        """A string: Tune's loggers take a result's strings as they are."""
+        import json
+
+        return json.dumps({"step": self.step, "loss": self.loss, "lr": self.lr,
+                           "val_step": self.val_step, "val_top1": self.val_top1})

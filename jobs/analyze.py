@@ -175,7 +175,7 @@ def log_to_mlflow(args, result, meta: dict, checkpoint: str, source: str, label:
     link = f", linked to pretraining run {meta['mlflow_run_id']}" \
         if meta.get("mlflow_run_id") else ""
     print(f"MLflow: run {run_id} in experiment 'analysis'{link}; "
-          f"{tracking.how_to_open(uri)}")
+          f"{tracking.how_to_open(uri, run_id)}")
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def summary(cfg, out) -> None:
         print(f"  MLflow run: {out.run_id} (experiment "
               f"{experiment_name(cfg.run.experiment)!r})")
 
-        print(f"    open it:  {how_to_open(out.tracking_uri)}")
+        print(f"    open it:  {how_to_open(out.tracking_uri, out.run_id)}")
 
 
 if __name__ == "__main__":

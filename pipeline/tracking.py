@@ -1,6 +1,7 @@
-"""All of the pipeline's MLflow: the store, run creation with MLflow's standard tags, the
-VTAB parent and nested runs, dataset inputs, model versions, system metrics, the queries
-comparisons make, and metric buffering that never stops training.
+"""The pipeline's MLflow: the store, run creation with MLflow's standard tags, the VTAB
+parent, task and trial runs, dataset inputs, system metrics, the queries comparisons make,
+and metric buffering that never stops training. The model registry and what VTAB results
+write back into pretraining runs: pipeline/registry.py.
 
 One store for every command: `MLFLOW_TRACKING_URI`, else the local SQLite store
 `~/vit-runs/mlflow.db` (artifacts in `~/vit-runs/mlartifacts`), whatever `--out` a run
@@ -76,11 +77,25 @@ def standard_tags(source: str | None = None) -> dict[str, str]:
     return tags
 
 
-def how_to_open(tracking_uri: str) -> str:
-    """What a person runs or opens to see the runs of `tracking_uri`."""
+def how_to_open(tracking_uri: str, run_id: str | None = None) -> str:
+    """What a person runs or opens to see the runs of `tracking_uri`, with the run's page
+    where `run_id` is given. The link asks for MLflow 3's model-training view: its UI opens
+    in GenAI mode in a browser that has not chosen one (the mode is the browser's, kept
+    in its local storage, which the experiment's kind tag does not override in 3.17)."""
+    page = f"#/?{ML_VIEW}"
+    if run_id:
+        try:
+            exp = client(tracking_uri).get_run(run_id).info.experiment_id
+            page = f"#/experiments/{exp}/runs/{run_id}?{ML_VIEW}"
+        except Exception:  # noqa: BLE001 - the store's address is still worth printing
+            pass
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {redact(tracking_uri)} in a browser"
-    return f"mlflow ui --backend-store-uri {redact(tracking_uri)}"
+        return f"open {redact(tracking_uri).rstrip('/')}/{page} in a browser"
+    return (f"mlflow ui --backend-store-uri {redact(tracking_uri)}, then "
+            f"http://127.0.0.1:5000/{page}")
+
+
+ML_VIEW = "workflowType=machine_learning"
 
 
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
@@ -119,19 +134,20 @@ def refusal(err: Exception, tracking_uri: str) -> str | None:
     return None
 
 
-def set_terminated(client, tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+def set_terminated(client, tracking_uri: str, run_id: str, status: str = "FINISHED",
+                   end_time: int | None = None) -> None:
     """End a run. MLflow then prints "View run <name> at: <URL>", the URL built from the
     tracking URI as given, user:password included (mlflow/tracking/_tracking_service/
     client.py, `_log_url`); with credentials in the URI the line is left out (the commands
     print where their runs are, redacted)."""
     if redact(tracking_uri) == tracking_uri:
-        client.set_terminated(run_id, status=status)
+        client.set_terminated(run_id, status=status, end_time=end_time)
         return
     key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
     saved = os.environ.get(key)
     os.environ[key] = "true"
     try:
-        client.set_terminated(run_id, status=status)
+        client.set_terminated(run_id, status=status, end_time=end_time)
     finally:
         if saved is None:
             os.environ.pop(key, None)
@@ -156,11 +172,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+# MLflow 3's UI opens an experiment on its GenAI pages (traces) unless the experiment says it
+# is for model training: the tag its "experiment type" selector sets (mlflow/server/js,
+# `mlflow.experimentKind`; the values are ExperimentKind's).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(client, name: str, tracking_uri: str) -> str:
+    """The experiment's id, created when missing; either way marked as a model-training
+    experiment unless someone chose its kind already."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+    if exp is None:
+        exp_id = client.create_experiment(name, artifact_location=artifact_root(tracking_uri),
+                                          tags=dict([EXPERIMENT_KIND]))
+        return exp_id
+    if EXPERIMENT_KIND[0] not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict, tags: dict,
@@ -215,6 +243,9 @@ class Tracker:
         self.run_id, self.spill_uri = run_id, spill_uri
         self.retry_every_s = retry_every_s
         self.pending: list[tuple[str, float, int, int]] = []
+        self.pending_params: dict[str, str] = {}
+        self.constants: dict[str, float] = {}     # CONSTANTS' first values
+        self.changed: set[str] = set()            # CONSTANTS that changed after all
         self.down_since: float | None = None
         self.last_try = 0.0
         self.logged_through = self._logged_steps()
@@ -233,6 +264,7 @@ class Tracker:
         return {m.key: m.step for m in run.data._metric_objs}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        metrics = self._constants(metrics)
         ts = int(time.time() * 1000)
         self.pending += [(k, float(v), step, ts) for k, v in metrics.items()
                          if step > self.logged_through.get(k, -1)]
@@ -241,6 +273,54 @@ class Tracker:
             return
         self.flush()
 
+    def _constants(self, metrics: dict[str, float]) -> dict[str, float]:
+        """CONSTANTS' values become params (a line on a chart says nothing); one that
+        changes stays a metric, with a warning, where the change shows."""
+        out = dict(metrics)
+        for key, param in CONSTANTS.items():
+            if key not in out:
+                continue
+            value = out.pop(key)
+            first = self.constants.setdefault(key, value)
+            if first == value and key not in self.changed:
+                self.pending_params.setdefault(param, f"{value:g}")
+                continue
+            if key not in self.changed:               # warn once, at the first change
+                log.warning("%s changed from %g to %g; logged as a metric from here on",
+                            key, first, value)
+                self.changed.add(key)
+            out[key] = value
+        return out
+
+    def note_start(self, step: int) -> None:
+        """This (re)start's step, appended to the run's tag `start_steps` ("0,150": started
+        at step 0, restarted from the checkpoint of step 150). Best effort: an outage here
+        loses the note, never a metric."""
+        if self.run_id is None:
+            return
+        try:
+            steps = start_steps(self.client.get_run(self.run_id)) + [step]
+            self.client.set_tag(self.run_id, START_STEPS, ",".join(map(str, steps)))
+        except Exception as err:  # noqa: BLE001 - a note must not stop training
+            log.warning("could not note the start step in MLflow: %s", type(err).__name__)
+
+    def _send_params(self) -> None:
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        if not self.pending_params:
+            return
+        try:
+            self.client.log_batch(self.run_id, params=[
+                Param(k, v) for k, v in self.pending_params.items()])
+        except MlflowException as err:
+            if err.error_code != "INVALID_PARAMETER_VALUE":
+                raise                       # an outage: flush keeps them for the next try
+            # A continued run whose param differs (MLflow keeps a param's first value).
+            log.warning("MLflow kept the run's earlier value of %s: %s",
+                        ", ".join(self.pending_params), redact(str(err.message))[:160])
+        self.pending_params = {}
+
     def flush(self) -> bool:
         from mlflow.entities import Metric
 
@@ -248,6 +328,7 @@ class Tracker:
         if self.run_id is None:
             return False
         try:
+            self._send_params()
             while self.pending:
                 chunk = self.pending[:1000]
                 self.client.log_batch(self.run_id, metrics=[
@@ -306,6 +387,15 @@ class Tracker:
 
 
 SPILL_PREFIX = "pending_metrics-"
+# Measured values that must not change in a run (the batch that really went into each step):
+# params, named here, unless they change.
+CONSTANTS = {"train/images_per_step": "images_per_step"}
+START_STEPS = "start_steps"
+
+
+def start_steps(run) -> list[int]:
+    """The steps a run (re)started at, from its tag `start_steps` (Tracker.note_start)."""
+    return [int(s) for s in run.data.tags.get(START_STEPS, "").split(",") if s.strip()]
 
 
 def import_spills(tracking_uri: str, run_id: str, run_uri: str) -> int:
@@ -363,39 +453,29 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretraining: the data as a dataset input, the final checkpoint as a model version, and
-# per-node system metrics
+# Pretraining: the data as a dataset input and per-node system metrics (the model registry:
+# pipeline/registry.py)
 # ---------------------------------------------------------------------------------------------
-def log_dataset(tracking_uri: str, run_id: str, name: str, uri: str, digest: str,
+def log_dataset(tracking_uri: str, run_id: str, name: str, uri: str, digest: str | None,
                 context: str = "training") -> None:
-    """The training manifest as an MLflow dataset input (name, source URI, digest)."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    """Data as an MLflow dataset input (name, source, digest), its source typed by the
+    URI as MLflow types it: `local` for a path, `s3` for s3://, `http` for a URL."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.tracking import MlflowClient
 
-    dataset = MetaDataset(HTTPDatasetSource(uri), name=name, digest=digest[:36])
+    with warnings.catch_warnings():
+        # "can be interpreted in multiple ways": the file and "" schemes both register the
+        # one local source, and MLflow warns that it picked it.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
+    # No digest: MLflow makes one of the source.
+    dataset = MetaDataset(source, name=name, digest=digest[:36] if digest else None)
     MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
-
-
-def register_checkpoint(tracking_uri: str, run_id: str, model_name: str,
-                        checkpoint_uri: str) -> str:
-    """A new version of registered model `model_name` whose source is the checkpoint URI
-    (created on first use); -> the version."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException:
-        client.create_registered_model(model_name, description=(
-            "ViT checkpoints of the pretraining run of this name (pipeline.weights "
-            "format; load_vit(source))"))
-    version = client.create_model_version(model_name, source=checkpoint_uri, run_id=run_id,
-                                          tags={"checkpoint": checkpoint_uri})
-    return version.version
 
 
 class SystemMetrics:
@@ -426,10 +506,18 @@ class SystemMetrics:
 # ---------------------------------------------------------------------------------------------
 # VTAB-1k: the parent run and one nested run per task
 # ---------------------------------------------------------------------------------------------
-def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict) -> None:
-    """Metrics on the parent (vtab/<task>/top1, the group and overall means) and one nested
-    run per task, each with the same keys (`top1`, `top1_seed`, `val200/lr_<lr>`), so
-    MLflow's compare view lines the tasks up in one column."""
+VTAB_EVAL = "vtab.eval"       # on every run under a VTAB parent: the parent's id
+
+
+def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict,
+                     task_data: dict[str, str] | None = None) -> None:
+    """Metrics on the parent (vtab/<task>/top1, the group and overall means); under it one
+    nested run per task, each with the same keys (`top1`, `top1_seed`, `val200/lr_<lr>`, so
+    MLflow's compare view lines the tasks up in one column) and the task's data
+    (`task_data`: task -> its folder or prefix) as a dataset input; under each task one run
+    per trial (`<eval>/<task>/<phase>-lr<lr>-seed<seed>`) with its fine-tuning loss, lr and
+    val200 top-1 over steps, timed as the trial ran. Runs made before (an earlier attempt
+    at this) are found again, not duplicated."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
@@ -440,27 +528,95 @@ def log_vtab_results(tracking_uri: str, parent_id: str, doc: dict) -> None:
     metrics += [Metric(f"vtab/{k}_std", v, ts, 0) for k, v in doc["summary_std"].items()]
     client.log_batch(parent_id, metrics=metrics)
     parent = client.get_run(parent_id)
-    existing = {r.data.tags.get("vtab.task"): r.info.run_id for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+    exp_id, name = parent.info.experiment_id, parent.info.run_name
+    existing = {r.info.run_name: r.info.run_id for r in client.search_runs(
+        [exp_id], f"tags.`{VTAB_EVAL}` = '{parent_id}'", max_results=5000)}
     inherited = {k: v for k, v in parent.data.tags.items()
                  if k.startswith("mlflow.source.") or k == "mlflow.user"}
+    trials = {}
+    for r in doc.get("trials", []):
+        trials.setdefault(r["task"], []).append(r)
+    settings = doc.get("settings", {})
     for t in doc["tasks"]:
-        run_id = existing.get(t["task"])
+        mine = trials.get(t["task"], [])
+        times = [_trial_times(r, settings) for r in mine]
+        run_name = f"{name}/{t['task']}"
+        run_id = existing.get(run_name)
         if run_id is None:
-            run_id = client.create_run(
-                parent.info.experiment_id, run_name=f"{parent.info.run_name}/{t['task']}",
-                tags={**inherited, "mlflow.parentRunId": parent_id, "vtab.task": t["task"],
-                      "vtab.group": t["group"]}).info.run_id
+            run_id = client.create_run(exp_id, run_name=run_name, start_time=min(
+                (a for a, _ in times), default=None), tags={
+                    **inherited, "mlflow.parentRunId": parent_id, VTAB_EVAL: parent_id,
+                    "vtab.task": t["task"], "vtab.group": t["group"]}).info.run_id
             client.log_batch(run_id, params=[
                 Param("task", t["task"]), Param("lr", f"{t['lr']:g}"),
                 Param("group", t["group"]), Param("num_classes", str(t["num_classes"])),
                 Param("seeds", str(len(t["seeds"])))])
+            if task_data and t["task"] in task_data:
+                log_dataset(tracking_uri, run_id, f"vtab-1k/{t['task']}",
+                            task_data[t["task"]], None, context="evaluation")
         child = [Metric("top1", t["top1"], ts, 0)]
         child += [Metric("top1_seed", v, ts, i) for i, v in enumerate(t["seeds"])]
         child += [Metric(f"val200/lr_{lr}", v, ts, 0) for lr, v in t["val200"].items()
                   if v is not None and v == v]
         client.log_batch(run_id, metrics=child)
-        set_terminated(client, tracking_uri, run_id, "FINISHED")
+        for r, (start, end) in zip(mine, times, strict=True):
+            _log_trial(client, tracking_uri, exp_id, f"{run_name}/{_trial_name(r)}", r,
+                       (start, end), settings, existing, {
+                           **inherited, "mlflow.parentRunId": run_id, VTAB_EVAL: parent_id,
+                           "vtab.task": t["task"], "vtab.phase": r["phase"]})
+        set_terminated(client, tracking_uri, run_id, "FINISHED",
+                       end_time=max((b for _, b in times), default=None))
+
+
+def _trial_name(r: dict) -> str:
+    return f"{r['phase']}-lr{r['lr']:g}-seed{r['seed']}"
+
+
+def _trial_times(r: dict, settings: dict) -> tuple[int, int]:
+    """(start, end) of a trial in ms: as it ran where its record says (older records do
+    not), else now."""
+    now = int(time.time() * 1000)
+    end = int(r["finished_at"] * 1000) if r.get("finished_at") else now
+    start = int(r["started_at"] * 1000) if r.get("started_at") else \
+        end - int((r.get("train_time_s") or 0) * 1000)
+    return min(start, end), end
+
+
+def _log_trial(client, tracking_uri: str, exp_id: str, run_name: str, r: dict,
+               times: tuple[int, int], settings: dict, existing: dict, tags: dict) -> None:
+    """One trial's run: its settings as params, its curve (train/loss, train/lr, and
+    val200/top1 in the selection phase) over steps, its final top-1 (val200 when selecting,
+    test in the final phase) at the last step."""
+    from mlflow.entities import Metric, Param
+
+    if run_name in existing:
+        return                      # logged whole by an earlier attempt
+    start, end = times
+    run_id = client.create_run(exp_id, run_name=run_name, start_time=start,
+                               tags=tags).info.run_id
+    steps = settings.get("steps") or 0
+    params = {"task": r["task"], "phase": r["phase"], "lr": f"{r['lr']:g}",
+              "seed": str(r["seed"]), "steps": str(steps),
+              "batch_size": str(settings.get("batch_size", ""))}
+    curve = r.get("curve") or {}
+
+    def at(step: int) -> int:        # a point's time: the trial's time, spread over steps
+        return start + (end - start) * step // max(1, steps)
+
+    points = [Metric("train/loss", v, at(s), s) for s, v in zip(
+        curve.get("step", []), curve.get("loss", []), strict=False)]
+    points += [Metric("train/lr", v, at(s), s) for s, v in zip(
+        curve.get("step", []), curve.get("lr", []), strict=False)]
+    points += [Metric("val200/top1", v, at(s), s) for s, v in zip(
+        curve.get("val_step", []), curve.get("val_top1", []), strict=False)]
+    if r.get("top1") is not None and r["top1"] == r["top1"]:
+        points.append(Metric("top1", r["top1"], end, steps))
+    if r.get("diverged"):
+        points.append(Metric("diverged", 1.0, end, steps))
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    for i in range(0, len(points), 1000):
+        client.log_batch(run_id, metrics=points[i:i + 1000])
+    set_terminated(client, tracking_uri, run_id, "FINISHED", end_time=end)
 
 
 def pretrain_tags(meta: dict) -> dict[str, str]:
@@ -502,26 +658,12 @@ def client(tracking_uri: str):
 
 def find_runs(tracking_uri: str, refs: list[str], experiment: str | None = None,
               filter_string: str = "") -> list:
-    """Run ids or names (newest run of that name, in any experiment), then the finished
-    top-level runs of `experiment` (with an MLflow filter) -> MLflow runs, in that order."""
+    """Run ids, names (the newest run of that name) or unique prefixes of top-level runs'
+    names, in any experiment; then the finished top-level runs of `experiment` (with an
+    MLflow filter) -> MLflow runs, in that order, each once."""
     c = client(tracking_uri)
-    runs = []
     experiments = [e.experiment_id for e in c.search_experiments()]
-    for ref in refs:
-        if RUN_ID.match(ref):
-            try:
-                runs.append(c.get_run(ref))
-                continue
-            except Exception:  # noqa: BLE001 - not an id after all; try it as a name
-                pass
-        found = c.search_runs(experiments, f"attributes.run_name = '{ref}'",
-                              order_by=["attributes.start_time DESC"], max_results=1) \
-            if experiments else []
-        if not found:
-            raise RunNotFound(f"no MLflow run with id or name {ref!r} in "
-                              f"{redact(tracking_uri)}; list them with `mlflow runs list` or "
-                              f"the MLflow UI")
-        runs.append(found[0])
+    runs = [_find_run(c, tracking_uri, ref, experiments) for ref in refs]
     if experiment:
         exp = c.get_experiment_by_name(experiment)
         if exp is None:
@@ -529,7 +671,39 @@ def find_runs(tracking_uri: str, refs: list[str], experiment: str | None = None,
         query = " and ".join(x for x in (filter_string, "attributes.status = 'FINISHED'") if x)
         found = c.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"])
         runs += [r for r in found if r.data.tags.get("mlflow.parentRunId") is None]
-    return runs
+    seen: set[str] = set()
+    return [r for r in runs if not (r.info.run_id in seen or seen.add(r.info.run_id))]
+
+
+def _find_run(c, tracking_uri: str, ref: str, experiments: list[str]):
+    where = redact(tracking_uri)
+    if RUN_ID.match(ref):
+        try:
+            return c.get_run(ref)
+        except Exception:  # noqa: BLE001 - not an id after all; try it as a name
+            pass
+    missing = RunNotFound(f"no MLflow run with id or name {ref!r} in {where}; list them "
+                          f"with `mlflow runs list` or the MLflow UI")
+    if not experiments:
+        raise missing
+    quoted = ref.replace("'", "\\'")
+    found = c.search_runs(experiments, f"attributes.run_name = '{quoted}'",
+                          order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0]
+    # A prefix: LIKE's own wildcards (% and _) in it match more, so check startswith after.
+    like = c.search_runs(experiments, f"attributes.run_name LIKE '{quoted}%'",
+                         order_by=["attributes.start_time DESC"], max_results=200)
+    like = [r for r in like if (r.info.run_name or "").startswith(ref)
+            and r.data.tags.get("mlflow.parentRunId") is None]
+    names = sorted({r.info.run_name for r in like})
+    if len(names) == 1:
+        return like[0]
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise RunNotFound(f"{ref!r} begins the names of {len(names)} runs in {where} "
+                          f"({shown}); give more of the name")
+    raise missing
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -113,6 +113,9 @@ class RunConfig:
     # A local `storage` folder that every node of a multi-node cluster mounts (NFS, Lustre):
     # without it, a multi-node run refuses a local folder (each node would see its own).
     shared_storage: bool = False
+    # The MLflow registered model the run's checkpoints become versions of; "" -> the one of
+    # the experiment (its name), so that the runs of an experiment are versions side by side.
+    registered_model: str = ""
 
     def __post_init__(self):
         # The name is a folder under `storage` (and an S3 key part): it must stay inside it.
@@ -120,6 +123,9 @@ class RunConfig:
             raise ValueError(f"run.name {self.name!r}: use letters, digits, '.', '_' and '-' "
                              f"(no '/' or '..'; it names a folder under the storage), e.g. "
                              f"--name vit-b16-lr3e-4")
+        if any(c in self.registered_model for c in "/:"):
+            raise ValueError(f"run.registered_model {self.registered_model!r}: MLflow model "
+                             f"names cannot hold '/' or ':'; e.g. vit-b16-i21k")
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -232,7 +232,7 @@ def open_tracker(spec: WorkerSpec, env: WorkerEnv, start: Start):
 
     # No run id: MLflow was down at start; the tracker keeps the metrics in the run folder.
     tracker = Tracker(spec.tracking_uri, spec.run_id, spec.run_uri)
-    tracker.log_metrics({"train/start_step": start.step}, start.step)  # every (re)start
+    tracker.note_start(start.step)                   # every (re)start: tag start_steps
     return tracker
 
 

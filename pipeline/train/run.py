@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import interrupt, resources, storage, timeline, tracking
+from pipeline import interrupt, registry, resources, storage, timeline, tracking
 from pipeline.train import checkpoints, failures, lease
 from pipeline.train.config import PretrainConfig
 from pipeline.train.loop import GroupStart, WorkerSpec, attach_start, train_loop
@@ -328,8 +328,11 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
         tags = {"checkpoint": uri}
         if uri:
             try:
-                version = tracking.register_checkpoint(tracking_uri, run_id, cfg.run.name, uri)
-                tags["registered_model"] = f"{cfg.run.name}/{version}"
+                name = registry.registered_model_name(
+                    tracking.experiment_name(cfg.run.experiment), cfg.run.registered_model)
+                version = registry.register_checkpoint(tracking_uri, run_id, name, uri, step,
+                                                       newest=True)
+                tags["registered_model"] = f"{name}/{version.version}"
             except Exception as err:  # noqa: BLE001 - the model registry is not essential
                 log.warning("could not register the checkpoint as a model version: %s",
                             tracking.redact(str(err).splitlines()[0][:160]))

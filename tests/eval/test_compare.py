@@ -80,3 +80,18 @@ def test_unknown_runs_are_one_line_errors(mlflow_server, monkeypatch, capsys):
                   f"{mlflow_server.uri}; list them with `mlflow runs list` or the MLflow UI"
     with pytest.raises(CompareError, match="no MLflow experiment 'nope'"):
         compare(mlflow_server.uri, [], experiment="nope", log=False)
+
+
+def test_runs_by_unique_prefix(mlflow_server, tmp_path):
+    """A name's start finds the one top-level run it begins; one that begins several names
+    says which, in one line."""
+    client = MlflowClient(mlflow_server.uri)
+    tag = uuid.uuid4().hex[:6]
+    one = _run(client, f"p-{tag}", f"vtab-{tag}-alpha-0123abcd", {}, {"vtab/mean": 1.0})
+    two = _run(client, f"p-{tag}", f"vtab-{tag}-beta-4567ef01", {}, {"vtab/mean": 2.0})
+    _run(client, f"p-{tag}", f"vtab-{tag}-beta-89abcdef", {}, {"vtab/mean": 3.0})
+    out = compare(mlflow_server.uri, [f"vtab-{tag}-al", f"vtab-{tag}-beta-45"],
+                  out_dir=tmp_path, log=False)
+    assert out["csv"].read_text().splitlines()[0] == f"vtab,{one},{two}"
+    with pytest.raises(CompareError, match=f"'vtab-{tag}-beta' begins the names of 2 runs"):
+        compare(mlflow_server.uri, [f"vtab-{tag}-beta", one], log=False)

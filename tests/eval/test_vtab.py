@@ -5,6 +5,7 @@ before any trial."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -51,7 +52,7 @@ def smoke_checkpoint(tmp_path_factory, mlflow_server):
     MLflow server; -> (checkpoint path, pretraining run id)."""
     tmp = tmp_path_factory.mktemp("pretrain")
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}   # this tree's code
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset",
                           "smoke", "--name", "for-vtab", "--out", str(tmp),
                           "--set", "train.total_steps=40", "--set", "probe.every=0"],
@@ -165,6 +166,52 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
     assert (logged.run.name, logged.finetune.steps, logged.sweep.lrs, logged.sweep.tasks) == (
         "e2e", 40, (0.001, 0.03), TASKS)
     assert "testing-secret" not in json.dumps(parent.data.params)
+
+    # Each trial is a run under its task's run: fine-tuning loss and lr over steps, val200
+    # top-1 at each report while selecting, timed as it ran.
+    for child in children:
+        trials = {r.info.run_name.rsplit("/", 1)[1]: r for r in client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{child.info.run_id}'")}
+        assert sorted(trials) == sorted([f"select-lr{lr:g}-seed0" for lr in (0.001, 0.03)] +
+                                        [f"final-lr{best:g}-seed{s}" for s in (0, 1)])
+        for name, trial in trials.items():
+            loss = client.get_metric_history(trial.info.run_id, "train/loss")
+            assert len(loss) == 40 and trial.data.metrics["train/lr"] >= 0, name
+            assert trial.info.end_time - trial.info.start_time > 100, "timed as it ran"
+        val = client.get_metric_history(trials[f"select-lr{best:g}-seed0"].info.run_id,
+                                        "val200/top1")
+        assert sorted(m.step for m in val) == [10, 20, 30, 40]
+        (data,) = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert data.dataset.source_type == "local"
+
+    # Where pretraining and evaluation meet: the VTAB run carries the pretraining config and
+    # the checkpoint's registered version as its model input; the pretraining run holds the
+    # VTAB result at the checkpoint's step; the version holds it as tags, and best-vtab.
+    assert parent.data.params["pretrain.train.total_steps"] == "40"
+    assert parent.data.params["pretrain.run.name"] == "for-vtab"
+    pre = client.get_run(pretrain_run)
+    assert f"[for-vtab](#/experiments/{pre.info.experiment_id}/runs/{pretrain_run})" in \
+        parent.data.tags["mlflow.note.content"]
+    version = client.get_model_version_by_alias("vit-smoke", "best-vtab")
+    assert version.run_id == pretrain_run and version.tags["step"] == "40"
+    assert version.tags["checkpoint"] == str(checkpoint)
+    assert client.get_model_version_by_alias("vit-smoke", "newest").version == version.version
+    assert float(version.tags["vtab.mean"]) == pytest.approx(report["summary"]["mean"], abs=1e-3)
+    assert version.tags["vtab.protocol"] == "vit" and version.tags["vtab.tasks"] == \
+        ",".join(TASKS) and version.tags["vtab.run_id"] == parent.info.run_id
+    inputs = client.get_run(parent.info.run_id).inputs        # search_runs leaves models out
+    assert [m.model_id for m in inputs.model_inputs] == [version.source[len("models:/"):]]
+    assert [(m.step, round(m.value, 4)) for m in client.get_metric_history(
+        pretrain_run, "vtab/mean")] == [(40, round(report["summary"]["mean"], 4))]
+
+    # The comparison finds both by the start of their names, and shows the pretraining run's
+    # VTAB mean beside its loss.
+    from eval.compare import compare
+
+    compared = compare(mlflow_server.uri, ["e2", "for-vt"], out_dir=tmp_path / "cmp", log=False)
+    rows = {r[0]: r[1:] for r in csv.reader(compared["csv"].open())}
+    assert rows["vtab"] == [parent.info.run_id] and rows["pretraining"] == [pretrain_run]
+    assert float(rows["VTAB-1k mean"][0]) == pytest.approx(report["summary"]["mean"])
 
 
 def _recorded_trials(record: Path) -> dict[str, dict]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline.tracking import start_steps
 from pipeline.train import checkpoints
 from tests.conftest import stop_process_group
 from tests.pipeline.train.test_restarts import (
@@ -249,10 +250,9 @@ def test_pretraining_continues_on_the_surviving_node(cluster, tmp_path):
 
     client = MlflowClient(tracking)
     (run,) = client.search_runs([client.get_experiment_by_name("vit-smoke").experiment_id])
-    starts = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id,
-                                                                          "train/start_step"))
+    starts = start_steps(run)
     # Restarted once, from a checkpoint taken before the kill, with steps left to train.
-    assert len(starts) == 2 and starts[0] == (0, 0.0) and 10 <= starts[1][1] < total, starts
+    assert len(starts) == 2 and starts[0] == 0 and 10 <= starts[1] < total, starts
     for key in run.data.metrics:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert len(steps) == len(set(steps)), f"{key} logged a step twice: {sorted(steps)}"

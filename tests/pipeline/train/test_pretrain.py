@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.data import shards
+from pipeline.tracking import start_steps
 from pipeline.train.config import apply_overrides, smoke
 from pipeline.train.run import PretrainError, pretrain
 from pipeline.weights import load_vit
@@ -57,7 +58,8 @@ def test_two_workers_from_s3_into_mlflow(ray_local, s3, mlflow_server, tmp_path)
                 "fewshot/val/1shot", "fewshot/val/5shot"):
         assert history(client, out.run_id, key), key
     assert [v for _, v in history(client, out.run_id, "data/skipped_samples")] == [0.0] * 6
-    assert {v for _, v in history(client, out.run_id, "train/images_per_step")} == {32.0}
+    # The batch that really went into each step: measured, constant, so a param.
+    assert params["images_per_step"] == "32" and "train/images_per_step" not in run.data.metrics
     tags = run.data.tags
     assert tags["git_commit"] and "2 workers" in tags["cluster"]
     assert tags["data_manifest"].startswith(data + " sha256:")
@@ -77,14 +79,21 @@ def test_two_workers_from_s3_into_mlflow(ray_local, s3, mlflow_server, tmp_path)
     assert tags["mlflow.source.git.commit"].startswith(head)
     # The training data as a dataset input: its URI and the manifest's digest.
     inputs = run.inputs.dataset_inputs
-    assert len(inputs) == 1 and inputs[0].dataset.source_type == "http"
-    assert json.loads(inputs[0].dataset.source)["url"] == data
+    assert len(inputs) == 1 and inputs[0].dataset.source_type == "s3"
+    assert json.loads(inputs[0].dataset.source)["uri"] == data
     assert inputs[0].dataset.digest == tags["data_manifest"].rsplit("sha256:", 1)[1]
     assert {(t.key, t.value) for t in inputs[0].tags} == {("mlflow.data.context", "training")}
-    # The final checkpoint as a version of the registered model named after the run.
-    versions = client.search_model_versions("name = 'two-workers'")
-    assert [(v.source, v.run_id) for v in versions] == [(out.checkpoint, out.run_id)]
-    assert tags["registered_model"] == f"two-workers/{versions[0].version}"
+    # The final checkpoint as a version of the experiment's registered model, through a
+    # logged model (the server takes no checkpoint path as a source), alias `newest`.
+    versions = client.search_model_versions(f"run_id = '{out.run_id}'")
+    assert [(v.name, v.tags["checkpoint"], v.tags["step"]) for v in versions] == [
+        ("vit-smoke", out.checkpoint, "60")]
+    assert versions[0].source.startswith("models:/m-")
+    assert tags["registered_model"] == f"vit-smoke/{versions[0].version}"
+    assert client.get_model_version_by_alias("vit-smoke", "newest").version == \
+        versions[0].version
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
     # System metrics of the node (one node here), under system/node_0/.
     system = [k for k in run.data.metrics if k.startswith("system/node_0/")]
     assert "system/node_0/cpu_utilization_percentage" in system, sorted(run.data.metrics)
@@ -116,14 +125,14 @@ def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
                              "train.log_every=5"), tracking_uri=mlflow_server.uri)
     assert first.step == 20
     client = MlflowClient(mlflow_server.uri)
-    assert {v for _, v in history(client, first.run_id, "train/images_per_step")} == {64.0}
+    assert client.get_run(first.run_id).data.params["images_per_step"] == "64"
 
     # The same command with a longer schedule continues the same run from step 20.
     second = pretrain(cfg_for(tmp_path, "resume", "train.total_steps=30",
                               "checkpoint.every=10", "train.micro_batch_size=16",
                               "train.log_every=5"), tracking_uri=mlflow_server.uri)
     assert second.run_id == first.run_id and second.step == 30
-    assert history(client, first.run_id, "train/start_step") == [(0, 0.0), (20, 20.0)]
+    assert start_steps(client.get_run(first.run_id)) == [0, 20]
     steps = [s for s, _ in history(client, first.run_id, "train/loss")]
     assert steps == [5, 10, 15, 20, 25, 30], "no step trained twice"
     state = json.loads((Path(second.checkpoint) / "train_state.json").read_text())
@@ -134,7 +143,7 @@ def test_resume_continues_the_run(ray_local, mlflow_server, tmp_path):
                              "checkpoint.every=25"),
                      resume=first.checkpoint, tracking_uri=mlflow_server.uri)
     assert third.run_id != first.run_id and third.step == 25
-    assert history(client, third.run_id, "train/start_step") == [(20, 20.0)]
+    assert start_steps(client.get_run(third.run_id)) == [20]
 
 
 def test_non_finite_loss_stops_with_the_step(ray_local, tmp_path):

@@ -29,6 +29,7 @@ import pytest
 
 from pipeline.data import shards
 from pipeline.data.plan import DataPosition, StreamPlan
+from pipeline.tracking import start_steps
 from pipeline.train import checkpoints
 from pipeline.weights import load_vit
 from tests.conftest import kill_tree, stop_process_group
@@ -204,9 +205,8 @@ def test_worker_killed_mid_epoch_resumes_the_stream_where_the_checkpoint_was(ray
     assert killed and out.step == 30
     from mlflow.tracking import MlflowClient
 
-    starts = sorted((m.step, m.value) for m in MlflowClient(
-        f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(out.run_id, "train/start_step"))
-    assert len(starts) == 2 and starts[0] == (0, 0.0) and starts[1][1] >= 10, \
+    starts = start_steps(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(out.run_id))
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 10, \
         f"one MLflow run, restarted from a checkpoint, not from scratch: {starts}"
     samples, restarts = history(tmp_path / "trace")
     assert restarts == 1
