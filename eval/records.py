@@ -28,7 +28,9 @@ def trial_record(phase: str, conf: dict, metrics: dict, error: str | None) -> di
             "images_per_s": metrics.get("images_per_s"),
             "micro_batch_size": metrics.get("micro_batch_size"),
             "finished_at": metrics.get("timestamp"),
-            "trial_id": metrics.get("trial_id")}
+            "trial_id": metrics.get("trial_id"),
+            # protocol linear (eval/linear.py): the L2 regulariser chosen on val200
+            **({"l2": metrics["l2"]} if "l2" in metrics else {})}
 
 
 def combo_name(conf: dict) -> str:
