@@ -1,7 +1,8 @@
 """Pretraining hands its checkpoints to VTAB-1k itself: the `eval` section of the pretraining
 config (pipeline/train/config.py `EvalConfig`) names the protocol, tasks and data, and
 jobs/pretrain.py calls this module (the import rules put the handoff here: `pipeline` never
-imports `eval`).
+imports `eval`; nor does this module import the training package: `cfg` below is the
+pretraining config, `PretrainConfig`, read by its fields).
 
 Each evaluation is `vit-vtab`'s own code path, `eval.evaluate.evaluate`, on the same Ray
 cluster, so its report, records, resume and MLflow runs are those of the command:
@@ -22,21 +23,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING
 
 from eval.config import PRESETS, VtabConfig, absolute_paths
 from pipeline import storage
 from pipeline.config import apply_overrides
-
-if TYPE_CHECKING:
-    from pipeline.train.config import PretrainConfig
 
 log = logging.getLogger("eval.vtab")
 
 POLL_S = 10.0          # how often the watcher lists the run's checkpoints
 
 
-def vtab_config(cfg: PretrainConfig, checkpoint: str = "") -> VtabConfig:
+def vtab_config(cfg, checkpoint: str = "") -> VtabConfig:
     """The evaluation config of a checkpoint of this run: the `eval.protocol` preset with the
     section's tasks, data and sizes; the evaluations under `<run.storage>/vtab` (vit-vtab's
     default place beside the default run storage). Raises ValueError on a bad name."""
@@ -60,7 +57,7 @@ def vtab_config(cfg: PretrainConfig, checkpoint: str = "") -> VtabConfig:
         raise ValueError(f"{err} (the eval section of the pretraining config)") from None
 
 
-def check(cfg: PretrainConfig) -> VtabConfig | None:
+def check(cfg) -> VtabConfig | None:
     """Before Ray starts: the protocol and tasks exist, the VTAB-1k folder holds every task
     (eval/data.py's checks), the resolution fits the model. Raises ValueError or
     TaskDataError; None when the section asks for no evaluation."""
@@ -80,7 +77,7 @@ def check(cfg: PretrainConfig) -> VtabConfig | None:
     return vc
 
 
-def evaluate_checkpoint(cfg: PretrainConfig, checkpoint: str, mlflow: bool) -> str:
+def evaluate_checkpoint(cfg, checkpoint: str, mlflow: bool) -> str:
     """Run the evaluation here (the driver); -> one line saying how it went. Interrupts pass
     through; any other failure becomes the line."""
     from eval.evaluate import evaluate
@@ -113,7 +110,7 @@ class Handoff:
     after it: -> the lines to print. `on_cluster`: evaluate during training (Ray tasks);
     else every evaluation runs after training, here."""
 
-    def __init__(self, cfg: PretrainConfig, run_uri: str, on_cluster: bool, mlflow: bool):
+    def __init__(self, cfg, run_uri: str, on_cluster: bool, mlflow: bool):
         self.cfg, self.run_uri, self.on_cluster, self.mlflow = cfg, run_uri, on_cluster, mlflow
         self.queued: list[str] = []      # checkpoints seen, in order
         self.refs: list = []             # their Ray tasks (cluster)
