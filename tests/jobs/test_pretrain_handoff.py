@@ -107,3 +107,24 @@ def test_smoke_pretraining_evaluates_its_final_checkpoint(tmp_path, vtab_data):
     assert [t["task"] for t in doc["tasks"]] == ["dtd", "eurosat"]
     assert all(len(t["seeds"]) == 1 for t in doc["tasks"])
     assert "VTAB-1k (linear) of" in out.stdout and "warning:" not in out.stderr
+
+
+def test_every_nth_checkpoint_is_queued_once_and_earlier_starts_are_left_alone(tmp_path):
+    """eval.vtab_every=2 with checkpoint.every=10: steps 20 and 40 are due, 10 and 30 not;
+    a checkpoint of an earlier start (here step 20 before `start`) is not evaluated again.
+    On one machine the queue waits for the end of training (no Ray here)."""
+    from eval.handoff import Handoff
+    from pipeline.train.config import apply_overrides, smoke
+    from tests.security import corpus
+
+    run = tmp_path / "runs" / "r"
+    cfg = apply_overrides(smoke(), ["eval.vtab_every=2", "checkpoint.every=10"])
+    corpus.write_good_checkpoint(run / "step_00000020", step=20, total_steps=50)
+    hand = Handoff(cfg, str(run), on_cluster=False, mlflow=False)
+    hand._seen = set(hand._checkpoints())        # what start() records, without its thread
+    for step in (10, 30, 40):
+        corpus.write_good_checkpoint(run / f"step_{step:08d}", step=step, total_steps=50)
+    hand._poll()
+    hand._poll()
+    assert [u.rsplit("/", 1)[-1] for u in hand.queued] == ["step_00000040"]
+    assert hand.refs == []
