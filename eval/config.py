@@ -167,4 +167,17 @@ def demo() -> VtabConfig:
                       finetune=FinetuneConfig(steps=40, batch_size=32, resolution=32))
 
 
-PRESETS = {"vit": vit, "per-task": per_task, "paper": paper, "demo": demo}
+def linear() -> VtabConfig:
+    """The fast protocol, for pretraining's own evaluations (`eval.protocol=linear`): no
+    fine-tuning, a closed-form linear probe on frozen pre-logits at 224 px, its L2 chosen on
+    val200, refit on train800val200, top-1 on each task's first 2,000 test images
+    (eval/linear.py).
+
+        vit-vtab --checkpoint CKPT --data ROOT --preset linear
+    19 tasks x about 3,000 forward passes: minutes on a GPU for ViT-B/16."""
+    return VtabConfig(sweep=SweepConfig(protocol="linear", lrs=(0.01,)),
+                      finetune=FinetuneConfig(resolution=224))
+
+
+PRESETS = {"vit": vit, "per-task": per_task, "paper": paper, "demo": demo,
+           "linear": linear}

@@ -35,7 +35,9 @@ def trial_record(phase: str, conf: dict, metrics: dict, error: str | None) -> di
             "started_at": metrics.get("started_at"),
             # The trial's own clock; Tune's `timestamp` (whole seconds) in older records.
             "finished_at": metrics.get("finished_at") or metrics.get("timestamp"),
-            "trial_id": metrics.get("trial_id"), "curve": curve}
+            "trial_id": metrics.get("trial_id"), "curve": curve,
+            # protocol linear (eval/linear.py): the L2 regulariser chosen on val200
+            **({"l2": metrics["l2"]} if "l2" in metrics else {})}
 
 
 def combo_name(conf: dict) -> str:

@@ -40,6 +40,18 @@ def choices(cfg, dropout: float | None = None) -> list[str]:
                      + ("one rate for all tasks, the best on average (protocol vit)"
                         if sweep.protocol == "vit" else "the best rate per task (per-task)")
                      + ("" if len(sweep.lrs) > 1 else " (one rate given: no selection run)"))
+    if sweep.protocol == "linear":
+        test = f"the first {sweep.test_images}" if sweep.test_images else "all"
+        return [
+            f"no fine-tuning: a closed-form linear probe on the frozen pre-logits at "
+            f"{ft.resolution} px, images resized only (protocol linear, eval/linear.py; the "
+            f"solve of big_vision's fewshot_lsr)",
+            "selection: the L2 regulariser (the lr column) from 2^-4..2^16, fit on train800 "
+            "and scored on val200",
+            f"final: refit on train800val200, top-1 on {test} test images",
+            "averages: mean of the tasks (ViT) and, named separately, mean of the group means "
+            "(PETL)",
+        ]
     source = "--dropout" if ft.dropout is not None else (
         "vit_jax's value for the checkpoint: configs/augreg.py for AugReg ones, else "
         "configs/models.py")

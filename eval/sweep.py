@@ -49,8 +49,9 @@ log = logging.getLogger("eval.vtab")
 
 # paper: ViT App. B.1.1 as Table 9 was made: lr 0.01, 2,500 steps, mean of 3 runs, no sweep.
 # vit: the sweep over learning rates, one for all tasks (best mean on val200); per-task: each
-# task's best rate.
-PROTOCOLS = ("paper", "vit", "per-task")
+# task's best rate. linear: no fine-tuning, a closed-form linear probe on frozen features with
+# its L2 regulariser chosen on val200 (eval/linear.py), the fast one for use during pretraining.
+PROTOCOLS = ("paper", "vit", "per-task", "linear")
 PAPER = {"lrs": (0.01,), "steps": 2500, "seeds": 3}
 
 
@@ -59,7 +60,7 @@ class SweepConfig:
     """Which trials an evaluation runs and how Ray Tune places them (the `sweep` section of
     `vit-vtab`'s config; each trial fine-tunes by the `finetune` section's recipe)."""
 
-    protocol: Literal["paper", "vit", "per-task"] = "vit"
+    protocol: Literal["paper", "vit", "per-task", "linear"] = "vit"
     # Task names, `all` or group names (natural, specialized, structured): resolved to the
     # task names, in table order.
     tasks: tuple[str, ...] = tuple(t.name for t in TASKS)
@@ -73,6 +74,9 @@ class SweepConfig:
     # Where one trial does not fit any node: stop at once when the cluster cannot grow (a
     # local Ray, no autoscaler); with an autoscaler, wait this long for it.
     wait_for_resources_s: float = 600.0
+    # Protocol linear: the test images scored per task, the test split's first ones (0: all):
+    # a probe during pretraining stays bounded (SUN397's test split has 21,750).
+    test_images: int = 2000
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -83,6 +87,8 @@ class SweepConfig:
                              f"sweep.lrs)")
         if self.seeds < 1:
             raise ValueError("--seeds (sweep.seeds) must be at least 1")
+        if self.test_images < 0:
+            raise ValueError("sweep.test_images must be >= 0 (0: the whole test split)")
         if self.gpus_per_trial < 0 or self.cpus_per_trial <= 0:
             raise ValueError("--gpus-per-trial must be >= 0 and --cpus-per-trial > 0 "
                              "(sweep.gpus_per_trial, sweep.cpus_per_trial)")
@@ -115,11 +121,12 @@ def _tune_storage(cfg: VtabConfig):
 
 
 def run_phase(cfg: VtabConfig, phase: str, combos: list[dict], data: dict,
-              pretrained: Pretrained) -> list[dict]:
+              pretrained: Pretrained, trainable=None) -> list[dict]:
     """Run one phase, or the trials of it that an earlier run of the same command did not
     finish; -> one record per trial (in `combos` order): config, metrics, error.
     `tune.with_parameters` puts the weights and the dict of data refs into the object store
-    once; every trial reads them from there, and its recipe and placement (typed configs)."""
+    once; every trial reads them from there, and its recipe and placement (typed configs).
+    `trainable`: another trial function with its parameters bound (protocol linear)."""
     from ray import tune
 
     path, fs = _tune_storage(cfg)
@@ -136,8 +143,8 @@ def run_phase(cfg: VtabConfig, phase: str, combos: list[dict], data: dict,
         if sweep.gpus_per_trial > 0:
             resources["gpu"] = sweep.gpus_per_trial
         trainable = tune.with_resources(
-            tune.with_parameters(trial, data=data, pretrained=pretrained, recipe=cfg.finetune,
-                                 sweep=sweep),
+            trainable or tune.with_parameters(trial, data=data, pretrained=pretrained,
+                                              recipe=cfg.finetune, sweep=sweep),
             resources)
         tuner = tune.Tuner(
             trainable,
@@ -214,6 +221,8 @@ def run(cfg: VtabConfig, pretrained: Pretrained) -> dict:
         return records
 
     sweep = cfg.sweep
+    if sweep.protocol == "linear":
+        return run_linear(cfg, pretrained)
     if len(sweep.lrs) > 1:
         selection = phase("select", [{"task": t, "lr": lr, "seed": 0, "phase": "select"}
                                      for t in sweep.tasks for lr in sweep.lrs])
@@ -228,6 +237,26 @@ def run(cfg: VtabConfig, pretrained: Pretrained) -> dict:
         raise SweepError(f"the final run diverged for {', '.join(diverged)}; choose smaller "
                          f"--lrs")
     return {"selection": selection, "final": final, "lrs": chosen, "timings": timings}
+
+
+def run_linear(cfg: VtabConfig, pretrained: Pretrained) -> dict:
+    """Protocol linear (eval/linear.py): one trial per task, which chooses its L2 on val200
+    and scores test itself; the chosen L2 stands where the other protocols have the rate."""
+    from ray import tune
+
+    from eval.linear import linear_trial
+
+    sweep = cfg.sweep
+    trainable = tune.with_parameters(
+        linear_trial, data_root=cfg.data.uri, pretrained=pretrained,
+        resolution=cfg.finetune.resolution, test_images=sweep.test_images,
+        gpus=sweep.gpus_per_trial, cpus=sweep.cpus_per_trial)
+    start = time.perf_counter()
+    final = run_phase(cfg, "final", [{"task": t, "lr": 0.0, "seed": 0, "phase": "final"}
+                                     for t in sweep.tasks], {}, pretrained, trainable)
+    _raise_failed(final, "final")
+    return {"selection": [], "final": final, "lrs": {r["task"]: r.get("l2") for r in final},
+            "timings": {"final/trials_s": time.perf_counter() - start}}
 
 
 def _raise_failed(records: list[dict], phase: str) -> None:

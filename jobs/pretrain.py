@@ -19,7 +19,10 @@ Presets (each documented in pipeline/train/config.py):
   vit_r50_b16_i21k  the hybrid R50+ViT-B/16 (§3.1) on ImageNet-21k; smoke_hybrid: a tiny one
   vit_s16_i21k_augreg, vit_b16_i21k_augreg, vit_l16_i21k_augreg: AugReg, 300 epochs on i21k
 Any resolved value can be changed with --set section.field=value (sections: model, optim,
-data, train, scale, run, checkpoint, probe; `model.variant=L/16` sets all model sizes).
+data, train, scale, run, checkpoint, probe, eval; `model.variant=L/16` sets all model sizes).
+`--set eval.at_end=true --set eval.data=ROOT` also evaluates the final checkpoint on VTAB-1k
+(`eval.protocol=linear`, the fast probe, by default; `eval.vtab_every=N`: every N-th
+checkpoint too), on the same Ray cluster: see eval/handoff.py.
 `--show-config` prints the resolved configuration and exits; `--config FILE` starts from
 such a file (the config.json every MLflow run keeps) instead of a preset.
 """
@@ -151,12 +154,20 @@ def _main(argv=None) -> int:
     except preflight.REFUSALS as err:
         print(f"error: {err}", file=sys.stderr)
         return cli.BAD_INPUT
+    from eval import handoff
+
+    try:   # the `eval` section's VTAB-1k protocol, tasks and data (eval/handoff.py)
+        handoff.check(cfg)
+    except (ValueError, *preflight.REFUSALS) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return cli.BAD_INPUT
     print(describe(cfg), flush=True)
     timeline.mark("driver.imports")
 
     import ray
 
-    from pipeline.train.run import pretrain
+    from pipeline import storage
+    from pipeline.train.run import pretrain, storage_root
 
     cli.configure_logging(args.log_level)   # again: `import ray` set up Ray's loggers anew
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
@@ -169,6 +180,11 @@ def _main(argv=None) -> int:
         timeline.mark("driver.ray_ready")
         if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
             ray.data.DataContext.get_current().enable_progress_bars = False
+        # VTAB-1k of its checkpoints (the `eval` section): during training on a cluster,
+        # after it on one machine.
+        evaluations = handoff.Handoff(cfg, storage.join(storage_root(cfg), cfg.run.name),
+                                      on_cluster=bool(address), mlflow=not args.no_mlflow)
+        evaluations.start()
         out = pretrain(cfg, resume=args.resume, init=args.init, mlflow=not args.no_mlflow,
                        checked=checked)
     except interrupt.Interrupted:
@@ -188,6 +204,11 @@ def _main(argv=None) -> int:
     logging.getLogger("pipeline.train").info("done")
     summary(cfg, out)
     timeline.mark("driver.done")
+    if cfg.eval.enabled:    # the exit code stays training's: a failure is one line
+        print()
+        for line in evaluations.finish(out.checkpoint):
+            print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout,
+                  flush=True)
     return 0
 
 

@@ -132,6 +132,31 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """VTAB-1k evaluations that the pretraining command starts itself, as `vit-vtab` runs them
+    (Ray Tune trials on the same cluster): of the final checkpoint (`at_end`) and of every
+    `vtab_every`-th checkpoint. The handoff is jobs/pretrain.py's and eval/handoff.py's (this
+    package never imports eval); the names below are checked there, before Ray starts."""
+
+    at_end: bool = False
+    vtab_every: int = 0                 # every N-th checkpoint too; 0: none
+    protocol: str = "linear"            # a vit-vtab preset: linear (fast), vit, per-task, ...
+    tasks: tuple[str, ...] = ("all",)   # task names or groups, as vit-vtab --tasks
+    data: str = ""                      # the VTAB-1k root; "": $VTAB_DATA or ~/vtab-1k
+    test_images: int = 2000             # protocol linear: test images scored per task
+    resolution: int = 0                 # 0: the protocol's (linear 224, the others 384)
+
+    def __post_init__(self):
+        if self.vtab_every < 0 or self.test_images < 0 or self.resolution < 0:
+            raise ValueError("eval.vtab_every, eval.test_images and eval.resolution must be "
+                             ">= 0 (0: off, all, the protocol's)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.at_end or self.vtab_every > 0
+
+
+@dataclass(frozen=True)
 class PretrainConfig(Sectioned):
     model: ViTConfig = field(default_factory=ViTConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -141,6 +166,7 @@ class PretrainConfig(Sectioned):
     run: RunConfig = field(default_factory=RunConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # The spellings of earlier releases (their config.json, their --set keys) -> the keys now.
     ALIASES: ClassVar[dict[str, str]] = {

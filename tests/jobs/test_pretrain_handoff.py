@@ -1,0 +1,130 @@
+"""Pretraining hands its checkpoints to VTAB-1k itself (the `eval` section, eval/handoff.py):
+the section's bad input is refused before Ray starts; a smoke pretraining with `eval.at_end`
+writes the VTAB report and exits with training's code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def vtab_data(tmp_path_factory) -> Path:
+    from eval.data import write_grating_task
+    from eval.tasks import BY_NAME
+
+    root = tmp_path_factory.mktemp("vtab")
+    for name in ("eurosat", "dtd"):
+        write_grating_task(root, BY_NAME[name], train=40, val=20, test=30, image_size=32)
+    return root
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch, capsys):
+    """vit-pretrain --preset smoke --out <tmp>/runs ARGS in this process, Ray's start a
+    tripwire -> (exit code, stdout, stderr)."""
+    from pipeline import interrupt
+
+    def no_ray(**kwargs):
+        raise AssertionError("Ray started")
+
+    saved = dict(os.environ)
+    monkeypatch.setattr(interrupt, "ray_init", no_ray)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    from jobs.pretrain import main
+
+    def run(*args):
+        code = main(["--preset", "smoke", "--out", str(tmp_path / "runs"), "--no-mlflow",
+                     *map(str, args)])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    yield run
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["eval.protocol=nope"], "eval.protocol 'nope' is not a vit-vtab preset"),
+    (["eval.tasks=eurosat,nosuchtask"], "nosuchtask"),
+    (["eval.resolution=4"], "below the model's patch size 8"),
+])
+def test_bad_eval_settings_are_refused_before_ray(job, vtab_data, sets, says):
+    args = ["--set", "eval.at_end=true", "--set", f"eval.data={vtab_data}",
+            "--set", "eval.tasks=eurosat"]
+    for item in sets:
+        args += ["--set", item]
+    code, out, err = job(*args)
+    assert code == 2, err[-2000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and says in errors[0], err[-2000:]
+    assert "Ray started" not in err and "resolved config" not in out
+
+
+def test_a_missing_vtab_task_is_refused_before_ray(job, vtab_data):
+    code, out, err = job("--set", "eval.at_end=true", "--set", f"eval.data={vtab_data}",
+                         "--set", "eval.tasks=eurosat,kitti")
+    assert code == 2 and "kitti" in err and "Ray started" not in err, err[-2000:]
+
+
+def test_no_eval_section_checks_nothing(job, tmp_path):
+    """Off by default: a missing VTAB folder is no concern of a run that evaluates nothing
+    (the tripwire is reached: everything before Ray passed)."""
+    code, out, err = job("--set", f"eval.data={tmp_path}/none")
+    assert "resolved config" in out and "Ray started" in err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_pretraining_evaluates_its_final_checkpoint(tmp_path, vtab_data):
+    """The real command on a local Ray: training, then the `linear` protocol on two generated
+    tasks; the report exists and names the final checkpoint; exit 0."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.pretrain", "--preset", "smoke", "--out",
+         str(tmp_path / "runs"), "--name", "hand", "--no-mlflow",
+         "--set", "train.total_steps=20", "--set", "optim.warmup_steps=2",
+         "--set", "checkpoint.every=10", "--set", "probe.every=0",
+         "--set", "eval.at_end=true", "--set", f"eval.data={vtab_data}",
+         "--set", "eval.tasks=eurosat,dtd", "--set", "eval.resolution=32",
+         "--set", "eval.test_images=20"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    reports = list((tmp_path / "runs" / "vtab").glob("*/vtab.json"))
+    assert len(reports) == 1, (out.stdout + out.stderr)[-4000:]
+    doc = json.loads(reports[0].read_text())
+    assert doc["settings"]["protocol"] == "linear"
+    assert doc["checkpoint"].endswith("hand/step_00000020")
+    assert [t["task"] for t in doc["tasks"]] == ["dtd", "eurosat"]
+    assert all(len(t["seeds"]) == 1 for t in doc["tasks"])
+    assert "VTAB-1k (linear) of" in out.stdout and "warning:" not in out.stderr
+
+
+def test_every_nth_checkpoint_is_queued_once_and_earlier_starts_are_left_alone(tmp_path):
+    """eval.vtab_every=2 with checkpoint.every=10: steps 20 and 40 are due, 10 and 30 not;
+    a checkpoint of an earlier start (here step 20 before `start`) is not evaluated again.
+    On one machine the queue waits for the end of training (no Ray here)."""
+    from eval.handoff import Handoff
+    from pipeline.train.config import apply_overrides, smoke
+    from tests.security import corpus
+
+    run = tmp_path / "runs" / "r"
+    cfg = apply_overrides(smoke(), ["eval.vtab_every=2", "checkpoint.every=10"])
+    corpus.write_good_checkpoint(run / "step_00000020", step=20, total_steps=50)
+    hand = Handoff(cfg, str(run), on_cluster=False, mlflow=False)
+    hand._seen = set(hand._checkpoints())        # what start() records, without its thread
+    for step in (10, 30, 40):
+        corpus.write_good_checkpoint(run / f"step_{step:08d}", step=step, total_steps=50)
+    hand._poll()
+    hand._poll()
+    assert [u.rsplit("/", 1)[-1] for u in hand.queued] == ["step_00000040"]
+    assert hand.refs == []
