@@ -51,14 +51,20 @@ def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs `-n 2 --dist loadscope`: one module per worker at
     a time, so a module's fixtures start once), the heaviest modules go first and the quick
     ones fill in at the end, so that no worker is left with one long module while the other
-    idles. Weight: a slow test counts as 30 s (most start Ray), any other as 0.5 s."""
+    idles. Weight: the module's seconds in tests/durations.json (a recorded run; refreshed by
+    tests/durations.py), else 30 s per slow test (most start Ray) and 0.5 s per other."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "durations.json").read_text())
     weight: dict[str, float] = {}
     for item in items:
         module = item.nodeid.split("::")[0]
         weight[module] = weight.get(module, 0) + (30 if item.get_closest_marker("slow")
                                                   else 0.5)
+    weight.update({m: s for m, s in recorded.items() if m in weight})
     order = {m: i for i, m in enumerate(sorted(weight, key=lambda m: -weight[m]))}
     items.sort(key=lambda item: order[item.nodeid.split("::")[0]])    # stable within a module
 

@@ -453,7 +453,8 @@ def test_evaluation_config_presets_set_and_show_config(tmp_path):
     cfg = demo()
     assert (cfg.finetune.resolution, cfg.sweep.lrs, cfg.finetune.steps,
             cfg.finetune.batch_size) == (32, (0.003, 0.03), 40, 32)
-    assert len(cfg.sweep.tasks) == 19 and set(PRESETS) == {"vit", "per-task", "paper", "demo", "linear"}
+    assert len(cfg.sweep.tasks) == 19
+    assert set(PRESETS) == {"vit", "per-task", "paper", "demo", "linear"}
     tuned = apply_overrides(VtabConfig(), [
         "finetune.steps=500", "sweep.lrs=0.01,0.03", "sweep.tasks=structured",
         "finetune.dropout=none", "run.name=x"])
