@@ -231,12 +231,13 @@ def latest(run_uri: str) -> str | None:
     return next(complete_checkpoints(run_uri), None)
 
 
-def prune(run_uri: str, keep: int) -> list[str]:
+def prune(run_uri: str, keep: int, keep_every: int = 0) -> list[str]:
     """Retention: keep the `keep` newest complete checkpoints and whatever is newer than the
-    oldest of them (uploads in flight); delete every older step folder, complete or not
-    (stale ones of earlier starts, half-written ones, damaged ones). Ray Train's own
-    `num_to_keep` only deletes the checkpoints its current controller registered, so older
-    ones accumulated across starts. -> the folders deleted."""
+    oldest of them (uploads in flight), and every checkpoint whose step is a multiple of
+    `keep_every` (those VTAB evaluates: eval.vtab_every); delete every other older step
+    folder, complete or not (stale ones of earlier starts, half-written ones, damaged ones).
+    Ray Train's own `num_to_keep` only deletes the checkpoints its current controller
+    registered, so older ones accumulated across starts. -> the folders deleted."""
     kept = []
     for uri in complete_checkpoints(run_uri):
         kept.append(uri)
@@ -250,13 +251,20 @@ def prune(run_uri: str, keep: int) -> list[str]:
     oldest = kept[-1].rstrip("/").rsplit("/", 1)[-1]
     stale = [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
              if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")
-             and i.base_name < oldest]
+             and i.base_name < oldest and not _kept_every(i.base_name, keep_every)]
     for path in stale:
         try:
             fs.delete_dir(path)
         except OSError as err:
             log.warning("retention could not delete %s: %s", path, _first(err))
     return stale
+
+
+def _kept_every(name: str, every: int) -> bool:
+    try:
+        return every > 0 and int(name[len("step_"):]) % every == 0
+    except ValueError:
+        return False
 
 
 def mark_corrupt(uri: str, reason: str) -> None:

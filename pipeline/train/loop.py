@@ -468,7 +468,7 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
         config=cfg.to_dict(), run_name=cfg.run.name, run_id=w.spec.run_id,
         world_size=env.world, strategy=env.strategy)
     if env.rank == 0:      # retention, before this save: the earlier ones are done or in flight
-        checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep)
+        checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep, cfg.vtab_every_steps)
     w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics)
     progress.last_save = time.monotonic()
     if w.tracker is not None:

@@ -319,7 +319,7 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
         raise
     if interrupt.received():
         raise _stopped(cfg, run_uri)
-    checkpoints.prune(run_uri, cfg.checkpoint.keep)
+    checkpoints.prune(run_uri, cfg.checkpoint.keep, cfg.vtab_every_steps)
     uri = checkpoints.latest(run_uri) or ""
     step = checkpoints.read_state(uri)["step"] if uri else 0
     if run_id:

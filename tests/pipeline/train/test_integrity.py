@@ -125,6 +125,25 @@ def test_retention_keeps_exactly_the_newest_complete_ones(tmp_path):
     assert checkpoints.prune(str(run), keep=5) == []
 
 
+def test_retention_keeps_the_checkpoints_vtab_evaluates(tmp_path):
+    """eval.vtab_every=2 with checkpoint.every=10: the steps-20 and -40 checkpoints wait for
+    their evaluation (after training, on one machine), whatever checkpoint.keep says."""
+    from pipeline.train.config import apply_overrides, smoke
+
+    cfg, model, opt = tiny_run()
+    run = tmp_path / "run"
+    for step in (10, 20, 30, 40, 50, 60):
+        _write(run / checkpoints.dir_name(step), cfg, model, opt, step)
+    every = apply_overrides(smoke(), ["eval.vtab_every=2", "checkpoint.every=10"])
+    assert every.vtab_every_steps == 20
+    deleted = checkpoints.prune(str(run), keep=1, keep_every=every.vtab_every_steps)
+    assert sorted(p.name for p in run.iterdir()) == [
+        "step_00000020", "step_00000040", "step_00000060"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in deleted) == [
+        "step_00000010", "step_00000030", "step_00000050"]
+    assert smoke().vtab_every_steps == 0                      # off: plain retention
+
+
 def test_resume_restores_the_optimizers_non_tensor_state(tmp_path):
     """param_groups (lr, betas, weight decay, ...) are non-tensor values: they must reach the
     optimizer, not only the planner's flattened copy of the state dict."""
