@@ -43,10 +43,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-fast: install lint
-	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # The other libraries, in an environment of their own: timm needs torchvision, and PyPI's
 # torchvision needs PyPI's (CUDA) torch of the same release (with a CPU torch it fails on import:

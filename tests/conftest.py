@@ -48,10 +48,11 @@ def s3(s3_server, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadscope`: one module per worker at
-    a time, so a module's fixtures start once), the heaviest modules go first and the quick
-    ones fill in at the end, so that no worker is left with one long module while the other
-    idles. Weight: the module's seconds in tests/durations.json (a recorded run; refreshed by
+    """Under pytest-xdist (`make test`: `-n 2 --dist loadscope --no-loadscope-reorder`, one
+    module per worker at a time, so a module's fixtures start once, in this order rather than
+    xdist's by test count), the heaviest modules go first and the quick ones fill in at the
+    end, so that no worker is left with one long module while the other idles. Weight: the
+    module's seconds in tests/durations.json (a recorded run; refreshed by
     tests/durations.py), else 30 s per slow test (most start Ray) and 0.5 s per other."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
