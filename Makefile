@@ -21,9 +21,12 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# pytest-xdist workers: two suit the 2-core CI machine (most tests wait on processes they
-# start); each worker runs whole modules, with its own session services (Ray, S3, MLflow).
-TEST_WORKERS ?= 2
+# pytest-xdist workers (opt-in: `make test TEST_WORKERS=2`): each runs whole modules, with
+# its own session services (Ray, S3, MLflow). Two cut the suite from ~47 to ~37 minutes on
+# 2 cores, but two tests that pass alone failed in that run (a Train worker group of one
+# session's Ray stopped while the other's ran), so CI runs the suite in one process.
+TEST_WORKERS ?= 1
+XDIST := $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder,)
 
 
 .PHONY: install test test-fast lint interop-env test-interop demo bench-model bench-data bench-train bench-vtab bench-checkpoint clean
@@ -43,10 +46,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(PY) -m pytest $(XDIST)
 
 test-fast: install lint
-	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+	$(PY) -m pytest -m "not slow" $(XDIST)
 
 # The other libraries, in an environment of their own: timm needs torchvision, and PyPI's
 # torchvision needs PyPI's (CUDA) torch of the same release (with a CPU torch it fails on import:
