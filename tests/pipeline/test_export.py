@@ -31,7 +31,8 @@ def small(**kw) -> ViTConfig:
 
 def trained_like(cfg: ViTConfig, seed: int = 0) -> ViT:
     """A model with every parameter away from its initial value (a zero head gives zero
-    logits, which would match anything)."""
+    logits, which would match anything, and the GroupNorms that start at scale 0 would hide
+    a hybrid's ResNet)."""
     torch.manual_seed(seed)
     model = ViT(cfg).eval()
     with torch.no_grad():

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.model import ViT, ViTConfig
 from pipeline.weights import save_vit
-from tests.pipeline.test_export import fill_hub_cache
+from tests.pipeline.test_export import fill_hub_cache, trained_like
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = Path(os.environ.get("VIT_INTEROP_PYTHON") or ROOT / ".venv-interop" / "bin" / "python")
@@ -40,17 +40,6 @@ def interop_python() -> str:
         pytest.skip(f"no interpreter with timm and transformers at {PYTHON}: run `make "
                     f"interop-env` (or set VIT_INTEROP_PYTHON)")
     return str(PYTHON)
-
-
-def trained_like(cfg: ViTConfig, seed: int = 0) -> ViT:
-    """Every parameter away from its initial value (a zero head gives zero logits, and the
-    GroupNorms that start at scale 0 would hide the hybrid's ResNet)."""
-    torch.manual_seed(seed)
-    model = ViT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def export(tmp_path: Path, model: ViT, fmt: str) -> tuple[Path, str]:
