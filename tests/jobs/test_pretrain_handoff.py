@@ -26,32 +26,6 @@ def vtab_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def job(tmp_path, monkeypatch, capsys):
-    """vit-pretrain --preset smoke --out <tmp>/runs ARGS in this process, Ray's start a
-    tripwire -> (exit code, stdout, stderr)."""
-    from pipeline import interrupt
-
-    def no_ray(**kwargs):
-        raise AssertionError("Ray started")
-
-    saved = dict(os.environ)
-    monkeypatch.setattr(interrupt, "ray_init", no_ray)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    from jobs.pretrain import main
-
-    def run(*args):
-        code = main(["--preset", "smoke", "--out", str(tmp_path / "runs"), "--no-mlflow",
-                     *map(str, args)])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    yield run
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 @pytest.mark.parametrize("sets, says", [
     (["eval.protocol=nope"], "eval.protocol 'nope' is not a vit-vtab preset"),
     (["eval.tasks=eurosat,nosuchtask"], "nosuchtask"),

@@ -43,31 +43,6 @@ def training_checkpoint(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("ckpt") / "other" / "step_00000002", step=2)
 
 
-@pytest.fixture
-def job(tmp_path, monkeypatch, capsys):
-    """vit-pretrain --preset smoke --out <tmp>/runs ARGS in this process -> (exit code,
-    stderr), with Ray's start a tripwire."""
-    from pipeline import interrupt
-
-    def no_ray(**kwargs):
-        raise AssertionError("Ray started")
-
-    saved = dict(os.environ)      # the command sets library variables for its own process
-    monkeypatch.setattr(interrupt, "ray_init", no_ray)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    from jobs.pretrain import main
-
-    def run(*args, out=tmp_path / "runs"):
-        code = main(["--preset", "smoke", "--out", str(out), *map(str, args)])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    yield run
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def refused(result, says: str) -> str:
     """The command stopped with one `error:` line holding `says`, exit 2, before Ray and
     before printing the resolved config."""
