@@ -471,6 +471,7 @@ class CheckpointWriter:
         self.pending = None          # the previous asynchronous DCP write
         self.pending_step = 0
         self.staging: set[Path] = set()     # local folders not yet uploaded and removed
+        self.failed: list[BaseException] = []    # an upload that failed in Ray's thread
         for path in sweep_staging():
             log.info("removed %s, left by a process that is gone", path)
         # DCP's own collectives (plans, metadata) run in a background thread: give them a
@@ -487,6 +488,8 @@ class CheckpointWriter:
         )
 
         step = doc["step"]
+        if self.failed:              # stop here rather than stage a checkpoint Ray will drop
+            raise self.failed[0]
         # The ViT in our format, on rank 0: a collective gather of the unsharded weights.
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
@@ -512,7 +515,7 @@ class CheckpointWriter:
         except BaseException as err:
             self._discard_staging()
             _reraise(err, step, "staging", tmp)
-        rank, staging = self.rank, self.staging
+        rank, staging, failed = self.rank, self.staging, self.failed
 
         def write_and_upload(checkpoint, checkpoint_dir_name):
             # Ray removes `local` after a successful upload; every failure removes it here.
@@ -529,6 +532,7 @@ class CheckpointWriter:
             except BaseException as err:
                 shutil.rmtree(local, ignore_errors=True)
                 staging.discard(local)
+                failed.append(_save_error(err, step, where, path))
                 _reraise(err, step, where, path)
             staging.discard(local)
             return persisted

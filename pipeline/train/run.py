@@ -311,6 +311,7 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
     except Exception as err:
         if interrupt.received():
             raise _stopped(cfg, run_uri) from None
+        _sweep_killed_workers()
         if run_id:
             tracking.finish_run(tracking_uri, run_id, "FAILED")
         message = failures.fatal_message(err)
@@ -354,9 +355,10 @@ def _forget_ray_snapshot(run_uri: str) -> None:
     storage.delete(storage.join(run_uri, RAY_SNAPSHOT), missing_ok=True)
 
 
-def _stopped(cfg: PretrainConfig, run_uri: str) -> interrupt.Interrupted:
-    """After an abort: this node's staging folders of the killed workers removed (other
-    nodes' workers sweep theirs when they next start), and where the run stands."""
+def _sweep_killed_workers() -> None:
+    """After an abort or a failure, Ray kills the workers, maybe mid-checkpoint: this node's
+    staging folders of the killed workers are removed (other nodes' workers sweep theirs
+    when they next start)."""
     import time
 
     deadline = time.monotonic() + 10          # the killed workers take a moment to be gone
@@ -366,6 +368,11 @@ def _stopped(cfg: PretrainConfig, run_uri: str) -> interrupt.Interrupted:
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+
+
+def _stopped(cfg: PretrainConfig, run_uri: str) -> interrupt.Interrupted:
+    """After an abort: the killed workers' staging swept, and where the run stands."""
+    _sweep_killed_workers()
     newest = checkpoints.latest(run_uri)
     where = (f"newest checkpoint {newest}; the same command continues from it" if newest
              else "no checkpoint yet")
