@@ -88,12 +88,17 @@ def register_checkpoint(tracking_uri: str, run_id: str, model_name: str,
         try:
             client.get_registered_model(model_name)
         except MlflowException:
-            client.create_registered_model(model_name, description=(
-                "ViT checkpoints of pretraining runs, one version per checkpoint. A version's "
-                "`checkpoint` tag is where the weights are (pipeline.weights format: "
-                "`load_vit(uri)`, or `vit-vtab --checkpoint uri`); its vtab.* tags hold the "
-                "last VTAB-1k result. Aliases: newest (the final checkpoint of the pretraining "
-                "run that finished last), best-vtab (the best VTAB-1k mean)."))
+            try:
+                client.create_registered_model(model_name, description=(
+                    "ViT checkpoints of pretraining runs, one version per checkpoint. A "
+                    "version's `checkpoint` tag is where the weights are (pipeline.weights "
+                    "format: `load_vit(uri)`, or `vit-vtab --checkpoint uri`); its vtab.* tags "
+                    "hold the last VTAB-1k result. Aliases: newest (the final checkpoint of "
+                    "the pretraining run that finished last), best-vtab (the best VTAB-1k "
+                    "mean)."))
+            except MlflowException as err:   # a run finishing at the same time made it
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
         tags = {"checkpoint": checkpoint_uri, "step": str(step), "pretrain_run_name": run_name}
         model = client.create_logged_model(run.info.experiment_id,
                                            name=f"{run_name}-step{step}", source_run_id=run_id,

@@ -181,11 +181,17 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 def experiment_id(client, name: str, tracking_uri: str) -> str:
     """The experiment's id, created when missing; either way marked as a model-training
     experiment unless someone chose its kind already."""
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        exp_id = client.create_experiment(name, artifact_location=artifact_root(tracking_uri),
-                                          tags=dict([EXPERIMENT_KIND]))
-        return exp_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root(tracking_uri),
+                                            tags=dict([EXPERIMENT_KIND]))
+        except MlflowException as err:      # another run, starting at the same time, made it
+            exp = client.get_experiment_by_name(name)
+            if exp is None or err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     if EXPERIMENT_KIND[0] not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
     return exp.experiment_id

@@ -206,3 +206,33 @@ def test_vtab_task_runs_hold_their_trials_curves_and_data(mlflow_server):
     assert series(select, "val200/top1") == [(20, 30.0), (40, 50.0)]
     assert series(trials["final-lr0.01-seed0"], "top1") == [(40, 70.0)]
     assert select.data.params["lr"] == "0.01" and select.data.params["phase"] == "select"
+
+
+def test_runs_starting_and_finishing_together_share_one_experiment_and_model(mlflow_server):
+    """Two jobs submitted together (the demo does; a team's cluster does) race to create
+    the experiment and, at their ends, the registered model: every racer gets the same one
+    and none fails."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    uri, exp = mlflow_server.uri, f"race-{uuid.uuid4().hex[:6]}"
+    n = 3
+    gate = Barrier(n)
+
+    def start(i):
+        gate.wait()
+        return _pretraining_run(uri, exp, f"run-{i}")
+
+    with ThreadPoolExecutor(n) as pool:
+        runs = list(pool.map(start, range(n)))
+    client = MlflowClient(uri)
+    assert len({client.get_run(r).info.experiment_id for r in runs}) == 1
+    name = registry.registered_model_name(exp)
+
+    def register(i):
+        gate.wait()
+        return registry.register_checkpoint(uri, runs[i], name, f"/ckpt/run-{i}/step_10", 10)
+
+    with ThreadPoolExecutor(n) as pool:
+        versions = list(pool.map(register, range(n)))
+    assert sorted(int(v.version) for v in versions) == list(range(1, n + 1))
