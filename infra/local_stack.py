@@ -68,6 +68,12 @@ def wait_for_job_agent(address: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{address}: job submission not ready after {timeout:.0f} s {last}")
 
 
+# MLflow 3's server starts a job runner by default (seven huey consumers polling the store,
+# for its GenAI judges and trace roll-ups): about half a core, idle, on a laptop. The product
+# runs no MLflow server jobs.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True,
@@ -107,7 +113,7 @@ def up(root: Path, num_cpus: int | None = None) -> dict:
         proc = _spawn([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                        str(state["mlflow_port"]), "--backend-store-uri",
                        f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-                       str(root / "mlartifacts"), "--workers", "1"], log)
+                       str(root / "mlartifacts"), "--workers", "1"], log, MLFLOW_SERVER_ENV)
         started.append(proc)
         state["pids"]["mlflow"] = proc.pid
 

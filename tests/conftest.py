@@ -218,13 +218,15 @@ class MlflowServer:
         import subprocess
         import sys
 
+        from infra import local_stack
+
         mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
         self.proc = subprocess.Popen(
             [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
              "--artifacts-destination", f"{self.root}/artifacts", "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=open(f"{self.root}/server.log", "ab"),
-            start_new_session=True)
+            start_new_session=True, env={**os.environ, **local_stack.MLFLOW_SERVER_ENV})
         _wait_http(f"{self.uri}/health", 120, self.proc)
         return self
 

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import jsonschema
+import psutil
 import pytest
 import yaml
 
@@ -177,6 +178,10 @@ def test_local_stack_starts_and_stops_cleanly(tmp_path):
                                 capture_output=True, text=True)
         assert status.returncode == 0 and status.stdout.count("running") == 3
         state = json.loads((state_dir / "state.json").read_text())
+        # The MLflow server runs no job runner: its huey consumers poll, idle, at half a core.
+        server = psutil.Process(state["pids"]["mlflow"])
+        assert not [c for p in server.children(recursive=True)
+                    if "huey" in (c := " ".join(p.cmdline()))], "MLflow's job runner started"
     finally:
         down = subprocess.run(script + ["down", "--dir", str(state_dir)], capture_output=True,
                               text=True, timeout=120)
