@@ -63,6 +63,17 @@ def submit(script: str, args: list[str], env: dict, log: Path) -> str:
     return out.stdout
 
 
+def concurrently(jobs: dict[str, tuple[str, list[str], Path]], env: dict) -> dict[str, str]:
+    """`submit` each of `jobs` (name -> script, args, log) at once and wait for all; the
+    first failure is raised once all have ended. -> each job's output, by name."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(submit, script, args, env, log)
+                   for name, (script, args, log) in jobs.items()}
+    return {name: future.result() for name, future in futures.items()}
+
+
 def main(argv=None) -> int:
     from pipeline import cli
 
@@ -99,13 +110,14 @@ def main(argv=None) -> int:
         runs = {"demo-a": "0.002", "demo-b": "0.0005"}
         step(3, total, f"pretraining two small ViTs ({pre_steps} steps each, lr "
                        f"{' vs '.join(runs.values())}) through `ray job submit`")
-        for name, lr in runs.items():
-            out = submit("jobs/pretrain.py", [
-                "--preset", "smoke", "--data", str(shards), "--name", name,
-                "--out", str(root / "runs"), "--set", f"optim.lr={lr}",
-                "--set", f"train.total_steps={pre_steps}",
-                "--set", f"checkpoint.every={pre_steps}"], env,
-                root / "logs" / f"pretrain-{name}.log")
+        # The two jobs run side by side on the head, as a team sharing a cluster would.
+        outs = concurrently({name: ("jobs/pretrain.py", [
+            "--preset", "smoke", "--data", str(shards), "--name", name,
+            "--out", str(root / "runs"), "--set", f"optim.lr={lr}",
+            "--set", f"train.total_steps={pre_steps}",
+            "--set", f"checkpoint.every={pre_steps}"], root / "logs" / f"pretrain-{name}.log")
+            for name, lr in runs.items()}, env)
+        for name, out in outs.items():
             line = next((ln for ln in out.splitlines() if "finished at step" in ln), "")
             print(f"      {name}: {line.strip()}")
 
@@ -119,15 +131,15 @@ def main(argv=None) -> int:
             if not (vtab / name / "test.txt").exists():
                 write_grating_task(vtab, BY_NAME[name], train=40, val=10, test=60,
                                    image_size=40, seed=i)
-        tables = {}
-        for name in runs:
-            submit("eval/vtab.py", [
-                "--checkpoint", str(root / "runs" / name), "--data", str(vtab),
-                "--preset", "demo", "--tasks", ",".join(DEMO_TASKS),
-                "--set", f"steps={ft_steps}",
-                "--out", str(root / "vtab"), "--name", f"vtab-{name}",
-                "--reference", "vit-l16-i21k"], env, root / "logs" / f"vtab-{name}.log")
-            tables[name] = (root / "vtab" / f"vtab-{name}" / "vtab.txt").read_text()
+        concurrently({name: ("eval/vtab.py", [
+            "--checkpoint", str(root / "runs" / name), "--data", str(vtab),
+            "--preset", "demo", "--tasks", ",".join(DEMO_TASKS),
+            "--set", f"steps={ft_steps}",
+            "--out", str(root / "vtab"), "--name", f"vtab-{name}",
+            "--reference", "vit-l16-i21k"], root / "logs" / f"vtab-{name}.log")
+            for name in runs}, env)
+        tables = {name: (root / "vtab" / f"vtab-{name}" / "vtab.txt").read_text()
+                  for name in runs}
 
         step(5, total, "VTAB-1k tables")
         for name, table in tables.items():

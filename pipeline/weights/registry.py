@@ -101,10 +101,8 @@ def load_vit(uri: str | os.PathLike, **overrides) -> ViT:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = hub_snapshot(uri) if uri.startswith(HUB_SCHEME) else storage.fetch(uri, tmp)
-        except storage.StorageError as err:
-            if "no such object" in str(err) or "nothing found" in str(err):
-                raise CheckpointError(f"checkpoint not found: {uri}") from None
-            raise
+        except storage.NotFound:
+            raise CheckpointError(f"checkpoint not found: {uri}") from None
         if not path.exists():
             raise CheckpointError(f"checkpoint not found: {uri}")
         loaded = read(path, uri)
