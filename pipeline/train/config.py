@@ -223,12 +223,6 @@ class PretrainConfig(Sectioned):
     def accumulation_steps(self) -> int:
         return self.per_worker_batch // self.micro_batch
 
-    @property
-    def vtab_every_steps(self) -> int:
-        """Steps between the checkpoints that VTAB evaluates during the run (eval.vtab_every),
-        which retention keeps; 0: none."""
-        return self.eval.vtab_every * self.checkpoint.every
-
 
 def apply_overrides(cfg: PretrainConfig, items: list[str]) -> PretrainConfig:
     """Apply `section.field=value` overrides (pipeline.config); unknown keys and wrong types
