@@ -35,7 +35,7 @@ from pipeline.config import apply_overrides
 
 log = logging.getLogger("eval.vtab")
 
-POLL_S = 5.0           # how often the watcher lists the run's checkpoints (one LIST)
+POLL_S = 2.0           # how often the watcher lists the run's checkpoints (one LIST)
 
 
 def vtab_config(cfg, checkpoint: str = "") -> VtabConfig:
@@ -118,11 +118,15 @@ def _reported(vc: VtabConfig) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def _remote_evaluate(vc: VtabConfig, mlflow: bool, tracking_uri: str) -> str:
+def _remote_evaluate(vc: VtabConfig, mlflow: bool, tracking_uri: str, log_level: str) -> str:
     """The evaluation in a Ray task on a cluster node, whose process does not inherit the
-    driver's environment: the driver's MLflow store is named here (this worker process
-    serves this job alone, so the setting cannot reach another's)."""
+    driver's environment: the driver's MLflow store and log level are set here, as the
+    command sets them (this worker process serves this job alone, so the settings cannot
+    reach another's)."""
+    from pipeline import cli
+
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    cli.configure_logging(log_level)      # also: no MLflow "View run" lines
     return evaluate_checkpoint(vc, mlflow)
 
 
@@ -187,8 +191,9 @@ class Handoff:
 
             log.info("VTAB-1k evaluation of %s queued on the cluster", uri)
             task = ray.remote(num_cpus=0, max_retries=0)(_remote_evaluate)
-            self.refs.append(task.remote(vtab_config(self.cfg, uri), self.mlflow,
-                                         tracking.default_tracking_uri()))
+            self.refs.append(task.remote(
+                vtab_config(self.cfg, uri), self.mlflow, tracking.default_tracking_uri(),
+                logging.getLevelName(log.getEffectiveLevel())))
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):
