@@ -378,8 +378,8 @@ def test_ctrl_c_during_the_handoff_evaluation_then_the_same_command_resumes(
     write_grating_task(vtab, BY_NAME["eurosat"], train=20, val=10, test=10, image_size=32)
     write_grating_task(vtab, BY_NAME["dtd"], train=20, val=10, test=400, image_size=32)
     args = ["--preset", "smoke", "--out", str(storage), "--name", name,
-            "--set", "train.total_steps=10", "--set", "probe.every=0",
-            "--set", "eval.at_end=true", "--set", f"eval.data={vtab}",
+            "--set", "train.total_steps=10", "--set", "optim.warmup_steps=2",
+            "--set", "probe.every=0", "--set", "eval.at_end=true", "--set", f"eval.data={vtab}",
             "--set", "eval.tasks=eurosat,dtd", "--set", "eval.resolution=224",
             "--set", "eval.test_images=0"]
     cmd = commands(tmp_path, mlflow_server.uri, *args)
