@@ -9,7 +9,7 @@ cluster, so its report, records, resume and MLflow runs are those of the command
 
 - `eval.at_end`: the final checkpoint, once training has returned;
 - `eval.vtab_every=N`: every N-th checkpoint the run writes, counted whatever made it
-  (`checkpoint.every` or `checkpoint.minutes`; pipeline.train.checkpoints.vtab_due), as it
+  (`checkpoint.every` or `checkpoint.minutes`; pipeline.weights.integrity.vtab_due), as it
   appears (a driver thread watches the run's folder). On a cluster (an address given) each
   goes at once to a Ray task that holds no CPU (`num_cpus=0`) and drives the Tune sweep, whose
   trials queue for the resources training leaves free: training is never blocked. On one
@@ -159,11 +159,10 @@ class Handoff:
             return []
 
     def due(self, uri: str) -> bool:
-        """Every `vtab_every`-th checkpoint the run wrote (by count, checkpoints.vtab_due),
+        """Every `vtab_every`-th checkpoint the run wrote (by count, integrity.vtab_due),
         unless its evaluation has a report already (an earlier start's). Raises OSError (and
         the like) where the checkpoint cannot be read now."""
-        from pipeline.train.checkpoints import vtab_due
-        from pipeline.weights.integrity import read_state
+        from pipeline.weights.integrity import read_state, vtab_due
 
         if not vtab_due(read_state(uri), self.cfg.eval.vtab_every):
             return False

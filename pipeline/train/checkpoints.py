@@ -70,6 +70,10 @@ from pipeline.weights.integrity import (
     read_state,
     sha256_file,
     verify,
+    vtab_due,
+)
+from pipeline.weights.integrity import (
+    checkpoint_number as checkpoint_number,  # re-exported: the loop counts with it
 )
 from pipeline.weights.integrity import first_line as _first
 
@@ -267,29 +271,6 @@ def _kept_every(run_uri: str, name: str, every: int) -> bool:
         return vtab_due(read_state(storage.join(run_uri, name)), every)
     except Exception:  # noqa: BLE001 - no readable state (half-written, damaged): not kept
         return False
-
-
-def number(doc: dict) -> int:
-    """Which checkpoint of its run this is (1: the first written), counted across the run's
-    starts, whatever made it (`checkpoint.every` or `checkpoint.minutes`). A checkpoint
-    written before the count was recorded: its step in `checkpoint.every` units, or 0 (none)
-    where the step is off that grid."""
-    if doc.get("number"):
-        return int(doc["number"])
-    config = doc.get("config") or {}
-    every = (config.get("checkpoint") or {}).get("every") or \
-        (config.get("train") or {}).get("checkpoint_every") or 0
-    step = int(doc.get("step", 0))
-    return step // every if every and step % every == 0 else 0
-
-
-def vtab_due(doc: dict, vtab_every: int) -> bool:
-    """Whether `eval.vtab_every=N` evaluates this checkpoint: every N-th one the run writes,
-    counted (`number`), not its step, so that the checkpoints `checkpoint.minutes` makes count
-    too (a run that saves by the clock alone gets evaluated), and a run's restarts or
-    retention change nothing."""
-    n = number(doc)
-    return vtab_every > 0 and n > 0 and n % vtab_every == 0
 
 
 def mark_corrupt(uri: str, reason: str) -> None:
@@ -644,7 +625,7 @@ def new_state(step: int, samples_seen: int, data_position: dict | None, config: 
               run_name: str, run_id: str | None, world_size: int, strategy: str,
               number: int = 0) -> dict:
     """The contents of train_state.json (`files` is added when the files are written).
-    `number`: which checkpoint of the run this is (see `number`; 0: not counted)."""
+    `number`: which checkpoint of the run this is (`checkpoint_number`; 0: not counted)."""
     return {"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "step": step,
             "number": number,
             "samples_seen": samples_seen, "data_position": data_position, "config": config,

@@ -121,7 +121,7 @@ class Start:
     step: int
     position: Any                       # DataPosition or None
     source: str
-    saved: int = 0                      # checkpoints the run wrote before (checkpoints.number)
+    saved: int = 0                      # checkpoints the run wrote before (checkpoint_number)
 
 
 @dataclass
@@ -215,7 +215,7 @@ def build(spec: WorkerSpec, env: WorkerEnv, group: GroupStart):
         state = checkpoints.load(point.uri, model, optimizer, cfg.model, point.describe())
         step = state["step"]
         # The count goes on from this run's own checkpoint; another run's starts a new count.
-        saved = checkpoints.number(state) if point.kind == "own" else 0
+        saved = checkpoints.checkpoint_number(state) if point.kind == "own" else 0
     # Dropout and MPP noise: a function of (seed, rank, step), so a resumed run draws what an
     # uninterrupted one would have drawn from there.
     torch.manual_seed(cfg.train.seed + 1000 * env.rank + step)

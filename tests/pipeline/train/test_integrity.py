@@ -146,9 +146,10 @@ def test_checkpoints_written_before_the_count_are_counted_by_step():
     """train_state.json without `number` (an earlier release): the step in checkpoint.every
     units, as the rule was; a step off that grid (a checkpoint.minutes one) is never due."""
     state = {"step": 100, "config": {"checkpoint": {"every": 50}}}
-    assert checkpoints.number(state) == 2 and checkpoints.vtab_due(state, 2)
+    assert checkpoints.checkpoint_number(state) == 2 and checkpoints.vtab_due(state, 2)
     assert not checkpoints.vtab_due({**state, "step": 120}, 2)
-    assert checkpoints.number({"step": 40, "config": {"train": {"checkpoint_every": 20}}}) == 2
+    legacy = {"step": 40, "config": {"train": {"checkpoint_every": 20}}}
+    assert checkpoints.checkpoint_number(legacy) == 2
     assert checkpoints.vtab_due({**state, "number": 3}, 3)
     assert not checkpoints.vtab_due(state, 0)
 
