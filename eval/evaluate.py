@@ -80,7 +80,9 @@ def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None 
         outcome = run(cfg, pretrained)
     except BaseException as err:
         if parent:
-            interrupted = isinstance(err, interrupt.Interrupted) or interrupt.received()
+            # KeyboardInterrupt: a Ray task's cancellation (eval/handoff.py on a cluster).
+            interrupted = isinstance(err, (interrupt.Interrupted, KeyboardInterrupt)) or \
+                interrupt.received()
             tracking.finish_run(tracking_uri, parent, "KILLED" if interrupted else "FAILED")
         if interrupt.received() and not address and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()           # the local Ray this command started goes with it

@@ -8,14 +8,19 @@ Each evaluation is `vit-vtab`'s own code path, `eval.evaluate.evaluate`, on the 
 cluster, so its report, records, resume and MLflow runs are those of the command:
 
 - `eval.at_end`: the final checkpoint, once training has returned;
-- `eval.vtab_every=N`: every N-th checkpoint as it appears (a driver thread watches the run's
-  folder). On a cluster (an address given) each goes at once to a Ray task that holds no CPU
-  (`num_cpus=0`) and drives the Tune sweep, whose trials queue for the resources training
-  leaves free: training is never blocked. On one machine (a local Ray that cannot grow) the
-  trials would only compete with the training workers, so they run after training, in order.
+- `eval.vtab_every=N`: every N-th checkpoint the run writes, counted whatever made it
+  (`checkpoint.every` or `checkpoint.minutes`; pipeline.weights.integrity.vtab_due), as it
+  appears (a driver thread watches the run's folder). On a cluster (an address given) each
+  goes at once to a Ray task that holds no CPU (`num_cpus=0`) and drives the Tune sweep, whose
+  trials queue for the resources training leaves free: training is never blocked. On one
+  machine (a local Ray that cannot grow) the trials would only compete with the training
+  workers, so they run after training, in order.
 
+A due checkpoint whose evaluation has no report yet (an earlier start was stopped during it)
+is evaluated again by the next start, which resumes its finished trials (vit-vtab's records).
 An evaluation that fails is reported in one line; the command's exit code stays training's.
-Ctrl-C stops both (the Ray tasks belong to the driver's job and end with it).
+Ctrl-C stops both: on one machine as it stops `vit-vtab` (the runs KILLED, the finished
+trials kept); on a cluster the waiting driver cancels its evaluation tasks.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pipeline.config import apply_overrides
 
 log = logging.getLogger("eval.vtab")
 
-POLL_S = 10.0          # how often the watcher lists the run's checkpoints
+POLL_S = 2.0           # how often the watcher lists the run's checkpoints (one LIST)
 
 
 def vtab_config(cfg, checkpoint: str = "") -> VtabConfig:
@@ -77,22 +82,26 @@ def check(cfg) -> VtabConfig | None:
     return vc
 
 
-def evaluate_checkpoint(cfg, checkpoint: str, mlflow: bool) -> str:
-    """Run the evaluation here (the driver); -> one line saying how it went. Interrupts pass
+def evaluate_checkpoint(vc: VtabConfig, mlflow: bool) -> str:
+    """Run the evaluation `vc` here; -> one line saying how it went. Interrupts pass
     through; any other failure becomes the line."""
     from eval.evaluate import evaluate
 
     try:
-        doc, where = evaluate(vtab_config(cfg, checkpoint), mlflow=mlflow)
+        doc, where = evaluate(vc, mlflow=mlflow)
     except Exception as err:  # noqa: BLE001 - training's result stands; say why in one line
         from pipeline import interrupt
 
         if interrupt.received():
             raise interrupt.Interrupted(interrupt.received()) from None
-        lines = [ln for ln in str(err).splitlines() if ln.strip()]
-        return (f"warning: VTAB evaluation of {checkpoint} failed: "
-                f"{lines[-1] if lines else type(err).__name__}")
-    return _done_line(checkpoint, doc, where)
+        return _failed_line(vc.run.checkpoint, err)
+    return _done_line(vc.run.checkpoint, doc, where)
+
+
+def _failed_line(checkpoint: str, err: BaseException) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return (f"warning: VTAB evaluation of {checkpoint} failed: "
+            f"{lines[-1] if lines else type(err).__name__}")
 
 
 def _done_line(checkpoint: str, doc: dict, where: list[str]) -> str:
@@ -101,8 +110,24 @@ def _done_line(checkpoint: str, doc: dict, where: list[str]) -> str:
             f"{where[0]}")
 
 
-def _remote_evaluate(cfg, checkpoint: str, mlflow: bool) -> str:
-    return evaluate_checkpoint(cfg, checkpoint, mlflow)
+def _reported(vc: VtabConfig) -> bool:
+    """The evaluation has finished: its report is written (eval/report.py, last)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem(storage.join(vc.root, "vtab.json"))
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _remote_evaluate(vc: VtabConfig, mlflow: bool, tracking_uri: str, log_level: str) -> str:
+    """The evaluation in a Ray task on a cluster node, whose process does not inherit the
+    driver's environment: the driver's MLflow store and log level are set here, as the
+    command sets them (this worker process serves this job alone, so the settings cannot
+    reach another's)."""
+    from pipeline import cli
+
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    cli.configure_logging(log_level)      # also: no MLflow "View run" lines
+    return evaluate_checkpoint(vc, mlflow)
 
 
 class Handoff:
@@ -121,7 +146,6 @@ class Handoff:
     def start(self) -> None:
         if not self.cfg.eval.vtab_every:
             return
-        self._seen = set(self._checkpoints())    # an earlier start's: evaluated by it
         self._thread = threading.Thread(target=self._watch, name="vtab-handoff", daemon=True)
         self._thread.start()
 
@@ -135,16 +159,26 @@ class Handoff:
             return []
 
     def due(self, uri: str) -> bool:
-        """Every `vtab_every`-th checkpoint by step (`checkpoint.every` steps apart)."""
-        step = int(uri.rstrip("/").rsplit("_", 1)[-1])
-        return step > 0 and step % (self.cfg.eval.vtab_every * self.cfg.checkpoint.every) == 0
+        """Every `vtab_every`-th checkpoint the run wrote (by count, integrity.vtab_due),
+        unless its evaluation has a report already (an earlier start's). Raises OSError (and
+        the like) where the checkpoint cannot be read now."""
+        from pipeline.weights.integrity import read_state, vtab_due
+
+        if not vtab_due(read_state(uri), self.cfg.eval.vtab_every):
+            return False
+        return not _reported(vtab_config(self.cfg, uri))
 
     def _poll(self) -> None:
         for uri in reversed(self._checkpoints()):        # oldest first
             if uri in self._seen:
                 continue
+            try:
+                due = self.due(uri)
+            except Exception as err:  # noqa: BLE001 - gone (retention) or a hiccup: next poll
+                log.debug("reading %s: %s", uri, err)
+                continue
             self._seen.add(uri)
-            if self.due(uri):
+            if due:
                 self._queue(uri)
 
     def _queue(self, uri: str) -> None:
@@ -152,9 +186,13 @@ class Handoff:
         if self.on_cluster:
             import ray
 
+            from pipeline import tracking
+
             log.info("VTAB-1k evaluation of %s queued on the cluster", uri)
             task = ray.remote(num_cpus=0, max_retries=0)(_remote_evaluate)
-            self.refs.append(task.remote(self.cfg, uri, self.mlflow))
+            self.refs.append(task.remote(
+                vtab_config(self.cfg, uri), self.mlflow, tracking.default_tracking_uri(),
+                logging.getLevelName(log.getEffectiveLevel())))
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):
@@ -163,24 +201,40 @@ class Handoff:
     def finish(self, final: str | None) -> list[str]:
         """After training: the checkpoints not yet seen, then the final one (`at_end`); waits
         for every evaluation. -> one line per evaluation."""
-        import ray
-
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._poll()
-        lines = []
-        for uri, ref in zip(self.queued, self.refs, strict=False):
-            try:
-                lines.append(ray.get(ref))
-            except ray.exceptions.RayError as err:
-                last = [ln for ln in str(err).splitlines() if ln.strip()]
-                lines.append(f"warning: VTAB evaluation of {uri} failed: "
-                             f"{last[-1] if last else type(err).__name__}")
+        lines = self._wait() if self.refs else []
         todo = [] if self.on_cluster else list(self.queued)
         if self.cfg.eval.at_end and final and final not in self.queued:
             todo.append(final)
         for uri in todo:
             log.info("VTAB-1k evaluation of %s", uri)
-            lines.append(evaluate_checkpoint(self.cfg, uri, self.mlflow))
+            lines.append(evaluate_checkpoint(vtab_config(self.cfg, uri), self.mlflow))
+        return lines
+
+    def _wait(self) -> list[str]:
+        """The cluster's evaluations, in order. Ctrl-C cancels them (KeyboardInterrupt in
+        each task: its runs are marked KILLED, its finished trials kept) and raises
+        Interrupted once they have ended."""
+        import ray
+
+        from pipeline import interrupt
+
+        def cancel():
+            for ref in self.refs:
+                ray.cancel(ref)
+
+        lines = []
+        # Deferred: a signal inside ray.get (C++) would come back mangled (see interrupt).
+        with interrupt.deferred(cancel):
+            for uri, ref in zip(self.queued, self.refs, strict=False):
+                try:
+                    lines.append(ray.get(ref))
+                except ray.exceptions.RayError as err:
+                    lines.append(_failed_line(uri, err))
+        if interrupt.received():
+            raise interrupt.Interrupted(interrupt.received(), "evaluations stopped; the same "
+                                        "command resumes them")
         return lines

@@ -22,7 +22,7 @@ Any resolved value can be changed with --set section.field=value (sections: mode
 data, train, scale, run, checkpoint, probe, eval; `model.variant=L/16` sets all model sizes).
 `--set eval.at_end=true --set eval.data=ROOT` also evaluates the final checkpoint on VTAB-1k
 (`eval.protocol=linear`, the fast probe, by default; `eval.vtab_every=N`: every N-th
-checkpoint too), on the same Ray cluster: see eval/handoff.py.
+checkpoint written too, by count), on the same Ray cluster: see eval/handoff.py.
 `--show-config` prints the resolved configuration and exits; `--config FILE` starts from
 such a file (the config.json every MLflow run keeps) instead of a preset.
 """

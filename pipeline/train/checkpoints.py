@@ -70,6 +70,10 @@ from pipeline.weights.integrity import (
     read_state,
     sha256_file,
     verify,
+    vtab_due,
+)
+from pipeline.weights.integrity import (
+    checkpoint_number as checkpoint_number,  # re-exported: the loop counts with it
 )
 from pipeline.weights.integrity import first_line as _first
 
@@ -233,9 +237,9 @@ def latest(run_uri: str) -> str | None:
 
 def prune(run_uri: str, keep: int, keep_every: int = 0) -> list[str]:
     """Retention: keep the `keep` newest complete checkpoints and whatever is newer than the
-    oldest of them (uploads in flight), and every checkpoint whose step is a multiple of
-    `keep_every` (those VTAB evaluates: eval.vtab_every); delete every other older step
-    folder, complete or not (stale ones of earlier starts, half-written ones, damaged ones).
+    oldest of them (uploads in flight), and every `keep_every`-th checkpoint (those VTAB
+    evaluates: eval.vtab_every, `vtab_due`); delete every other older step folder, complete
+    or not (stale ones of earlier starts, half-written ones, damaged ones).
     Ray Train's own `num_to_keep` only deletes the checkpoints its current controller
     registered, so older ones accumulated across starts. -> the folders deleted."""
     kept = []
@@ -251,7 +255,7 @@ def prune(run_uri: str, keep: int, keep_every: int = 0) -> list[str]:
     oldest = kept[-1].rstrip("/").rsplit("/", 1)[-1]
     stale = [i.path for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
              if i.type == pafs.FileType.Directory and i.base_name.startswith("step_")
-             and i.base_name < oldest and not _kept_every(i.base_name, keep_every)]
+             and i.base_name < oldest and not _kept_every(run_uri, i.base_name, keep_every)]
     for path in stale:
         try:
             fs.delete_dir(path)
@@ -260,10 +264,12 @@ def prune(run_uri: str, keep: int, keep_every: int = 0) -> list[str]:
     return stale
 
 
-def _kept_every(name: str, every: int) -> bool:
+def _kept_every(run_uri: str, name: str, every: int) -> bool:
+    if every <= 0:
+        return False
     try:
-        return every > 0 and int(name[len("step_"):]) % every == 0
-    except ValueError:
+        return vtab_due(read_state(storage.join(run_uri, name)), every)
+    except Exception:  # noqa: BLE001 - no readable state (half-written, damaged): not kept
         return False
 
 
@@ -616,9 +622,12 @@ def write_rank_checksums(directory: Path, rank: int) -> None:
 
 
 def new_state(step: int, samples_seen: int, data_position: dict | None, config: dict,
-              run_name: str, run_id: str | None, world_size: int, strategy: str) -> dict:
-    """The contents of train_state.json (`files` is added when the files are written)."""
+              run_name: str, run_id: str | None, world_size: int, strategy: str,
+              number: int = 0) -> dict:
+    """The contents of train_state.json (`files` is added when the files are written).
+    `number`: which checkpoint of the run this is (`checkpoint_number`; 0: not counted)."""
     return {"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "step": step,
+            "number": number,
             "samples_seen": samples_seen, "data_position": data_position, "config": config,
             "run_name": run_name, "run_id": run_id, "world_size": world_size,
             "strategy": strategy}

@@ -139,7 +139,7 @@ class EvalConfig:
     package never imports eval); the names below are checked there, before Ray starts."""
 
     at_end: bool = False
-    vtab_every: int = 0                 # every N-th checkpoint too; 0: none
+    vtab_every: int = 0                 # every N-th checkpoint written too (by count); 0: none
     protocol: str = "linear"            # a vit-vtab preset: linear (fast), vit, per-task, ...
     tasks: tuple[str, ...] = ("all",)   # task names or groups, as vit-vtab --tasks
     data: str = ""                      # the VTAB-1k root; "": $VTAB_DATA or ~/vtab-1k
@@ -222,12 +222,6 @@ class PretrainConfig(Sectioned):
     @property
     def accumulation_steps(self) -> int:
         return self.per_worker_batch // self.micro_batch
-
-    @property
-    def vtab_every_steps(self) -> int:
-        """Steps between the checkpoints that VTAB evaluates during the run (eval.vtab_every),
-        which retention keeps; 0: none."""
-        return self.eval.vtab_every * self.checkpoint.every
 
 
 def apply_overrides(cfg: PretrainConfig, items: list[str]) -> PretrainConfig:

@@ -16,8 +16,9 @@ As big_vision does it:
   (`fewshot/<set>/<k>shot/seed<i>`, as big_vision logs `<set>_<k>shot-seed-<i>`), and their
   mean (`fewshot/<set>/<k>shot`);
 - k in (1, 5, 10, 25), `configs/common_fewshot.py`'s `shots`.
-We solve the normal equations (primal or dual, whichever is smaller) in float64 where
-big_vision goes through an eigendecomposition; the test compares the two.
+The solve is big_vision's eigendecomposition of the smaller Gram matrix, in float64
+(`pipeline.ridge.Ridge`, shared with VTAB-1k's `linear` protocol); the tests compare it with a
+transcription of big_vision's.
 
 Where big_vision holds the representations of a set's whole train split, the probe holds
 images (it recomputes their features at every probe) and so bounds them: the training pool is
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from pipeline.data.transforms import to_model_input
+from pipeline.ridge import Ridge
 
 if TYPE_CHECKING:
     from pipeline.train.config import PretrainConfig
@@ -53,30 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.train")
 
-BIAS_CONSTANT = 100.0
 L2_REG = 2.0**10
 SEEDS = 3
-
-
-def lsr_predict(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
-                num_classes: int, l2: float = L2_REG) -> torch.Tensor:
-    """Class predictions for `x_test` from the least-squares probe fit on (x_train, y_train)."""
-    x = x_train.double()
-    mean = x.mean(0, keepdim=True)
-    std = x.std(0, unbiased=False, keepdim=True) + 1e-5
-
-    def prepare(f: torch.Tensor) -> torch.Tensor:
-        f = (f.double() - mean) / std
-        return torch.cat([f, torch.full((len(f), 1), BIAS_CONSTANT, dtype=f.dtype)], 1)
-
-    x, xt = prepare(x_train), prepare(x_test)
-    y = 2.0 * torch.nn.functional.one_hot(y_train.long(), num_classes).double() - 1.0
-    n, d = x.shape
-    if n >= d:      # (x^T x + l2 I)^-1 x^T y
-        w = torch.linalg.solve(x.T @ x + l2 * torch.eye(d, dtype=x.dtype), x.T @ y)
-    else:           # x^T (x x^T + l2 I)^-1 y: the same map, through the smaller system
-        w = x.T @ torch.linalg.solve(x @ x.T + l2 * torch.eye(n, dtype=x.dtype), y)
-    return (xt @ w).argmax(1)
 
 
 def shot_indices(labels: np.ndarray, num_classes: int, shots: int, seed: int) -> np.ndarray:
@@ -105,8 +85,8 @@ def seed_accuracy(train_feats: torch.Tensor, train_labels: np.ndarray, test_feat
                   l2: float = L2_REG) -> float:
     """Top-1 of one draw (`shot_indices` with `seed`)."""
     idx = shot_indices(np.asarray(train_labels), num_classes, shots, seed)
-    pred = lsr_predict(train_feats[idx], torch.from_numpy(np.asarray(train_labels)[idx]),
-                       test_feats, num_classes, l2)
+    pred = Ridge(train_feats[idx], np.asarray(train_labels)[idx], num_classes).predict(
+        test_feats, l2)
     return float((pred.numpy() == np.asarray(test_labels)).mean())
 
 

@@ -121,6 +121,7 @@ class Start:
     step: int
     position: Any                       # DataPosition or None
     source: str
+    saved: int = 0                      # checkpoints the run wrote before (checkpoint_number)
 
 
 @dataclass
@@ -209,14 +210,17 @@ def build(spec: WorkerSpec, env: WorkerEnv, group: GroupStart):
     model = parallel.wrap(module, module.vit.shard_units(), env.strategy, env.device, env.amp,
                           cfg.train.shard_group_size)
     optimizer = make_optimizer(model, decay, cfg, env.device)
-    step = 0
+    step = saved = 0
     if point.kind in ("own", "resume"):
-        step = checkpoints.load(point.uri, model, optimizer, cfg.model, point.describe())["step"]
+        state = checkpoints.load(point.uri, model, optimizer, cfg.model, point.describe())
+        step = state["step"]
+        # The count goes on from this run's own checkpoint; another run's starts a new count.
+        saved = checkpoints.checkpoint_number(state) if point.kind == "own" else 0
     # Dropout and MPP noise: a function of (seed, rank, step), so a resumed run draws what an
     # uninterrupted one would have drawn from there.
     torch.manual_seed(cfg.train.seed + 1000 * env.rank + step)
     np.random.seed((cfg.train.seed + 1000 * env.rank + step) % 2**32)
-    return model, optimizer, Start(step, group.position, point.describe())
+    return model, optimizer, Start(step, group.position, point.describe(), saved)
 
 
 def open_tracker(spec: WorkerSpec, env: WorkerEnv, start: Start):
@@ -330,13 +334,15 @@ class Progress:
     consumed: list = field(default_factory=list)      # (epoch, shard, index) since last save
     last_save: float = field(default_factory=time.monotonic)
     start_step: int = 0                 # where this (re)start began, and when: the pace
+    saved: int = 0                      # checkpoints the run has written, all starts
     started: float = field(default_factory=time.monotonic)
 
 
 def train(w: Worker, start: Start, batches) -> None:
     """Train from `start` to `train.total_steps`."""
     total = w.cfg.train.total_steps
-    progress = Progress(start.step, start.position, Meter(w.env.device), start_step=start.step)
+    progress = Progress(start.step, start.position, Meter(w.env.device), start_step=start.step,
+                        saved=start.saved)
     trace = _trace_file(w.cfg, w.env, start.step)
     if progress.step >= total and w.env.rank == 0:
         log.info("already at step %d of %d: nothing to train (raise train.total_steps to "
@@ -462,13 +468,14 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
     run 90% of its throughput. Metrics go to MLflow from rank 0 instead."""
     cfg, env = w.cfg, w.env
     position = _advance(w, progress)
+    progress.saved += 1
     doc = checkpoints.new_state(
         step=progress.step, samples_seen=progress.step * cfg.train.global_batch_size,
         data_position=position.to_dict() if position is not None else None,
         config=cfg.to_dict(), run_name=cfg.run.name, run_id=w.spec.run_id,
-        world_size=env.world, strategy=env.strategy)
+        world_size=env.world, strategy=env.strategy, number=progress.saved)
     if env.rank == 0:      # retention, before this save: the earlier ones are done or in flight
-        checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep, cfg.vtab_every_steps)
+        checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep, cfg.eval.vtab_every)
     w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics)
     progress.last_save = time.monotonic()
     if w.tracker is not None:

@@ -320,7 +320,7 @@ def _train(cfg: PretrainConfig, run_uri: str, root: str, resume: str | None, ini
         raise
     if interrupt.received():
         raise _stopped(cfg, run_uri)
-    checkpoints.prune(run_uri, cfg.checkpoint.keep, cfg.vtab_every_steps)
+    checkpoints.prune(run_uri, cfg.checkpoint.keep, cfg.eval.vtab_every)
     uri = checkpoints.latest(run_uri) or ""
     step = checkpoints.read_state(uri)["step"] if uri else 0
     if run_id:

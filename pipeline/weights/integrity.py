@@ -232,3 +232,26 @@ def read_dcp_metadata(uri: str):
         raise pickle.UnpicklingError(f"{METADATA_FILE} is not DCP metadata of this pipeline's "
                                      f"shape (shard files inside {STATE_DIR}/)")
     return metadata
+
+
+def checkpoint_number(doc: dict) -> int:
+    """Which checkpoint of its run this is (1: the first written), counted across the run's
+    starts, whatever made it (`checkpoint.every` or `checkpoint.minutes`). A checkpoint
+    written before the count was recorded: its step in `checkpoint.every` units, or 0 (none)
+    where the step is off that grid."""
+    if doc.get("number"):
+        return int(doc["number"])
+    config = doc.get("config") or {}
+    every = (config.get("checkpoint") or {}).get("every") or \
+        (config.get("train") or {}).get("checkpoint_every") or 0
+    step = int(doc.get("step", 0))
+    return step // every if every and step % every == 0 else 0
+
+
+def vtab_due(doc: dict, vtab_every: int) -> bool:
+    """Whether `eval.vtab_every=N` evaluates this checkpoint: every N-th one the run writes,
+    counted (`checkpoint_number`), not its step, so that the checkpoints `checkpoint.minutes`
+    makes count too (a run that saves by the clock alone gets evaluated), and a run's restarts or
+    retention change nothing."""
+    n = checkpoint_number(doc)
+    return vtab_every > 0 and n > 0 and n % vtab_every == 0

@@ -91,16 +91,3 @@ def test_the_linear_preset_names_its_protocol():
     assert cfg.sweep.protocol == "linear" and cfg.sweep.test_images == 2000
     assert any("linear probe" in line for line in choices(cfg))
 
-
-def test_the_sweep_solve_is_the_training_probes_map():
-    """One eigendecomposition for all L2s gives the map of pipeline.train.fewshot's direct
-    solve (big_vision's fewshot_lsr), on both sides of n = d (primal and dual)."""
-    from eval.linear import Ridge
-    from pipeline.train.fewshot import lsr_predict
-
-    for n, d in ((60, 8), (20, 40)):
-        x, y = clusters(n, 4, d, seed=5, spread=2.0)
-        xs, _ = clusters(300, 4, d, seed=6, spread=2.0)
-        ridge = Ridge(x, y, 4)
-        for l2 in (2.0 ** -4, 1.0, 2.0 ** 10):
-            assert torch.equal(ridge.predict(xs, l2), lsr_predict(x, torch.tensor(y), xs, 4, l2))

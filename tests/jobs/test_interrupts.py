@@ -361,3 +361,64 @@ def test_sigterm_mid_upload_leaves_the_newest_checkpoint_complete_or_ignored(
         assert newest.rsplit("/", 1)[-1] not in half
         assert checkpoints.verify(newest) is None
     assert cmd.leftovers() == []
+
+
+def test_ctrl_c_during_the_handoff_evaluation_then_the_same_command_resumes(
+        tmp_path, mlflow_server, commands):
+    """vit-pretrain with eval.at_end on one machine: SIGINT while the final checkpoint's VTAB
+    evaluation runs (one task's trial finished, the other's still running). Training's run
+    stays FINISHED and its checkpoint complete; the evaluation's runs are KILLED; one line,
+    exit 130, no process left. The same command then trains nothing and resumes the
+    evaluation, keeping the finished trial."""
+    from eval.data import write_grating_task
+    from eval.tasks import BY_NAME
+
+    vtab, storage, name = tmp_path / "vtab", tmp_path / "runs", "handed"
+    # eurosat: 40 images, done in a second; dtd: 400 test images at 224 px, seconds more.
+    write_grating_task(vtab, BY_NAME["eurosat"], train=20, val=10, test=10, image_size=32)
+    write_grating_task(vtab, BY_NAME["dtd"], train=20, val=10, test=400, image_size=32)
+    args = ["--preset", "smoke", "--out", str(storage), "--name", name,
+            "--set", "train.total_steps=10", "--set", "optim.warmup_steps=2",
+            "--set", "probe.every=0", "--set", "eval.at_end=true", "--set", f"eval.data={vtab}",
+            "--set", "eval.tasks=eurosat,dtd", "--set", "eval.resolution=224",
+            "--set", "eval.test_images=0"]
+    cmd = commands(tmp_path, mlflow_server.uri, *args)
+
+    def trials_finished() -> int:
+        records = list((storage / "vtab").glob("*/final_trials.json"))
+        return len(json.loads(records[0].read_text())["trials"]) if records else 0
+
+    wait_for(lambda: trials_finished() >= 1, 300, "a finished VTAB trial", cmd)
+    sent = cmd.signal(signal.SIGINT)
+    rc = cmd.wait(60)
+    out = cmd.output()
+    assert rc == 130, out[-3000:]
+    assert time.monotonic() - sent < 30
+    line = last_line(out)
+    assert line.startswith("interrupted by SIGINT: evaluation stopped; 1 final trial(s) "
+                           "finished are kept"), line
+    assert not own_traceback(out) and "KeyboardInterrupt" not in out
+    assert f"Pretraining run '{name}' finished at step 10" in out
+    from pipeline.train import checkpoints
+
+    assert checkpoints.verify(str(storage / name / "step_00000010")) is None
+    client, runs = runs_of(mlflow_server.uri, name)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+    def vtab_runs():
+        exp = client.get_experiment_by_name("vtab")
+        return client.search_runs([exp.experiment_id],
+                                  f"tags.checkpoint = '{storage / name / 'step_00000010'}'")
+
+    assert [r.info.status for r in vtab_runs()] == ["KILLED"]
+    assert cmd.leftovers() == []
+
+    again = commands(tmp_path, mlflow_server.uri, *args)
+    assert again.wait(300) == 0, again.output()[-3000:]
+    out = again.output()
+    assert "final: resuming from " in out and "(1 of 2 trials finished are kept)" in out, \
+        out[-3000:]
+    assert "VTAB-1k (linear) of " in out and "warning:" not in out
+    assert {r.info.status for r in vtab_runs()} == {"FINISHED"}
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "vtab/mean")]
+    assert steps == [10]

@@ -83,22 +83,34 @@ def test_smoke_pretraining_evaluates_its_final_checkpoint(tmp_path, vtab_data):
     assert "VTAB-1k (linear) of" in out.stdout and "warning:" not in out.stderr
 
 
-def test_every_nth_checkpoint_is_queued_once_and_earlier_starts_are_left_alone(tmp_path):
-    """eval.vtab_every=2 with checkpoint.every=10: steps 20 and 40 are due, 10 and 30 not;
-    a checkpoint of an earlier start (here step 20 before `start`) is not evaluated again.
-    On one machine the queue waits for the end of training (no Ray here)."""
-    from eval.handoff import Handoff
+def test_every_nth_checkpoint_by_count_is_queued_once_unless_already_reported(tmp_path):
+    """eval.vtab_every=2: the 2nd, 4th, 6th checkpoint the run wrote, whatever made it (steps
+    17 and 36 here by checkpoint.minutes). Of an earlier start's (before the first poll): the
+    one without a report (a start stopped during its evaluation) is queued, the reported one
+    not. Each once. On one machine the queue waits for the end of training (no Ray here)."""
+    from eval.handoff import Handoff, vtab_config
+    from pipeline.train import checkpoints
     from pipeline.train.config import apply_overrides, smoke
-    from tests.security import corpus
+    from tests.pipeline.train.test_units import _write, tiny_run
 
-    run = tmp_path / "runs" / "r"
-    cfg = apply_overrides(smoke(), ["eval.vtab_every=2", "checkpoint.every=10"])
-    corpus.write_good_checkpoint(run / "step_00000020", step=20, total_steps=50)
+    runs = tmp_path / "runs"
+    cfg = apply_overrides(smoke(), ["eval.vtab_every=2", f"run.storage={runs}",
+                                    f"eval.data={tmp_path / 'vtab'}"])
+    run = runs / "r"
+    tiny, model, opt = tiny_run()
+
+    def write(*numbered):
+        for number, step in numbered:
+            _write(run / checkpoints.dir_name(step), tiny, model, opt, step, number=number)
+
+    write((1, 10), (2, 17), (4, 30))          # (the 3rd is gone: retention)
+    report = Path(vtab_config(cfg, str(run / "step_00000030")).root) / "vtab.json"
+    report.parent.mkdir(parents=True)
+    report.write_text("{}")
     hand = Handoff(cfg, str(run), on_cluster=False, mlflow=False)
-    hand._seen = set(hand._checkpoints())        # what start() records, without its thread
-    for step in (10, 30, 40):
-        corpus.write_good_checkpoint(run / f"step_{step:08d}", step=step, total_steps=50)
+    hand._poll()
+    write((5, 36), (6, 40))
     hand._poll()
     hand._poll()
-    assert [u.rsplit("/", 1)[-1] for u in hand.queued] == ["step_00000040"]
+    assert [u.rsplit("/", 1)[-1] for u in hand.queued] == ["step_00000017", "step_00000040"]
     assert hand.refs == []

@@ -1,6 +1,7 @@
 """`ray job submit -- python jobs/pretrain.py` against a `ray start --head` that the test
-starts (and stops, with all its processes), logging to a real MLflow server; and a run over
-two nodes of `ray.cluster_utils.Cluster`."""
+starts (and stops, with all its processes), logging to a real MLflow server, handing its
+checkpoints to VTAB-1k on the cluster while it trains; and a run over two nodes of
+`ray.cluster_utils.Cluster`."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 OURS = re.compile(r"^(\(RayTrainWorker pid=\d+\) (start at step|step \d+/\d+ )|"
-                  r"resolved config|  |\S+ \S+ (INFO|WARNING) pipeline\.|"
-                  r"Pretraining run '|$)")
+                  r"resolved config|  |\S+ \S+ (INFO|WARNING) (pipeline|eval)\.|"
+                  r"Pretraining run '|VTAB-1k \(linear\) of |$)")
+EVALUATION = re.compile(r"^\(_remote_evaluate pid=\d+\) ")
 # Lines Ray prints once a job: the job manager's two, the token-authentication notice, and
 # a C++ error-level note from Ray Train's controller about its preemption watcher.
 RAY_BANNERS = ("Runtime env is setting up", "Running entrypoint for job",
@@ -38,25 +40,39 @@ def lines_by_source(text: str) -> dict[str, list[str]]:
     end = next(i for i, ln in enumerate(lines) if i > start and "SUCC cli.py" in ln)
     sources = {"ours": [], "ray banner": [], "other": []}
     for line in lines[start + 1:end]:
+        own = EVALUATION.sub("", line)     # the handoff's Ray task says what vit-vtab would
         kind = ("ray banner" if any(b in line for b in RAY_BANNERS) else
-                "ours" if OURS.match(line) else "other")
+                "ours" if OURS.match(own) else "other")
         sources[kind].append(line)
     return sources
 
 
 def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
+    """Also the handoff on a cluster (eval.vtab_every=1, the `linear` protocol on one tiny
+    task): the step-80 checkpoint goes to a Ray task that evaluates it while training goes on
+    to step 150 (the VTAB run starts before the pretraining run ends), then the final one;
+    both results land in the pretraining run at their steps."""
+    from eval.data import write_grating_task
+    from eval.tasks import BY_NAME
+
     address, env = ray_head
+    write_grating_task(tmp_path / "vtab", BY_NAME["eurosat"], train=20, val=10, test=10,
+                       image_size=32)
     runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri,
                                            "RAY_AUTH_MODE": "token"}})
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--runtime-env-json", runtime_env, "--", sys.executable, "jobs/pretrain.py",
            "--preset", "smoke", "--name", "submitted", "--out", str(tmp_path / "runs"),
-           "--workers", "2", "--set", "train.total_steps=40"]
+           "--workers", "2", "--set", "train.total_steps=150", "--set", "checkpoint.every=80",
+           "--set", "eval.vtab_every=1", "--set", "eval.at_end=true",
+           "--set", f"eval.data={tmp_path / 'vtab'}", "--set", "eval.tasks=eurosat",
+           "--set", "eval.resolution=32", "--set", "eval.test_images=10"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
-    assert "Pretraining run 'submitted' finished at step 40" in log
-    assert f"checkpoint: {tmp_path / 'runs' / 'submitted' / 'step_00000040'}" in log
+    assert "Pretraining run 'submitted' finished at step 150" in log
+    final = tmp_path / "runs" / "submitted" / "step_00000150"
+    assert f"checkpoint: {final}" in log
     # A job log is no terminal: no progress bars, from the driver or from the Train
     # controller, where the dataset is built and its bars would start.
     assert "row/s]" not in log and "Tasks: " not in log, log[-3000:]
@@ -73,7 +89,7 @@ def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.total_steps"] == "40"
+    assert run.data.params["train.total_steps"] == "150"
     assert run.data.params["scale.num_workers"] == "2"
     assert run.data.params["model.hidden_size"] == "64"
     for key in ("train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec",
@@ -82,6 +98,21 @@ def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
     assert run.data.params["images_per_step"] == "64"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "checkpoint_uri.txt"} <= artifacts
+
+    # The handoff: both checkpoints evaluated, each in its line and at its step in the
+    # pretraining run; the step-80 evaluation started while training still ran.
+    evaluated = [ln for ln in log.splitlines() if ln.startswith("VTAB-1k (linear) of ")]
+    assert [ln.split(":")[0].rsplit("/", 1)[-1] for ln in evaluated] == [
+        "step_00000080", "step_00000150"], log[-3000:]
+    assert "warning:" not in log
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "vtab/mean"))
+    assert steps == [80, 150], steps
+    vtab = client.search_runs([client.get_experiment_by_name("vtab").experiment_id],
+                              f"tags.checkpoint = '{final.parent / 'step_00000080'}'")
+    assert len(vtab) == 1 and vtab[0].info.status == "FINISHED"
+    assert vtab[0].info.start_time < run.info.end_time, (
+        f"the evaluation started {vtab[0].info.start_time - run.info.end_time} ms after "
+        f"training ended")
 
 
 def test_two_nodes(tmp_path):

@@ -126,22 +126,32 @@ def test_retention_keeps_exactly_the_newest_complete_ones(tmp_path):
 
 
 def test_retention_keeps_the_checkpoints_vtab_evaluates(tmp_path):
-    """eval.vtab_every=2 with checkpoint.every=10: the steps-20 and -40 checkpoints wait for
-    their evaluation (after training, on one machine), whatever checkpoint.keep says."""
-    from pipeline.train.config import apply_overrides, smoke
-
+    """eval.vtab_every=2: every second checkpoint the run wrote, counted whatever made it
+    (here steps 17 and 26 by checkpoint.minutes), waits for its evaluation (after training,
+    on one machine), whatever checkpoint.keep says."""
     cfg, model, opt = tiny_run()
     run = tmp_path / "run"
-    for step in (10, 20, 30, 40, 50, 60):
-        _write(run / checkpoints.dir_name(step), cfg, model, opt, step)
-    every = apply_overrides(smoke(), ["eval.vtab_every=2", "checkpoint.every=10"])
-    assert every.vtab_every_steps == 20
-    deleted = checkpoints.prune(str(run), keep=1, keep_every=every.vtab_every_steps)
+    for number, step in enumerate((10, 17, 20, 26, 30, 40), start=1):
+        _write(run / checkpoints.dir_name(step), cfg, model, opt, step, number=number)
+    (run / "step_00000035" / "state").mkdir(parents=True)        # half-written: no state
+    deleted = checkpoints.prune(str(run), keep=1, keep_every=2)
     assert sorted(p.name for p in run.iterdir()) == [
-        "step_00000020", "step_00000040", "step_00000060"]
+        "step_00000017", "step_00000026", "step_00000040"]
     assert sorted(p.rsplit("/", 1)[-1] for p in deleted) == [
-        "step_00000010", "step_00000030", "step_00000050"]
-    assert smoke().vtab_every_steps == 0                      # off: plain retention
+        "step_00000010", "step_00000020", "step_00000030", "step_00000035"]
+    assert checkpoints.prune(str(run), keep=1, keep_every=0) != []   # off: plain retention
+
+
+def test_checkpoints_written_before_the_count_are_counted_by_step():
+    """train_state.json without `number` (an earlier release): the step in checkpoint.every
+    units, as the rule was; a step off that grid (a checkpoint.minutes one) is never due."""
+    state = {"step": 100, "config": {"checkpoint": {"every": 50}}}
+    assert checkpoints.checkpoint_number(state) == 2 and checkpoints.vtab_due(state, 2)
+    assert not checkpoints.vtab_due({**state, "step": 120}, 2)
+    legacy = {"step": 40, "config": {"train": {"checkpoint_every": 20}}}
+    assert checkpoints.checkpoint_number(legacy) == 2
+    assert checkpoints.vtab_due({**state, "number": 3}, 3)
+    assert not checkpoints.vtab_due(state, 0)
 
 
 def test_resume_restores_the_optimizers_non_tensor_state(tmp_path):

@@ -392,10 +392,10 @@ def test_non_finite_loss_is_caught_on_the_device_and_named_with_its_step():
     assert math.isfinite(means["loss"]) and means["images_per_step"] == 16
 
 
-def _write(tmp_path, cfg, model, opt, step):
+def _write(tmp_path, cfg, model, opt, step, number=0):
     doc = checkpoints.new_state(step=step, samples_seen=16 * step, data_position=None,
                                 config=cfg.to_dict(), run_name="t", run_id=None, world_size=1,
-                                strategy="ddp")
+                                strategy="ddp", number=number)
     checkpoints.write_local(tmp_path, model, opt, cfg.model, doc)
 
 
