@@ -3,17 +3,17 @@
 The stream follows a plan of (epoch, shard) reads (`pipeline.data.plan`). Ray Data reads the
 shards in a bounded number of long-lived read tasks ("slots"). A read is a number, `epoch *
 num_shards + position`, and a read task turns it into a shard itself from (seed, epoch,
-position). A small actor (`ReadDealer`) hands the numbers out in plan order to whichever task
-is free, so the reads in flight are always the next few of the plan, on any cluster size; it
-remembers which numbers went to which slot, so a retried or re-executed task reads exactly
-what it read before (Ray replays generator outputs by index, so they must not change). Each
-read streams the tar, decodes, augments and yields blocks of `block_rows` rows. With
-`preserve_order` the slots instead take contiguous spans of the stream, fixed in advance, so
-the stream is the plan in order; its blocks are the cells of a grid of `block_rows` samples
-laid over the plan (`plan.ordered_spans`), so that every worker gets the same samples on every
-run and a resumed run the rest of what each had. Why slots: Ray Data spends about a
-millisecond of driver time per input block and per task, so one block per read made a
-90-epoch x 5,000-shard plan minutes of start-up (`bench/data.py --plan`).
+position). A small actor (`ReadDealer`) hands the numbers out in plan order to whichever task is
+free, a few per call on a long plan (`deal_batch`), so the reads in flight are always the next
+few of the plan, on any cluster size; it remembers which numbers went to which slot, so a
+retried or re-executed task reads exactly what it read before (Ray replays generator outputs by
+index, so they must not change). Each read streams the tar, decodes, augments and yields blocks
+of `block_rows` rows. With `preserve_order` the slots instead take contiguous spans of the
+stream, fixed in advance, so the stream is the plan in order; its blocks are the cells of a grid
+of `block_rows` samples laid over the plan (`plan.ordered_spans`), so that every worker gets the
+same samples on every run and a resumed run the rest of what each had. Why slots: Ray Data
+spends about a millisecond of driver time per input block and per task, so one block per read
+made a 90-epoch x 5,000-shard plan minutes of start-up (`bench/data.py --plan`).
 
 Ray Train's `DataConfig` splits the stream across workers, so the workers see disjoint parts
 of each epoch. On the worker, `iter_torch_batches` prefetches and mixes samples in a local
@@ -101,21 +101,39 @@ def read_dealer(first: int, stop: int):
 class ReadDealer:
     """Read numbers in plan order, each to one slot, and the same ones again to a slot that
     starts over (a retried task, or the dataset executed again): `deal(slot, n)` is the n-th
-    read number of `slot`, -1 when the plan is exhausted. Memory: 8 bytes per read dealt."""
+    read number of `slot`, -1 when the plan is exhausted; `deal_many(slot, n, k)` the n-th
+    to (n + k - 1)-th in one call, fewer at the end. Memory: 8 bytes per read dealt.
+
+    Why in batches: one actor serves a few thousand calls a second (bench/scale.py), and a
+    1,024-GPU run at B/16 speed finishes ~3,500 reads of 1,000 samples a second. A slot
+    that takes k reads per call divides the calls by k; replay is unchanged, because a slot
+    asks by index (a retried task asking for its reads 0..k-1 gets the same ones again,
+    whatever batch they were dealt in)."""
 
     def __init__(self, first: int, stop: int):
         self.next, self.stop = first, stop
         self.dealt: dict[int, array] = {}
 
     def deal(self, slot: int, n: int) -> int:
+        got = self.deal_many(slot, n, 1)
+        return got[0] if got else -1
+
+    def deal_many(self, slot: int, n: int, k: int) -> list[int]:
         mine = self.dealt.setdefault(slot, array("q"))
-        if n < len(mine):
-            return mine[n]
-        if self.next >= self.stop:
-            return -1
-        mine.append(self.next)
-        self.next += 1
-        return mine[-1]
+        more = min(n + k - len(mine), self.stop - self.next)
+        if more > 0:
+            mine.extend(range(self.next, self.next + more))
+            self.next += more
+        return mine[n:n + k].tolist()
+
+
+def deal_batch(reads: int, slots: int, most: int = 16) -> int:
+    """Reads a slot takes per call to the dealer: up to `most`, fewer where the plan is short
+    for its slots (each slot gets at least ~4 calls' worth, so a small plan still spreads
+    over every slot). The cost of k: up to k reads per slot are dealt ahead of the one being
+    read, so the data position at a checkpoint can list up to slots x k reads done past its
+    watermark (~10 bytes each in JSON: 0.7 MB at 4,096 slots x 16)."""
+    return max(1, min(most, reads // max(4 * slots, 1)))
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,7 @@ class Reads:
     slots: int
     dealer: object = None
     block_rows: int = 1
+    batch: int = 1                      # reads per call to the dealer (`deal_batch`)
 
     @property
     def first(self) -> int:
@@ -150,10 +169,11 @@ class Reads:
             import ray
 
             n = 0
-            while (number := ray.get(self.dealer.deal.remote(slot, n))) >= 0:
-                yield number, 0, self.plan.sizes[self.plan.shard_at(*divmod(
-                    number, len(self.plan.sizes)))]
-                n += 1
+            while numbers := ray.get(self.dealer.deal_many.remote(slot, n, self.batch)):
+                for number in numbers:
+                    yield number, 0, self.plan.sizes[self.plan.shard_at(*divmod(
+                        number, len(self.plan.sizes)))]
+                n += len(numbers)
             return
         plan, spans = self.plan, self.spans()
         if slot >= len(spans):
@@ -331,6 +351,13 @@ def _to_block(rows: dict, max_labels: int = 1) -> dict:
             LOST: np.asarray(rows[LOST], dtype=np.int32).reshape(-1, 4)}
 
 
+def lost_ranges(lost) -> np.ndarray:
+    """The skipped samples a batch's `lost` column names, as (k, 4) int64 (epoch, shard,
+    first, stop) rows, empty ones dropped (what `DataPosition.advance_ranges` takes)."""
+    lost = np.asarray(lost, np.int64).reshape(-1, 4)
+    return lost[lost[:, 3] > lost[:, 2]]
+
+
 def lost_samples(lost) -> np.ndarray:
     """The (3, n) epoch, shard, index of the skipped samples a batch's `lost` column names
     ((B, 4) ranges; empty ones are ignored)."""
@@ -403,7 +430,8 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
                   block_rows=cfg.block_rows)
     slots = read_slots(max(reads.stop - reads.first, 0), cfg.read_tasks, cfg.num_cpus_per_read)
     dealer = None if cfg.preserve_order else read_dealer(reads.first, reads.stop)
-    reads = dataclasses.replace(reads, slots=slots, dealer=dealer)
+    reads = dataclasses.replace(reads, slots=slots, dealer=dealer,
+                                batch=deal_batch(max(reads.stop - reads.first, 0), slots))
     if dealer is None:
         slots = max(len(reads.spans()), 1)
     fs, root = storage.filesystem(cfg.uri)

@@ -31,8 +31,9 @@ import torch
 from pipeline import timeline
 from pipeline.cli import clock
 from pipeline.data.health import skip_summary
+from pipeline.data.plan import compact, sample_ranges
 from pipeline.data.reader import DataError
-from pipeline.data.stream import LOST, lost_samples
+from pipeline.data.stream import LOST, lost_ranges
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT
 from pipeline.schedule import learning_rate
@@ -48,6 +49,10 @@ from pipeline.train.step import (
 )
 
 log = logging.getLogger("pipeline.train")
+
+# Steps' sample ranges a worker keeps apart before merging them (`record_samples`): merging
+# costs a sort of what is kept, so not every step; between merges ~64 x micro-batch rows.
+MERGE_EVERY = 64
 
 
 @dataclass(frozen=True)
@@ -327,7 +332,7 @@ class Progress:
     step: int
     position: Any                       # DataPosition after the last checkpoint, or None
     meter: Meter
-    consumed: list = field(default_factory=list)      # (epoch, shard, index) since last save
+    consumed: list = field(default_factory=list)      # (k, 4) ranges trained since last save
     last_save: float = field(default_factory=time.monotonic)
     start_step: int = 0                 # where this (re)start began, and when: the pace
     started: float = field(default_factory=time.monotonic)
@@ -375,12 +380,18 @@ def next_batches(w: Worker, batches, progress: Progress) -> list[dict]:
 
 def record_samples(progress: Progress, micro: list[dict], trace) -> None:
     """The samples of this step, for the data position of the next checkpoint (and the
-    audit file of `data.trace_dir`)."""
+    audit file of `data.trace_dir`), kept as runs of indices (`plan.compact`): a worker's
+    bookkeeping between checkpoints grows with the reads it touches, not with its samples."""
     if progress.position is None and trace is None:
         return
     ids = [np.stack([b[c].numpy() for c in ("epoch", "shard", "index")]) for b in micro]
-    # Samples the read tasks skipped are consumed too (see pipeline.data.health).
-    progress.consumed += ids + [lost_samples(b[LOST].numpy()) for b in micro if LOST in b]
+    if progress.position is not None:
+        progress.consumed += [sample_ranges(*a) for a in ids]
+        # Samples the read tasks skipped are consumed too (see pipeline.data.health); the
+        # `lost` column names them as (epoch, shard, first, stop) already.
+        progress.consumed += [lost_ranges(b[LOST].numpy()) for b in micro if LOST in b]
+        if len(progress.consumed) >= MERGE_EVERY:
+            progress.consumed = [compact(np.concatenate(progress.consumed))]
     if trace is not None:
         for a in ids:
             np.savetxt(trace, np.vstack([np.full(a.shape[1], progress.step + 1), a]).T,
@@ -477,12 +488,14 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
 
 def _advance(w: Worker, progress: Progress):
     """The data position after every sample trained so far: the samples each worker trained
-    on since the last checkpoint, gathered on rank 0 and added to the position there (a
-    collective; the other ranks return None)."""
+    on since the last checkpoint, compacted on the worker into runs of indices (`compact`),
+    gathered on rank 0 and added to the position there (a collective; the other ranks return
+    None). What rank 0 receives is ~32 bytes per read each worker touched: a few MB at 1,024
+    workers where the ids were ~200 MB at any size (bench/scale.py)."""
     if progress.position is None:
         return None
-    mine = np.concatenate(progress.consumed, axis=1) if progress.consumed else \
-        np.zeros((3, 0), np.int64)
+    mine = compact(np.concatenate(progress.consumed)) if progress.consumed else \
+        np.zeros((0, 4), np.int64)
     progress.consumed = []
     gathered = [mine]
     if w.env.world > 1:
@@ -492,8 +505,10 @@ def _advance(w: Worker, progress: Progress):
         dist.gather_object(mine, gathered, dst=0)
     if w.env.rank != 0:
         return None
-    ids = np.concatenate(gathered, axis=1)
-    progress.position = progress.position.advance(w.spec.stream, ids[0], ids[1], ids[2])
+    ranges = np.concatenate(gathered)
+    log.debug("data position: %d ranges (%d bytes) gathered from %d workers at step %d",
+              len(ranges), ranges.nbytes, w.env.world, progress.step)
+    progress.position = progress.position.advance_ranges(w.spec.stream, ranges)
     return progress.position
 
 

@@ -21,6 +21,7 @@ from pipeline.data.stream import (
     COLUMNS,
     InputConfig,
     ReadDealer,
+    deal_batch,
     iter_batches,
     shard_dataset,
 )
@@ -227,6 +228,29 @@ def test_the_dealer_hands_out_reads_in_order_and_replays_a_slot_that_starts_over
     assert [dealer.deal(0, 0), dealer.deal(0, 1), dealer.deal(0, 2)] == [5, 7, 8]
     assert [dealer.deal(1, 1), dealer.deal(2, 0), dealer.deal(1, 2)] == [9, -1, -1]
     assert dealer.deal(1, 0) == 6, "what was dealt stays replayable after the end"
+
+
+def test_the_dealer_deals_in_batches_and_replays_them_by_index():
+    dealer = ReadDealer(first=0, stop=20)
+    assert dealer.deal_many(0, 0, 4) == [0, 1, 2, 3]
+    assert dealer.deal_many(1, 0, 4) == [4, 5, 6, 7]
+    assert dealer.deal_many(0, 4, 4) == [8, 9, 10, 11]
+    # Slot 0's task is retried and asks in other batch sizes: the same reads, by index, then
+    # new ones once it is past what it had.
+    assert dealer.deal_many(0, 0, 3) + dealer.deal_many(0, 3, 6) == [0, 1, 2, 3, 8, 9, 10, 11,
+                                                                     12]
+    assert [dealer.deal(0, n) for n in range(9)] == [0, 1, 2, 3, 8, 9, 10, 11, 12]
+    assert dealer.deal_many(2, 0, 16) == list(range(13, 20)), "fewer at the end"
+    assert dealer.deal_many(2, 7, 16) == [] and dealer.deal(3, 0) == -1
+    assert dealer.deal_many(1, 2, 4) == [6, 7], "what was dealt stays replayable after the end"
+    dealt = [n for slot in dealer.dealt.values() for n in slot]
+    assert sorted(dealt) == list(range(20)), "every read once, to one slot"
+
+
+def test_deal_batch_keeps_a_short_plan_spread_over_its_slots():
+    assert deal_batch(reads=450_000, slots=2) == 16
+    assert deal_batch(reads=8 * 14_000, slots=4096) == 6
+    assert deal_batch(reads=16, slots=2) == 2 and deal_batch(reads=3, slots=4) == 1
 
 
 def one_sample_shards(root: Path, count: int) -> list[str]:
