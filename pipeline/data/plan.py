@@ -194,19 +194,19 @@ class DataPosition:
                 index = max(first[k], sizes[shard[k]])
             raise ValueError(f"advance: no sample epoch {epoch[k]}, shard {shard[k]}, index "
                              f"{index} in a plan of {len(sizes)} shards")
-        # Group by read, ranges in order of their first index: one pass over the rows, then a
-        # loop over the (few) reads touched instead of over the samples.
+        # Group by read, runs merged (the workers' blocks of a read touch), in order of their
+        # first index: one sort of the rows, then a loop over the reads touched instead of
+        # over the samples; a read trained whole is one row and skips the overlap check.
+        epoch, shard, first, stop = compact(ranges).T
         read = epoch * len(sizes) + shard
-        by = np.lexsort((first, read))
-        read, first, stop = read[by], first[by], stop[by]
         cuts = np.flatnonzero(read[1:] != read[:-1]) + 1
         done, partial = set(self.done), dict(self.partial)
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(read)], strict=True):
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(read)].tolist(), strict=True):
             key = divmod(int(read[lo]), len(sizes))
             a, b = first[lo:hi], stop[lo:hi]
             # Sorted by first index, a range overlaps one before it where it starts before
             # the furthest stop so far; its first index is then consumed twice.
-            twice = np.flatnonzero(a[1:] < np.maximum.accumulate(b)[:-1])
+            twice = np.flatnonzero(a[1:] < np.maximum.accumulate(b)[:-1]) if hi - lo > 1 else ()
             if len(twice):
                 raise ValueError(_twice(*key, int(a[twice[0] + 1]), "in this batch"))
             if key in done or key[0] < self.epoch or (

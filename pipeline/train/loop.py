@@ -53,6 +53,12 @@ log = logging.getLogger("pipeline.train")
 # Steps' sample ranges a worker keeps apart before merging them (`record_samples`): merging
 # costs a sort of what is kept, so not every step; between merges ~64 x micro-batch rows.
 MERGE_EVERY = 64
+# The local shuffle buffer's cap in micro-batches (`shuffle_buffer`).
+SHUFFLE_STEPS = 16
+# Rank 0 sends metrics to MLflow at most this often (and at each checkpoint and the end):
+# a log_batch blocks every worker at the next collective for a round trip to the server
+# (~20 ms), 34% of a 50-step log interval at 1,024 GPUs (bench/scale.py); once per 10 s, 0.2%.
+FLUSH_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -236,7 +242,7 @@ def open_tracker(spec: WorkerSpec, env: WorkerEnv, start: Start):
     from pipeline.tracking import Tracker
 
     # No run id: MLflow was down at start; the tracker keeps the metrics in the run folder.
-    tracker = Tracker(spec.tracking_uri, spec.run_id, spec.run_uri)
+    tracker = Tracker(spec.tracking_uri, spec.run_id, spec.run_uri, flush_every_s=FLUSH_EVERY_S)
     tracker.note_start(start.step)                   # every (re)start: tag start_steps
     return tracker
 
@@ -269,8 +275,19 @@ def batches(shard, cfg: PretrainConfig, env: WorkerEnv):
     from pipeline.data.stream import InputConfig, iter_batches
 
     return iter(iter_batches(shard, cfg.micro_batch, InputConfig(
-        shuffle_buffer=cfg.data.shuffle_buffer), drop_last=True,
-        seed=cfg.train.seed + env.rank))
+        shuffle_buffer=shuffle_buffer(cfg)), drop_last=True, seed=cfg.train.seed + env.rank))
+
+
+def shuffle_buffer(cfg: PretrainConfig) -> int:
+    """Each worker's local shuffle buffer: `data.shuffle_buffer`, at most `SHUFFLE_STEPS`
+    micro-batches. Why the cap: the samples in the buffers at a checkpoint are holes in the
+    data position (not trained yet, they are listed one by one), and a buffer sized per
+    worker makes them grow with the cluster: 4,096 x 1,024 workers held 4M samples, half of
+    a B/16 checkpoint interval, and made each checkpoint's position ~80 MB (bench/scale.py).
+    Capped, all buffers together hold at most `SHUFFLE_STEPS` global batches on any cluster.
+    The mixing is not worse where it matters: the global batch still draws from every
+    worker's stream, and those come from as many shards as there are read tasks."""
+    return min(cfg.data.shuffle_buffer, SHUFFLE_STEPS * cfg.micro_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,12 +507,13 @@ def _advance(w: Worker, progress: Progress):
     """The data position after every sample trained so far: the samples each worker trained
     on since the last checkpoint, compacted on the worker into runs of indices (`compact`),
     gathered on rank 0 and added to the position there (a collective; the other ranks return
-    None). What rank 0 receives is ~32 bytes per read each worker touched: a few MB at 1,024
+    None). What rank 0 receives is ~16 bytes per read each worker touched: a few MB at 1,024
     workers where the ids were ~200 MB at any size (bench/scale.py)."""
     if progress.position is None:
         return None
-    mine = compact(np.concatenate(progress.consumed)) if progress.consumed else \
-        np.zeros((0, 4), np.int64)
+    # int32, as the stream's id columns: 16 bytes a run.
+    mine = (compact(np.concatenate(progress.consumed)) if progress.consumed else
+            np.zeros((0, 4), np.int64)).astype(np.int32)
     progress.consumed = []
     gathered = [mine]
     if w.env.world > 1:
