@@ -495,9 +495,11 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
         data_position=position.to_dict() if position is not None else None,
         config=cfg.to_dict(), run_name=cfg.run.name, run_id=w.spec.run_id,
         world_size=env.world, strategy=env.strategy)
-    if env.rank == 0:      # retention, before this save: the earlier ones are done or in flight
-        checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep, cfg.vtab_every_steps)
-    w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics)
+    # Retention on rank 0, before this upload (the earlier ones are done or in flight), in
+    # the upload's thread: its listing grows with the ranks.
+    retention = (lambda: checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep,
+                                           cfg.vtab_every_steps)) if env.rank == 0 else None
+    w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics, before_upload=retention)
     progress.last_save = time.monotonic()
     if w.tracker is not None:
         w.tracker.save()
