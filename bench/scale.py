@@ -292,17 +292,30 @@ def measure_metrics(repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Ray Data: the per-block cost of the process that runs the stream
 # ---------------------------------------------------------------------------------------------
-def measure_stream(consumers, blocks: int) -> dict:
+def measure_stream(consumers, blocks: int, tasks: int = 2) -> dict:
+    """As the training stream: `tasks` long-lived read tasks (one row each, `batch_size=1`)
+    yield 64-row blocks of 1 kB rows, the block size limit set so that each stays one block
+    (`stream.block_bytes`' rule), consumed through `streaming_split(n)` by n threads."""
     import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.op_resource_reservation_enabled = False
+    ctx.target_max_block_size = BLOCK * 1024 * 3 // 4
+    per = blocks // tasks
+
+    def make(batch):
+        for _ in range(per):
+            yield {"x": np.zeros((BLOCK, 1024), np.uint8)}
 
     res = {}
     for n in consumers:
-        ds = ray.data.range(blocks * BLOCK, override_num_blocks=blocks)
+        ds = ray.data.range(tasks, override_num_blocks=tasks).map_batches(
+            make, batch_size=1, num_cpus=0.5, batch_format="numpy")
         splits = ds.streaming_split(n, equal=False)
         got = [0] * n
 
         def eat(i: int, splits=splits, got=got):
-            for _ in splits[i].iter_batches(batch_size=None, prefetch_batches=0):
+            for _ in splits[i].iter_batches(batch_size=None, prefetch_batches=1):
                 got[i] += 1
 
         threads = [threading.Thread(target=eat, args=(i,)) for i in range(n)]
@@ -436,8 +449,9 @@ def project(got: dict, samples: int) -> None:
         for key, label in (("old_s", "position: rank 0, ids"),
                            ("new_s", "position: rank 0, ranges")):
             a, b = fit(ns, [p[n][key] for n in ns], "N")
-            row(f"{label} (ms, %/step)", [at("N", a, b, g) * scale / CHECKPOINT_EVERY
-                                           for g in GPUS])
+            per = [at("N", a, b, g) * scale for g in GPUS]
+            print(f"{label + ' (s/checkpoint)':34s}" + "".join(f"{x:14.2f}" for x in per))
+            row(f"{label} (per step)", [x / CHECKPOINT_EVERY for x in per])
         # Moving the bytes to rank 0: assume 10 GB/s into one node.
         a, _ = fit(ns, [p[n]["old_bytes"] for n in ns], "1")
         row("position: gather at 10 GB/s, ids", [a * scale / 1e10 / CHECKPOINT_EVERY] * 4)
@@ -457,12 +471,19 @@ def project(got: dict, samples: int) -> None:
                                                   for g in GPUS])
         row("listing at each checkpoint, S3", [-(-(KEEP + 1) * (2 * g + 4) // 1000) * S3_PAGE_S
                                                / CHECKPOINT_EVERY for g in GPUS])
+        print(f"{'  now: in the upload thread':34s}" + "".join(f"{'0':>14s}" for _ in GPUS))
     if "metrics" in got:
         m = got["metrics"]
         row("metrics: log_batch, SQLite here", [m["log_s"] / LOG_EVERY] * len(GPUS))
         row(f"metrics: log_batch, {MLFLOW_RTT_S * 1e3:.0f} ms server",
             [MLFLOW_RTT_S / LOG_EVERY] * len(GPUS))
         row("metrics: data-health round trip", [m["health_s"] / LOG_EVERY] * len(GPUS))
+        from pipeline.train.loop import FLUSH_EVERY_S
+
+        # Now at most once per FLUSH_EVERY_S (or per log step, if that is longer).
+        row(f"  now: log_batch once per {FLUSH_EVERY_S:g} s",
+            [MLFLOW_RTT_S * step_s(g) / max(FLUSH_EVERY_S, LOG_EVERY * step_s(g))
+             for g in GPUS])
     if "stream" in got:
         cap = max(v["blocks_s"] for v in got["stream"].values())
         need = [IMG_PER_GPU_S * g / BLOCK for g in GPUS]
@@ -504,13 +525,13 @@ def main(argv=None) -> None:
         try:
             if "dealer" in parts:
                 print("dealer: one ReadDealer actor, N threads calling it")
-                got["dealer"] = measure_dealer((1, 2, 4, 8), args.seconds)
+                got["dealer"] = measure_dealer((1, 4, 16), args.seconds)
             if "metrics" in parts:
                 print("metrics: rank 0's blocking calls at a log step")
                 got["metrics"] = measure_metrics(20)
             if "stream" in parts:
                 print("stream: Ray Data blocks through streaming_split(N)")
-                got["stream"] = measure_stream((1, 2, 4), 1500)
+                got["stream"] = measure_stream((1, 2, 4), 3000)
             if "tune" in parts:
                 print("tune: one controller, N no-op trials")
                 got["tune"] = measure_tune((4, 16, 32))

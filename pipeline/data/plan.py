@@ -219,11 +219,11 @@ class DataPosition:
             new = np.concatenate([np.arange(x, y) for x, y in zip(a.tolist(), b.tolist(),
                                                                   strict=True)])
             if key in partial:
-                old = np.asarray(partial[key], np.int64)
-                both = np.intersect1d(old, new, assume_unique=True)
+                # One sort of both: a sample in both sits twice in a row.
+                new = np.sort(np.concatenate([np.asarray(partial[key], np.int64), new]))
+                both = np.flatnonzero(new[1:] == new[:-1])
                 if len(both):
-                    raise ValueError(_twice(*key, int(both[0]), "already"))
-                new = np.union1d(old, new)
+                    raise ValueError(_twice(*key, int(new[both[0]]), "already"))
             if len(new) == plan.sizes[key[1]]:
                 done.add(key)
                 partial.pop(key, None)
