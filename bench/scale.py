@@ -6,8 +6,8 @@ next to the time of a training step.
                samples as ids before issue 27, as runs of indices now) and rank 0's update;
                simulated in-process for up to 1,024 workers (the data path's blocks, the
                split's turns and each worker's shuffle buffer)
-    dealer     the ReadDealer actor's reads/s under N concurrent callers, one read per call
-               (before) and `deal_batch`'s 16 (now)
+    dealer     the ReadDealer actor's calls/s under N concurrent callers, 1 and 16 reads a
+               call; now `stream.dealing` picks reads a call and how many dealers
     listing    rank 0's listing of a run folder for "latest complete" / retention: a local
                folder with the files of `keep` checkpoints of N ranks
     metrics    rank 0's blocking work at a log step: one MLflow `log_batch` (a SQLite store here)
@@ -52,6 +52,7 @@ GLOBAL_BATCH = 4096           # vit_b16_i21k
 LOG_EVERY = 50                # TrainConfig.log_every
 CHECKPOINT_EVERY = 2000       # vit_b16_i21k's checkpoint.every
 SHARD = 1000                  # samples per shard
+I21K_SHARDS = 14_000          # ImageNet-21k's ~14M images in such shards
 BLOCK = 64                    # DataConfig.block_rows
 BUFFER = 4096                 # DataConfig.shuffle_buffer (per worker)
 KEEP = 3                      # checkpoints kept (plus one in flight)
@@ -457,12 +458,20 @@ def project(got: dict, samples: int) -> None:
         row("position: gather at 10 GB/s, ids", [a * scale / 1e10 / CHECKPOINT_EVERY] * 4)
         row("position: gather, ranges", [x / 1e10 / CHECKPOINT_EVERY for x in new_bytes])
     if "dealer" in got:
+        from pipeline.data.stream import dealing
+
         d = got["dealer"]
-        for k in (1, 16):
-            cap = max(v["reads_s"] for (kk, _), v in d.items() if kk == k)
-            need = [IMG_PER_GPU_S * g / SHARD for g in GPUS]
-            print(f"{f'dealer, {k} reads/call: need/capacity':34s}" +
-                  "".join(f"{100 * x / cap:13.1f}%" for x in need))
+        need = [IMG_PER_GPU_S * g / SHARD for g in GPUS]
+        calls = {k: max(v["calls_s"] for (kk, _), v in d.items() if kk == k) for k in (1, 16)}
+        print(f"{'dealer, 1 read/call: need/capacity':34s}" +
+              "".join(f"{100 * x / calls[1]:13.1f}%" for x in need))
+        # Now: (k, dealers) from `dealing`, 4 read tasks per GPU, i21k's 14k shards an epoch.
+        plans = [dealing(90 * I21K_SHARDS, I21K_SHARDS, min(4 * g, 4096)) for g in GPUS]
+        print(f"{'  now: (reads/call, dealers)':34s}" +
+              "".join(f"{f'({k}, {n})':>14s}" for k, n in plans))
+        print(f"{'  now: need/capacity per dealer':34s}" +
+              "".join(f"{100 * x / k / n / calls[1]:13.1f}%"
+                      for x, (k, n) in zip(need, plans, strict=True)))
     if "listing" in got:
         ls = got["listing"]
         a, b = fit(sorted(ls), [ls[n]["local_s"] for n in sorted(ls)], "N")

@@ -21,7 +21,7 @@ from pipeline.data.stream import (
     COLUMNS,
     InputConfig,
     ReadDealer,
-    deal_batch,
+    dealing,
     iter_batches,
     shard_dataset,
 )
@@ -247,10 +247,19 @@ def test_the_dealer_deals_in_batches_and_replays_them_by_index():
     assert sorted(dealt) == list(range(20)), "every read once, to one slot"
 
 
-def test_deal_batch_keeps_a_short_plan_spread_over_its_slots():
-    assert deal_batch(reads=450_000, slots=2) == 16
-    assert deal_batch(reads=8 * 14_000, slots=4096) == 6
-    assert deal_batch(reads=16, slots=2) == 2 and deal_batch(reads=3, slots=4) == 1
+def test_dealers_take_every_stride_th_read_and_dealing_bounds_what_is_dealt_ahead():
+    # Three dealers share the plan: each its residue class, in order; together every read.
+    dealers = [ReadDealer(first=10 + d, stop=20, stride=3) for d in range(3)]
+    got = [dealers[d].deal_many(d, 0, 16) for d in range(3)]
+    assert got == [[10, 13, 16, 19], [11, 14, 17], [12, 15, 18]]
+    assert dealers[1].deal_many(4, 0, 2) == [] and dealers[1].deal_many(1, 1, 1) == [14]
+    # (k, dealers): a long plan on a few slots, k 16; a 1,024-GPU run, 4,096 slots on 14k
+    # shards an epoch: no more than a quarter epoch dealt ahead, so k 1, and 32 dealers;
+    # a short plan: what each slot gets.
+    assert dealing(reads=450_000, per_epoch=5_000, slots=2) == (16, 1)
+    assert dealing(reads=90 * 14_000, per_epoch=14_000, slots=4096) == (1, 32)
+    assert dealing(reads=90 * 14_000, per_epoch=14_000, slots=256) == (13, 1)
+    assert dealing(reads=16, per_epoch=8, slots=2) == (1, 1)
 
 
 def one_sample_shards(root: Path, count: int) -> list[str]:
