@@ -237,7 +237,7 @@ class Tracker:
     next start of the run imports them (`import_spills`)."""
 
     def __init__(self, tracking_uri: str, run_id: str | None, spill_uri: str | None = None,
-                 retry_every_s: float = 30.0):
+                 retry_every_s: float = 30.0, flush_every_s: float = 0.0):
         from mlflow.tracking import MlflowClient
 
         # Fail fast and retry ourselves: MLflow's own retries (7, exponential backoff) would
@@ -248,6 +248,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         self.run_id, self.spill_uri = run_id, spill_uri
         self.retry_every_s = retry_every_s
+        # Send at most this often (0: at every call); `close` and `save` send the rest.
+        self.flush_every_s = flush_every_s
         self.pending: list[tuple[str, float, int, int]] = []
         self.pending_params: dict[str, str] = {}
         self.constants: dict[str, float] = {}     # CONSTANTS' first values
@@ -275,7 +277,8 @@ class Tracker:
         self.pending += [(k, float(v), step, ts) for k, v in metrics.items()
                          if step > self.logged_through.get(k, -1)]
         now = time.monotonic()
-        if self.down_since is not None and now - self.last_try < self.retry_every_s:
+        wait = self.retry_every_s if self.down_since is not None else self.flush_every_s
+        if now - self.last_try < wait:
             return
         self.flush()
 
@@ -367,8 +370,11 @@ class Tracker:
             log.warning("could not log MLflow artifact %s: %s", name, type(err).__name__)
 
     def save(self) -> None:
-        """At a checkpoint: metrics the server has not taken go to the spill now, so that a
-        run killed later loses none of what its checkpoints cover."""
+        """At a checkpoint: metrics not sent yet go to the server, or where it has not taken
+        them to the spill, so that a run killed later loses none of what its checkpoints
+        cover."""
+        if self.pending and self.run_id is not None and self.down_since is None:
+            self.flush()
         if self.pending and (self.run_id is None or self.down_since is not None):
             self._spill()
 

@@ -29,6 +29,9 @@ class DataConfig:
     randaug_magnitude: float = 0.0
     mixup: float = 0.0
     strict: bool = False
+    # Samples each worker mixes locally (Ray Data's local shuffle buffer), at most
+    # `loop.SHUFFLE_STEPS` of its micro-batches: what sits in the buffers at a checkpoint is
+    # not trained yet, and each such sample is a hole the data position must list.
     shuffle_buffer: int = 4096
     block_rows: int = 64
     num_cpus_per_read: float = 1.0

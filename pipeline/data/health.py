@@ -2,7 +2,7 @@
 
 A skipped sample is consumed all the same. Each row of a shard stream carries in `lost` one
 range of samples its read task skipped (epoch, shard, first, stop; empty when first == stop;
-`stream.lost_samples`), so the worker that trains the row also records them in the data
+`stream.lost_ranges`), so the worker that trains the row also records them in the data
 position: a read with a bad sample completes, and a resumed run never reads it again.
 Skipped samples make the stream shorter than its manifest count, so the plan holds as many
 epochs as a run needs when only half of what it reads is usable (`epochs_for`); more skipped

@@ -168,43 +168,62 @@ class DataPosition:
         length int arrays, in any order, of any reads. A sample consumed twice (in these
         arrays, or already by this position) raises ValueError naming it: it means the stream
         or its bookkeeping is wrong."""
-        epoch, shard, index = (np.asarray(a, np.int64).reshape(-1) for a in (epoch, shard, index))
-        if not len(epoch) == len(shard) == len(index):
-            raise ValueError(f"advance: epoch, shard, index differ in length "
-                             f"({len(epoch)}, {len(shard)}, {len(index)})")
-        if not len(epoch):
+        return self.advance_ranges(plan, sample_ranges(epoch, shard, index))
+
+    def advance_ranges(self, plan: StreamPlan, ranges) -> DataPosition:
+        """`advance` for samples given as (k, 4) int rows (epoch, shard, first, stop): the
+        indices [first, stop) of each read, rows in any order, of any reads (what
+        `sample_ranges` makes of ids; several workers' rows concatenated). Rows that overlap
+        consume a sample twice: ValueError naming it, as `advance`.
+
+        Why ranges: the training loop gathers what every worker trained since the last
+        checkpoint on rank 0. As ids that was 24 bytes a sample (~200 MB a checkpoint for
+        the B/16-i21k preset, on any cluster size); as ranges it is 32 bytes per run of
+        consecutive indices, about one per read a worker touched (bench/scale.py)."""
+        ranges = np.asarray(ranges, np.int64).reshape(-1, 4)
+        if not len(ranges):
             return self
         sizes = np.asarray(plan.sizes, np.int64)
-        bad = (epoch < 0) | (shard < 0) | (shard >= len(sizes))
-        bad[~bad] = (index[~bad] < 0) | (index[~bad] >= sizes[shard[~bad]])
+        epoch, shard, first, stop = ranges.T
+        bad = (epoch < 0) | (shard < 0) | (shard >= len(sizes)) | (first < 0) | (stop <= first)
+        bad[~bad] = stop[~bad] > sizes[shard[~bad]]
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
+            index = first[k]        # or the first index past the read's end
+            if first[k] >= 0 and 0 <= shard[k] < len(sizes) and stop[k] > sizes[shard[k]]:
+                index = max(first[k], sizes[shard[k]])
             raise ValueError(f"advance: no sample epoch {epoch[k]}, shard {shard[k]}, index "
-                             f"{index[k]} in a plan of {len(sizes)} shards")
-        # Group by read, and sort each read's indices: one pass over the arrays, then a loop
-        # over the (few) reads touched instead of over the samples.
+                             f"{index} in a plan of {len(sizes)} shards")
+        # Group by read, runs merged (the workers' blocks of a read touch), in order of their
+        # first index: one sort of the rows, then a loop over the reads touched instead of
+        # over the samples; a read trained whole is one row and skips the overlap check.
+        epoch, shard, first, stop = compact(ranges).T
         read = epoch * len(sizes) + shard
-        by = np.lexsort((index, read))
-        read, index = read[by], index[by]
-        twice = (read[1:] == read[:-1]) & (index[1:] == index[:-1])
-        if twice.any():
-            k = int(np.flatnonzero(twice)[0])
-            e, s = divmod(int(read[k]), len(sizes))
-            raise ValueError(_twice(e, s, int(index[k]), "in this batch"))
         cuts = np.flatnonzero(read[1:] != read[:-1]) + 1
         done, partial = set(self.done), dict(self.partial)
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(read)], strict=True):
+        for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(read)].tolist(), strict=True):
             key = divmod(int(read[lo]), len(sizes))
-            new = index[lo:hi]
+            a, b = first[lo:hi], stop[lo:hi]
+            # Sorted by first index, a range overlaps one before it where it starts before
+            # the furthest stop so far; its first index is then consumed twice.
+            twice = np.flatnonzero(a[1:] < np.maximum.accumulate(b)[:-1]) if hi - lo > 1 else ()
+            if len(twice):
+                raise ValueError(_twice(*key, int(a[twice[0] + 1]), "in this batch"))
             if key in done or key[0] < self.epoch or (
                     key[0] == self.epoch and plan.rank(*key) < self.position):
-                raise ValueError(_twice(*key, int(new[0]), "already (its read is done)"))
+                raise ValueError(_twice(*key, int(a[0]), "already (its read is done)"))
+            count = int((b - a).sum())
+            if key not in partial and count == plan.sizes[key[1]]:
+                done.add(key)                   # the usual case: a whole read, never listed
+                continue
+            new = np.concatenate([np.arange(x, y) for x, y in zip(a.tolist(), b.tolist(),
+                                                                  strict=True)])
             if key in partial:
-                old = np.asarray(partial[key], np.int64)
-                both = np.intersect1d(old, new, assume_unique=True)
+                # One sort of both: a sample in both sits twice in a row.
+                new = np.sort(np.concatenate([np.asarray(partial[key], np.int64), new]))
+                both = np.flatnonzero(new[1:] == new[:-1])
                 if len(both):
-                    raise ValueError(_twice(*key, int(both[0]), "already"))
-                new = np.union1d(old, new)
+                    raise ValueError(_twice(*key, int(new[both[0]]), "already"))
             if len(new) == plan.sizes[key[1]]:
                 done.add(key)
                 partial.pop(key, None)
@@ -258,6 +277,35 @@ class DataPosition:
 def _twice(epoch: int, shard: int, index: int, where: str) -> str:
     return (f"sample epoch {epoch}, shard {shard}, index {index} consumed twice ({where}): "
             f"the stream delivered it again, or a batch was recorded twice")
+
+
+def sample_ranges(epoch, shard, index) -> np.ndarray:
+    """Sample ids (equal length int arrays, any order) -> (k, 4) int64 rows (epoch, shard,
+    first, stop), runs of consecutive indices of one read (`compact`). A sample given twice
+    gives rows that overlap, which `DataPosition.advance_ranges` names."""
+    epoch, shard, index = (np.asarray(a, np.int64).reshape(-1) for a in (epoch, shard, index))
+    if not len(epoch) == len(shard) == len(index):
+        raise ValueError(f"advance: epoch, shard, index differ in length "
+                         f"({len(epoch)}, {len(shard)}, {len(index)})")
+    return compact(np.stack([epoch, shard, index, index + 1], axis=1))
+
+
+def compact(ranges) -> np.ndarray:
+    """(k, 4) rows (epoch, shard, first, stop), any order -> the same samples in fewest rows:
+    sorted, and rows of one read that touch ([0, 5) and [5, 9)) merged into one. Rows that
+    overlap stay apart, so that `advance_ranges` still sees the sample consumed twice. What
+    each worker sends at a checkpoint: ~1 row per read it touched, whatever the batch."""
+    r = np.asarray(ranges, np.int64).reshape(-1, 4)
+    if len(r) < 2:
+        return r.copy()
+    r = r[np.lexsort((r[:, 2], r[:, 1], r[:, 0]))]
+    new = np.r_[True, (r[1:, 0] != r[:-1, 0]) | (r[1:, 1] != r[:-1, 1]) |
+                (r[1:, 2] != r[:-1, 3])]
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(r)] - 1
+    out = r[starts].copy()
+    out[:, 3] = r[ends, 3]
+    return out
 
 
 def to_ranges(sorted_ints) -> list[list[int]]:

@@ -3,17 +3,18 @@
 The stream follows a plan of (epoch, shard) reads (`pipeline.data.plan`). Ray Data reads the
 shards in a bounded number of long-lived read tasks ("slots"). A read is a number, `epoch *
 num_shards + position`, and a read task turns it into a shard itself from (seed, epoch,
-position). A small actor (`ReadDealer`) hands the numbers out in plan order to whichever task
-is free, so the reads in flight are always the next few of the plan, on any cluster size; it
-remembers which numbers went to which slot, so a retried or re-executed task reads exactly
-what it read before (Ray replays generator outputs by index, so they must not change). Each
-read streams the tar, decodes, augments and yields blocks of `block_rows` rows. With
-`preserve_order` the slots instead take contiguous spans of the stream, fixed in advance, so
-the stream is the plan in order; its blocks are the cells of a grid of `block_rows` samples
-laid over the plan (`plan.ordered_spans`), so that every worker gets the same samples on every
-run and a resumed run the rest of what each had. Why slots: Ray Data spends about a
-millisecond of driver time per input block and per task, so one block per read made a
-90-epoch x 5,000-shard plan minutes of start-up (`bench/data.py --plan`).
+position). A small actor (`ReadDealer`) hands the numbers out in plan order to whichever task is
+free, a few per call on a long plan (`dealing`; on a large cluster several dealers), so the
+reads in flight are always the next few of the plan, on any cluster size; it remembers which
+numbers went to which slot, so a retried or re-executed task reads exactly what it read before
+(Ray replays generator outputs by index, so they must not change). Each read streams the tar,
+decodes, augments and yields blocks of `block_rows` rows. With `preserve_order` the slots
+instead take contiguous spans of the stream, fixed in advance, so the stream is the plan in
+order; its blocks are the cells of a grid of `block_rows` samples laid over the plan
+(`plan.ordered_spans`), so that every worker gets the same samples on every run and a resumed
+run the rest of what each had. Why slots: Ray Data spends about a millisecond of driver time per
+input block and per task, so one block per read made a 90-epoch x 5,000-shard plan minutes of
+start-up (`bench/data.py --plan`).
 
 Ray Train's `DataConfig` splits the stream across workers, so the workers see disjoint parts
 of each epoch. On the worker, `iter_torch_batches` prefetches and mixes samples in a local
@@ -87,42 +88,73 @@ class InputConfig:
 # ---------------------------------------------------------------------------------------------
 # Reading (runs inside Ray Data tasks)
 # ---------------------------------------------------------------------------------------------
-def read_dealer(first: int, stop: int):
-    """The actor that hands out the read numbers [first, stop) in plan order (see the module
-    docstring), pinned to this node: it lives as long as the dataset that holds its handle."""
+def read_dealers(first: int, stop: int, count: int = 1) -> tuple:
+    """`count` actors that hand out the read numbers [first, stop) in plan order (see the
+    module docstring), dealer d the numbers first + d, first + d + count, ...; pinned to this
+    node: they live as long as the dataset that holds their handles."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(ReadDealer).options(scheduling_strategy=here).remote(
-        first, stop)
+    actor = ray.remote(num_cpus=0)(ReadDealer).options(scheduling_strategy=here)
+    return tuple(actor.remote(first + d, stop, count) for d in range(count))
 
 
 class ReadDealer:
-    """Read numbers in plan order, each to one slot, and the same ones again to a slot that
-    starts over (a retried task, or the dataset executed again): `deal(slot, n)` is the n-th
-    read number of `slot`, -1 when the plan is exhausted. Memory: 8 bytes per read dealt."""
+    """Read numbers in plan order (first, first + stride, ... below stop), each to one slot,
+    and the same ones again to a slot that starts over (a retried task, or the dataset
+    executed again): `deal(slot, n)` is the n-th read number of `slot`, -1 when the plan is
+    exhausted; `deal_many(slot, n, k)` the n-th to (n + k - 1)-th in one call, fewer at the
+    end. Memory: 8 bytes per read dealt.
 
-    def __init__(self, first: int, stop: int):
-        self.next, self.stop = first, stop
+    Why in batches, and several dealers: one actor serves ~1,500 calls a second here
+    (bench/scale.py), and a 1,024-GPU run at B/16 speed finishes ~3,500 reads of 1,000
+    samples a second. A slot that takes k reads per call divides the calls by k, and
+    `dealing` spreads the slots over dealers. Replay is unchanged: a slot always asks the
+    same dealer, by index (a retried task asking for its reads 0..k-1 gets the same ones
+    again, whatever batch they were dealt in)."""
+
+    def __init__(self, first: int, stop: int, stride: int = 1):
+        self.next, self.stop, self.stride = first, stop, stride
         self.dealt: dict[int, array] = {}
 
     def deal(self, slot: int, n: int) -> int:
+        got = self.deal_many(slot, n, 1)
+        return got[0] if got else -1
+
+    def deal_many(self, slot: int, n: int, k: int) -> list[int]:
         mine = self.dealt.setdefault(slot, array("q"))
-        if n < len(mine):
-            return mine[n]
-        if self.next >= self.stop:
-            return -1
-        mine.append(self.next)
-        self.next += 1
-        return mine[-1]
+        more = range(self.next, self.stop, self.stride)[:max(n + k - len(mine), 0)]
+        if more:
+            mine.extend(more)
+            self.next = more[-1] + self.stride
+        return mine[n:n + k].tolist()
+
+
+# A dealer's slots: each calls it about once per k reads, and a read task takes about a
+# second or more per read, so this keeps a dealer's calls ~10x under what one serves.
+SLOTS_PER_DEALER = 128
+
+
+def dealing(reads: int, per_epoch: int, slots: int, most: int = 16) -> tuple[int, int]:
+    """-> (k, dealers): reads a slot takes per call (`deal_many`), and how many dealers.
+
+    k is up to `most`, fewer where the plan is short for its slots: the slots together hold
+    at most a quarter of an epoch (k reads each are dealt ahead of the one being read, so a
+    larger k would mix epochs, and the data position would list more reads done past its
+    watermark), and each slot gets ~4 calls' worth at least, so a small plan still spreads
+    over every slot. Where k cannot carry the calls (many slots on a small epoch), more
+    dealers do: one per `SLOTS_PER_DEALER` x k slots. A 1,024-GPU B/16-i21k run (4,096
+    slots, 14k shards an epoch): k 1, 32 dealers; this machine's runs: one dealer."""
+    k = max(1, min(most, reads // max(4 * slots, 1), per_epoch // max(4 * slots, 1)))
+    return k, max(1, -(-slots // (SLOTS_PER_DEALER * k)))
 
 
 @dataclass(frozen=True)
 class Reads:
     """What the read tasks read: the plan numbers [first, stop) (number = epoch * num_shards
     + position) of `plan`, minus what `start` marks consumed, split over `slots` tasks: dealt
-    by `dealer`, or with none (`preserve_order`), contiguous runs of the stream cut at
+    by `dealers`, or with none (`preserve_order`), contiguous runs of the stream cut at
     multiples of `block_rows` samples (`windows`)."""
 
     plan: StreamPlan
@@ -130,8 +162,9 @@ class Reads:
     start: DataPosition
     stop: int
     slots: int
-    dealer: object = None
+    dealers: tuple = ()                 # `read_dealers`; slot j asks dealers[j % len]
     block_rows: int = 1
+    batch: int = 1                      # reads per call to a dealer (`dealing`)
 
     @property
     def first(self) -> int:
@@ -146,14 +179,15 @@ class Reads:
         """(read number, first, stop): the reads of `slot` and the sample indices [first,
         stop) of each that are the slot's to deliver: whole reads where dealt, else the reads
         of the slot's span of the stream (`spans`), the first and last maybe in part."""
-        if self.dealer is not None:
+        if self.dealers:
             import ray
 
-            n = 0
-            while (number := ray.get(self.dealer.deal.remote(slot, n))) >= 0:
-                yield number, 0, self.plan.sizes[self.plan.shard_at(*divmod(
-                    number, len(self.plan.sizes)))]
-                n += 1
+            n, dealer = 0, self.dealers[slot % len(self.dealers)]
+            while numbers := ray.get(dealer.deal_many.remote(slot, n, self.batch)):
+                for number in numbers:
+                    yield number, 0, self.plan.sizes[self.plan.shard_at(*divmod(
+                        number, len(self.plan.sizes)))]
+                n += len(numbers)
             return
         plan, spans = self.plan, self.spans()
         if slot >= len(spans):
@@ -219,7 +253,7 @@ class ShardReader:
 
     def __call__(self, batch: dict) -> Iterator[dict]:
         cfg, plan = self.cfg, self.reads.plan
-        ordered = self.reads.dealer is None
+        ordered = not self.reads.dealers
         policy = BadDataPolicy(cfg.strict, self._report)
         rows, cell = _empty_rows(), None
         for slot in batch["id"]:
@@ -331,6 +365,13 @@ def _to_block(rows: dict, max_labels: int = 1) -> dict:
             LOST: np.asarray(rows[LOST], dtype=np.int32).reshape(-1, 4)}
 
 
+def lost_ranges(lost) -> np.ndarray:
+    """The skipped samples a batch's `lost` column names, as (k, 4) int64 (epoch, shard,
+    first, stop) rows, empty ones dropped (what `DataPosition.advance_ranges` takes)."""
+    lost = np.asarray(lost, np.int64).reshape(-1, 4)
+    return lost[lost[:, 3] > lost[:, 2]]
+
+
 def lost_samples(lost) -> np.ndarray:
     """The (3, n) epoch, shard, index of the skipped samples a batch's `lost` column names
     ((B, 4) ranges; empty ones are ignored)."""
@@ -402,9 +443,10 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
     reads = Reads(plan, names, start, stop=max(num_epochs * len(names), 0), slots=1,
                   block_rows=cfg.block_rows)
     slots = read_slots(max(reads.stop - reads.first, 0), cfg.read_tasks, cfg.num_cpus_per_read)
-    dealer = None if cfg.preserve_order else read_dealer(reads.first, reads.stop)
-    reads = dataclasses.replace(reads, slots=slots, dealer=dealer)
-    if dealer is None:
+    batch, count = dealing(max(reads.stop - reads.first, 0), len(names), slots)
+    dealers = () if cfg.preserve_order else read_dealers(reads.first, reads.stop, count)
+    reads = dataclasses.replace(reads, slots=slots, dealers=dealers, batch=batch)
+    if not dealers:
         slots = max(len(reads.spans()), 1)
     fs, root = storage.filesystem(cfg.uri)
     health = data_health(health_name or f"data-health-{uuid.uuid4().hex[:12]}")

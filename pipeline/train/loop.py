@@ -31,8 +31,9 @@ import torch
 from pipeline import timeline
 from pipeline.cli import clock
 from pipeline.data.health import skip_summary
+from pipeline.data.plan import compact, sample_ranges
 from pipeline.data.reader import DataError
-from pipeline.data.stream import LOST, lost_samples
+from pipeline.data.stream import LOST, lost_ranges
 from pipeline.data.transforms import to_model_input
 from pipeline.model import ViT
 from pipeline.schedule import learning_rate
@@ -48,6 +49,16 @@ from pipeline.train.step import (
 )
 
 log = logging.getLogger("pipeline.train")
+
+# Steps' sample ranges a worker keeps apart before merging them (`record_samples`): merging
+# costs a sort of what is kept, so not every step; between merges ~64 x micro-batch rows.
+MERGE_EVERY = 64
+# The local shuffle buffer's cap in micro-batches (`shuffle_buffer`).
+SHUFFLE_STEPS = 16
+# Rank 0 sends metrics to MLflow at most this often (and at each checkpoint and the end):
+# a log_batch blocks every worker at the next collective for a round trip to the server
+# (~20 ms), 34% of a 50-step log interval at 1,024 GPUs (bench/scale.py); once per 10 s, 0.2%.
+FLUSH_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,8 @@ class Worker:
     probe: Any = None                   # pipeline.train.fewshot.FewShotProbe, or None
     flops: float | None = None          # training FLOPs per image and the device's peak,
     peak: float | None = None           # for perf/mfu (GPU only)
+    skipped: dict = field(default_factory=dict)      # rank 0: the last data-health count,
+    skipped_at: float = -math.inf                    # and when it was asked (`_skipped`)
 
     @property
     def cfg(self) -> PretrainConfig:
@@ -235,7 +248,7 @@ def open_tracker(spec: WorkerSpec, env: WorkerEnv, start: Start):
     from pipeline.tracking import Tracker
 
     # No run id: MLflow was down at start; the tracker keeps the metrics in the run folder.
-    tracker = Tracker(spec.tracking_uri, spec.run_id, spec.run_uri)
+    tracker = Tracker(spec.tracking_uri, spec.run_id, spec.run_uri, flush_every_s=FLUSH_EVERY_S)
     tracker.note_start(start.step)                   # every (re)start: tag start_steps
     return tracker
 
@@ -268,8 +281,19 @@ def batches(shard, cfg: PretrainConfig, env: WorkerEnv):
     from pipeline.data.stream import InputConfig, iter_batches
 
     return iter(iter_batches(shard, cfg.micro_batch, InputConfig(
-        shuffle_buffer=cfg.data.shuffle_buffer), drop_last=True,
-        seed=cfg.train.seed + env.rank))
+        shuffle_buffer=shuffle_buffer(cfg)), drop_last=True, seed=cfg.train.seed + env.rank))
+
+
+def shuffle_buffer(cfg: PretrainConfig) -> int:
+    """Each worker's local shuffle buffer: `data.shuffle_buffer`, at most `SHUFFLE_STEPS`
+    micro-batches. Why the cap: the samples in the buffers at a checkpoint are holes in the
+    data position (not trained yet, they are listed one by one), and a buffer sized per
+    worker makes them grow with the cluster: 4,096 x 1,024 workers held 4M samples, half of
+    a B/16 checkpoint interval, and made each checkpoint's position ~80 MB (bench/scale.py).
+    Capped, all buffers together hold at most `SHUFFLE_STEPS` global batches on any cluster.
+    The mixing is not worse where it matters: the global batch still draws from every
+    worker's stream, and those come from as many shards as there are read tasks."""
+    return min(cfg.data.shuffle_buffer, SHUFFLE_STEPS * cfg.micro_batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +355,7 @@ class Progress:
     step: int
     position: Any                       # DataPosition after the last checkpoint, or None
     meter: Meter
-    consumed: list = field(default_factory=list)      # (epoch, shard, index) since last save
+    consumed: list = field(default_factory=list)      # (k, 4) ranges trained since last save
     last_save: float = field(default_factory=time.monotonic)
     start_step: int = 0                 # where this (re)start began, and when: the pace
     saved: int = 0                      # checkpoints the run has written, all starts
@@ -381,12 +405,18 @@ def next_batches(w: Worker, batches, progress: Progress) -> list[dict]:
 
 def record_samples(progress: Progress, micro: list[dict], trace) -> None:
     """The samples of this step, for the data position of the next checkpoint (and the
-    audit file of `data.trace_dir`)."""
+    audit file of `data.trace_dir`), kept as runs of indices (`plan.compact`): a worker's
+    bookkeeping between checkpoints grows with the reads it touches, not with its samples."""
     if progress.position is None and trace is None:
         return
     ids = [np.stack([b[c].numpy() for c in ("epoch", "shard", "index")]) for b in micro]
-    # Samples the read tasks skipped are consumed too (see pipeline.data.health).
-    progress.consumed += ids + [lost_samples(b[LOST].numpy()) for b in micro if LOST in b]
+    if progress.position is not None:
+        progress.consumed += [sample_ranges(*a) for a in ids]
+        # Samples the read tasks skipped are consumed too (see pipeline.data.health); the
+        # `lost` column names them as (epoch, shard, first, stop) already.
+        progress.consumed += [lost_ranges(b[LOST].numpy()) for b in micro if LOST in b]
+        if len(progress.consumed) >= MERGE_EVERY:
+            progress.consumed = [compact(np.concatenate(progress.consumed))]
     if trace is not None:
         for a in ids:
             np.savetxt(trace, np.vstack([np.full(a.shape[1], progress.step + 1), a]).T,
@@ -420,7 +450,7 @@ def log_step(w: Worker, progress: Progress, lr: float) -> dict:
     if w.probe is not None and w.probe.due(step):
         metrics.update(w.probe.run(w.model, w.env))
     if w.env.rank == 0:
-        metrics.update(_skipped(w.spec.health))
+        metrics.update(_skipped(w, step == total))
         log.info(progress_line(step, total, metrics, progress.start_step,
                                time.monotonic() - progress.started))
         if w.tracker is not None:
@@ -474,9 +504,11 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
         data_position=position.to_dict() if position is not None else None,
         config=cfg.to_dict(), run_name=cfg.run.name, run_id=w.spec.run_id,
         world_size=env.world, strategy=env.strategy, number=progress.saved)
-    if env.rank == 0:      # retention, before this save: the earlier ones are done or in flight
-        checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep, cfg.eval.vtab_every)
-    w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics)
+    # Retention on rank 0, before this upload (the earlier ones are done or in flight), in
+    # the upload's thread: its listing grows with the ranks.
+    retention = (lambda: checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep,
+                                           cfg.eval.vtab_every)) if env.rank == 0 else None
+    w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics, before_upload=retention)
     progress.last_save = time.monotonic()
     if w.tracker is not None:
         w.tracker.save()
@@ -484,12 +516,17 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
 
 def _advance(w: Worker, progress: Progress):
     """The data position after every sample trained so far: the samples each worker trained
-    on since the last checkpoint, gathered on rank 0 and added to the position there (a
-    collective; the other ranks return None)."""
+    on since the last checkpoint, compacted on the worker into runs of indices (`compact`),
+    gathered on rank 0 and added to the position there (a collective; the other ranks return
+    None). What rank 0 receives is 16 bytes a run: about one per block of the stream a
+    worker trained (Ray Train's split deals blocks in turn) and one per hole its shuffle
+    buffer left, ~2 MB a B/16-i21k checkpoint at 1,024 workers, where the ids were ~200 MB
+    on any cluster (bench/scale.py)."""
     if progress.position is None:
         return None
-    mine = np.concatenate(progress.consumed, axis=1) if progress.consumed else \
-        np.zeros((3, 0), np.int64)
+    # int32, as the stream's id columns: 16 bytes a run.
+    mine = (compact(np.concatenate(progress.consumed)) if progress.consumed else
+            np.zeros((0, 4), np.int64)).astype(np.int32)
     progress.consumed = []
     gathered = [mine]
     if w.env.world > 1:
@@ -499,8 +536,10 @@ def _advance(w: Worker, progress: Progress):
         dist.gather_object(mine, gathered, dst=0)
     if w.env.rank != 0:
         return None
-    ids = np.concatenate(gathered, axis=1)
-    progress.position = progress.position.advance(w.spec.stream, ids[0], ids[1], ids[2])
+    ranges = np.concatenate(gathered)
+    log.debug("data position: %d ranges (%d bytes) gathered from %d workers at step %d",
+              len(ranges), ranges.nbytes, w.env.world, progress.step)
+    progress.position = progress.position.advance_ranges(w.spec.stream, ranges)
     return progress.position
 
 
@@ -586,16 +625,25 @@ def _ran_out(spec: WorkerSpec, step: int) -> str:
             f"during the run?)")
 
 
-def _skipped(health) -> dict:
+def _skipped(w: Worker, last: bool) -> dict:
+    """data/skipped_samples: the data-health actor's count, asked at most every
+    `FLUSH_EVERY_S` (and at the last step): a round trip to an actor at every log step is
+    ~1 ms of rank 0's time, which every worker waits for at the next collective (1.3% of a
+    1,024-GPU log interval, bench/scale.py). In between, the last count is logged again."""
+    health = w.spec.health
     if health is None:
         return {}
+    if not last and time.monotonic() - w.skipped_at < FLUSH_EVERY_S:
+        return w.skipped
     import ray
 
     try:
-        return {"data/skipped_samples": float(ray.get(health.summary.remote(),
-                                                      timeout=10)["skipped"])}
+        w.skipped = {"data/skipped_samples": float(ray.get(health.summary.remote(),
+                                                             timeout=10)["skipped"])}
     except Exception:  # noqa: BLE001 - metrics must never stop training
-        return {"data/skipped_samples": float("nan")}
+        w.skipped = {"data/skipped_samples": float("nan")}
+    w.skipped_at = time.monotonic()
+    return w.skipped
 
 
 def interval_metrics(means: dict, meter: Meter, cfg: PretrainConfig, lr: float,

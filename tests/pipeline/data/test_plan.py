@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.data.plan import DataPosition, StreamPlan, shard_order
+from pipeline.data.plan import DataPosition, StreamPlan, compact, sample_ranges, shard_order
 from pipeline.data.shards import DatasetError
 
 from .helpers import every_sample
@@ -113,6 +113,89 @@ def test_a_sample_consumed_twice_raises_naming_it():
         DataPosition().advance(plan, [0], [1], [3])
     with pytest.raises(ValueError, match="no sample epoch 0, shard 6"):
         DataPosition().advance(plan, [0], [6], [0])
+
+
+def naive_position(plan: StreamPlan, consumed: set, epochs: int) -> DataPosition:
+    """What a position must be, by definition, from the set of samples consumed."""
+    reads = [(e, s) for e in range(epochs + 1) for s in plan.order(e)]
+    have = {r: {i for e, s, i in consumed if (e, s) == r} for r in reads}
+    whole = [len(have[r]) == plan.sizes[r[1]] for r in reads]
+    w = whole.index(False)
+    e, s = reads[w]
+    return DataPosition(e, plan.order(e).index(s), frozenset(
+        r for r, full in zip(reads[w:], whole[w:], strict=True) if full),
+        {r: tuple(sorted(have[r])) for r in reads[w:] if 0 < len(have[r]) < plan.sizes[r[1]]})
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_ranges_each_worker_compacts_give_the_position_its_samples_give(seed):
+    """What the training loop does at a checkpoint: each worker compacts the samples it
+    trained (shuffled, in several steps, some reads whole, some in part) into ranges, rank 0
+    advances by all workers' ranges at once: the position the definition gives, every time."""
+    rng = np.random.default_rng(seed)
+    plan = StreamPlan(SIZES, seed=seed)
+    samples = np.asarray(sorted(every_sample(SIZES, 2)))
+    workers = int(rng.integers(1, 5))
+    order = rng.permutation(len(samples))
+    position, consumed = DataPosition(), set()
+    for checkpoint in np.array_split(order[:rng.integers(1, len(samples))], 3):
+        mine = [[] for _ in range(workers)]
+        for step in np.array_split(checkpoint, rng.integers(1, 6)):
+            for w, part in enumerate(np.array_split(step, workers)):
+                mine[w].append(sample_ranges(*samples[part].T))
+        sent = [compact(np.concatenate(m)) for m in mine]
+        position = position.advance_ranges(plan, np.concatenate(sent))
+        consumed |= {tuple(x) for x in samples[checkpoint].tolist()}
+        assert position == naive_position(plan, consumed, 2)
+        assert position == DataPosition().advance(plan, *np.asarray(sorted(consumed)).T)
+        # O(reads touched), not O(samples): at most one row per read and hole.
+        assert sum(len(r) for r in sent) <= len(checkpoint)
+
+
+def test_compact_ranges_are_one_row_per_run_of_a_read():
+    ids = np.asarray([(0, 2, i) for i in (5, 3, 4, 9, 6)] + [(1, 2, 0), (0, 1, 0), (0, 1, 1)])
+    rows = sample_ranges(*ids[np.random.default_rng(0).permutation(len(ids))].T)
+    assert rows.tolist() == [[0, 1, 0, 2], [0, 2, 3, 7], [0, 2, 9, 10], [1, 2, 0, 1]]
+    assert compact(np.r_[rows, [[0, 2, 7, 9]]]).tolist() == [
+        [0, 1, 0, 2], [0, 2, 3, 10], [1, 2, 0, 1]], "touching runs merge"
+    assert sample_ranges([], [], []).shape == (0, 4)
+    whole = sample_ranges([0] * 12, [2] * 12, np.random.default_rng(1).permutation(12))
+    assert DataPosition().advance_ranges(StreamPlan(SIZES), whole).done == {(0, 2)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_sample_two_workers_or_two_steps_trained_raises_naming_it(seed):
+    rng = np.random.default_rng(seed)
+    plan = StreamPlan(SIZES, seed=seed)
+    samples = np.asarray(sorted(every_sample(SIZES, 1)))
+    picked = samples[rng.permutation(len(samples))[:30]]
+    e, s, i = twice = picked[int(rng.integers(len(picked)))]
+    message = f"epoch {e}, shard {s}, index {i} consumed twice"
+    halves = np.array_split(picked, 2)
+    # Across workers: each compacts alone, so the overlap shows only on rank 0.
+    for w in range(2):
+        sent = [sample_ranges(*h.T) for h in halves]
+        sent[w] = compact(np.r_[sent[w], sample_ranges(*twice[:, None])])
+        if (halves[w] == twice).all(axis=1).any():
+            sent[1 - w] = compact(np.r_[sent[1 - w], sample_ranges(*twice[:, None])])
+        with pytest.raises(ValueError, match=message):
+            DataPosition().advance_ranges(plan, np.concatenate(sent))
+    # One worker, two steps; and a sample the position holds already.
+    with pytest.raises(ValueError, match=message):
+        DataPosition().advance_ranges(plan, compact(np.r_[
+            sample_ranges(*picked.T), sample_ranges(*twice[:, None])]))
+    before = DataPosition().advance(plan, *picked.T)
+    with pytest.raises(ValueError, match=message):
+        before.advance_ranges(plan, sample_ranges(*twice[:, None]))
+
+
+def test_ranges_outside_the_plan_are_refused_naming_the_sample():
+    plan = StreamPlan(SIZES)
+    for row, named in (([0, 1, 2, 5], "shard 1, index 3"), ([0, 1, -1, 1], "shard 1, index -1"),
+                       ([0, 6, 0, 1], "shard 6, index 0"), ([-1, 0, 0, 1], "epoch -1"),
+                       ([0, 0, 3, 3], "shard 0, index 3")):
+        with pytest.raises(ValueError, match=f"no sample .*{named}"):
+            DataPosition().advance_ranges(plan, [row])
 
 
 def test_position_json_is_plain_and_small():

@@ -21,6 +21,7 @@ from pipeline.data.stream import (
     COLUMNS,
     InputConfig,
     ReadDealer,
+    dealing,
     iter_batches,
     shard_dataset,
 )
@@ -227,6 +228,38 @@ def test_the_dealer_hands_out_reads_in_order_and_replays_a_slot_that_starts_over
     assert [dealer.deal(0, 0), dealer.deal(0, 1), dealer.deal(0, 2)] == [5, 7, 8]
     assert [dealer.deal(1, 1), dealer.deal(2, 0), dealer.deal(1, 2)] == [9, -1, -1]
     assert dealer.deal(1, 0) == 6, "what was dealt stays replayable after the end"
+
+
+def test_the_dealer_deals_in_batches_and_replays_them_by_index():
+    dealer = ReadDealer(first=0, stop=20)
+    assert dealer.deal_many(0, 0, 4) == [0, 1, 2, 3]
+    assert dealer.deal_many(1, 0, 4) == [4, 5, 6, 7]
+    assert dealer.deal_many(0, 4, 4) == [8, 9, 10, 11]
+    # Slot 0's task is retried and asks in other batch sizes: the same reads, by index, then
+    # new ones once it is past what it had.
+    assert dealer.deal_many(0, 0, 3) + dealer.deal_many(0, 3, 6) == [0, 1, 2, 3, 8, 9, 10, 11,
+                                                                     12]
+    assert [dealer.deal(0, n) for n in range(9)] == [0, 1, 2, 3, 8, 9, 10, 11, 12]
+    assert dealer.deal_many(2, 0, 16) == list(range(13, 20)), "fewer at the end"
+    assert dealer.deal_many(2, 7, 16) == [] and dealer.deal(3, 0) == -1
+    assert dealer.deal_many(1, 2, 4) == [6, 7], "what was dealt stays replayable after the end"
+    dealt = [n for slot in dealer.dealt.values() for n in slot]
+    assert sorted(dealt) == list(range(20)), "every read once, to one slot"
+
+
+def test_dealers_take_every_stride_th_read_and_dealing_bounds_what_is_dealt_ahead():
+    # Three dealers share the plan: each its residue class, in order; together every read.
+    dealers = [ReadDealer(first=10 + d, stop=20, stride=3) for d in range(3)]
+    got = [dealers[d].deal_many(d, 0, 16) for d in range(3)]
+    assert got == [[10, 13, 16, 19], [11, 14, 17], [12, 15, 18]]
+    assert dealers[1].deal_many(4, 0, 2) == [] and dealers[1].deal_many(1, 1, 1) == [14]
+    # (k, dealers): a long plan on a few slots, k 16; a 1,024-GPU run, 4,096 slots on 14k
+    # shards an epoch: no more than a quarter epoch dealt ahead, so k 1, and 32 dealers;
+    # a short plan: what each slot gets.
+    assert dealing(reads=450_000, per_epoch=5_000, slots=2) == (16, 1)
+    assert dealing(reads=90 * 14_000, per_epoch=14_000, slots=4096) == (1, 32)
+    assert dealing(reads=90 * 14_000, per_epoch=14_000, slots=256) == (13, 1)
+    assert dealing(reads=16, per_epoch=8, slots=2) == (1, 1)
 
 
 def one_sample_shards(root: Path, count: int) -> list[str]:

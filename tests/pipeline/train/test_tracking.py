@@ -147,3 +147,26 @@ def test_one_store_whatever_the_storage(ray_local, tmp_path, monkeypatch):
     assert {"store-a", "store-b"} <= logged and "store-off" not in logged
     spills = list((tmp_path / "elsewhere" / "store-off").glob("pending_metrics-*.jsonl"))
     assert spills and "train/loss" in spills[0].read_text()
+
+
+@pytest.mark.mlflow
+def test_a_tracker_with_flush_every_s_sends_at_most_that_often_and_at_a_checkpoint(
+        mlflow_server, tmp_path):
+    """Rank 0's tracker (loop.FLUSH_EVERY_S): a log step keeps its metrics unless the last
+    send is that old; a checkpoint (`save`) and the end send what is kept."""
+    uri = mlflow_server.uri
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("flush")).info.run_id
+    t = tracking.Tracker(uri, run, spill_uri=str(tmp_path / "spill"), flush_every_s=3600)
+    history = lambda: [(m.step, m.value) for m in client.get_metric_history(run, "train/loss")]  # noqa: E731
+    t.log_metrics({"train/loss": 2.0}, step=1)
+    assert history() == [(1, 2.0)], "the first is sent at once"
+    t.log_metrics({"train/loss": 1.0}, step=2)
+    t.log_metrics({"train/loss": 0.5}, step=3)
+    assert history() == [(1, 2.0)] and len(t.pending) == 2
+    t.save()
+    assert sorted(history()) == [(1, 2.0), (2, 1.0), (3, 0.5)] and not t.pending
+    t.log_metrics({"train/loss": 0.25}, step=4)
+    t.close()
+    assert sorted(history())[-1] == (4, 0.25)
+    assert not (tmp_path / "spill").exists(), "nothing spilled while the store was there"
