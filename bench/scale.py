@@ -40,11 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.data.plan import DataPosition, StreamPlan, compact, sample_ranges
+from pipeline.train.loop import SHUFFLE_STEPS
 
-from pipeline.data.plan import DataPosition, StreamPlan, compact, sample_ranges  # noqa: E402
-from pipeline.train.loop import SHUFFLE_STEPS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 GPUS = (8, 64, 256, 1024)
 IMG_PER_GPU_S = 3400          # B/16, 224 px, bf16, one H100 (issue 27)
