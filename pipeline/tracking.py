@@ -486,8 +486,27 @@ def log_dataset(tracking_uri: str, run_id: str, name: str, uri: str, digest: str
         source = resolve_dataset_source(uri)
     # No digest: MLflow makes one of the source.
     dataset = MetaDataset(source, name=name, digest=digest[:36] if digest else None)
-    MlflowClient(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
-        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+    entity = DatasetInput(dataset._to_mlflow_entity(),
+                          tags=[InputTag("mlflow.data.context", context)])
+    _unique_race(lambda: MlflowClient(tracking_uri).log_inputs(run_id, datasets=[entity]))
+
+
+def _unique_race(call, tries: int = 3):
+    """`call()`, again where it lost a race on a unique row to another run doing the same
+    at the same moment (two runs of one team starting on the same data: the store adds each
+    (experiment, name, digest) dataset once, and the loser gets the database's
+    unique-constraint error); the next try finds the row."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            return call()
+        except MlflowException as err:
+            if attempt == tries - 1 or "unique constraint" not in str(err).lower():
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 class SystemMetrics:

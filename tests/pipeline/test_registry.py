@@ -210,24 +210,32 @@ def test_vtab_task_runs_hold_their_trials_curves_and_data(mlflow_server):
 
 def test_runs_starting_and_finishing_together_share_one_experiment_and_model(mlflow_server):
     """Two jobs submitted together (the demo does; a team's cluster does) race to create
-    the experiment and, at their ends, the registered model: every racer gets the same one
-    and none fails."""
+    the experiment and its dataset row (same data) and, at their ends, the registered model:
+    every racer gets the same one and none fails."""
     from concurrent.futures import ThreadPoolExecutor
     from threading import Barrier
 
     uri, exp = mlflow_server.uri, f"race-{uuid.uuid4().hex[:6]}"
-    n = 3
+    n = 6
     gate = Barrier(n)
 
     def start(i):
         gate.wait()
-        return _pretraining_run(uri, exp, f"run-{i}")
+        run_id = _pretraining_run(uri, exp, f"run-{i}")
+        tracking.log_dataset(uri, run_id, "shards#train", "/data/shards", "d1g35t")
+        return run_id
 
     with ThreadPoolExecutor(n) as pool:
         runs = list(pool.map(start, range(n)))
     client = MlflowClient(uri)
     assert len({client.get_run(r).info.experiment_id for r in runs}) == 1
+    for run_id in runs:
+        (logged,) = client.get_run(run_id).inputs.dataset_inputs
+        assert logged.dataset.name == "shards#train"
     name = registry.registered_model_name(exp)
+
+    n = 3                    # fewer: each registration is several requests
+    gate = Barrier(n)
 
     def register(i):
         gate.wait()
