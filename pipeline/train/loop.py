@@ -504,11 +504,12 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
         data_position=position.to_dict() if position is not None else None,
         config=cfg.to_dict(), run_name=cfg.run.name, run_id=w.spec.run_id,
         world_size=env.world, strategy=env.strategy, number=progress.saved)
-    # Retention on rank 0, before this upload (the earlier ones are done or in flight), in
-    # the upload's thread: its listing grows with the ranks.
-    retention = (lambda: checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep,
-                                           cfg.eval.vtab_every)) if env.rank == 0 else None
-    w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics, before_upload=retention)
+    # Retention on rank 0, before this save (the earlier ones are done or in flight). Run
+    # in the upload thread it listed the folder Ray had just made for this upload and the
+    # previous one mid-upload, and said "skipping incomplete checkpoint" for both.
+    if env.rank == 0:
+        checkpoints.prune(w.spec.run_uri, cfg.checkpoint.keep, cfg.eval.vtab_every)
+    w.writer.save(w.model, w.optimizer, cfg.model, doc, metrics)
     progress.last_save = time.monotonic()
     if w.tracker is not None:
         w.tracker.save()
