@@ -46,6 +46,17 @@ from pipeline.train.loop import SHUFFLE_STEPS
 ROOT = Path(__file__).resolve().parents[1]
 
 GPUS = (8, 64, 256, 1024)
+
+
+def run_threads(target, n: int) -> float:
+    """`target(i)` for i in range(n), each in its own thread, at once; -> wall seconds."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 IMG_PER_GPU_S = 3400          # B/16, 224 px, bf16, one H100 (issue 27)
 GLOBAL_BATCH = 4096           # vit_b16_i21k
 LOG_EVERY = 50                # TrainConfig.log_every
@@ -198,13 +209,7 @@ def measure_dealer(callers, seconds: float) -> dict:
                     got += len(ray.get(actor.deal_many.remote(slot, got, k)))
                     counts[slot] += 1
 
-            threads = [threading.Thread(target=call, args=(s,)) for s in range(n)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
+            wall = run_threads(call, n)
             calls = sum(counts)
             res[(k, n)] = {"calls_s": calls / wall, "reads_s": calls * k / wall}
             print(f"  {k:2d} reads/call, {n} callers: {calls / wall:7.0f} calls/s = "
@@ -318,13 +323,7 @@ def measure_stream(consumers, blocks: int, tasks: int = 2) -> dict:
             for _ in splits[i].iter_batches(batch_size=None, prefetch_batches=1):
                 got[i] += 1
 
-        threads = [threading.Thread(target=eat, args=(i,)) for i in range(n)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_threads(eat, n)
         res[n] = {"blocks_s": sum(got) / wall}
         print(f"  {n} consumers: {sum(got)} blocks of {BLOCK} rows in {wall:.1f} s = "
               f"{sum(got) / wall:6.0f} blocks/s", flush=True)
