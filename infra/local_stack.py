@@ -134,7 +134,10 @@ def up(root: Path, num_cpus: int | None = None) -> dict:
             cmd.append(f"--num-cpus={num_cpus}")
         # This interpreter's folder first on PATH: `python` in a submitted job's entrypoint
         # is then the one with the project's dependencies.
+        # No drain on `down`: Ray's head otherwise waits up to 30 s on SIGTERM for Serve
+        # replicas to move away (`_drain_node_before_shutdown`); this one has none.
         proc = _spawn(cmd, log, {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+                                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                                  "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                                  **{k: v for k, v in settings(state).items()
                                     if k.startswith("AWS_")}})

@@ -38,9 +38,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_TASKS = ("eurosat", "kitti", "dsprites_ori")
 
 
+STEP_STARTS: list[float] = []     # when each step began, for the closing line's timings
+
+
 def step(n: int, total: int, text: str) -> float:
     print(f"[{n}/{total}] {text}", flush=True)
-    return time.monotonic()
+    STEP_STARTS.append(time.monotonic())
+    return STEP_STARTS[-1]
+
+
+def step_times(end: float) -> str:
+    """-> "1: 21 s, 2: 3 s, ..." for the steps begun so far, the last one ending at `end`."""
+    ends = [*STEP_STARTS[1:], end]
+    return ", ".join(f"{i}: {e - s:.0f} s"
+                     for i, (s, e) in enumerate(zip(STEP_STARTS, ends, strict=True), 1))
 
 
 def submit(script: str, args: list[str], env: dict, log: Path) -> str:
@@ -162,7 +173,9 @@ def main(argv=None) -> int:
                      root / "logs" / "analyze-demo-a.log")
     finally:
         local_stack.down(stack_dir)
-    print(f"\nDone in {time.monotonic() - t0:.0f} s. Everything is under {root}:")
+    now = time.monotonic()
+    print(f"\nDone in {now - t0:.0f} s (by step: {step_times(now)}). Everything is under "
+          f"{root}:")
     print(f"  checkpoints: {root / 'runs'}   VTAB reports: {root / 'vtab'}   logs: "
           f"{root / 'logs'}")
     print("  MLflow (the runs, the nested VTAB runs, the comparison run, the analysis run):")

@@ -57,6 +57,14 @@ def model_name_of(client, run) -> str:
                                  run.data.params.get("run.registered_model", ""))
 
 
+def _use_tracking_uri(uri: str):
+    """MLflow's own context manager that sets its global tracking URI for a block, and
+    restores the previous setting (unset included) after it."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri as use
+
+    return use(uri)
+
+
 def checkpoint_version(client, model_name: str, run_id: str, step: int):
     """The version of `model_name` registered for run `run_id`'s checkpoint of `step`, or
     None. (By step, not by URI: one checkpoint reads as /tmp/x or /private/tmp/x.)"""
@@ -110,10 +118,15 @@ def register_checkpoint(tracking_uri: str, run_id: str, model_name: str,
             client.log_model_artifacts(model.model_id, folder)
         client.finalize_logged_model(model.model_id, "READY")
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
-        version = client.create_model_version(
-            model_name, source=f"models:/{model.model_id}", run_id=run_id,
-            model_id=model.model_id, tags=tags, await_creation_for=0,
-            description=f"{run_name} at step {step}: {checkpoint_uri}")
+        # A SQL or file store (no server) looks the `models:/` source up through the
+        # process's global tracking URI, not this client's (MLflow's TODO in
+        # store/model_registry/sqlalchemy_store.py): where that differs, the version failed
+        # and MLflow's default store (./mlflow.db) appeared in the working directory.
+        with _use_tracking_uri(tracking_uri):
+            version = client.create_model_version(
+                model_name, source=f"models:/{model.model_id}", run_id=run_id,
+                model_id=model.model_id, tags=tags, await_creation_for=0,
+                description=f"{run_name} at step {step}: {checkpoint_uri}")
     if newest:
         client.set_registered_model_alias(model_name, NEWEST, version.version)
     return version

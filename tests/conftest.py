@@ -7,6 +7,11 @@ import socket
 
 import pytest
 
+# `ray start --block` drains its node for up to 30 s on SIGTERM before it stops (Ray 2.60's
+# `_drain_node_before_shutdown`, for Serve replicas), so each head a test stopped took 20-35 s
+# to go. The tests' heads and nodes serve nothing to drain: they stop in a few seconds.
+os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -78,6 +83,20 @@ def _few_threads():
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
     yield
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_STRAYS = ("mlflow.db", "mlruns", "mlartifacts")
+
+
+@pytest.fixture(autouse=True)
+def _no_default_mlflow_store():
+    """Fail the test that leaves MLflow's default store (./mlflow.db, ./mlruns) in the
+    checkout: some process of it logged without the tracking URI it was given."""
+    before = {name for name in _STRAYS if os.path.exists(os.path.join(_ROOT, name))}
+    yield
+    new = {name for name in _STRAYS if os.path.exists(os.path.join(_ROOT, name))} - before
+    assert not new, f"MLflow's default store was written in the checkout: {sorted(new)}"
 
 
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",

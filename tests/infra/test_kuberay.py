@@ -112,7 +112,9 @@ def cluster(tmp_path_factory):
     record = tmp / "commands.jsonl"
     base = {"PATH": f"{bindir}:{BIN}:/usr/bin:/bin", "HOME": str(tmp),
             "RAY_USAGE_STATS_ENABLED": "0", "VIT_STANDIN_LOG": str(record),
-            "PYTHONPATH": str(ROOT)}
+            "PYTHONPATH": str(ROOT),
+            # Not the pods' setting: the test's stop of a pod without the 30 s node drain.
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     dash, gcs = free_port(), free_port()
     ports = {"port": gcs, "dashboard-port": dash, "metrics-export-port": free_port(),
              "dashboard-agent-listen-port": free_port(),

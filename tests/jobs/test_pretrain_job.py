@@ -140,7 +140,7 @@ try:
     cfg = apply_overrides(smoke(), sets + ["run.shared_storage=true"])
     out = pretrain(cfg, tracking_uri="sqlite:///{tmp_path}/m.db")
     nodes = {{a["node_id"] for a in ray.util.state.list_actors(
-        filters=[("class_name", "=", "RayTrainWorker")], limit=100)}}
+        address=cluster.address, filters=[("class_name", "=", "RayTrainWorker")], limit=100)}}
     print("RESULT", out.step, len(nodes))
 finally:
     ray.shutdown()
@@ -155,4 +155,11 @@ finally:
     assert "2 nodes" in refused[0]
     result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
     assert result == ["RESULT 30 2"], out.stdout[-2000:]
+    # The checkpoint became a model version in the store the run was given (pretrain() called
+    # directly, so no MLFLOW_TRACKING_URI: MLflow's registry used to look in ./mlflow.db).
+    assert "could not register" not in out.stderr, out.stderr[-2000:]
+    from mlflow.tracking import MlflowClient
+
+    versions = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_model_versions()
+    assert [v.tags["step"] for v in versions] == ["30"], versions
 
