@@ -163,6 +163,13 @@ def up(root: Path, num_cpus: int | None = None) -> dict:
 
 
 def _alive(pid: int) -> bool:
+    """Is any process of the group led by `pid` left? The leader is reaped first where it is
+    this process's child (`up` and `down` in one process, as in the demo): a zombie still
+    counts as a member of its group, and `down` used to wait out its 20 s per service."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass                                  # not our child: its parent or init reaps it
     try:
         os.killpg(pid, 0)
         return True
