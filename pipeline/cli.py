@@ -126,9 +126,12 @@ def configure_logging(level: str | None = None) -> str:
 
 
 # Environment variables that set a library's log level in every process that imports it:
-# Ray Data's logger (its console handler would print each dataset's plan and progress) and
-# MLflow's (system-metrics start and stop lines from every training worker).
-LIBRARY_LEVEL_VARS = ("RAY_DATA_LOG_LEVEL", "MLFLOW_LOGGING_LEVEL")
+# Ray Data's logger (its console handler would print each dataset's plan and progress),
+# MLflow's (system-metrics start and stop lines from every training worker), and ours for
+# the other libraries in Ray's worker processes (`ray_worker_setup`: Ray's worker logging
+# puts the root logger at INFO, and botocore said "Found credentials in environment
+# variables." twice per S3 call of each worker).
+LIBRARY_LEVEL_VARS = ("RAY_DATA_LOG_LEVEL", "MLFLOW_LOGGING_LEVEL", "VIT_LIBRARY_LOG_LEVEL")
 
 
 class _DropChoices(logging.Filter):
@@ -141,8 +144,14 @@ class _DropChoices(logging.Filter):
 
 def ray_worker_setup() -> None:
     """Runs first in every Ray worker process of our jobs (the runtime environment's
-    `worker_process_setup_hook`): Ray Data's "progress bars disabled" warning, a choice of
+    `worker_process_setup_hook`): the other libraries log at the command's level for them
+    (`configure_logging`), and Ray Data's "progress bars disabled" warning, a choice of
     ours, is dropped."""
+    theirs = os.environ.get("VIT_LIBRARY_LOG_LEVEL", "WARNING").upper()
+    if theirs in LOG_LEVELS:
+        for name in THIRD_PARTY:
+            if not name.startswith("ray"):           # Ray's own: its worker logging config
+                logging.getLogger(name).setLevel(theirs)
     logging.getLogger("ray.data._internal.progress").addFilter(_DropChoices())
 
 
@@ -177,8 +186,13 @@ def ray_init_args(address: str | None, **env_vars: str) -> dict:
         s.bind(("", 0))
         port = s.getsockname()[1]
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)     # read by the head ray.init starts
+    # A local Ray is one machine that nothing drains: Ray Train's preemption watcher (an
+    # actor per run, which also logs a core_worker error about its own restarts) has nothing
+    # to watch there. A value the user set wins; clusters keep Ray's default (on).
+    local = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER":
+             os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
     return {"address": "local", "runtime_env": {**hook, "env_vars": {
-        "RAY_ADDRESS": f"{get_node_ip_address()}:{port}", **env_vars}}}
+        "RAY_ADDRESS": f"{get_node_ip_address()}:{port}", **local, **env_vars}}}
 
 
 def ray_env_vars() -> dict[str, str]:
