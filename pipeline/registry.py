@@ -20,10 +20,13 @@ evaluates a checkpoint (`vit-vtab`, or pretraining itself) can call it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,12 +60,29 @@ def model_name_of(client, run) -> str:
                                  run.data.params.get("run.registered_model", ""))
 
 
-def _use_tracking_uri(uri: str):
-    """MLflow's own context manager that sets its global tracking URI for a block, and
-    restores the previous setting (unset included) after it."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri as use
+_GLOBAL_URI = threading.Lock()
+_URI_VAR = "MLFLOW_TRACKING_URI"
 
-    return use(uri)
+
+@contextlib.contextmanager
+def _use_tracking_uri(uri: str):
+    """MLflow's global tracking URI set to `uri` for a block, then put back as it was, with
+    MLFLOW_TRACKING_URI: MLflow's own setter also sets that variable, and unsets it when the
+    URI goes back to "not set" (its `_use_tracking_uri` did that, and the command's later
+    evaluations then logged to the default store). One block at a time: it is global."""
+    from mlflow.tracking._tracking_service import utils
+
+    with _GLOBAL_URI:
+        env, saved = os.environ.get(_URI_VAR), utils._tracking_uri
+        utils.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            utils.set_tracking_uri(saved)
+            if env is None:
+                os.environ.pop(_URI_VAR, None)
+            else:
+                os.environ[_URI_VAR] = env
 
 
 def checkpoint_version(client, model_name: str, run_id: str, step: int):

@@ -54,6 +54,33 @@ def test_checkpoints_are_versions_of_the_experiment_s_model(mlflow_server, tmp_p
     assert registry.registered_model_name("vit-pretrain", "b16") == "b16"
 
 
+@pytest.mark.parametrize("env", ["unset", "another store"])
+def test_a_local_store_registers_and_leaves_the_processs_settings_alone(tmp_path, monkeypatch,
+                                                                       env):
+    """A SQLite store passed as the argument (pretrain() called directly, a test's store):
+    MLflow's registry looks the version's `models:/` source up through the global tracking
+    URI, so the version failed and ./mlflow.db appeared; and the command's own setting
+    (MLFLOW_TRACKING_URI, or none) must be as it was afterwards, or what the command logs
+    next goes to another store."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    other = f"sqlite:///{tmp_path}/other.db"
+    if env == "unset":
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    uri = f"sqlite:///{tmp_path}/given.db"
+    run = _pretraining_run(uri, "local", "run-l")
+    version = registry.register_checkpoint(uri, run, "local-model", str(tmp_path / "c"), 10)
+    assert str(version.version) == "1" and version.run_id == run
+    assert not (tmp_path / "mlflow.db").exists()
+    import os
+
+    assert os.environ.get("MLFLOW_TRACKING_URI") == (None if env == "unset" else other)
+    assert mlflow.get_tracking_uri() != uri and tracking.default_tracking_uri() != uri
+
+
 def test_vtab_results_flow_back_into_the_pretraining_run(mlflow_server):
     """The VTAB run gets the pretraining config as pretrain.* params, the checkpoint's
     version as its model input and a link; its summary goes into the pretraining run at the
