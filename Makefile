@@ -21,11 +21,11 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# pytest-xdist workers (opt-in: `make test TEST_WORKERS=2`): each runs whole modules, with
-# its own session services (Ray, S3, MLflow). Two cut the suite from ~47 to ~37 minutes on
-# 2 cores, but two tests that pass alone failed in that run (a Train worker group of one
-# session's Ray stopped while the other's ran), so CI runs the suite in one process.
-TEST_WORKERS ?= 1
+# pytest-xdist workers: each runs whole modules, heaviest first (tests/durations.json), with
+# its own session services (Ray, S3, MLflow). On 2 cores two workers take the suite from
+# ~43 to ~31 minutes of pytest (a clean fresh-clone run, 2026-12-05). `make test
+# TEST_WORKERS=1` runs it in one process.
+TEST_WORKERS ?= 2
 XDIST := $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder,)
 
 

@@ -9,6 +9,8 @@ script prints the phases side by side with the training time itself.
     vtab-local       `vit-vtab --preset demo` on one generated task: its first trial step
     tools            vit-export, vit-analyze, vit-shards on small inputs, and the time each
                      command (pretraining and VTAB too) takes to refuse bad input
+    stack            stopping: a Ray head on SIGTERM with and without Ray's node drain, and
+                     the local stack up and down (what the demo and the tests pay)
 
     python bench/startup.py                          # all, each once (~4 min on 2 cores)
     python bench/startup.py --only pretrain-local --repeats 3
@@ -141,14 +143,18 @@ def pretrain_local(work: Path, repeats: int) -> dict:
                   ("worker.first_step", "worker.last_step"))
 
 
-def start_head(work: Path) -> tuple[subprocess.Popen, str, str]:
+def start_head(work: Path, drain_s: str = "0") -> tuple[subprocess.Popen, str, str]:
+    """`ray start --head --block` with job submission, up when its job agent answers.
+    `drain_s`: RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S, how long the head drains its node on
+    SIGTERM before it stops (Ray's default 30; the local stack's and the tests' 0)."""
     tmp = tempfile.mkdtemp(prefix="bh", dir="/tmp")       # socket paths stay < 108 bytes
     dash = free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
            f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp}",
            "--include-dashboard=true", f"--dashboard-agent-listen-port={free_port()}",
            f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": drain_s}
     head = subprocess.Popen(cmd, env=env, stdout=open(work / "head.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -282,8 +288,49 @@ def tools(work: Path) -> dict:
     return figures
 
 
+def stack(work: Path, repeats: int) -> dict:
+    """Stopping: a bare `ray start --head --block` from SIGTERM to exit with Ray's default
+    node drain and without it, and the local stack (infra/local_stack.py) up and down in one
+    process, as the demo uses it."""
+    from infra import local_stack
+
+    figures: dict[str, float] = {}
+    print("\nstopping a Ray head and the local stack (median s)")
+    for label, drain in (("Ray head SIGTERM -> exit, drain 30 s (Ray)", "30"),
+                         ("Ray head SIGTERM -> exit, no drain (ours)", "0")):
+        took = []
+        for _ in range(repeats):
+            head, _, tmp = start_head(work, drain)
+            start = time.monotonic()
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+            took.append(time.monotonic() - start)
+            subprocess.run(["pkill", "-9", "-f", tmp], check=False)
+            shutil.rmtree(tmp, ignore_errors=True)
+        figures[label] = statistics.median(took)
+    ups, downs = [], []
+    for i in range(repeats):
+        root = work / f"stack{i}"
+        start = time.monotonic()
+        local_stack.up(root, num_cpus=2)
+        ups.append(time.monotonic() - start)
+        start = time.monotonic()
+        local_stack.down(root)
+        downs.append(time.monotonic() - start)
+    figures["local stack up (Ray head, S3, MLflow)"] = statistics.median(ups)
+    figures["local stack down, same process"] = statistics.median(downs)
+    for label, seconds in figures.items():
+        print(f"  {label:<46} {seconds:6.1f}")
+    return figures
+
+
 SCENARIOS = {"pretrain-local": pretrain_local, "pretrain-submit": pretrain_submit,
-             "vtab-local": vtab_local, "tools": lambda work, repeats: tools(work)}
+             "vtab-local": vtab_local, "tools": lambda work, repeats: tools(work),
+             "stack": stack}
 
 
 def main(argv=None) -> int:
