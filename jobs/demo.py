@@ -18,7 +18,7 @@ In order:
        embedding filters, as files and as an MLflow run linked to the pretraining run.
     The stack is stopped at the end, whatever happens; results stay under --root.
 
-    python jobs/demo.py              # ~6 minutes on 2 CPU cores
+    python jobs/demo.py              # ~2.5 minutes on 2 CPU cores
     python jobs/demo.py --smoke      # shorter runs (CI)
 """
 
