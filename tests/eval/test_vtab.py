@@ -46,6 +46,9 @@ def run_vtab(args: list[str], env_extra: dict | None = None, timeout: float = 60
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+VTAB_MODEL = "vtab-test-model"
+
+
 @pytest.fixture(scope="module")
 def smoke_checkpoint(tmp_path_factory, mlflow_server):
     """A checkpoint from `jobs/pretrain.py --preset smoke` (32 px, patch 8), logged to the
@@ -55,7 +58,10 @@ def smoke_checkpoint(tmp_path_factory, mlflow_server):
            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}   # this tree's code
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--preset",
                           "smoke", "--name", "for-vtab", "--out", str(tmp),
-                          "--set", "train.total_steps=40", "--set", "probe.every=0"],
+                          "--set", "train.total_steps=40", "--set", "probe.every=0",
+                          # A model of its own: other tests' runs in this session's server
+                          # (the handoff's, in experiment vit-smoke) move vit-smoke's aliases.
+                          "--set", f"run.registered_model={VTAB_MODEL}"],
                          env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     client = MlflowClient(mlflow_server.uri)
@@ -192,10 +198,10 @@ def test_whole_protocol_from_a_smoke_checkpoint(smoke_checkpoint, mlflow_server,
     pre = client.get_run(pretrain_run)
     assert f"[for-vtab](#/experiments/{pre.info.experiment_id}/runs/{pretrain_run})" in \
         parent.data.tags["mlflow.note.content"]
-    version = client.get_model_version_by_alias("vit-smoke", "best-vtab")
+    version = client.get_model_version_by_alias(VTAB_MODEL, "best-vtab")
     assert version.run_id == pretrain_run and version.tags["step"] == "40"
     assert version.tags["checkpoint"] == str(checkpoint)
-    assert client.get_model_version_by_alias("vit-smoke", "newest").version == version.version
+    assert client.get_model_version_by_alias(VTAB_MODEL, "newest").version == version.version
     assert float(version.tags["vtab.mean"]) == pytest.approx(report["summary"]["mean"], abs=1e-3)
     assert version.tags["vtab.protocol"] == "vit" and version.tags["vtab.tasks"] == \
         ",".join(TASKS) and version.tags["vtab.run_id"] == parent.info.run_id
