@@ -7,7 +7,9 @@ next to the time of a training step.
                simulated in-process for up to 1,024 workers (the data path's blocks, the
                split's turns and each worker's shuffle buffer)
     dealer     the ReadDealer actor's calls/s under N concurrent callers, 1 and 16 reads a
-               call; now `stream.dealing` picks reads a call and how many dealers
+               call; now `stream.dealing` picks reads a call and how many dealers; the
+               data-health actor, which the read tasks call as often (its capacity is a
+               dealer's: one small Python actor)
     listing    rank 0's listing of a run folder for "latest complete" / retention: a local
                folder with the files of `keep` checkpoints of N ranks
     metrics    rank 0's blocking work at a log step: one MLflow `log_batch` (a SQLite store here)
@@ -470,6 +472,20 @@ def project(got: dict, samples: int) -> None:
         print(f"{'  now: need/capacity per dealer':34s}" +
               "".join(f"{100 * x / k / n / calls[1]:13.1f}%"
                       for x, (k, n) in zip(need, plans, strict=True)))
+        # The data-health actor (one per run) heard every read twice: a verdict before it
+        # (a round trip, like a dealer call) and the count after it. Now each read task
+        # reports at most every `report_interval` (a rate capped at REPORTS_PER_S in all).
+        from pipeline.data.health import REPORTS_PER_S, report_interval
+
+        print(f"{'data health, 2 calls/read: need/cap':34s}" +
+              "".join(f"{100 * 2 * x / calls[1]:13.1f}%" for x in need))
+        slots = [min(4 * g, 4096) for g in GPUS]
+        print(f"{'  now: s between reports per task':34s}" +
+              "".join(f"{report_interval(n):14.2f}" for n in slots))
+        print(f"{'  now: need/capacity':34s}" +
+              "".join(f"{100 * min(x, n / report_interval(n)) / calls[1]:13.1f}%"
+                      for x, n in zip(need, slots, strict=True)))
+        assert all(n / report_interval(n) <= REPORTS_PER_S + 1e-9 for n in slots)
     if "listing" in got:
         ls = got["listing"]
         a, b = fit(sorted(ls), [ls[n]["local_s"] for n in sorted(ls)], "N")

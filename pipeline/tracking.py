@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -255,7 +256,9 @@ class Tracker:
         self.constants: dict[str, float] = {}     # CONSTANTS' first values
         self.changed: set[str] = set()            # CONSTANTS that changed after all
         self.down_since: float | None = None
-        self.last_try = 0.0
+        # Never tried: the first call sends. (Not 0.0: time.monotonic() counts from boot,
+        # and on a machine up for less than `flush_every_s` nothing was sent; CI.)
+        self.last_try = -math.inf
         self.logged_through = self._logged_steps()
 
     def _logged_steps(self) -> dict[str, int]:

@@ -103,6 +103,15 @@ S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
                "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+# For a Ray started without a dashboard: its processes' state API. Such a Ray still names
+# 127.0.0.1:8265 as its dashboard, so Ray Train's placement-group cleaner asked whatever
+# dashboard was there (a command's local Ray in the other xdist worker) for its controller,
+# did not find it, took it for dead and removed the placement group of a healthy run (CI:
+# test_resume_continues_the_run restarted its workers). Nothing listens on port 1: the
+# cleaner's queries fail, and it keeps watching.
+NO_STATE_API = "http://127.0.0.1:1"
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """A local Ray cluster for the session (4 logical CPUs on the 2-core machine, so that
@@ -116,7 +125,8 @@ def ray_local(s3_server):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # As the commands start theirs (cli.ray_init_args): its processes know its address, so
     # that Ray Train finds this cluster, not another test's running at the same time.
-    args = cli.ray_init_args(None, PYTHONPATH=root, AWS_ENDPOINT_URL=s3_server, **S3_TEST_ENV)
+    args = cli.ray_init_args(None, PYTHONPATH=root, AWS_ENDPOINT_URL=s3_server,
+                             RAY_API_SERVER_ADDRESS=NO_STATE_API, **S3_TEST_ENV)
     try:
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, **args)
     finally:

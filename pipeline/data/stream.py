@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import time
 import uuid
 from array import array
 from collections.abc import Iterator
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import storage
-from pipeline.data.health import CHECK_AFTER, data_health
+from pipeline.data.health import CHECK_AFTER, data_health, report_interval
 from pipeline.data.plan import DataPosition, StreamPlan, ordered_spans, to_ranges
 from pipeline.data.reader import (
     MISSING,
@@ -228,6 +230,9 @@ class ShardReader:
         # The read being decoded: (epoch, shard, skip, first, stop) (see `Reads.windows`).
         self._read: tuple = (0, 0, frozenset(), 0, 0)
         self._lost: collections.deque = collections.deque()
+        # Samples delivered since the last report to the data-health actor, and when that
+        # was (`_check`).
+        self._unreported, self._reported = 0, -math.inf
 
     def _report(self, problem: Problem) -> None:
         """Queue the samples `problem` lost (minus those consumed before a resume, and those
@@ -244,12 +249,20 @@ class ShardReader:
                                       problem.kind)
 
     def _check(self) -> None:
-        if self.health is None:
+        """Before a read: report the samples delivered and stop if too little of the data
+        is usable, at most every `report_interval` (one actor hears every read task)."""
+        if self.health is None or time.monotonic() - self._reported < self._interval:
             return
         import ray
 
-        if message := ray.get(self.health.verdict.remote(self.check_after)):
+        samples, self._unreported = self._unreported, 0
+        if message := ray.get(self.health.report.remote(samples, self.check_after)):
             raise DataError(message)
+        self._reported = time.monotonic()
+
+    @property
+    def _interval(self) -> float:
+        return report_interval(self.reads.slots)
 
     def __call__(self, batch: dict) -> Iterator[dict]:
         cfg, plan = self.cfg, self.reads.plan
@@ -291,8 +304,10 @@ class ShardReader:
                     if not ordered and len(rows["image"]) >= cfg.block_rows:
                         yield _to_block(rows, self.max_labels)
                         rows = _empty_rows()
-                if self.health is not None and delivered:
-                    self.health.read.remote(delivered)
+                self._unreported += delivered
+        if self.health is not None and self._unreported:   # fire and forget: the slot's end
+            self.health.read.remote(self._unreported)
+            self._unreported = 0
         if rows["image"]:
             yield _to_block(rows, self.max_labels)
 

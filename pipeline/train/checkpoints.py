@@ -241,9 +241,15 @@ def prune(run_uri: str, keep: int, keep_every: int = 0) -> list[str]:
     evaluates: eval.vtab_every, `vtab_due`); delete every other older step folder, complete
     or not (stale ones of earlier starts, half-written ones, damaged ones).
     Ray Train's own `num_to_keep` only deletes the checkpoints its current controller
-    registered, so older ones accumulated across starts. -> the folders deleted."""
+    registered, so older ones accumulated across starts. -> the folders deleted.
+
+    It runs in rank 0's upload thread, before that rank's upload of the next checkpoint
+    (`CheckpointWriter.save(before_upload=)`): Ray Train's one upload thread per worker has
+    finished rank 0's earlier uploads by then, but other ranks' may be in flight, so the
+    newest folders can be incomplete. They are newer than every checkpoint kept, so never
+    deleted, and not warned about (the listing is quiet)."""
     kept = []
-    for uri in complete_checkpoints(run_uri):
+    for uri in complete_checkpoints(run_uri, warn=False):
         kept.append(uri)
         if len(kept) == keep:
             break

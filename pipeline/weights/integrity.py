@@ -84,9 +84,10 @@ def is_complete(uri: str, files: dict[str, int] | None = None) -> bool:
     return all(files.get(name, -1) >= end for name, end in needed.items())
 
 
-def complete_checkpoints(run_uri: str):
+def complete_checkpoints(run_uri: str, warn: bool = True):
     """The run's complete checkpoints, newest first (one listing of the run folder).
-    Incomplete ones (an upload cut off by a kill) are skipped with a warning."""
+    Incomplete ones (an upload cut off by a kill) are skipped, with a warning unless `warn`
+    is off (retention, which runs while other ranks' uploads are in flight)."""
     try:
         files = listing(run_uri)
     except storage.StorageError:
@@ -100,6 +101,8 @@ def complete_checkpoints(run_uri: str):
         uri = storage.join(run_uri, name)
         if is_complete(uri, by_step[name]):
             yield uri
+        elif not warn:
+            continue
         elif CORRUPT_FILE in by_step[name]:
             log.warning("skipping checkpoint %s: marked damaged (%s)", uri, CORRUPT_FILE)
         else:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, stop_process_group
+from tests.conftest import NO_STATE_API, free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -55,7 +55,8 @@ def cluster(s3_server):
     temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))   # socket paths stay < 108 B
     env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_server,
-           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled",
+           "RAY_API_SERVER_ADDRESS": NO_STATE_API}     # no dashboard: see tests/conftest.py
     env.pop("AWS_PROFILE", None)
     port = free_port()
     proc = subprocess.Popen(
