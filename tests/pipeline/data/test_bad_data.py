@@ -103,8 +103,8 @@ def test_health_counts_by_cause_and_stops_under_half_usable():
     assert health.verdict(check_after=60).startswith("33 of 63 samples read were skipped")
     for i in range(379):
         health.record("shard-000003.tar", f"{i:06d}", "corrupt image (...)", 1, UNDECODABLE)
-    health.read(358)
-    message = health.verdict(check_after=100)
+    message = health.report(358, check_after=100)    # a read task's count and question
+    assert message == health.verdict(check_after=100)
     assert message.startswith(
         "412 of 800 samples read were skipped: 380 undecodable images (first: "
         "shard-000003.tar/000123: corrupt image (UnidentifiedImageError: cannot identify "
@@ -112,6 +112,16 @@ def test_health_counts_by_cause_and_stops_under_half_usable():
     assert "fix or remove them" in message and "\n" not in message
     health.read(24)        # 412 of 824: exactly half usable is enough
     assert health.verdict(check_after=100) is None
+
+
+def test_read_tasks_report_to_the_health_actor_at_a_bounded_rate():
+    """However many read tasks, together they call the one DataHealth actor at most
+    REPORTS_PER_S times a second (bench/scale.py: one actor serves ~1,500)."""
+    from pipeline.data.health import REPORTS_PER_S, report_interval
+
+    for slots in (1, 2, 64, 4096):
+        assert slots / report_interval(slots) <= REPORTS_PER_S
+    assert report_interval(2) < 0.1 < 10 < report_interval(4096)
 
 
 def test_the_plan_has_epochs_for_half_of_the_data_skipped():
