@@ -167,6 +167,7 @@ def _main(argv=None) -> int:
     import ray
 
     from pipeline import storage
+    from pipeline.train import failures
     from pipeline.train.run import pretrain, storage_root
 
     cli.configure_logging(args.log_level)   # again: `import ray` set up Ray's loggers anew
@@ -177,6 +178,7 @@ def _main(argv=None) -> int:
     try:
         interrupt.ray_init(configure_logging=False, log_to_driver=True,
                            **cli.ray_init_args(address))
+        failures.own_local_ray(not address)
         timeline.mark("driver.ray_ready")
         if not sys.stdout.isatty():  # progress bars only where a terminal can redraw them
             ray.data.DataContext.get_current().enable_progress_bars = False

@@ -79,6 +79,16 @@ def failure_policy(failure_config):
     return Policy(failure_config)
 
 
+# Set by a command that started its own local Ray (`own_local_ray`).
+_OWN_LOCAL_RAY = False
+
+
+def own_local_ray(own: bool = True) -> None:
+    """Say that this process started the Ray it runs on, and that Ray ends with it."""
+    global _OWN_LOCAL_RAY
+    _OWN_LOCAL_RAY = own
+
+
 def trainer_class():
     """TorchTrainer with `failure_policy` (Ray 2.60 has no public hook for a policy: the
     trainer builds its default one and hands it to the controller in
@@ -110,5 +120,21 @@ def trainer_class():
             self._abort_requested = True
             if self._controller is not None:
                 self._controller.abort.remote()
+
+        def _create_default_callbacks(self):
+            """Without Ray Train's placement-group cleaner on a local Ray this command
+            started: the cleaner (a detached actor per run) removes the worker group's
+            placement group if the controller dies while the job lives on, but such a
+            Ray goes with the command. There it only cost a process, a state-API query a
+            second, and at the end up to 12 s waiting for its query under load ("Failed
+            to stop PlacementGroupCleaner gracefully", with a traceback, in the log)."""
+            callbacks = super()._create_default_callbacks()
+            if not _OWN_LOCAL_RAY:
+                return callbacks
+            from ray.train.v2._internal.callbacks.placement_group_callback import (
+                PlacementGroupCleanerCallback,
+            )
+
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
 
     return Trainer
