@@ -741,3 +741,30 @@ def test_the_controller_polls_small_groups_often_and_a_users_interval_wins(monke
     monkeypatch.setenv(run.POLL_INTERVAL_ENV, "3")               # the user's choice
     run.set_poll_interval(2)
     assert os.environ[run.POLL_INTERVAL_ENV] == "3"
+
+
+def test_a_command_on_its_own_local_ray_trains_without_the_placement_group_cleaner():
+    """Ray Train's own default callbacks, with and without the command's local Ray: the
+    cleaner goes only there (if Ray renames it, this fails instead of the filter silently
+    keeping it)."""
+    pytest.importorskip("ray")
+    import ray.train
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from pipeline.train import failures
+
+    def kinds():
+        trainer = failures.trainer_class()(
+            lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    try:
+        assert PlacementGroupCleanerCallback.__name__ in kinds()   # a cluster's run keeps it
+        failures.own_local_ray(True)
+        without = kinds()
+        assert PlacementGroupCleanerCallback.__name__ not in without
+        assert {"DatasetsCallback", "BackendSetupCallback"} <= without   # the rest stays
+    finally:
+        failures.own_local_ray(False)
