@@ -15,7 +15,8 @@ next to the time of a training step.
     metrics    rank 0's blocking work at a log step: one MLflow `log_batch` (a SQLite store here)
                and the data-health actor's round trip
     stream     Ray Data's per-block cost in the process that runs the stream (Ray Train's
-               split coordinator): 64-row blocks through `streaming_split(n)`
+               split coordinator): 64-row blocks through `streaming_split(n)`; and as the
+               runs read now, each consumer executing a stream of its own (`per_worker`)
     tune       Ray Tune's controller with many short trials (no-op trainables)
 
     python bench/scale.py                      # everything, ~3 min on 2 cores
@@ -332,6 +333,42 @@ def measure_stream(consumers, blocks: int, tasks: int = 2) -> dict:
     return res
 
 
+def measure_worker_streams(consumers, blocks: int, tasks: int = 2) -> dict:
+    """The same blocks as `measure_stream`, as the runs now read them (`stream.per_worker`):
+    n streams of their own, each executed by its consumer (a thread here, a Train worker in a
+    run) with its share of the read tasks, no coordinator between them."""
+    import ray
+
+    from pipeline.data.stream import Slots, per_worker
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.op_resource_reservation_enabled = False
+    ctx.target_max_block_size = BLOCK * 1024 * 3 // 4
+
+    res = {}
+    for n in consumers:
+        slots = max(tasks, n)
+        per = blocks // slots
+
+        def make(batch, per=per):
+            for _ in range(per):
+                yield {"x": np.zeros((BLOCK, 1024), np.uint8)}
+
+        ds = Slots(make, slots, 0.5).dataset()
+        iterators = [part.iterator() for part in per_worker(ds, n)]
+        got = [0] * n
+
+        def eat(i: int, iterators=iterators, got=got):
+            for _ in iterators[i].iter_batches(batch_size=None, prefetch_batches=1):
+                got[i] += 1
+
+        wall = run_threads(eat, n)
+        res[n] = {"blocks_s": sum(got) / wall}
+        print(f"  {n} streams: {sum(got)} blocks of {BLOCK} rows in {wall:.1f} s = "
+              f"{sum(got) / wall:6.0f} blocks/s", flush=True)
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray Tune's controller
 # ---------------------------------------------------------------------------------------------
@@ -512,6 +549,19 @@ def project(got: dict, samples: int) -> None:
         need = [IMG_PER_GPU_S * g / BLOCK for g in GPUS]
         print(f"{'stream: blocks/s need/capacity':34s}" +
               "".join(f"{100 * x / cap:13.1f}%" for x in need))
+    if "streams" in got:
+        # Now: each worker executes its own stream (stream.per_worker). Its executor needs
+        # a GPU's blocks whatever N, and the one-process figure bounds it from below.
+        one = got["streams"][1]["blocks_s"]
+        print(f"{'  now: per worker, need/capacity':34s}" +
+              "".join(f"{100 * IMG_PER_GPU_S / BLOCK / one:13.1f}%" for _ in GPUS))
+        if "dealer" in got:
+            # What every executor still sends to one actor: Ray Data's stats (every 5 s)
+            # and its autoscaling requests (every 10 s), fire and forget; capacity as a
+            # dealer's (one small Python actor).
+            small = max(v["calls_s"] for (k, _), v in got["dealer"].items() if k == 1)
+            print(f"{'  now: stats + autoscaler actors':34s}" +
+                  "".join(f"{100 * (g / 5 + g / 10) / small:13.1f}%" for g in GPUS))
     if "tune" in got:
         t = got["tune"]
         a, b = fit(sorted(t), [t[n]["wall_s"] for n in sorted(t)], "N")
@@ -555,6 +605,8 @@ def main(argv=None) -> None:
             if "stream" in parts:
                 print("stream: Ray Data blocks through streaming_split(N)")
                 got["stream"] = measure_stream((1, 2, 4), 3000)
+                print("stream: the same blocks, a stream per consumer (stream.per_worker)")
+                got["streams"] = measure_worker_streams((1, 2, 4), 3000)
             if "tune" in parts:
                 print("tune: one controller, N no-op trials")
                 got["tune"] = measure_tune((4, 16, 32))

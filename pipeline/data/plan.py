@@ -144,8 +144,8 @@ class DataPosition:
     """Exactly which samples of the stream a run has consumed, so that a resumed run trains
     on every sample of each epoch once.
 
-    Why not a sample count: Ray Train splits the stream across workers and each mixes it in
-    a local shuffle buffer, so what was trained at a checkpoint is mostly a prefix of the
+    Why not a sample count: the workers read the stream in parallel and each mixes its share
+    in a local shuffle buffer, so what was trained at a checkpoint is mostly a prefix of the
     plan with holes, not a prefix. Hence three parts:
 
     - `(epoch, position)`: the watermark; every read before it in plan order is consumed.

@@ -16,8 +16,10 @@ run the rest of what each had. Why slots: Ray Data spends about a millisecond of
 input block and per task, so one block per read made a 90-epoch x 5,000-shard plan minutes of
 start-up (`bench/data.py --plan`).
 
-Ray Train's `DataConfig` splits the stream across workers, so the workers see disjoint parts
-of each epoch. On the worker, `iter_torch_batches` prefetches and mixes samples in a local
+Each Train worker executes a stream of its own, of its share of the slots (`per_worker`, through
+`run.WorkerStreams`): the workers see disjoint parts of each epoch, and no actor stands between
+the read tasks and the workers (a stream in order goes through Ray Train's split, one
+coordinator for all). On the worker, `iter_torch_batches` prefetches and mixes samples in a local
 shuffle buffer (`iter_batches`).
 
 Rows: `image` uint8 (S, S, 3), `label` int64 (for a multi-label set, the manifest's
@@ -90,24 +92,30 @@ class InputConfig:
 # ---------------------------------------------------------------------------------------------
 # Reading (runs inside Ray Data tasks)
 # ---------------------------------------------------------------------------------------------
-def read_dealers(first: int, stop: int, count: int = 1) -> tuple:
+def read_dealers(first: int, stop: int, count: int = 1, queues: int = 1) -> tuple:
     """`count` actors that hand out the read numbers [first, stop) in plan order (see the
-    module docstring), dealer d the numbers first + d, first + d + count, ...; pinned to this
-    node: they live as long as the dataset that holds their handles."""
+    module docstring) in `queues` queues, queue q the numbers first + q, first + q + queues,
+    ...; dealer d deals the queues q = d (mod count) (`Reads.queue`). Pinned to this node:
+    they live as long as the dataset that holds their handles."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0)(ReadDealer).options(scheduling_strategy=here)
-    return tuple(actor.remote(first + d, stop, count) for d in range(count))
+    return tuple(actor.remote(first, stop, queues) for _ in range(min(count, queues)))
 
 
 class ReadDealer:
-    """Read numbers in plan order (first, first + stride, ... below stop), each to one slot,
-    and the same ones again to a slot that starts over (a retried task, or the dataset
-    executed again): `deal(slot, n)` is the n-th read number of `slot`, -1 when the plan is
-    exhausted; `deal_many(slot, n, k)` the n-th to (n + k - 1)-th in one call, fewer at the
-    end. Memory: 8 bytes per read dealt.
+    """Read numbers in plan order, each to one slot, and the same ones again to a slot that
+    starts over (a retried task, or the dataset executed again): `deal(slot, n, queue)` is
+    the n-th read number of `slot`, taken from `queue` (the numbers first + queue, first +
+    queue + stride, ... below stop), -1 when the queue is exhausted; `deal_many(slot, n, k,
+    queue)` the n-th to (n + k - 1)-th in one call, fewer at the end. Memory: 8 bytes per
+    read dealt.
+
+    Why queues: with a stream per worker (`per_worker`) each worker's slots take the reads
+    of its own queues, an equal share of the plan: from one queue, the slots that started
+    first took every read of a small plan, and the other worker had none.
 
     Why in batches, and several dealers: one actor serves ~1,500 calls a second here
     (bench/scale.py), and a 1,024-GPU run at B/16 speed finishes ~3,500 reads of 1,000
@@ -117,19 +125,21 @@ class ReadDealer:
     again, whatever batch they were dealt in)."""
 
     def __init__(self, first: int, stop: int, stride: int = 1):
-        self.next, self.stop, self.stride = first, stop, stride
+        self.first, self.stop, self.stride = first, stop, stride
+        self.next: dict[int, int] = {}
         self.dealt: dict[int, array] = {}
 
-    def deal(self, slot: int, n: int) -> int:
-        got = self.deal_many(slot, n, 1)
+    def deal(self, slot: int, n: int, queue: int = 0) -> int:
+        got = self.deal_many(slot, n, 1, queue)
         return got[0] if got else -1
 
-    def deal_many(self, slot: int, n: int, k: int) -> list[int]:
+    def deal_many(self, slot: int, n: int, k: int, queue: int = 0) -> list[int]:
         mine = self.dealt.setdefault(slot, array("q"))
-        more = range(self.next, self.stop, self.stride)[:max(n + k - len(mine), 0)]
+        at = self.next.get(queue, self.first + queue)
+        more = range(at, self.stop, self.stride)[:max(n + k - len(mine), 0)]
         if more:
             mine.extend(more)
-            self.next = more[-1] + self.stride
+            self.next[queue] = more[-1] + self.stride
         return mine[n:n + k].tolist()
 
 
@@ -164,13 +174,22 @@ class Reads:
     start: DataPosition
     stop: int
     slots: int
-    dealers: tuple = ()                 # `read_dealers`; slot j asks dealers[j % len]
+    dealers: tuple = ()                 # `read_dealers`; slot j asks dealers[queue % len]
     block_rows: int = 1
     batch: int = 1                      # reads per call to a dealer (`dealing`)
+    queues: int = 1                     # a multiple of `workers` (`queue`)
+    workers: int = 1                    # the workers that split the slots (`per_worker`)
 
     @property
     def first(self) -> int:
         return self.start.epoch * len(self.plan.sizes) + self.start.position
+
+    def queue(self, slot: int) -> int:
+        """The queue of reads `slot` takes from: worker r's slots (r, r + workers, ...; see
+        `Slots.dataset`) take the queues r, r + workers, ..., so each worker an equal share
+        of the plan (whole reads, in plan order), whatever the order its tasks start in."""
+        rank, nth = slot % self.workers, slot // self.workers
+        return rank + self.workers * (nth % (self.queues // self.workers))
 
     def spans(self) -> list[tuple[int, int]]:
         """In order: the stream's samples [start, stop) each read task delivers (`slot`
@@ -184,8 +203,9 @@ class Reads:
         if self.dealers:
             import ray
 
-            n, dealer = 0, self.dealers[slot % len(self.dealers)]
-            while numbers := ray.get(dealer.deal_many.remote(slot, n, self.batch)):
+            queue = self.queue(slot)
+            n, dealer = 0, self.dealers[queue % len(self.dealers)]
+            while numbers := ray.get(dealer.deal_many.remote(slot, n, self.batch, queue)):
                 for number in numbers:
                     yield number, 0, self.plan.sizes[self.plan.shard_at(*divmod(
                         number, len(self.plan.sizes)))]
@@ -432,15 +452,115 @@ def read_slots(reads: int, read_tasks: int = 0, cpus_per_read: float = 1.0) -> i
     return max(1, min(read_tasks, reads))
 
 
+# A Ray Data context travels with its dataset (as `loop.START_KEY` does): the stream's slots,
+# so that Ray Train can give each worker a stream of its own (`per_worker`).
+SLOTS_KEY = "vit.slots"
+
+
+@dataclass(frozen=True)
+class Slots:
+    """A stream as `slots` long-lived read tasks: `fn` turns a batch of slot numbers (the
+    `id` column) into blocks, each task running `num_cpus`. `workers`: how many workers the
+    slots' reads were shared out for (the dealers' queues, the synthetic stream's stripes):
+    only that many can each take slots of their own (`dataset(rank, workers)`) and get
+    equal parts of the stream. Why not any number: a worker's slots are long-lived; dealt
+    from one queue, the first to start took all of a small plan, and the next worker none."""
+
+    fn: object
+    slots: int
+    num_cpus: float = 1.0
+    workers: int = 1
+
+    def dataset(self, rank: int = 0, world: int = 1, node: str | None = None):
+        """The Ray Dataset of slots rank, rank + world, rank + 2 world, ... (all of them with
+        the defaults): one row and one read task each, on `node` where it has room."""
+        import ray
+
+        mine = len(range(rank, self.slots, world))
+        ds = ray.data.range(mine, override_num_blocks=max(mine, 1))
+        fn = self.fn if world == 1 else _Strided(self.fn, rank, world)
+        near = {}
+        if node is not None:      # there where it has room, else anywhere
+            from ray._raylet import RAY_NODE_ID_KEY
+
+            near = {"label_selector": {RAY_NODE_ID_KEY: node},
+                    "fallback_strategy": [{"label_selector": {}}]}
+        ds = ds.map_batches(fn, batch_size=1, num_cpus=self.num_cpus, batch_format="numpy",
+                            **near)
+        ds.context.set_config(SLOTS_KEY, self)
+        return ds
+
+    def __deepcopy__(self, memo):
+        # Ray Data deep-copies a dataset's context (a new dataset, a copy for Ray Train):
+        # this is read-only, and holds actor handles (the dealers) and a filesystem.
+        return self
+
+    def splits_over(self, world: int) -> bool:
+        """Whether `world` workers can each take slots of their own, with equal shares."""
+        return self.workers == world and self.slots >= world
+
+
+@dataclass(frozen=True)
+class _Strided:
+    fn: object
+    rank: int
+    world: int
+
+    def __call__(self, batch: dict):
+        return self.fn({**batch, "id": np.asarray(batch["id"]) * self.world + self.rank})
+
+
+def per_worker(ds, world: int, options=None, nodes=None) -> list | None:
+    """-> one Ray Dataset per rank, of the slots `Slots.dataset(rank, world)` gives it, each
+    executed by its own worker (`Dataset.iterator()`), or None where `ds` cannot be split so:
+    in order (`options.preserve_order`), or not built of `Slots` cut for `world` workers.
+
+    Why: Ray Train's split (`streaming_split`) runs the whole stream through one
+    `SplitCoordinator` actor that every worker calls for every block; at 1,024 GPUs at B/16
+    speed that is ~54,000 blocks a second through one Python process, which passed ~155 here
+    (bench/scale.py). Here each worker's executor drives its own slots, whose reads come from
+    the shared dealers, in plan order, an equal share to each worker. Each rank's executor
+    has `options` (Ray Data's `ExecutionOptions`), runs its read tasks on its worker's node
+    (`nodes`, by rank) where they fit, and may fill 1/world of the object store one executor
+    would. The rank datasets carry `ds`'s context (the group's start point, the block size)."""
+    import copy
+
+    import ray
+    from ray.data._internal.execution.resource_manager import ResourceManager
+
+    recipe = ds.context.get_config(SLOTS_KEY)
+    options = copy.deepcopy(options or ds.context.execution_options)
+    if not isinstance(recipe, Slots) or not recipe.splits_over(world) or options.preserve_order:
+        return None
+    parts, saved = [], ray.data.DataContext.get_current()
+    try:
+        for rank in range(world):
+            ctx = ds.context.copy()
+            ctx.execution_options = copy.deepcopy(options)
+            whole = ctx.override_object_store_memory_limit_fraction or (
+                ResourceManager.DEFAULT_OBJECT_STORE_MEMORY_LIMIT_FRACTION
+                if ctx.op_resource_reservation_enabled else
+                ResourceManager.DEFAULT_OBJECT_STORE_MEMORY_LIMIT_FRACTION_NO_RESERVATION)
+            ctx.override_object_store_memory_limit_fraction = whole / world
+            ray.data.DataContext._set_current(ctx)       # what a new dataset copies
+            parts.append(recipe.dataset(rank, world, nodes[rank] if nodes else None))
+    finally:
+        ray.data.DataContext._set_current(saved)
+    return parts
+
+
 def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None = None,
-                  health_name: str | None = None, manifest: dict | None = None):
+                  health_name: str | None = None, manifest: dict | None = None,
+                  workers: int = 1):
     """-> (ray.data.Dataset of the training stream, manifest, data-health actor handle).
 
     The stream is epochs [0, num_epochs) of `StreamPlan.from_manifest(manifest, cfg.split,
     cfg.seed)` minus what `start` (a resumed run's position) has consumed. Keep the handle
     for as long as the data is read: the actor goes when its last handle does. Train workers
     can also find it by name (`health_name`). Pass `manifest` when the caller has read it
-    already. Driver cost: independent of the plan's length (one task per slot)."""
+    already. `workers` > 1: the slots' reads cut into equal shares for that many workers, each
+    to execute its own (`per_worker`). Driver cost: independent of the plan's length (one
+    task per slot)."""
     import ray
 
     # Ray Data reserves a share of the CPUs per operator; on a pipeline that is one map, that
@@ -459,8 +579,13 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
                   block_rows=cfg.block_rows)
     slots = read_slots(max(reads.stop - reads.first, 0), cfg.read_tasks, cfg.num_cpus_per_read)
     batch, count = dealing(max(reads.stop - reads.first, 0), len(names), slots)
-    dealers = () if cfg.preserve_order else read_dealers(reads.first, reads.stop, count)
-    reads = dataclasses.replace(reads, slots=slots, dealers=dealers, batch=batch)
+    # Queues: one per worker at least (each its equal share), and one per dealer; every
+    # queue needs a slot of its worker to take from it.
+    workers = workers if slots >= workers > 1 and not cfg.preserve_order else 1
+    queues = workers * min(-(-count // workers), slots // workers)
+    dealers = () if cfg.preserve_order else read_dealers(reads.first, reads.stop, count, queues)
+    reads = dataclasses.replace(reads, slots=slots, dealers=dealers, batch=batch, queues=queues,
+                                workers=workers)
     if not dealers:
         slots = max(len(reads.spans()), 1)
     fs, root = storage.filesystem(cfg.uri)
@@ -469,9 +594,7 @@ def shard_dataset(cfg: InputConfig, num_epochs: int, start: DataPosition | None 
                          max_labels=int(manifest.get("max_labels", 1)),
                          check_after=min(plan.samples_per_epoch, CHECK_AFTER))
     # One row per slot, one block per row: each becomes one long-lived read task.
-    ds = ray.data.range(slots, override_num_blocks=slots)
-    ds = ds.map_batches(reader, batch_size=1, num_cpus=cfg.num_cpus_per_read,
-                        batch_format="numpy")
+    ds = Slots(reader, slots, cfg.num_cpus_per_read, workers).dataset()
     return ds, manifest, health
 
 

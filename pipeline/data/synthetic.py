@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipeline.data.plan import DataPosition, StreamPlan, ordered_spans
-from pipeline.data.stream import block_bytes, read_slots
+from pipeline.data.stream import Slots, block_bytes, read_slots
 
 
 def noise_rows(ids: np.ndarray, num_samples: int, num_classes: int, image_size: int,
@@ -37,13 +37,16 @@ def noise_rows(ids: np.ndarray, num_samples: int, num_classes: int, image_size: 
 
 def noise_dataset(num_samples: int, num_classes: int = 10, image_size: int = 224,
                   num_epochs: int = 1, block_rows: int = 64, learnable: bool = True,
-                  start: DataPosition | None = None, seed: int = 0):
+                  start: DataPosition | None = None, seed: int = 0, read_tasks: int = 0,
+                  num_cpus_per_read: float = 1.0, workers: int = 1):
     """A Ray Dataset of `noise_rows`, with the columns of `stream.shard_dataset` (less
     `lost`: nothing is skipped).
 
     Its plan is `StreamPlan.synthetic(num_samples, seed)`, one shard per epoch; the stream is
     the sample ids (epoch * num_samples + index) of epochs [0, num_epochs) that `start` has
-    not consumed, in order."""
+    not consumed, in order, in `read_tasks` spans (0: as many as the CPUs run), one read task
+    each (`stream.Slots`). `workers` > 1: slots that `workers` workers can split evenly, each
+    taking every `workers`-th block of the stream (not in order)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -60,22 +63,30 @@ def noise_dataset(num_samples: int, num_classes: int = 10, image_size: int = 224
                     strict=True)
     lo = np.asarray([a for a, _ in runs], np.int64)
     hi = np.asarray([b for _, b in runs], np.int64)
-    # A sample's id is its place in the plan: the read tasks take spans of the grid of
-    # `block_rows` ids, and each cell of it is one block (`ordered_spans`).
-    spans = ordered_spans(plan, start, num_epochs, block_rows,
-                          read_slots(max(int(hi[-1] - lo[0]) // block_rows, 1)) if runs else 1)
+    # A sample's id is its place in the plan, and each cell of the grid of `block_rows` ids
+    # is one block. A slot (read task) is some cells, clipped to [first, stop) of the stream.
+    b = block_rows
+    tasks = read_slots(max(int(hi[-1] - lo[0]) // b, 1), read_tasks, num_cpus_per_read) \
+        if runs else 1
+    if workers > 1 and runs:
+        # A stream per worker (`stream.per_worker`): worker r's slots are r, r + workers, ...,
+        # and take the cells c = r (mod workers), in `tasks` chunks each: equal shares.
+        first, stop = int(lo[0]), int(hi[-1])
+        cells, per = range(first // b, -(-stop // b)), -(-tasks // workers)
+        slots = [(cells[r::workers][j::per], first, stop) for j in range(per)
+                 for r in range(workers)]
+    else:
+        # In order: spans of the grid (`ordered_spans`: a resumed stream cut as its run was).
+        slots = [(range(f // b, -(-t // b)), f, t)
+                 for f, t in ordered_spans(plan, start, num_epochs, b, tasks)]
 
     def make(batch: dict) -> Iterator[dict]:
-        first, stop = spans[int(batch["id"][0])]
-        for cell in range(first // block_rows, -(-stop // block_rows)):
-            ids = np.arange(max(cell * block_rows, first), min((cell + 1) * block_rows, stop),
-                            dtype=np.int64)
+        cells, first, stop = slots[int(batch["id"][0])]
+        for cell in cells:
+            ids = np.arange(max(cell * b, first), min((cell + 1) * b, stop), dtype=np.int64)
             at = np.searchsorted(lo, ids, side="right") - 1
             ids = ids[(at >= 0) & (ids < hi[np.maximum(at, 0)])]     # not consumed
             if len(ids):
                 yield noise_rows(ids, num_samples, num_classes, image_size, learnable)
 
-    # Few long read tasks: Ray Data's driver cost grows with the number of input blocks
-    # (2,048 cost ~3 s), and the grid, not the tasks, says where blocks are cut.
-    ds = ray.data.range(len(spans), override_num_blocks=max(len(spans), 1))
-    return ds.map_batches(make, batch_size=1, batch_format="numpy")
+    return Slots(make, len(slots), num_cpus_per_read, workers if runs else 1).dataset()

@@ -94,8 +94,9 @@ class GroupStart:
     position: Any = None
 
 
-# A Ray Data context travels with its dataset: Ray Train's split coordinator keeps a copy,
-# and each worker's shard hands it back (`DataIterator.get_context`).
+# A Ray Data context travels with its dataset: each worker's share of the stream carries a copy
+# (`stream.per_worker`, or Ray Train's split coordinator), and hands it back
+# (`DataIterator.get_context`).
 START_KEY = "vit.group_start"
 
 
@@ -521,10 +522,10 @@ def _advance(w: Worker, progress: Progress):
     """The data position after every sample trained so far: the samples each worker trained
     on since the last checkpoint, compacted on the worker into runs of indices (`compact`),
     gathered on rank 0 and added to the position there (a collective; the other ranks return
-    None). What rank 0 receives is 16 bytes a run: about one per block of the stream a
-    worker trained (Ray Train's split deals blocks in turn) and one per hole its shuffle
-    buffer left, ~2 MB a B/16-i21k checkpoint at 1,024 workers, where the ids were ~200 MB
-    on any cluster (bench/scale.py)."""
+    None). What rank 0 receives is 16 bytes a run: at most one per block of the stream a
+    worker trained (its own read tasks give it whole shards; Ray Train's split, for a stream
+    in order, blocks in turn) and one per hole its shuffle buffer left, ~2 MB a B/16-i21k
+    checkpoint at 1,024 workers, where the ids were ~200 MB on any cluster (bench/scale.py)."""
     if progress.position is None:
         return None
     # int32, as the stream's id columns: 16 bytes a run.

@@ -178,20 +178,25 @@ class TrainData:
         needed = cfg.train.total_steps * cfg.train.global_batch_size
         if d.source == "synthetic":
             epochs = -(-needed // d.synthetic_samples) + 1
+            slots, cpus = read_slots(cfg)
             return synthetic.noise_dataset(d.synthetic_samples, d.synthetic_classes,
                                            m.image_size, epochs, block_rows=d.block_rows,
-                                           start=start, seed=cfg.train.seed)
+                                           start=start, seed=cfg.train.seed, read_tasks=slots,
+                                           num_cpus_per_read=cpus,
+                                           workers=1 if d.preserve_order else
+                                           cfg.scale.num_workers)
+        slots, cpus = read_slots(cfg)
         inp = stream.InputConfig(uri=d.uri, split=d.split, augment=Augment(d.augment,
                                                                            m.image_size),
                                  seed=cfg.train.seed, strict=d.strict,
                                  shuffle_buffer=d.shuffle_buffer, block_rows=d.block_rows,
-                                 num_cpus_per_read=d.num_cpus_per_read,
-                                 read_tasks=_read_tasks(cfg), preserve_order=d.preserve_order)
+                                 num_cpus_per_read=cpus, read_tasks=slots,
+                                 preserve_order=d.preserve_order)
         # From the epoch the position is in: skipped samples make epochs shorter than the
         # manifest says, and a resumed run may be past what the whole run needed by its count.
         epochs = start.epoch + health.epochs_for(self.manifest, d.split, needed)
         ds, _, _ = stream.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
-                                        manifest=self.manifest)
+                                        manifest=self.manifest, workers=cfg.scale.num_workers)
         return ds
 
 
@@ -474,13 +479,22 @@ def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)))
 
 
-def _read_tasks(cfg: PretrainConfig) -> int:
-    """Read tasks for the CPUs the Train workers leave (at least one)."""
+def read_slots(cfg: PretrainConfig) -> tuple[int, float]:
+    """-> (read tasks, CPUs each) for the CPUs the Train workers leave: `data.num_cpus_per_read`
+    each, at least one task per worker, and all of them able to run at once. With a stream
+    per worker (`stream.per_worker`) each worker's tasks are long-lived, so a worker whose
+    tasks found no CPU (taken by the others' tasks) would starve while the others waited for
+    it at the next collective: where the free CPUs are fewer than the tasks, each task asks
+    for a share of them (fractional CPUs), as many as the workers need."""
     import ray
 
-    free = ray.cluster_resources().get("CPU", 0) - (cfg.scale.num_workers
-                                                     * cfg.scale.cpus_per_worker)
-    return max(1, int(free / max(cfg.data.num_cpus_per_read, 0.05)))
+    s = cfg.scale
+    free = ray.cluster_resources().get("CPU", 0) - s.num_workers * s.cpus_per_worker
+    per = max(cfg.data.num_cpus_per_read, 0.05)
+    tasks = max(int(free / per), 1)
+    if not cfg.data.preserve_order:
+        tasks = -(-tasks // s.num_workers) * s.num_workers    # the same number per worker
+    return tasks, min(per, free / tasks) if free > 0 else per
 
 
 def check_fits(cfg: PretrainConfig) -> None:
@@ -504,15 +518,41 @@ def check_fits(cfg: PretrainConfig) -> None:
 def _data_config(cfg: PretrainConfig):
     """Ray Train's default ingest options (`DataConfig.default_ingest_options`: the
     context's resource limits and verbosity) with our ordering, built here because Ray's own
-    helper passes `exclude_resources`, deprecated in 2.60, and warns on every run."""
-    import ray.train
+    helper passes `exclude_resources`, deprecated in 2.60, and warns on every run; a stream
+    per worker where the stream allows it (`WorkerStreams`)."""
     from ray.data import DataContext, ExecutionOptions
 
     current = DataContext.get_current().execution_options
     options = ExecutionOptions(resource_limits=current.resource_limits,
                                preserve_order=cfg.data.preserve_order,
                                verbose_progress=current.verbose_progress)
-    return ray.train.DataConfig(execution_options=options)
+    return _worker_streams()(execution_options=options)
+
+
+def _worker_streams():
+    import ray.train
+
+    from pipeline.data import stream
+
+    class WorkerStreams(ray.train.DataConfig):
+        """Each worker executes a stream of its own (`stream.per_worker`): no
+        `SplitCoordinator` between the read tasks and the workers. Streams in order, and
+        datasets not built of read slots, go through Ray Train's split as before."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids,
+                      **kwargs):
+            if set(datasets) == {"train"}:
+                parts = stream.per_worker(datasets["train"], world_size,
+                                          self._resolve_execution_options("train"),
+                                          worker_node_ids)
+                if parts is not None:
+                    for part in parts:
+                        part.set_name("train")
+                    return [{"train": part.iterator()} for part in parts]
+            return super().configure(datasets, world_size, worker_handles, worker_node_ids,
+                                     **kwargs)
+
+    return WorkerStreams
 
 
 def _manifest_tag(cfg: PretrainConfig, manifest: dict | None) -> str:

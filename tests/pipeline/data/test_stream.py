@@ -4,6 +4,7 @@ storage errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -46,15 +47,28 @@ def collect(config):
 
 
 def run_two_workers(ds, cfg, out: Path, storage_path: Path):
+    """Two Ray Train workers read `ds` as the runs do (`run.WorkerStreams`) -> what each saw,
+    and the names of the actors the run created."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.train.run import _worker_streams
+
     out.mkdir(parents=True, exist_ok=True)
+    before = set(actors())
     TorchTrainer(collect, train_loop_config={"cfg": cfg, "out": str(out)},
-                 datasets={"train": ds},
+                 datasets={"train": ds}, dataset_config=_worker_streams()(),
                  scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(storage_path=str(storage_path), name="t")).fit()
-    return [json.loads((out / f"{r}.json").read_text()) for r in (0, 1)]
+    made = sorted(name for a, name in actors().items() if a not in before)
+    return [json.loads((out / f"{r}.json").read_text()) for r in (0, 1)], made
+
+
+def actors() -> dict:
+    """Actor id -> class name, of every actor the cluster has had (from its GCS)."""
+    import ray._private.state
+
+    return {a: info["ActorClassName"] for a, info in ray._private.state.actors().items()}
 
 
 def ground_truth(folder: Path, manifest: dict, split="train") -> dict:
@@ -79,9 +93,11 @@ def test_every_key_once_per_epoch_across_two_workers_from_s3(ray_local, s3, tmp_
     write_shards(src, uri, ShardOptions(shard_size_mb=0.04))  # the same shards, on S3
     cfg = InputConfig(uri=uri, augment=Augment("inception", 16), seed=7, shuffle_buffer=32,
                       block_rows=8)
-    ds, m, _ = shard_dataset(cfg, num_epochs=2)
+    ds, m, _ = shard_dataset(cfg, num_epochs=2, workers=2)
     assert m == manifest
-    seen = run_two_workers(ds, cfg, tmp_path / "out", tmp_path / "runs")
+    seen, made = run_two_workers(ds, cfg, tmp_path / "out", tmp_path / "runs")
+    # Each worker executed its own stream: no coordinator stood between the reads and them.
+    assert "RayTrainWorker" in made and not [a for a in made if "SplitCoordinator" in a], made
 
     truth = ground_truth(local, manifest)
     ids = [[(e, s, i) for _, e, s, i in rank] for rank in seen]
@@ -138,8 +154,8 @@ def test_bad_data_is_skipped_and_counted_through_ray(ray_local, tmp_path):
 
     _, n_good = bad_dataset(tmp_path / "d")
     cfg = InputConfig(uri=str(tmp_path / "d"), augment=Augment("resize", 16), block_rows=2)
-    ds, _, health = shard_dataset(cfg, num_epochs=1)
-    seen = run_two_workers(ds, cfg, tmp_path / "out", tmp_path / "runs")
+    ds, _, health = shard_dataset(cfg, num_epochs=1, workers=2)
+    seen, _ = run_two_workers(ds, cfg, tmp_path / "out", tmp_path / "runs")
     rows = sorted((s, i) for rank in seen for _, _, s, i in rank)
     assert len(rows) == n_good
     summary = ray.get(health.summary.remote())
@@ -156,7 +172,7 @@ def test_bad_data_is_skipped_and_counted_through_ray(ray_local, tmp_path):
 def test_strict_mode_fails_the_run_naming_shard_and_key(ray_local, tmp_path):
     bad_dataset(tmp_path / "d")
     cfg = InputConfig(uri=str(tmp_path / "d"), augment=Augment("resize", 16), strict=True)
-    ds, _, _ = shard_dataset(cfg, num_epochs=1)
+    ds, _, _ = shard_dataset(cfg, num_epochs=1, workers=2)
     # Which defect comes first depends on the shard order: any of them, named. Ray shortens
     # the worker's message from the front by a length that depends on the reason, so only
     # the reason's end is sure to survive (the naming of shard and key is tested in
@@ -260,6 +276,36 @@ def test_dealers_take_every_stride_th_read_and_dealing_bounds_what_is_dealt_ahea
     assert dealing(reads=90 * 14_000, per_epoch=14_000, slots=4096) == (1, 32)
     assert dealing(reads=90 * 14_000, per_epoch=14_000, slots=256) == (13, 1)
     assert dealing(reads=16, per_epoch=8, slots=2) == (1, 1)
+
+
+def test_each_worker_takes_an_equal_share_of_the_plan_whatever_starts_first():
+    """A stream per worker (`per_worker`): 3 workers, 2 slots each (slot j on worker j % 3),
+    the queues of 2 dealers. Worker 0's slots start first and read as fast as they can: they
+    still get only their third of the plan, in plan order, and the others theirs when they
+    start; a retried slot gets its reads again."""
+    from pipeline.data.stream import Reads
+
+    plan = StreamPlan.from_manifest({"splits": {"train": {"shards": [
+        {"name": f"{i}.tar", "samples": 10} for i in range(10)]}}}, "train", seed=0)
+    reads = Reads(plan, tuple(f"{i}.tar" for i in range(10)), DataPosition(), stop=30,
+                  slots=6, batch=2, queues=6, workers=3)
+    dealers = [ReadDealer(first=0, stop=30, stride=6) for _ in range(2)]
+
+    def take(slot, n=0, k=100):
+        queue = reads.queue(slot)
+        return dealers[queue % 2].deal_many(slot, n, k, queue)
+
+    assert [reads.queue(j) for j in range(6)] == [0, 1, 2, 3, 4, 5]
+    first = take(0) + take(3)                      # worker 0, alone for now: all it can get
+    assert first == [0, 6, 12, 18, 24, 3, 9, 15, 21, 27]
+    assert sorted(take(1) + take(4)) == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28]
+    assert sorted(take(2) + take(5)) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert take(3, 1, 2) == [9, 15], "a retried slot replays its reads by index"
+    # One worker, or two per worker: the queue is the slot's residue (one worker: as before).
+    assert [dataclasses.replace(reads, workers=1).queue(j) for j in range(6)] == [
+        0, 1, 2, 3, 4, 5]
+    assert [dataclasses.replace(reads, queues=3).queue(j) for j in range(6)] == [
+        0, 1, 2, 0, 1, 2]
 
 
 def one_sample_shards(root: Path, count: int) -> list[str]:
