@@ -34,6 +34,8 @@ class DataConfig:
     # not trained yet, and each such sample is a hole the data position must list.
     shuffle_buffer: int = 4096
     block_rows: int = 64
+    # CPUs each read task asks for: one task per such share of the CPUs the Train workers
+    # leave, at least one per worker (then each asks for less: `run.read_slots`).
     num_cpus_per_read: float = 1.0
     synthetic_samples: int = 4096
     synthetic_classes: int = 10
@@ -43,6 +45,10 @@ class DataConfig:
     # The same samples reach the same worker in the same order on every run (Ray Data's
     # preserve_order): reproducible runs and comparisons, at some cost in throughput.
     preserve_order: bool = False
+    # Each Train worker executes a stream of its own ("on"), or takes its part of one stream
+    # through Ray Train's split ("off": one coordinator actor for all, the limit of a large
+    # cluster); "auto": on with GPUs, across nodes or for one worker (run.streams_per_worker).
+    worker_streams: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
         if self.source not in ("shards", "synthetic"):
@@ -50,6 +56,9 @@ class DataConfig:
         from pipeline.data.augreg import RandAugment
 
         RandAugment(self.randaug_layers, self.randaug_magnitude)     # validates both
+        if self.worker_streams not in ("auto", "on", "off"):
+            raise ValueError(f"data.worker_streams must be auto, on or off, got "
+                             f"{self.worker_streams!r}")
         if self.mixup < 0:
             raise ValueError(f"data.mixup must be >= 0 (0: off), got {self.mixup}")
         if self.source == "shards" and not self.uri:

@@ -16,7 +16,6 @@ group, so no other rank is left waiting in a collective.
 from __future__ import annotations
 
 import errno
-import os
 
 # Local-filesystem errors that a retry cannot fix (ENOSPC: disk full; EDQUOT: quota; EROFS:
 # read-only; EACCES/EPERM: permissions).
@@ -80,8 +79,6 @@ def failure_policy(failure_config):
     return Policy(failure_config)
 
 
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
 # Set by a command that started its own local Ray (`own_local_ray`).
 _OWN_LOCAL_RAY = False
 
@@ -106,11 +103,6 @@ def trainer_class():
 
         def _initialize_and_run_controller(self, **kwargs):
             kwargs["failure_policy"] = failure_policy(self.run_config.failure_config)
-            if _OWN_LOCAL_RAY:
-                # Ray Train's preemption watcher (an actor polling the nodes for a cloud
-                # provider's drain notice) has nothing to watch on a Ray this command
-                # started: 1.4 CPU-s a run. The controller takes the setting from here.
-                os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
             return super()._initialize_and_run_controller(**kwargs)
 
         _abort_requested = False

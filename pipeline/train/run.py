@@ -481,18 +481,20 @@ def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
 
 def read_slots(cfg: PretrainConfig) -> tuple[int, float]:
     """-> (read tasks, CPUs each) for the CPUs the Train workers leave: `data.num_cpus_per_read`
-    each, at least one task per worker, and all of them able to run at once. With a stream
-    per worker (`stream.per_worker`) each worker's tasks are long-lived, so a worker whose
-    tasks found no CPU (taken by the others' tasks) would starve while the others waited for
-    it at the next collective: where the free CPUs are fewer than the tasks, each task asks
-    for a share of them (fractional CPUs), as many as the workers need."""
+    each. Where the workers may each execute a stream of their own (`streams_per_worker`),
+    the same number for each worker, all able to run at once: a worker's tasks are
+    long-lived, so a worker whose tasks found no CPU (taken by the others' tasks) would starve
+    while the others waited for it at the next collective. Where the free CPUs are fewer
+    than that, each task asks for a share of them (fractional CPUs)."""
     import ray
 
     s = cfg.scale
     free = ray.cluster_resources().get("CPU", 0) - s.num_workers * s.cpus_per_worker
     per = max(cfg.data.num_cpus_per_read, 0.05)
     tasks = max(int(free / per), 1)
-    if not cfg.data.preserve_order:
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if not cfg.data.preserve_order and streams_per_worker(cfg.data.worker_streams,
+                                                          s.num_workers, s.use_gpu, nodes):
         tasks = -(-tasks // s.num_workers) * s.num_workers    # the same number per worker
     return tasks, min(per, free / tasks) if free > 0 else per
 
@@ -526,7 +528,20 @@ def _data_config(cfg: PretrainConfig):
     options = ExecutionOptions(resource_limits=current.resource_limits,
                                preserve_order=cfg.data.preserve_order,
                                verbose_progress=current.verbose_progress)
-    return _worker_streams()(execution_options=options)
+    return _worker_streams()(cfg.data.worker_streams, cfg.scale.use_gpu,
+                             execution_options=options)
+
+
+def streams_per_worker(mode: str, world: int, gpu: bool, nodes) -> bool:
+    """`data.worker_streams`: whether each worker executes a stream of its own
+    (`stream.per_worker`) rather than its part of Ray Train's split, one executor in one
+    `SplitCoordinator` actor that every worker asks for every block. "auto": on GPUs, across
+    nodes, and for one worker; not for several CPU workers on one machine, where the workers
+    and one executor each share the same cores (an executor is ~0.25 of a core at ~20 blocks
+    a second, `bench/processes.py`), and one coordinator is enough for CPU speed."""
+    if mode != "auto":
+        return mode == "on"
+    return world == 1 or gpu or len(set(nodes or ())) > 1
 
 
 def _worker_streams():
@@ -535,13 +550,19 @@ def _worker_streams():
     from pipeline.data import stream
 
     class WorkerStreams(ray.train.DataConfig):
-        """Each worker executes a stream of its own (`stream.per_worker`): no
-        `SplitCoordinator` between the read tasks and the workers. Streams in order, and
-        datasets not built of read slots, go through Ray Train's split as before."""
+        """A stream per worker (`stream.per_worker`) where `streams_per_worker` says so and
+        the stream allows it: no `SplitCoordinator` between the read tasks and the workers.
+        Else, and for streams in order and datasets not built of read slots, Ray Train's
+        split."""
+
+        def __init__(self, mode: str = "auto", gpu: bool = False, **kwargs):
+            super().__init__(**kwargs)
+            self.mode, self.gpu = mode, gpu
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids,
                       **kwargs):
-            if set(datasets) == {"train"}:
+            if set(datasets) == {"train"} and streams_per_worker(
+                    self.mode, world_size, self.gpu, worker_node_ids):
                 parts = stream.per_worker(datasets["train"], world_size,
                                           self._resolve_execution_options("train"),
                                           worker_node_ids)

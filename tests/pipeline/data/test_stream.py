@@ -47,8 +47,9 @@ def collect(config):
 
 
 def run_two_workers(ds, cfg, out: Path, storage_path: Path):
-    """Two Ray Train workers read `ds` as the runs do (`run.WorkerStreams`) -> what each saw,
-    and the names of the actors the run created."""
+    """Two Ray Train workers read `ds` each as a stream of its own, as runs on GPUs or across
+    nodes do (`run.WorkerStreams`, on) -> what each saw, and the names of the actors the run
+    created."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -57,7 +58,7 @@ def run_two_workers(ds, cfg, out: Path, storage_path: Path):
     out.mkdir(parents=True, exist_ok=True)
     before = set(actors())
     TorchTrainer(collect, train_loop_config={"cfg": cfg, "out": str(out)},
-                 datasets={"train": ds}, dataset_config=_worker_streams()(),
+                 datasets={"train": ds}, dataset_config=_worker_streams()("on"),
                  scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(storage_path=str(storage_path), name="t")).fit()
     made = sorted(name for a, name in actors().items() if a not in before)

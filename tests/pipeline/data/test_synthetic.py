@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -76,18 +77,19 @@ def test_read_tasks_all_fit_beside_the_workers_and_split_evenly(ray_local):
     """`run.read_slots` on the session's 4-CPU Ray: the CPUs the workers leave, whole where
     they suffice, else shared (fractional), so that every worker's long-lived read tasks run
     at once (a worker whose tasks waited for a CPU would hold the others at the next
-    collective); the same number per worker, except in order (one split for all)."""
+    collective); the same number per worker, except where one split serves all (in order,
+    or several CPU workers on one machine)."""
     import dataclasses
 
     from pipeline.train.config import PRESETS
     from pipeline.train.run import read_slots
 
-    def slots(workers, cpus=1.0, per_read=1.0, ordered=False):
+    def slots(workers, cpus=1.0, per_read=1.0, ordered=False, own="on"):
         cfg = PRESETS["smoke"]()
         cfg = dataclasses.replace(
             cfg, scale=dataclasses.replace(cfg.scale, num_workers=workers, cpus_per_worker=cpus),
             data=dataclasses.replace(cfg.data, num_cpus_per_read=per_read,
-                                     preserve_order=ordered),
+                                     preserve_order=ordered, worker_streams=own),
             train=dataclasses.replace(cfg.train, global_batch_size=96))
         tasks, each = read_slots(cfg)
         assert tasks * each <= 4 - workers * cpus + 1e-9, "more than the free CPUs"
@@ -97,18 +99,41 @@ def test_read_tasks_all_fit_beside_the_workers_and_split_evenly(ray_local):
     assert slots(2) == (2, 1.0)
     assert slots(3) == (3, 0.333)                 # 1 free CPU, a third to each worker's task
     assert slots(3, ordered=True) == (1, 1.0)
+    assert slots(3, own="auto") == (1, 1.0)       # CPU workers on one machine: one split
     assert slots(2, cpus=0.5, per_read=0.5) == (6, 0.5)
     assert slots(4, cpus=0.5) == (4, 0.5)
 
 
-def test_the_preemption_watcher_setting_is_the_one_ray_train_hands_its_controller():
-    """A command's own local Ray runs without Ray Train's preemption watcher
-    (`failures.trainer_class`), by the environment variable the controller reads; fails if
-    Ray renames it or stops passing it to the controller."""
+
+def test_a_local_ray_turns_off_the_preemption_watcher_by_the_setting_ray_train_reads():
+    """A command's own local Ray runs without Ray Train's preemption watcher (an actor a run,
+    nothing to watch on one machine: `cli.ray_init_args`), by the environment variable the
+    controller reads; fails if Ray renames it or stops handing it to the controller."""
     pytest.importorskip("ray")
     from ray.train.v2._internal import constants
 
-    from pipeline.train import failures
+    from pipeline import cli
 
-    assert constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR == failures.PREEMPTION_WATCHER_ENV
-    assert failures.PREEMPTION_WATCHER_ENV in constants.ENV_VARS_TO_PROPAGATE
+    key = constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR
+    assert key in constants.ENV_VARS_TO_PROPAGATE
+    try:
+        assert cli.ray_init_args(None)["runtime_env"]["env_vars"][key] == "0"
+        assert key not in cli.ray_init_args("10.0.0.1:6379")["runtime_env"]["env_vars"]
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def test_streams_per_worker_where_they_pay():
+    """`data.worker_streams=auto`: a stream per worker on GPUs, across nodes, or for one
+    worker; several CPU workers on one machine share one (Ray Train's split)."""
+    from pipeline.data.config import DataConfig
+    from pipeline.train.run import streams_per_worker
+
+    assert streams_per_worker("auto", 1, False, ["a"])
+    assert streams_per_worker("auto", 8, True, ["a"] * 8)
+    assert streams_per_worker("auto", 4, False, ["a", "a", "b", "b"])
+    assert not streams_per_worker("auto", 2, False, ["a", "a"])
+    assert streams_per_worker("on", 2, False, ["a", "a"])
+    assert not streams_per_worker("off", 8, True, ["a", "b"] * 4)
+    with pytest.raises(ValueError, match="worker_streams must be auto, on or off"):
+        DataConfig(source="synthetic", worker_streams="always")
