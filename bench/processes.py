@@ -6,10 +6,14 @@ The command runs from this checkout and from a worktree of the baseline (PYTHONP
 each, so the command, Ray's workers and the runtime environment import that tree's code). A
 sampler reads every process's utime + stime from /proc every 0.2 s while it runs (Linux
 only; a process that lives less than that is missed, and its last 0.2 s too) and names it by
-its command line (Ray's actors by class: `ray::SplitCoordinator`).
+its command line (Ray's actors by class: `ray::SplitCoordinator`; a pooled worker by the
+first task or actor it ran).
+
+`{tmp}` in the command is a new empty folder for each run (a run given the same --out and
+--name twice would continue the first, finished, run):
 
     python bench/processes.py --baseline HEAD~1 --runs 3 -- \\
-        python jobs/pretrain.py --preset smoke --out /tmp/bench-runs --name cpu
+        python jobs/pretrain.py --preset smoke --out {tmp}
 """
 
 from __future__ import annotations
@@ -60,6 +64,14 @@ def name_of(cmd: str) -> str:
 
 def measure(argv: list[str], cwd: Path) -> tuple[float, dict]:
     """Run `argv` in `cwd` -> (wall seconds, {process name: cpu seconds})."""
+    tmp = tempfile.mkdtemp(prefix="bench-run-")
+    try:
+        return _measure([a.replace("{tmp}", tmp) for a in argv], cwd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(argv: list[str], cwd: Path) -> tuple[float, dict]:
     before = snapshot()
     env = {**os.environ, "PYTHONPATH": str(cwd), "RAY_USAGE_STATS_ENABLED": "0"}
     t0 = time.perf_counter()
@@ -68,8 +80,11 @@ def measure(argv: list[str], cwd: Path) -> tuple[float, dict]:
     last: dict = {}
     while proc.poll() is None:
         for pid, (name, cpu, start) in snapshot().items():
-            seen = last.get((pid, start))
-            last[(pid, start)] = (name or (seen[0] if seen else "?"), cpu)
+            # A Ray worker is named by what it runs (ray::IDLE, then an actor's class, then
+            # the task it runs last): keep its first name that is not idle.
+            seen = last.get((pid, start), ("",))[0]
+            keep = seen if seen and seen != "ray::IDLE" else name
+            last[(pid, start)] = (keep or "?", cpu)
         time.sleep(0.2)
     wall = time.perf_counter() - t0
     if proc.returncode:

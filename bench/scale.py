@@ -354,7 +354,7 @@ def measure_worker_streams(consumers, blocks: int, tasks: int = 2) -> dict:
             for _ in range(per):
                 yield {"x": np.zeros((BLOCK, 1024), np.uint8)}
 
-        ds = Slots(make, slots, 0.5).dataset()
+        ds = Slots(make, slots, 0.5, workers=n).dataset()
         iterators = [part.iterator() for part in per_worker(ds, n)]
         got = [0] * n
 
