@@ -490,6 +490,9 @@ def project(got: dict, samples: int) -> None:
             per = [at("N", a, b, g) * scale for g in GPUS]
             print(f"{label + ' (s/checkpoint)':34s}" + "".join(f"{x:14.2f}" for x in per))
             row(f"{label} (per step)", [x / CHECKPOINT_EVERY for x in per])
+        # Now rank 0 advances the position where the checkpoint is written (loop.PositionChain,
+        # Ray's upload thread), not in the training loop.
+        print(f"{'  now: in the upload thread':34s}" + "".join(f"{'0':>14s}" for _ in GPUS))
         # Moving the bytes to rank 0: assume 10 GB/s into one node.
         a, _ = fit(ns, [p[n]["old_bytes"] for n in ns], "1")
         row("position: gather at 10 GB/s, ids", [a * scale / 1e10 / CHECKPOINT_EVERY] * 4)

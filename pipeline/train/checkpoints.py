@@ -618,7 +618,10 @@ def write_local(directory: str | os.PathLike, model: nn.Module,
 def _write_model_and_state(directory: Path, vit_state: dict, vit_cfg: ViTConfig,
                            doc: dict) -> None:
     """Rank 0's files: the ViT in our model format, then train_state.json, which lists their
-    sizes and so goes last."""
+    sizes and so goes last. A `data_position` that is a callable (`loop.PositionChain`) is
+    resolved here, off the training loop."""
+    if callable(doc.get("data_position")):
+        doc = {**doc, "data_position": doc["data_position"]()}
     write_weights(vit_state, vit_cfg, directory, {
         "step": doc["step"], "run_name": doc.get("run_name", ""),
         "mlflow_run_id": doc.get("run_id") or ""})
@@ -636,11 +639,13 @@ def write_rank_checksums(directory: Path, rank: int) -> None:
     (directory / rank_sums(rank)).write_text(json.dumps(sums, sort_keys=True))
 
 
-def new_state(step: int, samples_seen: int, data_position: dict | None, config: dict,
+def new_state(step: int, samples_seen: int, data_position, config: dict,
               run_name: str, run_id: str | None, world_size: int, strategy: str,
               number: int = 0) -> dict:
     """The contents of train_state.json (`files` is added when the files are written).
-    `number`: which checkpoint of the run this is (`checkpoint_number`; 0: not counted)."""
+    `number`: which checkpoint of the run this is (`checkpoint_number`; 0: not counted).
+    `data_position`: a dict, None, or a callable returning the dict when the file is written
+    (`loop.PositionChain`)."""
     return {"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "step": step,
             "number": number,
             "samples_seen": samples_seen, "data_position": data_position, "config": config,

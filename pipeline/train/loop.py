@@ -351,17 +351,52 @@ class Meter:
 
 
 @dataclass
+class PositionChain:
+    """Rank 0's data position, advanced by each checkpoint's gathered ranges where that
+    checkpoint is written (Ray Train's upload thread when checkpoints are asynchronous):
+    `advance_ranges` takes ~1.7 s a checkpoint at 1,024 workers (bench/scale.py), which in the
+    training loop every worker would wait for at the next collective. `add` queues the
+    ranges and returns that checkpoint's resolver; a resolver applies every queued batch up
+    to its own, in order, so a checkpoint whose write never ran (it failed) loses nothing for
+    the next."""
+
+    def __init__(self, position, stream):
+        import threading
+
+        self.position, self.stream = position, stream
+        self.queued: list[tuple[int, np.ndarray]] = []
+        self.added = 0
+        self.lock = threading.Lock()
+
+    def add(self, ranges: np.ndarray):
+        """-> a callable returning the position (as a dict) after these ranges."""
+        with self.lock:
+            self.added += 1
+            number = self.added
+            self.queued.append((number, ranges))
+        return functools.partial(self._resolve, number)
+
+    def _resolve(self, number: int) -> dict:
+        with self.lock:
+            while self.queued and self.queued[0][0] <= number:
+                self.position = self.position.advance_ranges(self.stream,
+                                                             self.queued.pop(0)[1])
+            return self.position.to_dict()
+
+
+@dataclass
 class Progress:
     """What the loop carries from step to step."""
 
     step: int
-    position: Any                       # DataPosition after the last checkpoint, or None
+    position: Any                       # where the stream began (DataPosition), or None
     meter: Meter
     consumed: list = field(default_factory=list)      # (k, 4) ranges trained since last save
     last_save: float = field(default_factory=time.monotonic)
     start_step: int = 0                 # where this (re)start began, and when: the pace
     saved: int = 0                      # checkpoints the run has written, all starts
     started: float = field(default_factory=time.monotonic)
+    chain: Any = None                   # rank 0: PositionChain from `position`
 
 
 def train(w: Worker, start: Start, batches) -> None:
@@ -503,7 +538,7 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
     progress.saved += 1
     doc = checkpoints.new_state(
         step=progress.step, samples_seen=progress.step * cfg.train.global_batch_size,
-        data_position=position.to_dict() if position is not None else None,
+        data_position=position,       # a PositionChain resolver: resolved where it is written
         config=cfg.to_dict(), run_name=cfg.run.name, run_id=w.spec.run_id,
         world_size=env.world, strategy=env.strategy, number=progress.saved)
     # Retention on rank 0, off the training loop: in the upload thread, before this upload
@@ -521,11 +556,12 @@ def save_checkpoint(w: Worker, progress: Progress, metrics: dict) -> None:
 def _advance(w: Worker, progress: Progress):
     """The data position after every sample trained so far: the samples each worker trained
     on since the last checkpoint, compacted on the worker into runs of indices (`compact`),
-    gathered on rank 0 and added to the position there (a collective; the other ranks return
-    None). What rank 0 receives is 16 bytes a run: at most one per block of the stream a
-    worker trained (its own read tasks give it whole shards; Ray Train's split, for a stream
-    in order, blocks in turn) and one per hole its shuffle buffer left, ~2 MB a B/16-i21k
-    checkpoint at 1,024 workers, where the ids were ~200 MB on any cluster (bench/scale.py)."""
+    gathered on rank 0 (a collective) and queued there, to be added to the position where the
+    checkpoint is written (`PositionChain`) -> its resolver (None on the other ranks). What
+    rank 0 receives is 16 bytes a run: at most one per block of the stream a worker trained
+    (its own read tasks give it whole shards; Ray Train's split, for a stream in order,
+    blocks in turn) and one per hole its shuffle buffer left, ~2 MB a B/16-i21k checkpoint
+    at 1,024 workers, where the ids were ~200 MB on any cluster (bench/scale.py)."""
     if progress.position is None:
         return None
     # int32, as the stream's id columns: 16 bytes a run.
@@ -543,8 +579,9 @@ def _advance(w: Worker, progress: Progress):
     ranges = np.concatenate(gathered)
     log.debug("data position: %d ranges (%d bytes) gathered from %d workers at step %d",
               len(ranges), ranges.nbytes, w.env.world, progress.step)
-    progress.position = progress.position.advance_ranges(w.spec.stream, ranges)
-    return progress.position
+    if progress.chain is None:
+        progress.chain = PositionChain(progress.position, w.spec.stream)
+    return progress.chain.add(ranges)
 
 
 def _minutes_due(progress: Progress, minutes: float, world: int) -> bool:

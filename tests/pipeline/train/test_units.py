@@ -768,3 +768,31 @@ def test_a_command_on_its_own_local_ray_trains_without_the_placement_group_clean
         assert {"DatasetsCallback", "BackendSetupCallback"} <= without   # the rest stays
     finally:
         failures.own_local_ray(False)
+
+
+def test_the_data_position_advances_where_the_checkpoint_is_written_in_order():
+    """Rank 0 queues each checkpoint's gathered ranges (`PositionChain`) and the checkpoint's
+    writer resolves its position (Ray's upload thread): the same position as advancing at
+    once, and a checkpoint whose write never ran loses nothing for the next (what the
+    checkpoint files hold is checked by the runs of test_restarts.py)."""
+    import threading
+
+    from pipeline.data.plan import DataPosition, StreamPlan
+    from pipeline.train.loop import PositionChain
+
+    plan = StreamPlan.synthetic(30, seed=1)
+    r1 = np.array([[0, 0, 0, 10]])
+    r2 = np.array([[0, 0, 10, 20], [1, 0, 3, 5]])
+    r3 = np.array([[0, 0, 20, 30]])
+    chain = PositionChain(DataPosition(), plan)
+    first, _, third = chain.add(r1), chain.add(r2), chain.add(r3)
+    assert first() == DataPosition().advance_ranges(plan, r1).to_dict()
+    # The second checkpoint's write failed (never resolved): the third still has its ranges,
+    # resolved in another thread as Ray's upload thread does.
+    got = []
+    writer = threading.Thread(target=lambda: got.append(third()))
+    writer.start()
+    writer.join()
+    whole = DataPosition().advance_ranges(plan, np.concatenate([r1, r2, r3]))
+    assert got == [whole.to_dict()] and whole.epoch == 1
+    assert chain.add(np.zeros((0, 4), np.int64))() == whole.to_dict()
