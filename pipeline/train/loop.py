@@ -636,13 +636,34 @@ def _mfu_terms(cfg: PretrainConfig, env: WorkerEnv):
 
 def _quiet_ray_reports() -> None:
     """Ray Train logs every report with all its metrics at INFO; our progress line says the
-    same in one line. (Its logger is named by file path, hence the lookup.)"""
+    same in one line. (Its logger is named by file path, hence the lookup.) It also logs a
+    traceback for every error of the training function, and another for a failed
+    asynchronous checkpoint upload: for our `Fatal` errors (a full disk, bad data, a
+    non-finite loss), which the command prints as one line naming the problem and the fix,
+    those are dropped here; any other error keeps Ray's traceback."""
     try:
+        from ray.train.v2._internal import util as ray_util
         from ray.train.v2._internal.execution import context as ray_context
-
-        logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
     except ImportError:
-        pass
+        return
+    reports = logging.getLogger(ray_context.__file__)
+    reports.setLevel(logging.WARNING)
+    for logger in (reports, logging.getLogger(ray_util.__name__)):
+        if not any(isinstance(f, _SaidInOneLine) for f in logger.filters):
+            logger.addFilter(_SaidInOneLine())
+
+
+class _SaidInOneLine(logging.Filter):
+    """Drops Ray's log records of a `Fatal` error: one with it as its exception (the upload
+    thread's `logger.exception`), or its formatted traceback ("Error in training
+    function:")."""
+
+    name_in_traceback = f"{Fatal.__module__}.{Fatal.__qualname__}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], Fatal):
+            return False
+        return self.name_in_traceback not in record.getMessage()
 
 
 def _ran_out(spec: WorkerSpec, step: int) -> str:
