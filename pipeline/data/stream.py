@@ -4,7 +4,8 @@ The stream follows a plan of (epoch, shard) reads (`pipeline.data.plan`). Ray Da
 shards in a bounded number of long-lived read tasks ("slots"). A read is a number, `epoch *
 num_shards + position`, and a read task turns it into a shard itself from (seed, epoch,
 position). A small actor (`ReadDealer`) hands the numbers out in plan order to whichever task is
-free, a few per call on a long plan (`dealing`; on a large cluster several dealers), so the
+free, a few per call on a long plan (`dealing`; on a large cluster several dealers), from one
+queue per worker (`Reads.queue`: each worker's tasks an equal share), so the
 reads in flight are always the next few of the plan, on any cluster size; it remembers which
 numbers went to which slot, so a retried or re-executed task reads exactly what it read before
 (Ray replays generator outputs by index, so they must not change). Each read streams the tar,
