@@ -183,8 +183,8 @@ class TrainData:
                                            m.image_size, epochs, block_rows=d.block_rows,
                                            start=start, seed=cfg.train.seed, read_tasks=slots,
                                            num_cpus_per_read=cpus,
-                                           workers=1 if d.preserve_order else
-                                           cfg.scale.num_workers)
+                                           workers=cfg.scale.num_workers if own_streams(cfg)
+                                           else 1)
         slots, cpus = read_slots(cfg)
         inp = stream.InputConfig(uri=d.uri, split=d.split, augment=Augment(d.augment,
                                                                            m.image_size),
@@ -196,7 +196,8 @@ class TrainData:
         # manifest says, and a resumed run may be past what the whole run needed by its count.
         epochs = start.epoch + health.epochs_for(self.manifest, d.split, needed)
         ds, _, _ = stream.shard_dataset(inp, epochs, start=start, health_name=self.health_name,
-                                        manifest=self.manifest, workers=cfg.scale.num_workers)
+                                        manifest=self.manifest,
+                                        workers=cfg.scale.num_workers if own_streams(cfg) else 1)
         return ds
 
 
@@ -479,6 +480,17 @@ def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)))
 
 
+def own_streams(cfg: PretrainConfig) -> bool:
+    """Whether this start's stream is built for a stream per worker (`streams_per_worker`
+    on the cluster as it is now: GPUs, several nodes alive, or one worker)."""
+    import ray
+
+    s = cfg.scale
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    return not cfg.data.preserve_order and streams_per_worker(
+        cfg.data.worker_streams, s.num_workers, s.use_gpu, nodes)
+
+
 def read_slots(cfg: PretrainConfig) -> tuple[int, float]:
     """-> (read tasks, CPUs each) for the CPUs the Train workers leave: `data.num_cpus_per_read`
     each. Where the workers may each execute a stream of their own (`streams_per_worker`),
@@ -492,9 +504,7 @@ def read_slots(cfg: PretrainConfig) -> tuple[int, float]:
     free = ray.cluster_resources().get("CPU", 0) - s.num_workers * s.cpus_per_worker
     per = max(cfg.data.num_cpus_per_read, 0.05)
     tasks = max(int(free / per), 1)
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    if not cfg.data.preserve_order and streams_per_worker(cfg.data.worker_streams,
-                                                          s.num_workers, s.use_gpu, nodes):
+    if own_streams(cfg):
         tasks = -(-tasks // s.num_workers) * s.num_workers    # the same number per worker
     return tasks, min(per, free / tasks) if free > 0 else per
 
@@ -528,15 +538,15 @@ def _data_config(cfg: PretrainConfig):
     options = ExecutionOptions(resource_limits=current.resource_limits,
                                preserve_order=cfg.data.preserve_order,
                                verbose_progress=current.verbose_progress)
-    return _worker_streams()(cfg.data.worker_streams, cfg.scale.use_gpu,
-                             execution_options=options)
+    return _worker_streams()(execution_options=options)
 
 
 def streams_per_worker(mode: str, world: int, gpu: bool, nodes) -> bool:
     """`data.worker_streams`: whether each worker executes a stream of its own
     (`stream.per_worker`) rather than its part of Ray Train's split, one executor in one
-    `SplitCoordinator` actor that every worker asks for every block. "auto": on GPUs, across
-    nodes, and for one worker; not for several CPU workers on one machine, where the workers
+    `SplitCoordinator` actor that every worker asks for every block. "auto": on GPUs, on a
+    cluster of several nodes, and for one worker; not for several CPU workers on one machine
+    (`nodes`: the cluster's), where the workers
     and one executor each share the same cores (an executor is ~0.25 of a core at ~20 blocks
     a second, `bench/processes.py`), and one coordinator is enough for CPU speed."""
     if mode != "auto":
@@ -550,19 +560,17 @@ def _worker_streams():
     from pipeline.data import stream
 
     class WorkerStreams(ray.train.DataConfig):
-        """A stream per worker (`stream.per_worker`) where `streams_per_worker` says so and
-        the stream allows it: no `SplitCoordinator` between the read tasks and the workers.
-        Else, and for streams in order and datasets not built of read slots, Ray Train's
-        split."""
-
-        def __init__(self, mode: str = "auto", gpu: bool = False, **kwargs):
-            super().__init__(**kwargs)
-            self.mode, self.gpu = mode, gpu
+        """A stream per worker (`stream.per_worker`) where the stream was built for as many
+        workers (`TrainData.stream`, as `streams_per_worker` decides): no `SplitCoordinator`
+        between the read tasks and the workers. Else (streams in order, streams built for
+        one, datasets not built of read slots) Ray Train's split. A stream built for N
+        workers is never split instead: its slots take their reads from N queues, and one
+        executor that ran fewer tasks than slots would leave a queue unread (a node-loss
+        restart trained half of each epoch that way)."""
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids,
                       **kwargs):
-            if set(datasets) == {"train"} and streams_per_worker(
-                    self.mode, world_size, self.gpu, worker_node_ids):
+            if set(datasets) == {"train"}:
                 parts = stream.per_worker(datasets["train"], world_size,
                                           self._resolve_execution_options("train"),
                                           worker_node_ids)

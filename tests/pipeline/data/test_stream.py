@@ -58,7 +58,7 @@ def run_two_workers(ds, cfg, out: Path, storage_path: Path):
     out.mkdir(parents=True, exist_ok=True)
     before = set(actors())
     TorchTrainer(collect, train_loop_config={"cfg": cfg, "out": str(out)},
-                 datasets={"train": ds}, dataset_config=_worker_streams()("on"),
+                 datasets={"train": ds}, dataset_config=_worker_streams()(),
                  scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(storage_path=str(storage_path), name="t")).fit()
     made = sorted(name for a, name in actors().items() if a not in before)
