@@ -47,7 +47,8 @@ class DataConfig:
     preserve_order: bool = False
     # Each Train worker executes a stream of its own ("on"), or takes its part of one stream
     # through Ray Train's split ("off": one coordinator actor for all, the limit of a large
-    # cluster); "auto": on with GPUs, across nodes or for one worker (run.streams_per_worker).
+    # cluster); "auto": on with GPUs, on a cluster of several nodes, or for one worker
+    # (run.streams_per_worker; chosen when each worker-group start builds the stream).
     worker_streams: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
