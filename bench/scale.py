@@ -300,43 +300,12 @@ def measure_metrics(repeats: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Ray Data: the per-block cost of the process that runs the stream
 # ---------------------------------------------------------------------------------------------
-def measure_stream(consumers, blocks: int, tasks: int = 2) -> dict:
-    """As the training stream: `tasks` long-lived read tasks (one row each, `batch_size=1`)
-    yield 64-row blocks of 1 kB rows, the block size limit set so that each stays one block
-    (`stream.block_bytes`' rule), consumed through `streaming_split(n)` by n threads."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.op_resource_reservation_enabled = False
-    ctx.target_max_block_size = BLOCK * 1024 * 3 // 4
-    per = blocks // tasks
-
-    def make(batch):
-        for _ in range(per):
-            yield {"x": np.zeros((BLOCK, 1024), np.uint8)}
-
-    res = {}
-    for n in consumers:
-        ds = ray.data.range(tasks, override_num_blocks=tasks).map_batches(
-            make, batch_size=1, num_cpus=0.5, batch_format="numpy")
-        splits = ds.streaming_split(n, equal=False)
-        got = [0] * n
-
-        def eat(i: int, splits=splits, got=got):
-            for _ in splits[i].iter_batches(batch_size=None, prefetch_batches=1):
-                got[i] += 1
-
-        wall = run_threads(eat, n)
-        res[n] = {"blocks_s": sum(got) / wall}
-        print(f"  {n} consumers: {sum(got)} blocks of {BLOCK} rows in {wall:.1f} s = "
-              f"{sum(got) / wall:6.0f} blocks/s", flush=True)
-    return res
-
-
-def measure_worker_streams(consumers, blocks: int, tasks: int = 2) -> dict:
-    """The same blocks as `measure_stream`, as the runs now read them (`stream.per_worker`):
-    n streams of their own, each executed by its consumer (a thread here, a Train worker in a
-    run) with its share of the read tasks, no coordinator between them."""
+def measure_stream(consumers, blocks: int, tasks: int = 2, own: bool = False) -> dict:
+    """As the training stream: long-lived read tasks (one row each, `batch_size=1`) yield
+    64-row blocks of 1 kB rows, the block size limit set so that each stays one block
+    (`stream.block_bytes`' rule), consumed by n threads: through `streaming_split(n)` from
+    `tasks` tasks, or (`own`, as the runs on GPUs or several nodes read now) as n streams of
+    their own (`stream.per_worker`), each executed by its consumer, no coordinator between."""
     import ray
 
     from pipeline.data.stream import Slots, per_worker
@@ -347,25 +316,26 @@ def measure_worker_streams(consumers, blocks: int, tasks: int = 2) -> dict:
 
     res = {}
     for n in consumers:
-        slots = max(tasks, n)
+        slots = max(tasks, n) if own else tasks
         per = blocks // slots
 
         def make(batch, per=per):
             for _ in range(per):
                 yield {"x": np.zeros((BLOCK, 1024), np.uint8)}
 
-        ds = Slots(make, slots, 0.5, workers=n).dataset()
-        iterators = [part.iterator() for part in per_worker(ds, n)]
+        ds = Slots(make, slots, 0.5, workers=n if own else 1).dataset()
+        parts = ([p.iterator() for p in per_worker(ds, n)] if own else
+                 ds.streaming_split(n, equal=False))
         got = [0] * n
 
-        def eat(i: int, iterators=iterators, got=got):
-            for _ in iterators[i].iter_batches(batch_size=None, prefetch_batches=1):
+        def eat(i: int, parts=parts, got=got):
+            for _ in parts[i].iter_batches(batch_size=None, prefetch_batches=1):
                 got[i] += 1
 
         wall = run_threads(eat, n)
         res[n] = {"blocks_s": sum(got) / wall}
-        print(f"  {n} streams: {sum(got)} blocks of {BLOCK} rows in {wall:.1f} s = "
-              f"{sum(got) / wall:6.0f} blocks/s", flush=True)
+        print(f"  {n} {'streams' if own else 'consumers'}: {sum(got)} blocks of {BLOCK} rows "
+              f"in {wall:.1f} s = {sum(got) / wall:6.0f} blocks/s", flush=True)
     return res
 
 
@@ -609,7 +579,7 @@ def main(argv=None) -> None:
                 print("stream: Ray Data blocks through streaming_split(N)")
                 got["stream"] = measure_stream((1, 2, 4), 3000)
                 print("stream: the same blocks, a stream per consumer (stream.per_worker)")
-                got["streams"] = measure_worker_streams((1, 2, 4), 3000)
+                got["streams"] = measure_stream((1, 2, 4), 3000, own=True)
             if "tune" in parts:
                 print("tune: one controller, N no-op trials")
                 got["tune"] = measure_tune((4, 16, 32))
