@@ -80,10 +80,12 @@ def _measure(argv: list[str], cwd: Path) -> tuple[float, dict]:
     last: dict = {}
     while proc.poll() is None:
         for pid, (name, cpu, start) in snapshot().items():
-            # A Ray worker is named by what it runs (ray::IDLE, then an actor's class, then
-            # the task it runs last): keep its first name that is not idle.
+            # A Ray worker is named by what it runs (setup_worker.py under a runtime
+            # environment, ray::IDLE, then an actor's class, then the task it runs last):
+            # keep its first Ray name that is not idle.
             seen = last.get((pid, start), ("",))[0]
-            keep = seen if seen and seen != "ray::IDLE" else name
+            keep = seen if (seen.startswith("ray::") and seen != "ray::IDLE") or not name \
+                else name
             last[(pid, start)] = (keep or "?", cpu)
         time.sleep(0.2)
     wall = time.perf_counter() - t0
