@@ -104,7 +104,8 @@ S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 
 # For a Ray started without a dashboard: its processes' state API. Such a Ray still names
-# 127.0.0.1:8265 as its dashboard, so Ray Train's placement-group cleaner asked whatever
+# 127.0.0.1:8265 as its dashboard, so Ray Train's placement-group cleaner (on ray_local
+# before it ran as a command's own local Ray does, without one) asked whatever
 # dashboard was there (a command's local Ray in the other xdist worker) for its controller,
 # did not find it, took it for dead and removed the placement group of a healthy run (CI:
 # test_resume_continues_the_run restarted its workers). Nothing listens on port 1: the
@@ -132,9 +133,16 @@ def ray_local(s3_server):
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)   # not for the processes tests start
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # This Ray ends with the session, as a command's own local Ray ends with the command:
+    # runs on it go without Ray Train's placement-group cleaner, as theirs do (one actor
+    # process less a run).
+    from pipeline.train import failures
+
+    failures.own_local_ray(True)
     try:
         yield ray
     finally:
+        failures.own_local_ray(False)
         ray.shutdown()
 
 

@@ -1,5 +1,7 @@
 """The README's main command in its smoke form (`jobs/demo.py --smoke`): the whole product on
-a local stack, from shards to the VTAB tables and the comparison, leaving no process."""
+a local stack, from shards to the VTAB tables and the comparison, leaving no process. Its
+pretraining and VTAB jobs go through `ray job submit --working-dir` to the stack's head: the
+suite's test of `eval/vtab.py` as a submitted job."""
 
 from __future__ import annotations
 

@@ -246,7 +246,7 @@ def test_sigterm_during_a_vtab_trial(tmp_path, mlflow_server, commands):
     storage = tmp_path / "ev"
     cmd = commands(tmp_path, mlflow_server.uri, "--checkpoint", str(checkpoint), "--data",
                    str(tmp_path / "vtab-1k"), "--tasks", "eurosat", "--resolution", "32",
-                   "--lrs", "0.01", "--steps", "3000", "--batch-size", "32", "--seeds", "4",
+                   "--lrs", "0.01", "--steps", "800", "--batch-size", "32", "--seeds", "4",
                    "--max-concurrent-trials", "1", "--out", str(storage), "--name", "term",
                    module="eval.vtab")
     record = storage / "term" / "final_trials.json"

@@ -216,6 +216,16 @@ def test_pretraining_continues_on_the_surviving_node(cluster, tmp_path):
                   "checkpoint.every=10", "scale.placement_strategy=SPREAD",
                   "run.shared_storage=true", "train.system_metrics_s=0")
     env = {**cluster.env, "MLFLOW_TRACKING_URI": tracking}
+    # A node-local --out on a cluster of several nodes: refused before anything starts (each
+    # node would keep checkpoints of its own).
+    local = [a for a in cmd if a != "run.shared_storage=true"]
+    local = [a for i, a in enumerate(local) if not (a == "--set" and local[i + 1] == "--set")]
+    refused = subprocess.run(local, env=env, capture_output=True, text=True, timeout=300,
+                             cwd=ROOT)
+    assert refused.returncode == 2, (refused.stdout + refused.stderr)[-3000:]
+    assert "is a local folder but the cluster has 3 nodes; use --out s3://bucket/prefix" in \
+        refused.stderr, refused.stderr[-2000:]
+    assert not run_dir.exists()
     log = tmp_path / "pretrain.log"
     started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
@@ -226,13 +236,16 @@ def test_pretraining_continues_on_the_surviving_node(cluster, tmp_path):
         wait_until(lambda: checkpoints.latest(str(run_dir)), proc, log, 300,
                    "a complete checkpoint")
         killed_at = time.monotonic()
+        survivor = cluster.pids("w2")
         victims = cluster.kill("w1")
         rc = proc.wait(timeout=400)
         ended = time.monotonic()
     finally:
         stop_process_group(proc)
     out = log.read_text(errors="replace")
+    # One worker on each node before the loss (the stream of each executed on its own node).
     assert any("RayTrainWorker" in c for c in victims.values()), victims
+    assert any("RayTrainWorker" in c for c in survivor.values()), survivor
     assert any("raylet" in c for c in victims.values()), victims
     assert rc == 0, out[-4000:]
     assert f"finished at step {total}" in out

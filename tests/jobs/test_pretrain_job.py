@@ -1,12 +1,11 @@
 """`ray job submit -- python jobs/pretrain.py` against a `ray start --head` that the test
 starts (and stops, with all its processes), logging to a real MLflow server, handing its
-checkpoints to VTAB-1k on the cluster while it trains; and a run over two nodes of
-`ray.cluster_utils.Cluster`."""
+checkpoints to VTAB-1k on the cluster while it trains. Runs over several nodes:
+tests/jobs/test_node_loss.py (real `ray start` nodes, a worker on each)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -112,57 +111,3 @@ def test_ray_job_submit_pretrain(ray_head, mlflow_server, tmp_path):
                               f"tags.checkpoint = '{final.parent / 'step_00000030'}'")
     assert len(vtab) == 1 and vtab[0].info.status == "FINISHED"
     assert run.info.end_time < vtab[0].info.end_time, "training waited for an evaluation"
-
-
-def test_two_nodes(tmp_path):
-    """Two workers forced onto two nodes of a `ray.cluster_utils.Cluster` (STRICT_SPREAD),
-    in a subprocess: a process can hold only one Ray connection."""
-    script = tmp_path / "two_nodes.py"
-    script.write_text(f'''
-import sys, ray
-sys.path.insert(0, {str(ROOT)!r})
-from ray.cluster_utils import Cluster
-from pipeline.train.config import apply_overrides, smoke
-from pipeline.train.run import PretrainError, pretrain
-cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2))
-cluster.add_node(num_cpus=2)
-cluster.wait_for_nodes()
-ray.init(address=cluster.address)
-try:
-    sets = ["run.name=two-nodes", "run.storage={tmp_path / 'runs'}", "scale.num_workers=2",
-            "scale.placement_strategy=STRICT_SPREAD", "train.total_steps=30",
-            "probe.every=0"]
-    try:  # a node-local folder on two nodes: refused before anything starts
-        pretrain(apply_overrides(smoke(), sets), tracking_uri="sqlite:///{tmp_path}/m.db")
-    except PretrainError as err:
-        print("REFUSED", err)
-    # This test's "nodes" share one disk, as nodes mounting NFS do.
-    cfg = apply_overrides(smoke(), sets + ["run.shared_storage=true"])
-    out = pretrain(cfg, tracking_uri="sqlite:///{tmp_path}/m.db")
-    # From the GCS's actor table: the state API needs a dashboard, which this cluster lacks
-    # (under load its lookup failed: "Could not read 'dashboard' from GCS").
-    import ray._private.state
-    nodes = {{a["Address"]["NodeID"] for a in ray._private.state.actors().values()
-              if a["ActorClassName"] == "RayTrainWorker"}}
-    print("RESULT", out.step, len(nodes))
-finally:
-    ray.shutdown()
-    cluster.shutdown()
-''')
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    refused = [ln for ln in out.stdout.splitlines() if ln.startswith("REFUSED")]
-    assert len(refused) == 1 and "use --out s3://bucket/prefix" in refused[0], out.stdout
-    assert "2 nodes" in refused[0]
-    result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
-    assert result == ["RESULT 30 2"], out.stdout[-2000:]
-    # The checkpoint became a model version in the store the run was given (pretrain() called
-    # directly, so no MLFLOW_TRACKING_URI: MLflow's registry used to look in ./mlflow.db).
-    assert "could not register" not in out.stderr, out.stderr[-2000:]
-    from mlflow.tracking import MlflowClient
-
-    versions = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_model_versions()
-    assert [v.tags["step"] for v in versions] == ["30"], versions
-

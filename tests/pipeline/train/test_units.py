@@ -760,14 +760,16 @@ def test_a_command_on_its_own_local_ray_trains_without_the_placement_group_clean
             lambda config: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
         return {type(c).__name__ for c in trainer._create_default_callbacks()}
 
+    before = failures._OWN_LOCAL_RAY         # the session's ray_local may have set it
     try:
+        failures.own_local_ray(False)
         assert PlacementGroupCleanerCallback.__name__ in kinds()   # a cluster's run keeps it
         failures.own_local_ray(True)
         without = kinds()
         assert PlacementGroupCleanerCallback.__name__ not in without
         assert {"DatasetsCallback", "BackendSetupCallback"} <= without   # the rest stays
     finally:
-        failures.own_local_ray(False)
+        failures.own_local_ray(before)
 
 
 def test_the_data_position_advances_where_the_checkpoint_is_written_in_order():
