@@ -122,19 +122,28 @@ def trainer_class():
                 self._controller.abort.remote()
 
         def _create_default_callbacks(self):
-            """Without Ray Train's placement-group cleaner on a local Ray this command
-            started: the cleaner (a detached actor per run) removes the worker group's
-            placement group if the controller dies while the job lives on, but such a
-            Ray goes with the command. There it only cost a process, a state-API query a
-            second, and at the end up to 12 s waiting for its query under load ("Failed
-            to stop PlacementGroupCleaner gracefully", with a traceback, in the log)."""
-            callbacks = super()._create_default_callbacks()
-            if not _OWN_LOCAL_RAY:
-                return callbacks
+            """Ray Train's datasets callback as `run.streams_callback` (no `DatasetManager`
+            actor for a stream per worker). Without Ray Train's placement-group cleaner on
+            a local Ray this command started: the cleaner (a detached actor per run)
+            removes the worker group's placement group if the controller dies while the
+            job lives on, but such a Ray goes with the command. There it only cost a
+            process, a state-API query a second, and at the end up to 12 s waiting for its
+            query under load ("Failed to stop PlacementGroupCleaner gracefully", with a
+            traceback, in the log)."""
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
             from ray.train.v2._internal.callbacks.placement_group_callback import (
                 PlacementGroupCleanerCallback,
             )
 
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            from pipeline.train.run import streams_callback
+
+            callbacks = []
+            for c in super()._create_default_callbacks():
+                if isinstance(c, DatasetsCallback):
+                    c = streams_callback(self.train_run_context, self.datasets)
+                elif isinstance(c, PlacementGroupCleanerCallback) and _OWN_LOCAL_RAY:
+                    continue
+                callbacks.append(c)
+            return callbacks
 
     return Trainer

@@ -568,20 +568,72 @@ def _worker_streams():
         executor that ran fewer tasks than slots would leave a queue unread (a node-loss
         restart trained half of each epoch that way)."""
 
+        def own_streams(self, datasets, world_size, worker_node_ids) -> list | None:
+            """Each rank's iterator of a stream of its own, or None (Ray's split)."""
+            if set(datasets) != {"train"}:
+                return None
+            parts = stream.per_worker(datasets["train"], world_size,
+                                      self._resolve_execution_options("train"),
+                                      worker_node_ids)
+            for part in parts or ():
+                part.set_name("train")
+            return None if parts is None else [part.iterator() for part in parts]
+
         def configure(self, datasets, world_size, worker_handles, worker_node_ids,
                       **kwargs):
-            if set(datasets) == {"train"}:
-                parts = stream.per_worker(datasets["train"], world_size,
-                                          self._resolve_execution_options("train"),
-                                          worker_node_ids)
-                if parts is not None:
-                    for part in parts:
-                        part.set_name("train")
-                    return [{"train": part.iterator()} for part in parts]
+            own = self.own_streams(datasets, world_size, worker_node_ids)
+            if own is not None:
+                return [{"train": it} for it in own]
             return super().configure(datasets, world_size, worker_handles, worker_node_ids,
                                      **kwargs)
 
     return WorkerStreams
+
+
+@dataclass(frozen=True)
+class OwnStream:
+    """What a Train worker asks for its dataset shard (Ray Train's `DatasetShardProvider`):
+    the iterator of its own stream, which it executes itself."""
+
+    iterator: Any
+
+    def get_dataset_shard(self, dataset_info):
+        if dataset_info.dataset_name != "train":
+            raise KeyError(f"no dataset {dataset_info.dataset_name!r}: only 'train'")
+        return self.iterator
+
+
+def streams_callback(train_run_context, datasets):
+    """Ray Train's datasets callback, without its `DatasetManager` actor where the workers
+    each execute a stream of their own (`WorkerStreams.own_streams`): the controller builds
+    the rank streams (lazy plans, no data) when the worker group starts, and gives each
+    worker its own iterator. Ray's callback starts that actor for every worker group, to
+    build and hand out the iterators, and it only has work for Ray's split (a process
+    importing Ray Data: ~2.7 CPU-seconds a run here, `bench/processes.py`). Where the stream
+    is split, Ray's provider, with that actor, as before; either way the dataset factory
+    (`TrainData`) is called once a start."""
+    from ray.train.v2._internal.callbacks.datasets import (
+        DatasetsCallback,
+        RayDatasetShardProvider,
+    )
+
+    class StreamsCallback(DatasetsCallback):
+        def before_init_train_context(self, workers):
+            world = len(workers)
+            nodes = [w.metadata.node_id for w in workers]
+            built = {k: v() if callable(v) else v for k, v in self._datasets.items()}
+            own = getattr(self._data_config, "own_streams", None)
+            iterators = own(built, world, nodes) if own else None
+            if iterators is not None:
+                self._dataset_shard_provider = None     # nothing to shut down: the
+                return {"dataset_shard_provider": [    # executors are the workers'
+                    OwnStream(it) for it in iterators]}
+            self._dataset_shard_provider = RayDatasetShardProvider(
+                datasets=built, data_config=self._data_config,
+                data_context=self._data_context, world_size=world, worker_node_ids=nodes)
+            return {"dataset_shard_provider": [self._dataset_shard_provider] * world}
+
+    return StreamsCallback(train_run_context=train_run_context, datasets=datasets)
 
 
 def _manifest_tag(cfg: PretrainConfig, manifest: dict | None) -> str:

@@ -279,7 +279,7 @@ def test_a_signal_while_writing_shards(tmp_path, sig):
     completes keeping them."""
     dst = tmp_path / "shards"
     args = [sys.executable, "-m", "jobs.make_shards", "synthetic", "--out", str(dst),
-            "--num-samples", "6000", "--image-size", "64", "--shard-size-mb", "0.1",
+            "--num-samples", "2500", "--image-size", "64", "--shard-size-mb", "0.1",
             "--workers", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = tmp_path / "shards.log"

@@ -48,16 +48,17 @@ def collect(config):
 
 def run_two_workers(ds, cfg, out: Path, storage_path: Path):
     """Two Ray Train workers read `ds` each as a stream of its own, as runs on GPUs or across
-    nodes do (`run.WorkerStreams`, on) -> what each saw, and the names of the actors the run
-    created."""
+    nodes do (`run.WorkerStreams`, on), through the trainer pretraining uses
+    (`failures.trainer_class`, its datasets callback `run.streams_callback`) -> what each
+    saw, and the names of the actors the run created."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
+    from pipeline.train.failures import trainer_class
     from pipeline.train.run import _worker_streams
 
     out.mkdir(parents=True, exist_ok=True)
     before = set(actors())
-    TorchTrainer(collect, train_loop_config={"cfg": cfg, "out": str(out)},
+    trainer_class()(collect, train_loop_config={"cfg": cfg, "out": str(out)},
                  datasets={"train": ds}, dataset_config=_worker_streams()(),
                  scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(storage_path=str(storage_path), name="t")).fit()
@@ -97,8 +98,10 @@ def test_every_key_once_per_epoch_across_two_workers_from_s3(ray_local, s3, tmp_
     ds, m, _ = shard_dataset(cfg, num_epochs=2, workers=2)
     assert m == manifest
     seen, made = run_two_workers(ds, cfg, tmp_path / "out", tmp_path / "runs")
-    # Each worker executed its own stream: no coordinator stood between the reads and them.
-    assert "RayTrainWorker" in made and not [a for a in made if "SplitCoordinator" in a], made
+    # Each worker executed its own stream: no coordinator stood between the reads and them,
+    # and no actor of Ray Train's held the datasets to hand them out.
+    assert "RayTrainWorker" in made, made
+    assert not [a for a in made if a in ("SplitCoordinator", "DatasetManager")], made
 
     truth = ground_truth(local, manifest)
     ids = [[(e, s, i) for _, e, s, i in rank] for rank in seen]

@@ -767,7 +767,8 @@ def test_a_command_on_its_own_local_ray_trains_without_the_placement_group_clean
         failures.own_local_ray(True)
         without = kinds()
         assert PlacementGroupCleanerCallback.__name__ not in without
-        assert {"DatasetsCallback", "BackendSetupCallback"} <= without   # the rest stays
+        assert {"StreamsCallback", "BackendSetupCallback"} <= without    # the rest stays
+        assert "DatasetsCallback" not in without      # replaced by run.streams_callback's
     finally:
         failures.own_local_ray(before)
 
