@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,9 @@ def train_loop(config: dict) -> None:
     logging.getLogger("pipeline").setLevel(spec.log_level)
     env = worker_env(spec.cfg)
     shard = ray.train.get_dataset_shard("train")
-    model, optimizer, start = build(spec, env, group_start(shard))
+    group = group_start(shard)
+    stream = FirstFetched(batches(shard, spec.cfg, env))    # its read tasks start now
+    model, optimizer, start = build(spec, env, group)
     worker = Worker(spec, env, model, optimizer,
                     checkpoints.CheckpointWriter(env.rank, spec.cfg.checkpoint.asynchronous),
                     open_tracker(spec, env, start), fetch_probe(spec),
@@ -177,7 +180,7 @@ def train_loop(config: dict) -> None:
     try:
         # Fatal from here: Ray Train stops every worker without spending max_failures (these
         # errors would recur on a retry), and the driver prints the line (failures.py).
-        train(worker, start, batches(shard, spec.cfg, env))
+        train(worker, start, stream)
     finally:
         worker.writer.close()
         if worker.tracker is not None:
@@ -284,6 +287,38 @@ def batches(shard, cfg: PretrainConfig, env: WorkerEnv):
 
     return iter(iter_batches(shard, cfg.micro_batch, InputConfig(
         shuffle_buffer=shuffle_buffer(cfg)), drop_last=True, seed=cfg.train.seed + env.rank))
+
+
+class FirstFetched:
+    """An iterator whose first item is fetched at once, in a thread: the stream's executor
+    starts its read tasks (new processes importing the readers: the ~3 s "dataset: first
+    batch" of bench/startup.py) while the worker builds its model and opens its tracker,
+    instead of after them. The first `next` waits for that item, and raises what fetching it
+    raised; the rest come from the iterator itself, in the caller's thread."""
+
+    def __init__(self, items):
+        self._items, self._first, self._error = items, None, None
+        self._thread = threading.Thread(target=self._fetch, name="first-batch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._items)
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+            self._error = err
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._thread is None:
+            return next(self._items)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        first, self._first = self._first, None
+        return first
 
 
 def shuffle_buffer(cfg: PretrainConfig) -> int:

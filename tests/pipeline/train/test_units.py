@@ -799,3 +799,32 @@ def test_the_data_position_advances_where_the_checkpoint_is_written_in_order():
     whole = DataPosition().advance_ranges(plan, np.concatenate([r1, r2, r3]))
     assert got == [whole.to_dict()] and whole.epoch == 1
     assert chain.add(np.zeros((0, 4), np.int64))() == whole.to_dict()
+
+
+def test_the_first_batch_is_fetched_at_once_and_the_stream_keeps_its_order_and_errors():
+    """`loop.FirstFetched`: the stream starts before anyone asks (its read tasks start while
+    the worker builds its model), then gives its items in order; an error fetching the first
+    is raised at the first `next`, in the caller's thread."""
+    import threading
+
+    from pipeline.data.reader import DataError
+    from pipeline.train.loop import FirstFetched
+
+    asked = threading.Event()
+
+    def stream():
+        asked.set()
+        yield from (1, 2, 3)
+
+    items = FirstFetched(stream())
+    assert asked.wait(10), "the first item was not fetched before the first next()"
+    assert list(items) == [1, 2, 3]
+    assert list(FirstFetched(iter(()))) == []
+
+    def bad():
+        raise DataError("bad data in shard a.tar")
+        yield
+
+    broken = FirstFetched(bad())
+    with pytest.raises(DataError, match="bad data in shard a.tar"):
+        next(broken)
