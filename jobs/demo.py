@@ -19,7 +19,7 @@ In order:
     The stack is stopped at the end, whatever happens; results stay under --root.
 
     python jobs/demo.py              # ~2.5 minutes on 2 CPU cores
-    python jobs/demo.py --smoke      # shorter runs (CI)
+    python jobs/demo.py --smoke      # shorter runs, one VTAB learning rate (CI)
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     ap = cli.parser(__doc__, prog="vit-demo")
     ap.add_argument("--out", type=Path, default=Path("~/vit-runs/demo-product"),
                     help="where everything goes: shards, runs, evaluations, the stack's state")
-    ap.add_argument("--smoke", action="store_true", help="shorter runs, for CI")
+    ap.add_argument("--smoke", action="store_true",
+                    help="shorter runs, one VTAB learning rate (no selection): for CI")
     cli.add_common(ap, mlflow=False)
     cli.deprecated(ap, "--root", "--out", type=Path)
     args = ap.parse_args(argv)
@@ -145,7 +146,9 @@ def main(argv=None) -> int:
         concurrently({name: ("eval/vtab.py", [
             "--checkpoint", str(root / "runs" / name), "--data", str(vtab),
             "--preset", "demo", "--tasks", ",".join(DEMO_TASKS),
-            "--set", f"steps={ft_steps}",
+            "--set", f"finetune.steps={ft_steps}",
+            # Smoke: one rate, so no selection phase (the test of the protocol has it).
+            *(["--lrs", "0.03"] if args.smoke else []),
             "--out", str(root / "vtab"), "--name", f"vtab-{name}",
             "--reference", "vit-l16-i21k"], root / "logs" / f"vtab-{name}.log")
             for name in runs}, env)

@@ -108,24 +108,70 @@ def redact(value: str) -> str:
     return _USERINFO.sub(r"\1", value)
 
 
+def _unauthorized(tracking_uri: str) -> str:
+    """The line for an HTTP 401: no credentials, or credentials the server does not take."""
+    from urllib.parse import urlsplit
+
+    server = f"MLflow server {redact(tracking_uri)}"
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urlsplit(tracking_uri).username
+    if not user and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return (f"{server} refused a request without credentials (HTTP 401): set "
+                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of it")
+    return (f"{server} refused the credentials{f' of user {user!r}' if user else ''} "
+            f"(HTTP 401): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+
+
+def access_refusal(tracking_uri: str, timeout_s: float = 2.0) -> str | None:
+    """`refusal`'s line for a server that does not take this process's credentials (HTTP
+    401), found with one request before anything starts, or None: any other answer, or none
+    (what else is wrong, the run's own requests say), a local store, and credentials that an
+    MLflow plugin supplies (MLFLOW_TRACKING_AUTH). The request carries what MLflow's client
+    would send: user:password in the URI, else MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, else MLFLOW_TRACKING_TOKEN. Only a 401: a 403 may be this
+    request's own (no permission on the experiment it names), not the run's."""
+    import base64
+    import urllib.error
+    import urllib.request
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    if not tracking_uri.startswith(("http://", "https://")) or \
+            os.environ.get("MLFLOW_TRACKING_AUTH"):
+        return None
+    parts = urlsplit(tracking_uri)
+    user, password = parts.username, parts.password
+    if user is None:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    headers = {}
+    if user:
+        pair = f"{user}:{password or ''}".encode()
+        headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
+    elif token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+    url = urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1],
+                      parts.path.rstrip("/") + "/api/2.0/mlflow/experiments/get-by-name",
+                      f"experiment_name={quote('Default')}", ""))
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                               timeout=timeout_s).close()
+    except urllib.error.HTTPError as err:
+        return _unauthorized(tracking_uri) if err.code == 401 else None
+    except Exception:  # noqa: BLE001 - no answer: the caller's reachability check says so
+        return None
+    return None
+
+
 def refusal(err: Exception, tracking_uri: str) -> str | None:
     """One line when the tracking server refused the request itself (HTTP 401: missing or
     wrong credentials; 403: no permission, or a host name the server does not serve), None
     for anything else. A refusal is a setting to fix: unlike an outage, waiting never ends it."""
-    from urllib.parse import urlsplit
-
     from mlflow.exceptions import MlflowException
 
     if not isinstance(err, MlflowException):
         return None
     status, server = err.get_http_status_code(), f"MLflow server {redact(tracking_uri)}"
     if status == 401:
-        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or urlsplit(tracking_uri).username
-        if not user and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
-            return (f"{server} refused a request without credentials (HTTP 401): set "
-                    f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of it")
-        return (f"{server} refused the credentials{f' of user {user!r}' if user else ''} "
-                f"(HTTP 401): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        return _unauthorized(tracking_uri)
     if status == 403:
         reason = str(err.message).rsplit("Response body: ", 1)[-1].strip("' \n")
         reason = redact(reason.splitlines()[0][:160]) if reason else "permission denied"

@@ -11,7 +11,8 @@ one line in a second or two instead of after the 5-20 s a Ray start takes.
                format reads and whose architecture matches (`weights.registry.peek`)
     MLflow     a tracking server that does not answer within 2 s: one warning; the run asks
                it again when it starts, and goes on without it if it still does not answer
-               (metrics kept in the run folder, sent by the next start of this run)
+               (metrics kept in the run folder, sent by the next start of this run); one
+               that refuses the credentials (HTTP 401): refused
 
 Cheap on purpose: on S3 a HEAD, a listing and the small JSON files, never a shard or a
 weights file; nothing is created or written (a refused start leaves no run folder). Nothing
@@ -69,8 +70,11 @@ def check(cfg: PretrainConfig, resume: str | None = None, init: str | None = Non
         for line in check_shards(manifest, cfg.data.uri, cfg.data.split):
             log.warning("%s", line)
     check_start(cfg, checkpoints.resume_point(run_uri, resume, init), resume, thorough=False)
-    down = None
-    if mlflow and (down := tracking_problem(os.environ.get("MLFLOW_TRACKING_URI", ""))):
+    down, uri = None, os.environ.get("MLFLOW_TRACKING_URI", "")
+    if mlflow and not (down := tracking_problem(uri)) and \
+            (refused := tracking.access_refusal(uri, TRACKING_TIMEOUT_S)):
+        raise PretrainError(refused)
+    if down:
         log.warning("MLflow server %s does not answer (%s); training goes on, and if it "
                     "still does not when the run starts, its metrics are kept in the run "
                     "folder and sent by the next start of this run",

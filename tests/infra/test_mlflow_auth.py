@@ -337,12 +337,14 @@ def test_pretraining_logs_with_credentials_from_the_environment(auth_server, tmp
         output = out.stdout + out.stderr
         assert out.returncode == 0, output[-4000:]
         refused, seconds = pretrain("without-auth", {})
+        wrong, _ = pretrain("wrong-password", {"MLFLOW_TRACKING_USERNAME": "admin",
+                                               "MLFLOW_TRACKING_PASSWORD": "not-it"})
         deadline = time.monotonic() + 30  # the local Ray of each command goes with it
         while (left := _processes_under(str(temp))) and time.monotonic() < deadline:
             time.sleep(1)
         hits = [f"output: {s[:6]}..." for s in SECRETS if s in output + refused.stdout
                 + refused.stderr]
-        sessions = [p.name for p in temp.glob("ray/session_*")    # one per command, searched
+        sessions = [p.name for p in temp.glob("ray/session_*")    # one per Ray, searched
                     if not p.is_symlink() and any((p / "logs").glob("raylet*"))]
         hits += _search(temp)              # Ray's session logs and spilled objects
         hits += _search(root)              # the server's log, database, auth ini
@@ -350,17 +352,24 @@ def test_pretraining_logs_with_credentials_from_the_environment(auth_server, tmp
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert not left, left
-    assert len(sessions) == 2, sessions
+    assert len(sessions) == 1, sessions      # the refused command started no Ray
 
-    # Without credentials: one line that names the variables, before any training.
+    # Without credentials: one line that names the variables, before Ray starts.
     lines = [ln for ln in refused.stderr.splitlines() if ln.strip()]
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
     assert lines[-1] == (f"error: MLflow server {uri} refused a request without credentials "
                          f"(HTTP 401): set MLFLOW_TRACKING_USERNAME and "
                          f"MLFLOW_TRACKING_PASSWORD to an account of it"), lines[-5:]
     assert "Traceback" not in refused.stdout + refused.stderr
-    assert not list((tmp_path / "runs" / "without-auth").glob("step_*"))
+    assert "Started a local Ray instance" not in refused.stdout + refused.stderr
+    assert not (tmp_path / "runs" / "without-auth").exists()
     assert seconds < 120, seconds
+    # Credentials the server does not take: the same, naming the user.
+    assert wrong.returncode == 2, wrong.stdout[-2000:] + wrong.stderr[-2000:]
+    assert wrong.stderr.strip().splitlines()[-1] == (
+        f"error: MLflow server {uri} refused the credentials of user 'admin' (HTTP 401): "
+        f"check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"), wrong.stderr[-2000:]
+    assert "Started a local Ray instance" not in wrong.stdout + wrong.stderr
     # vit-vtab too, on the checkpoint just trained: refused before Ray starts a trial.
     from eval.data import write_grating_task
     from eval.tasks import BY_NAME

@@ -422,3 +422,10 @@ def test_ctrl_c_during_the_handoff_evaluation_then_the_same_command_resumes(
     assert {r.info.status for r in vtab_runs()} == {"FINISHED"}
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "vtab/mean")]
     assert steps == [10]
+    # The handoff's report: the `linear` protocol on both tasks, of the final checkpoint.
+    (report,) = (storage / "vtab").glob("*/vtab.json")
+    doc = json.loads(report.read_text())
+    assert doc["settings"]["protocol"] == "linear"
+    assert doc["checkpoint"].endswith(f"{name}/step_00000010")
+    assert [t["task"] for t in doc["tasks"]] == ["dtd", "eurosat"]
+    assert all(len(t["seeds"]) == 1 for t in doc["tasks"])

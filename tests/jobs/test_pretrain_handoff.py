@@ -1,13 +1,10 @@
 """Pretraining hands its checkpoints to VTAB-1k itself (the `eval` section, eval/handoff.py):
-the section's bad input is refused before Ray starts; a smoke pretraining with `eval.at_end`
-writes the VTAB report and exits with training's code."""
+the section's bad input is refused before Ray starts; which checkpoints are queued. A smoke
+pretraining with `eval.at_end` writing its VTAB report, interrupted and resumed:
+tests/jobs/test_interrupts.py; on a cluster, during training: tests/jobs/test_pretrain_job.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -54,33 +51,6 @@ def test_no_eval_section_checks_nothing(job, tmp_path):
     (the tripwire is reached: everything before Ray passed)."""
     code, out, err = job("--set", f"eval.data={tmp_path}/none")
     assert "resolved config" in out and "Ray started" in err
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_smoke_pretraining_evaluates_its_final_checkpoint(tmp_path, vtab_data):
-    """The real command on a local Ray: training, then the `linear` protocol on two generated
-    tasks; the report exists and names the final checkpoint; exit 0."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    out = subprocess.run(
-        [sys.executable, "-m", "jobs.pretrain", "--preset", "smoke", "--out",
-         str(tmp_path / "runs"), "--name", "hand", "--no-mlflow",
-         "--set", "train.total_steps=20", "--set", "optim.warmup_steps=2",
-         "--set", "checkpoint.every=10", "--set", "probe.every=0",
-         "--set", "eval.at_end=true", "--set", f"eval.data={vtab_data}",
-         "--set", "eval.tasks=eurosat,dtd", "--set", "eval.resolution=32",
-         "--set", "eval.test_images=20"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    reports = list((tmp_path / "runs" / "vtab").glob("*/vtab.json"))
-    assert len(reports) == 1, (out.stdout + out.stderr)[-4000:]
-    doc = json.loads(reports[0].read_text())
-    assert doc["settings"]["protocol"] == "linear"
-    assert doc["checkpoint"].endswith("hand/step_00000020")
-    assert [t["task"] for t in doc["tasks"]] == ["dtd", "eurosat"]
-    assert all(len(t["seeds"]) == 1 for t in doc["tasks"])
-    assert "VTAB-1k (linear) of" in out.stdout and "warning:" not in out.stderr
 
 
 def test_every_nth_checkpoint_by_count_is_queued_once_unless_already_reported(tmp_path):

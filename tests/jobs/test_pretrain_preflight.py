@@ -258,20 +258,36 @@ def test_bad_init_and_resume_fail_before_ray_with_one_line(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_mlflow_down_is_said_once_and_the_run_goes_on(ray_local, tmp_path, dataset):
+def test_mlflow_down_is_said_once_and_the_run_goes_on_losing_no_metric(
+        ray_local, mlflow_server, tmp_path, dataset):
     """Nobody listens at MLFLOW_TRACKING_URI: one warning before Ray starts (the second
     attempt, after it, says nothing more), and the run trains on its shards, its metrics
-    kept in the run folder (sent by the next start: tests/pipeline/train/test_spill.py)."""
+    kept in the run folder. The same command once the server answers: nothing to train, and
+    every metric is sent (none lost, none twice)."""
+    from mlflow.tracking import MlflowClient
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    out = subprocess.run([sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--out",
-                          str(tmp_path / "runs"), "--name", "offline", "--data", str(dataset),
-                          "--set", "train.total_steps=20", "--set", "probe.every=0"],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--out",
+           str(tmp_path / "runs"), "--name", "offline", "--data", str(dataset),
+           "--set", "train.total_steps=20", "--set", "train.log_every=5",
+           "--set", "checkpoint.every=10", "--set", "probe.every=0",
+           "--set", "train.system_metrics_s=0"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     said = [ln for ln in out.stderr.splitlines() if "MLflow" in ln and "WARNING" in ln]
     assert len(said) == 1 and "does not answer" in said[0], said
     assert "finished at step 20" in out.stdout
     assert list((tmp_path / "runs" / "offline").glob("pending_metrics-*.jsonl"))
+
+    again = subprocess.run(cmd, env={**env, "MLFLOW_TRACKING_URI": mlflow_server.uri},
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("vit-smoke").experiment_id],
+                                "tags.`vit.run_name` = 'offline'")
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps == [5, 10, 15, 20]
+    assert list((tmp_path / "runs" / "offline").glob("pending_metrics-*")) == []

@@ -1,5 +1,6 @@
 """Metrics logged while MLflow was down at start are kept in the run folder and sent by the
-next start of the run (a real MLflow server; the pretraining part on a local Ray)."""
+next start of the run (a real MLflow server). The same through `vit-pretrain` on Ray:
+tests/jobs/test_pretrain_preflight.py (MLflow down at the first start, up at the next)."""
 
 from __future__ import annotations
 
@@ -35,27 +36,3 @@ def test_a_run_without_mlflow_spills_and_the_next_start_imports(tmp_path, mlflow
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/lr")) == [5, 10]
     assert list((tmp_path / "run").glob("pending_metrics-*")) == []
     assert tracking.import_spills(mlflow_server.uri, run_id, run_uri) == 0
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_pretraining_with_mlflow_down_at_start_loses_no_metric(ray_local, tmp_path,
-                                                               mlflow_server):
-    from pipeline.train.config import apply_overrides, smoke
-    from pipeline.train.run import pretrain
-    from tests.conftest import free_port
-
-    cfg = apply_overrides(smoke(), ["run.name=offline", f"run.storage={tmp_path / 'runs'}",
-                                    "train.total_steps=20", "train.log_every=5",
-                                    "checkpoint.every=10", "probe.every=0",
-                                    "train.system_metrics_s=0"])
-    down = f"http://127.0.0.1:{free_port()}"       # nothing listens there
-    first = pretrain(cfg, tracking_uri=down)
-    assert first.step == 20 and first.run_id is None
-    assert list((tmp_path / "runs" / "offline").glob("pending_metrics-*.jsonl"))
-    # The same command once the server is reachable: nothing to train, the metrics are sent.
-    second = pretrain(cfg, tracking_uri=mlflow_server.uri)
-    client = MlflowClient(mlflow_server.uri)
-    steps = sorted(m.step for m in client.get_metric_history(second.run_id, "train/loss"))
-    assert steps == [5, 10, 15, 20]
-    assert list((tmp_path / "runs" / "offline").glob("pending_metrics-*")) == []
