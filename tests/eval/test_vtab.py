@@ -241,7 +241,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(tmp_path):
                           tmp_path / "ckpt")
     data = make_tasks(tmp_path / "vtab-1k", ("eurosat", "kitti"))
     args = ["--checkpoint", str(checkpoint), "--data", str(data), "--tasks", "eurosat,kitti",
-            "--resolution", "32", "--lrs", "0.01", "--steps", "400", "--batch-size", "32",
+            "--resolution", "32", "--lrs", "0.01", "--steps", "250", "--batch-size", "32",
             "--seeds", "3", "--max-concurrent-trials", "1", "--out", str(tmp_path / "ev"),
             "--name", "killed"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -167,13 +168,10 @@ def test_local_stack_starts_and_stops_cleanly(tmp_path):
         assert s3.get_object(Bucket="vit-local", Key="hello")["Body"].read() == b"world"
         with urllib.request.urlopen(settings["MLFLOW_TRACKING_URI"] + "/health", timeout=10) as r:
             assert r.status == 200
-        job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit",
-                              "--address", settings["RAY_ADDRESS"], "--", "python", "-c",
-                              "import ray; ray.init(); print('CPUS', ray.cluster_resources()"
-                              "['CPU'])"],
-                             env={**env, **settings}, capture_output=True, text=True,
-                             timeout=300)
-        assert "CPUS 2.0" in job.stdout, job.stdout + job.stderr
+        # Jobs through its head: the demo's (tests/jobs/test_demo.py); here its job API
+        # answers, behind its token.
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(settings["RAY_ADDRESS"] + "/api/jobs/", timeout=10)
         status = subprocess.run(script + ["status", "--dir", str(state_dir)],
                                 capture_output=True, text=True)
         assert status.returncode == 0 and status.stdout.count("running") == 3

@@ -44,7 +44,7 @@ def assert_same_losses(a, b):
         assert y == pytest.approx(x, rel=LOSS_RTOL), f"step {step}: {x} vs {y}"
 
 
-def test_fsdp2_matches_ddp_and_its_checkpoint_resumes_exactly(ray_local, tmp_path):
+def test_fsdp2_matches_ddp_and_its_checkpoint_is_a_model(ray_local, tmp_path):
     _, ddp = run(tmp_path, "ddp", "train.parallel=ddp")
     fsdp, losses = run(tmp_path, "fsdp", "train.parallel=fsdp", "checkpoint.every=4",
                        "probe.every=4")
@@ -56,13 +56,11 @@ def test_fsdp2_matches_ddp_and_its_checkpoint_resumes_exactly(ray_local, tmp_pat
     probe = client.get_metric_history(fsdp.run_id, "fewshot/synthetic/1shot")
     assert [m.step for m in probe] == [4, 8] and all(0 <= m.value <= 1 for m in probe)
 
-    # The checkpoint written from the shards is a plain model checkpoint...
+    # The checkpoint written from the shards is a plain model checkpoint. (A run resumed
+    # from an FSDP2 checkpoint continues with the same losses: the hybrid's test below, the
+    # same path with one more unit.)
     model = load_vit(fsdp.checkpoint)
     assert model.cfg == smoke().model and fsdp.checkpoint.endswith("step_00000008")
-    # ... and a new run resumed from the step-4 one continues with the same losses.
-    step4 = fsdp.checkpoint.replace("step_00000008", "step_00000004")
-    _, resumed = run(tmp_path, "fsdp-resumed", "train.parallel=fsdp", resume=step4)
-    assert_same_losses(losses[4:], resumed)
 
 
 def test_hybrid_trains_sharded_with_its_resnet_as_a_unit_and_resumes_exactly(ray_local,
