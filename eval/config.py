@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from eval.data import TaskDataConfig
-from eval.finetune import FinetuneConfig
+from eval.recipe import FinetuneConfig
 from eval.sweep import PAPER, SweepConfig
 from eval.trial import model_label
 from pipeline import storage

@@ -84,3 +84,57 @@ def test_eval_never_imports_training():
         bad = {m for m in imports(path) if m == "pipeline.train" or
                m.startswith("pipeline.train.")}
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+_DRIVER = r'''
+import sys, ray.cloudpickle as pickle
+sys.argv = ["vit-pretrain"]
+import jobs.pretrain as cmd                       # the command's own imports
+from eval import handoff
+from pipeline.train import preflight, run
+from pipeline.train.config import PRESETS
+
+cfg = cmd.resolve(cmd.parse_args(["--preset", "smoke", "--out", sys.argv_out]))
+preflight.check(cfg, resume=None, init=None, mlflow=False)
+handoff.check(cfg)
+factory, plan, _, _ = run.build_data(cfg, cfg.run.storage + "/smoke", None, None)
+spec = run.WorkerSpec(cfg=cfg, run_uri=cfg.run.storage + "/smoke", stream=plan)
+trainer = run.make_trainer(cfg, spec, factory, cfg.run.storage)
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+assert isinstance(trainer, DataParallelTrainer) and trainer.backend_config.backend == "gloo"
+# What Ray Train's controller is handed: the training function, its config, the dataset
+# factory, the backend (the controller builds its callbacks from these).
+shipped = pickle.dumps((trainer.train_loop_per_worker, trainer.train_loop_config,
+                        trainer.datasets, trainer.backend_config, trainer.data_config))
+open(sys.argv_pickle, "wb").write(shipped)
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+'''
+
+_CONTROLLER = r'''
+import sys, ray.cloudpickle as pickle
+import ray.train.v2._internal.execution.controller  # what the controller process imports
+fn, config, datasets, backend, data_config = pickle.loads(open(sys.argv[1], "rb").read())
+backend.backend_cls()
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+'''
+
+
+def test_the_driver_and_the_train_controller_never_import_torch(tmp_path):
+    """torch's import is ~1.2 s on 2 cores; the command's driver and Ray Train's controller
+    (which unpickles the training function, its config, the dataset factory and the backend)
+    never touch a tensor, so neither pays it (pipeline/train/backend.py). The objects are the
+    ones `vit-pretrain --preset smoke` builds, pickled as Ray pickles them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    driver = _DRIVER.replace("sys.argv_out", repr(str(tmp_path / "runs"))).replace(
+        "sys.argv_pickle", repr(str(tmp_path / "shipped.pkl")))
+    for name, script, args in (("driver", driver, []),
+                               ("controller", _CONTROLLER, [str(tmp_path / "shipped.pkl")])):
+        done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1] == "[]", \
+            f"the {name} imports {done.stdout.strip().splitlines()[-1][:300]}"

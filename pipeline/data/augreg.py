@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.data.config import LEVELS, check_randaugment
+
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color",
        "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
        "Cutout", "SolarizeAdd")
@@ -53,17 +55,6 @@ OFF_GRID = frozenset({"AutoContrast", "Color", "Contrast", "Brightness", "Sharpn
 REFERENCE_SIZE = 224        # the image size the reference's pixel constants are written for
 GREY = 128 / 255
 
-# big_vision configs/vit_i21k.py: the named settings of the AugReg paper (Fig. 4), as
-# (RandAugment layers, magnitude, Mixup p).
-LEVELS = {
-    "none": (0, 0, 0.0),
-    "light1": (2, 0, 0.0),
-    "light2": (2, 10, 0.2),
-    "medium1": (2, 15, 0.2),
-    "medium2": (2, 15, 0.5),
-    "strong1": (2, 20, 0.5),
-    "strong2": (2, 20, 0.8),
-}
 
 
 def op_argument(op: str, magnitude: float, size: int = REFERENCE_SIZE) -> float:
@@ -219,10 +210,7 @@ class RandAugment:
     """RandAugment(N, M) as the authors' code applies it (module docstring)."""
 
     def __init__(self, num_layers: int, magnitude: float, size: int = REFERENCE_SIZE):
-        if num_layers < 0:
-            raise ValueError(f"RandAugment layers must be >= 0, got {num_layers}")
-        if not 0 <= magnitude <= 30:
-            raise ValueError(f"RandAugment magnitude must be in [0, 30], got {magnitude}")
+        check_randaugment(num_layers, magnitude)
         self.num_layers, self.magnitude, self.size = num_layers, magnitude, size
         self.args = torch.tensor([op_argument(op, magnitude, size) for op in OPS])
 

@@ -11,6 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+# big_vision configs/vit_i21k.py: the named settings of the AugReg paper (Fig. 4), as
+# (RandAugment layers, magnitude, Mixup p).
+LEVELS = {
+    "none": (0, 0, 0.0),
+    "light1": (2, 0, 0.0),
+    "light2": (2, 10, 0.2),
+    "medium1": (2, 15, 0.2),
+    "medium2": (2, 15, 0.5),
+    "strong1": (2, 20, 0.5),
+    "strong2": (2, 20, 0.8),
+}
+
+
+def check_randaugment(num_layers: int, magnitude: float) -> None:
+    """RandAugment(N, M)'s arguments: N >= 0 layers, magnitude M in [0, 30]."""
+    if num_layers < 0:
+        raise ValueError(f"RandAugment layers must be >= 0, got {num_layers}")
+    if not 0 <= magnitude <= 30:
+        raise ValueError(f"RandAugment magnitude must be in [0, 30], got {magnitude}")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -24,7 +44,7 @@ class DataConfig:
     # AugReg (Steiner et al., 2021) on the training device, after the read tasks' crop and
     # flip (pipeline/data/augreg.py): RandAugment with `randaug_layers` ops per image (0: off)
     # at magnitude `randaug_magnitude` (0-30, the authors' scale of 10), then Mixup with a
-    # Beta(mixup, mixup) ratio (0: off). The paper's named settings: augreg.LEVELS.
+    # Beta(mixup, mixup) ratio (0: off). The paper's named settings: LEVELS.
     randaug_layers: int = 0
     randaug_magnitude: float = 0.0
     mixup: float = 0.0
@@ -54,9 +74,7 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in ("shards", "synthetic"):
             raise ValueError(f"data.source must be 'shards' or 'synthetic', got {self.source!r}")
-        from pipeline.data.augreg import RandAugment
-
-        RandAugment(self.randaug_layers, self.randaug_magnitude)     # validates both
+        check_randaugment(self.randaug_layers, self.randaug_magnitude)
         if self.worker_streams not in ("auto", "on", "off"):
             raise ValueError(f"data.worker_streams must be auto, on or off, got "
                              f"{self.worker_streams!r}")

@@ -453,7 +453,7 @@ def read_slots(reads: int, read_tasks: int = 0, cpus_per_read: float = 1.0) -> i
     return max(1, min(read_tasks, reads))
 
 
-# A Ray Data context travels with its dataset (as `loop.START_KEY` does): the stream's slots,
+# A Ray Data context travels with its dataset (as `spec.START_KEY` does): the stream's slots,
 # so that Ray Train can give each worker a stream of its own (`per_worker`).
 SLOTS_KEY = "vit.slots"
 

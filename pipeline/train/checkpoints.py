@@ -49,14 +49,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pipeline import storage
-from pipeline.model import ViT, ViTConfig
+from pipeline.architecture import ViTConfig
 from pipeline.train.lease import process_alive
-from pipeline.weights import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_vit, write_weights
+from pipeline.weights.errors import CheckpointError
 from pipeline.weights.integrity import (
     CORRUPT_FILE,
     METADATA_FILE,
@@ -72,6 +70,12 @@ from pipeline.weights.integrity import (
     verify,
     vtab_due,
 )
+
+if TYPE_CHECKING:        # torch is imported where it is used: the driver never needs it
+    import torch
+    from torch import nn
+
+    from pipeline.model import ViT
 from pipeline.weights.integrity import (
     checkpoint_number as checkpoint_number,  # re-exported: the loop counts with it
 )
@@ -173,6 +177,8 @@ def check_init(uri: str, model_cfg: ViTConfig, load: bool = True) -> None:
 
         peek(uri, **_structure(model_cfg))
         return
+    from pipeline.model import ViT
+
     init_model(ViT(model_cfg), uri)
 
 
@@ -207,6 +213,8 @@ def init_model(model: ViT, uri: str) -> None:
     """--init: weights of any format `load_vit` reads; the body is loaded, the heads are
     this run's fresh ones (the checkpoint's may have another number of classes), and the
     position embedding is resampled to this run's resolution."""
+    from pipeline.weights import load_vit
+
     cfg = model.cfg
     src = load_vit(uri, image_size=cfg.image_size, **_structure(cfg))
     if (src.cfg.input_mean, src.cfg.input_std) != (cfg.input_mean, cfg.input_std):
@@ -331,6 +339,7 @@ def _reader(uri: str):
 
 
 def _load_planner():
+    import torch
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     class Planner(DefaultLoadPlanner):
@@ -620,6 +629,8 @@ def _write_model_and_state(directory: Path, vit_state: dict, vit_cfg: ViTConfig,
     """Rank 0's files: the ViT in our model format, then train_state.json, which lists their
     sizes and so goes last. A `data_position` that is a callable (`loop.PositionChain`) is
     resolved here, off the training loop."""
+    from pipeline.weights import CONFIG_FILE, WEIGHTS_FILE, write_weights
+
     if callable(doc.get("data_position")):
         doc = {**doc, "data_position": doc["data_position"]()}
     write_weights(vit_state, vit_cfg, directory, {

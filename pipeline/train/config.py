@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from pipeline import config
+from pipeline.architecture import ViTConfig
 from pipeline.config import Sectioned
-from pipeline.data.augreg import LEVELS
-from pipeline.data.config import DataConfig
-from pipeline.model import ViTConfig
+from pipeline.data.config import LEVELS, DataConfig
 from pipeline.train.checkpoints import CheckpointConfig
 from pipeline.train.fewshot import ProbeConfig
 
@@ -384,7 +383,7 @@ def _augreg(variant: str, setting: str, wd: float, name: str) -> PretrainConfig:
     """The AugReg paper's ImageNet-21k recipe (Steiner et al., 2021; big_vision
     `configs/vit_i21k.py`): 300 epochs at batch 4096; Adam, lr 1e-3, 10k warmup, cosine decay
     to 0, clipping at global norm 1; sigmoid cross-entropy, head bias -10; Inception crop and
-    flip, then the named `setting`'s RandAugment and Mixup (augreg.LEVELS); dropout and
+    flip, then the named `setting`'s RandAugment and Mixup (data.config.LEVELS); dropout and
     stochastic depth 0; the class-token head without a pre-logits layer (vit_jax's AugReg
     models). Each preset's setting and weight decay are those of the released checkpoint
     vit_jax recommends for the size (best ImageNet-21k validation accuracy of the sweep,

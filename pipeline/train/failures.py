@@ -90,15 +90,16 @@ def own_local_ray(own: bool = True) -> None:
 
 
 def trainer_class():
-    """TorchTrainer with `failure_policy` (Ray 2.60 has no public hook for a policy: the
+    """TorchTrainer (`backend.trainer_base`: Ray's, without torch in this process or the
+    controller) with `failure_policy` (Ray 2.60 has no public hook for a policy: the
     trainer builds its default one and hands it to the controller in
     `_initialize_and_run_controller`, which is where it is replaced), and with
     `request_abort()` in place of Ray Train's SIGINT handler (which aborts, then
     `sys.exit(0)`s on a later Ctrl-C, and ignores SIGTERM): the command's own handler
     (pipeline.interrupt) calls it for SIGINT and SIGTERM alike."""
-    from ray.train.torch import TorchTrainer
+    from pipeline.train.backend import trainer_base
 
-    class Trainer(TorchTrainer):
+    class Trainer(trainer_base()):
         _controller = None
 
         def _initialize_and_run_controller(self, **kwargs):

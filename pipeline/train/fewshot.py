@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.data.transforms import to_model_input
-from pipeline.ridge import Ridge
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:      # torch where it is used: the driver builds the probe without it
+    import torch
+
     from pipeline.train.config import PretrainConfig
     from pipeline.train.loop import WorkerEnv
 
@@ -84,6 +84,8 @@ def seed_accuracy(train_feats: torch.Tensor, train_labels: np.ndarray, test_feat
                   test_labels: np.ndarray, num_classes: int, shots: int, seed: int,
                   l2: float = L2_REG) -> float:
     """Top-1 of one draw (`shot_indices` with `seed`)."""
+    from pipeline.ridge import Ridge
+
     idx = shot_indices(np.asarray(train_labels), num_classes, shots, seed)
     pred = Ridge(train_feats[idx], np.asarray(train_labels)[idx], num_classes).predict(
         test_feats, l2)
@@ -181,12 +183,13 @@ class FewShotProbe:
                 out |= {f"fewshot/{s.name}/{k}shot/seed{i}": a for i, a in enumerate(accs)}
         return out
 
-    @torch.no_grad()
     def features(self, model, images: np.ndarray, env: WorkerEnv,
                  batch_size: int = 256) -> torch.Tensor | None:
         """Frozen representations of `images` through the wrapped model, the work split over
         the workers (every worker runs the same number of forward passes, as FSDP's
         collectives require). -> all features on rank 0, None elsewhere."""
+        import torch
+
         n = len(images)
         per = -(-n // env.world)
         mine = images[env.rank * per:(env.rank + 1) * per]

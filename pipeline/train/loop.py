@@ -42,6 +42,7 @@ from pipeline.schedule import learning_rate
 from pipeline.train import checkpoints, parallel
 from pipeline.train.config import PretrainConfig
 from pipeline.train.failures import Fatal
+from pipeline.train.spec import GroupStart, WorkerSpec, group_start
 from pipeline.train.step import (
     NonFiniteLoss,
     Pretrainer,
@@ -61,61 +62,6 @@ SHUFFLE_STEPS = 16
 # a log_batch blocks every worker at the next collective for a round trip to the server
 # (~20 ms), 34% of a 50-step log interval at 1,024 GPUs (bench/scale.py); once per 10 s, 0.2%.
 FLUSH_EVERY_S = 10.0
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What the driver hands every worker (pickled once into the TorchTrainer)."""
-
-    cfg: PretrainConfig
-    run_uri: str                        # this run's checkpoints: <storage>/<run name>
-    resume: str | None = None
-    init: str | None = None
-    run_id: str | None = None           # MLflow run, created by the driver
-    tracking_uri: str = ""
-    stream: Any = None                  # pipeline.data.plan.StreamPlan, or None (no position)
-    health: Any = None                  # DataHealth actor: skipped samples
-    probe: Any = None                   # ObjectRef of the FewShotProbe (None: off)
-    log_level: str = "INFO"             # the driver's (--log-level), for the workers' logs
-
-
-# ---------------------------------------------------------------------------------------------
-# Where a worker group starts: computed once per start, sent with the stream
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GroupStart:
-    """The resume point of a worker-group start (`checkpoints.resume_point`) and the data
-    position the group's stream was built from (None: a stream whose position is not
-    tracked). The dataset factory (`run.TrainData`, in Ray Train's controller) computes it
-    once per start, after a failure too, so that it names the newest checkpoint, and sends it
-    with the stream: every worker restores the checkpoint whose position the stream begins
-    at, and none reads the storage to find it again."""
-
-    point: checkpoints.ResumePoint
-    position: Any = None
-
-
-# A Ray Data context travels with its dataset: each worker's share of the stream carries a copy
-# (`stream.per_worker`, or Ray Train's split coordinator), and hands it back
-# (`DataIterator.get_context`).
-START_KEY = "vit.group_start"
-
-
-def attach_start(ds, start: GroupStart):
-    """`ds` with `start` in its context (what `group_start` reads on the workers)."""
-    ds.context.set_config(START_KEY, start)
-    return ds
-
-
-def group_start(shard) -> GroupStart:
-    start = shard.get_context().get_config(START_KEY)
-    if not isinstance(start, GroupStart):
-        # Without it a worker cannot know which checkpoint its stream continues from; guessing
-        # (reading the storage again) could pair the model of one step with the data of another.
-        raise Fatal("the training stream came without its start point (run.TrainData attaches "
-                    "it to the dataset's context): this Ray version does not carry a dataset's "
-                    "context to the workers")
-    return start
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline import interrupt, registry, resources, storage, timeline, tracking
 from pipeline.train import checkpoints, failures, lease
 from pipeline.train.config import PretrainConfig
-from pipeline.train.loop import GroupStart, WorkerSpec, attach_start, train_loop
+from pipeline.train.spec import GroupStart, WorkerSpec, attach_start, train_fn
 
 log = logging.getLogger("pipeline.train")
 
@@ -135,7 +135,7 @@ class TrainData:
     after a failure), it decides where that start continues from, once for all workers
     (`checkpoints.resume_point`: this run's newest complete checkpoint, after a failure the
     one the failed group wrote last), builds the training stream from that checkpoint's data
-    position, and sends the two with the stream (`loop.GroupStart`): the workers restore
+    position, and sends the two with the stream (`spec.GroupStart`): the workers restore
     exactly the checkpoint the stream continues, and none of them reads the storage to find
     it again."""
 
@@ -463,7 +463,7 @@ def make_trainer(cfg: PretrainConfig, spec: WorkerSpec, dataset, root: str):
     if scale.use_gpu:
         resources_per_worker["GPU"] = scale.gpus_per_worker
     return failures.trainer_class()(
-        train_loop,
+        train_fn,
         train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=scale.num_workers,
                                                use_gpu=scale.use_gpu,

@@ -18,24 +18,28 @@ analysis read weights without them. Nothing is unpickled: safetensors,
 allow-list.
 """
 
-from pipeline.weights.errors import CheckpointError
-from pipeline.weights.hub import HUB_SCHEME
-from pipeline.weights.ours import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    read_metadata,
-    save_vit,
-    write_weights,
-)
-from pipeline.weights.registry import (
-    EXPORT_FORMATS,
-    FORMATS,
-    export_recipe,
-    export_vit,
-    load_vit,
-)
-from pipeline.weights.resolve import resolve_checkpoint
+import importlib
 
-__all__ = ["CONFIG_FILE", "EXPORT_FORMATS", "FORMATS", "HUB_SCHEME", "WEIGHTS_FILE",
-           "CheckpointError", "export_recipe", "export_vit", "load_vit", "read_metadata",
-           "resolve_checkpoint", "save_vit", "write_weights"]
+# name -> the submodule that defines it, imported on first use (PEP 562): `from pipeline.weights
+# import CheckpointError` (or importing `pipeline.weights.integrity`) does not load torch, which
+# the command's driver and Ray Train's controller never need.
+_WHERE = {
+    "CheckpointError": "errors", "HUB_SCHEME": "hub", "resolve_checkpoint": "resolve",
+    **dict.fromkeys(("CONFIG_FILE", "WEIGHTS_FILE", "read_metadata", "save_vit",
+                     "write_weights"), "ours"),
+    **dict.fromkeys(("EXPORT_FORMATS", "FORMATS", "export_recipe", "export_vit", "load_vit"),
+                    "registry"),
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

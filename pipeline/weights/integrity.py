@@ -69,7 +69,7 @@ def is_complete(uri: str, files: dict[str, int] | None = None) -> bool:
         return False
     try:
         doc = read_state(uri)
-        metadata = read_dcp_metadata(uri)
+        needed = dcp_extents(uri)
     except (storage.StorageError, OSError, ValueError, pickle.UnpicklingError, EOFError):
         return False
     for name, size in doc.get("files", {}).items():
@@ -77,10 +77,6 @@ def is_complete(uri: str, files: dict[str, int] | None = None) -> bool:
             return False
     if "sha256" in doc and not all(rank_sums(r) in files for r in range(doc["world_size"])):
         return False
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        name = f"{STATE_DIR}/{info.relative_path}"
-        needed[name] = max(needed.get(name, 0), info.offset + info.length)
     return all(files.get(name, -1) >= end for name, end in needed.items())
 
 
@@ -182,12 +178,13 @@ def first_line(err: BaseException) -> str:
 # attribute lookup, so ("torch.distributed.checkpoint.filesystem", "os.system") would reach
 # any module such a module imports.
 _DCP = "torch.distributed.checkpoint.metadata"
+_FS = "torch.distributed.checkpoint.filesystem"
 METADATA_GLOBALS = frozenset({
     (_DCP, "Metadata"), (_DCP, "MetadataIndex"), (_DCP, "StorageMeta"),
     (_DCP, "TensorProperties"), (_DCP, "TensorStorageMetadata"),
     (_DCP, "BytesStorageMetadata"), (_DCP, "ChunkStorageMetadata"),
     (_DCP, "_MEM_FORMAT_ENCODING"),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    (_FS, "_StorageInfo"),
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"),  # older torch
     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
@@ -210,6 +207,55 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+# torch's dtypes, which a tensor's metadata names as globals (`torch.float32`): values, not
+# callables. Listed for the torch-free reading (`dcp_extents`); tests/pipeline/train/
+# test_units.py checks the list against the installed torch's.
+TORCH_DTYPES = frozenset({
+    "bfloat16", "bit", "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "cdouble",
+    "cfloat", "chalf", "complex128", "complex32", "complex64", "double", "float", "float16",
+    "float32", "float4_e2m1fn_x2", "float64", "float8_e4m3fn", "float8_e4m3fnuz",
+    "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "half", "int", "int1", "int16",
+    "int2", "int3", "int32", "int4", "int5", "int6", "int64", "int7", "int8", "long", "qint32",
+    "qint8", "quint2x4", "quint4x2", "quint8", "short", "uint1", "uint16", "uint2", "uint3",
+    "uint32", "uint4", "uint5", "uint6", "uint64", "uint7", "uint8",
+})
+
+
+class _StandIn:
+    """What an admitted torch class or function unpickles to in `dcp_extents`: the arguments
+    and fields pickle gives it, nothing run."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2 and all(
+                isinstance(part, dict | None) for part in state):   # (__dict__, __slots__)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:                                           # a class's own (TensorProperties')
+            self.state = state
+
+
+_STAND_INS = {key: type(key[1], (_StandIn,), {}) for key in METADATA_GLOBALS
+              if key[0].startswith("torch")}
+
+
+class _StandInUnpickler(pickle.Unpickler):
+    """`_MetadataUnpickler`'s allow-list, torch's names as stand-ins."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _STAND_INS:
+            return _STAND_INS[(module, name)]
+        if module == "torch" and name in TORCH_DTYPES:
+            return f"torch.{name}"
+        if (module, name) in METADATA_GLOBALS:          # collections, pathlib: the real ones
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's "
+                                     f"DCP metadata")
+
+
 def read_dcp_metadata(uri: str):
     """The DCP `Metadata` of the checkpoint at `uri`, checked to be the shape DCP writes
     (shard files named inside `state/`). Raises pickle.UnpicklingError for anything else,
@@ -217,20 +263,43 @@ def read_dcp_metadata(uri: str):
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
 
+    return _checked(_unpickle(uri, _MetadataUnpickler), Metadata, _StorageInfo)
+
+
+def dcp_extents(uri: str) -> dict[str, int]:
+    """{file under the checkpoint: the byte its DCP metadata says it reaches}, read without
+    torch (the driver and `vit-vtab` check a run's checkpoints without importing it): the same
+    allow-list as `read_dcp_metadata`, each admitted class unpickled as a plain stand-in that
+    keeps its fields, so nothing of torch's (or anyone's) runs. Raises
+    pickle.UnpicklingError as `read_dcp_metadata` does."""
+    metadata = _checked(_unpickle(uri, _StandInUnpickler),
+                        _STAND_INS[(_DCP, "Metadata")], _STAND_INS[(_FS, "_StorageInfo")])
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        name = f"{STATE_DIR}/{info.relative_path}"
+        needed[name] = max(needed.get(name, 0), info.offset + info.length)
+    return needed
+
+
+def _unpickle(uri: str, unpickler):
     data = storage.read_bytes(storage.join(uri, METADATA_FILE))
     try:
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        return unpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError:
         raise
     except Exception as err:  # noqa: BLE001 - hostile or damaged bytes: one kind of error
         raise pickle.UnpicklingError(f"{METADATA_FILE} is not DCP metadata "
                                      f"({type(err).__name__}: {first_line(err)})") from None
+
+
+def _checked(metadata, metadata_cls, info_cls):
     infos = getattr(metadata, "storage_data", None)
-    if not isinstance(metadata, Metadata) or not isinstance(infos, dict) or not all(
-            isinstance(i, _StorageInfo) and isinstance(i.relative_path, str)
+    if not isinstance(metadata, metadata_cls) or not isinstance(infos, dict) or not all(
+            isinstance(i, info_cls) and isinstance(getattr(i, "relative_path", None), str)
             and i.relative_path and "/" not in i.relative_path and "\\" not in i.relative_path
             and i.relative_path not in (".", "..")
-            and isinstance(i.offset, int) and isinstance(i.length, int)
+            and isinstance(getattr(i, "offset", None), int)
+            and isinstance(getattr(i, "length", None), int)
             and i.offset >= 0 and i.length >= 0 for i in infos.values()):
         raise pickle.UnpicklingError(f"{METADATA_FILE} is not DCP metadata of this pipeline's "
                                      f"shape (shard files inside {STATE_DIR}/)")

@@ -95,7 +95,15 @@ def test_dcp_metadata_names_only_allow_listed_globals(good_checkpoint):
     Recording(io.BytesIO((good_checkpoint / "state" / ".metadata").read_bytes())).load()
     dtypes = {("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
     assert seen <= integrity.METADATA_GLOBALS | dtypes, seen - integrity.METADATA_GLOBALS
-    assert integrity.read_dcp_metadata(str(good_checkpoint)).storage_data
+    # The torch-free reading (the driver's completeness checks) admits the same dtypes, and
+    # finds the same extents as DCP's own classes give.
+    assert {n for _, n in dtypes} == integrity.TORCH_DTYPES
+    metadata = integrity.read_dcp_metadata(str(good_checkpoint))
+    ends: dict = {}
+    for info in metadata.storage_data.values():
+        name = f"state/{info.relative_path}"
+        ends[name] = max(ends.get(name, 0), info.offset + info.length)
+    assert ends and integrity.dcp_extents(str(good_checkpoint)) == ends
     assert integrity.is_complete(str(good_checkpoint))
 
 
@@ -108,8 +116,11 @@ def test_hostile_dcp_metadata_is_refused(tmp_path, good_checkpoint, marker, kind
 
     ckpt = corpus.plant(Path(shutil.copytree(good_checkpoint, tmp_path / "run" / "step_1")),
                         kind, marker)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load|not DCP metadata"):
-        checkpoints.read_dcp_metadata(str(ckpt))
+    from pipeline.weights import integrity
+
+    for read in (checkpoints.read_dcp_metadata, integrity.dcp_extents):
+        with pytest.raises(pickle.UnpicklingError, match="refusing to load|not DCP metadata"):
+            read(str(ckpt))
     assert not checkpoints.is_complete(str(ckpt))
     assert checkpoints.latest(str(tmp_path / "run")) is None
 

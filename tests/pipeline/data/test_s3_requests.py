@@ -117,8 +117,8 @@ def test_no_secret_in_what_ray_pickles(s3, tmp_path):
     import cloudpickle
 
     from pipeline.train.config import apply_overrides, smoke
-    from pipeline.train.loop import WorkerSpec
     from pipeline.train.run import TrainData, ray_storage
+    from pipeline.train.spec import WorkerSpec
 
     fs = storage.s3_filesystem()
     reads = Reads(StreamPlan((1,)), ("a.tar",), DataPosition(), 1, 1)

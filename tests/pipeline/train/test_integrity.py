@@ -183,8 +183,8 @@ def test_each_worker_group_start_decides_its_checkpoint_once(run):
     from ray.data import DataContext
 
     from pipeline.train.failures import Fatal
-    from pipeline.train.loop import GroupStart, group_start
     from pipeline.train.run import TrainData
+    from pipeline.train.spec import GroupStart, group_start
 
     class Stream:
         """A dataset as far as the factory and a worker's shard see it: its context."""

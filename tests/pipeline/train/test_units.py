@@ -447,6 +447,8 @@ def test_incomplete_checkpoints_are_never_latest(tmp_path):
 def test_dcp_metadata_is_read_without_unpickling_arbitrary_objects(tmp_path):
     import pickle
 
+    from pipeline.weights import integrity
+
     cfg, model, opt = tiny_run()
     _write(tmp_path, cfg, model, opt, 1)
     assert checkpoints.read_dcp_metadata(str(tmp_path)).storage_data
@@ -456,8 +458,9 @@ def test_dcp_metadata_is_read_without_unpickling_arbitrary_objects(tmp_path):
             return (os.system, ("echo pwned",))
 
     (tmp_path / "state" / ".metadata").write_bytes(pickle.dumps(Evil()))
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (posix|os)\.system"):
-        checkpoints.read_dcp_metadata(str(tmp_path))
+    for read in (checkpoints.read_dcp_metadata, integrity.dcp_extents):
+        with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (posix|os)\.system"):
+            read(str(tmp_path))
     assert not checkpoints.is_complete(str(tmp_path))
 
 
