@@ -6,8 +6,8 @@ The command runs from this checkout and from a worktree of the baseline (PYTHONP
 each, so the command, Ray's workers and the runtime environment import that tree's code). A
 sampler reads every process's utime + stime from /proc every 0.2 s while it runs (Linux
 only; a process that lives less than that is missed, and its last 0.2 s too) and names it by
-its command line (Ray's actors by class: `ray::SplitCoordinator`; a pooled worker by the
-first task or actor it ran).
+its command line (Ray's actors by class, whatever method they run: `ray::SplitCoordinator`;
+a pooled worker by the first task or actor it ran).
 
 `{tmp}` in the command is a new empty folder for each run (a run given the same --out and
 --name twice would continue the first, finished, run):
@@ -53,8 +53,8 @@ def snapshot() -> dict:
 
 def name_of(cmd: str) -> str:
     """A short name: Ray's actor or task name, else the program and its first argument."""
-    if cmd.startswith("ray::"):
-        return cmd.split()[0]
+    if cmd.startswith("ray::"):        # an actor by its class, whichever method it runs now
+        return cmd.split()[0].split(".")[0]
     words = [w for w in cmd.split() if not w.startswith("-")]
     if not words:
         return ""

@@ -57,6 +57,9 @@ _running = False             # inside `run`: the command has started something t
 _original: dict = {}         # the handlers `install` replaced, put back when `run` returns
 _half_started = False       # interrupted inside `ray.init`: its driver is half connected
 _NO_RAY_HANDLER = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+# Set before `ray_init` starts a local Ray: every process of that Ray (GCS, raylet, workers)
+# inherits it, so that what is left of them when the command ends can be found.
+_LOCAL_RAY_MARK = "VIT_LOCAL_RAY"
 _set_no_ray_handler = False  # `install` set it (and `ray_init` takes it away again)
 
 
@@ -94,6 +97,32 @@ def _kill_local_ray() -> None:
                 info.process.kill()
             except Exception:  # noqa: BLE001 - exiting anyway
                 pass
+    sweep_local_ray()
+
+
+def sweep_local_ray() -> list[int]:
+    """SIGKILL whatever is left of the local Ray this command started (its processes carry
+    the command's `_LOCAL_RAY_MARK`), once that Ray is shut down: its workers normally go with
+    the raylet, but one whose interpreter hangs on its way out would outlive the command for
+    good (seen once: a Train controller whose core worker had shut down, waiting on a lock,
+    in a process group of its own). -> the pids killed. Linux (/proc) only."""
+    mark = os.environ.get(_LOCAL_RAY_MARK)
+    if not mark or not os.path.isdir("/proc"):
+        return []
+    needle = f"{_LOCAL_RAY_MARK}={mark}".encode()
+    killed = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            os.kill(int(pid), signal.SIGKILL)
+            killed.append(int(pid))
+        except OSError:            # gone already, or not ours to read
+            continue
+    return killed
 
 
 @contextlib.contextmanager
@@ -143,6 +172,8 @@ def ray_init(**kwargs):
         os.environ.pop(_NO_RAY_HANDLER, None)
         _set_no_ray_handler = False
     global _half_started
+    if kwargs.get("address") == "local":
+        os.environ[_LOCAL_RAY_MARK] = f"{os.getpid()}-{os.urandom(4).hex()}"
     try:
         context = ray.init(**kwargs)
     except SystemExit as exit_:
@@ -195,6 +226,7 @@ def exit_now(code: int) -> None:
     import atexit
 
     atexit._run_exitfuncs()
+    sweep_local_ray()              # after Ray's own shutdown (an exit hook): what it left
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -99,6 +99,62 @@ def _no_default_mlflow_store():
     assert not new, f"MLflow's default store was written in the checkout: {sorted(new)}"
 
 
+# Every process a test starts carries this variable (a command, the Ray it starts, that Ray's
+# workers: each inherits it), so that what is left when the test ends can be found.
+_MARK = "VIT_TEST_PROCESS"
+_LEFT_GRACE_S = 20.0
+
+
+def _marked(mark: str) -> list[str]:
+    """'pid command' of the live processes whose environment carries `mark`."""
+    needle = f"{_MARK}={mark}".encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{pid} {command[:80]}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+    """Fail the test that leaves a process of its own alive (a command's Ray that outlived
+    it, an orphaned actor) `_LEFT_GRACE_S` after it ended, and kill what is left. Session
+    and module services start before the mark is set (pytest sets up wider fixtures first),
+    so they do not carry it."""
+    import signal
+    import time
+    import uuid
+
+    if not os.path.isdir("/proc"):
+        yield
+        return
+    mark = uuid.uuid4().hex[:12]
+    os.environ[_MARK] = mark
+    try:
+        yield
+    finally:
+        os.environ.pop(_MARK, None)
+    deadline = time.monotonic() + _LEFT_GRACE_S
+    while (left := _marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    for line in left:
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"{len(left)} processes of this test still alive {_LEFT_GRACE_S:.0f} s " \
+                     f"after it ended (killed now): {left[:6]}"
+
+
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
 

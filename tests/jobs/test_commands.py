@@ -150,3 +150,29 @@ def test_old_spellings_work_for_one_release_with_a_warning(tmp_path):
     lines = export.stderr.strip().splitlines()
     assert export.returncode == 2 and "write --checkpoint " in lines[0], lines
     assert lines[-1].startswith("error: checkpoint not found")
+
+
+def test_what_a_commands_local_ray_leaves_is_killed_and_nothing_else(monkeypatch):
+    """`interrupt.sweep_local_ray` (run as a command exits, after Ray's own shutdown) kills
+    the processes that carry this command's local-Ray mark, which every process of that Ray
+    inherits, and no other process: not another command's Ray, not one without a mark."""
+    import signal
+
+    from pipeline import interrupt
+
+    procs = {}
+    for name, mark in (("ours", "cmd-1"), ("another command's", "cmd-2"), ("unmarked", None)):
+        if mark is None:
+            monkeypatch.delenv(interrupt._LOCAL_RAY_MARK, raising=False)
+        else:
+            monkeypatch.setenv(interrupt._LOCAL_RAY_MARK, mark)
+        procs[name] = subprocess.Popen(["sleep", "60"])
+    monkeypatch.setenv(interrupt._LOCAL_RAY_MARK, "cmd-1")
+    try:
+        assert interrupt.sweep_local_ray() == [procs["ours"].pid]
+        assert procs["ours"].wait(timeout=10) == -signal.SIGKILL
+        assert all(p.poll() is None for n, p in procs.items() if n != "ours")
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
