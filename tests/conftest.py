@@ -99,6 +99,13 @@ def _no_default_mlflow_store():
     assert not new, f"MLflow's default store was written in the checkout: {sorted(new)}"
 
 
+# This process's multiprocessing resource tracker (started by the first pool or semaphore a
+# test makes, and living as long as pytest) starts now, before any test's mark.
+if os.path.isdir("/proc"):
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
 # Every process a test starts carries this variable (a command, the Ray it starts, that Ray's
 # workers: each inherits it), so that what is left when the test ends can be found.
 _MARK = "VIT_TEST_PROCESS"

@@ -260,28 +260,49 @@ def test_staging_folders_of_gone_processes_are_swept(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk():
     """A 2 MiB tmpfs (as root; skipped where mounting is not allowed): a real full disk,
-    ENOSPC from the kernel, without filling the machine's."""
+    ENOSPC from the kernel, without filling the machine's. At a short path: as TMPDIR, the
+    socket paths of the Ray this run starts (its dashboard's) must stay within 107 bytes,
+    which pytest's folders under xdist are not (the dashboard failed, and the run waited
+    for it: 90 s in CI against 25 s)."""
+    import shutil
     import subprocess
+    import tempfile
+    from pathlib import Path
 
-    mount = tmp_path / "small"
-    mount.mkdir()
+    mount = Path(tempfile.mkdtemp(prefix="vfd", dir="/tmp"))
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)],
                           capture_output=True, text=True)
     if done.returncode != 0:
+        shutil.rmtree(mount, ignore_errors=True)
         pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()[:100]})")
     try:
         yield mount
     finally:
         if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+        shutil.rmtree(mount, ignore_errors=True)
+
+
+@pytest.fixture
+def short_tmp():
+    """A folder at a short path, for TMPDIR (see small_disk)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="vst", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("full", ["storage", "staging"])
-def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, tmp_path):
+def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, short_tmp, tmp_path):
     """The checkpoint storage (`--out` on a full disk: the upload fails) or the local
     staging folder (TMPDIR on a full disk: DCP's write fails, with no errno in torch's
     message) runs out of space at the first checkpoint: the run stops at once, with one line
@@ -295,8 +316,7 @@ def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, tmp_p
     from mlflow.tracking import MlflowClient
 
     root = Path(__file__).resolve().parents[2]
-    staging = small_disk if full == "staging" else tmp_path / "staging"
-    staging.mkdir(exist_ok=True)
+    staging = small_disk if full == "staging" else short_tmp
     runs = small_disk if full == "storage" else tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(root), RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(staging),
