@@ -145,14 +145,36 @@ class _DropChoices(logging.Filter):
 def ray_worker_setup() -> None:
     """Runs first in every Ray worker process of our jobs (the runtime environment's
     `worker_process_setup_hook`): the other libraries log at the command's level for them
-    (`configure_logging`), and Ray Data's "progress bars disabled" warning, a choice of
-    ours, is dropped."""
+    (`configure_logging`), Ray Data's "progress bars disabled" warning, a choice of ours, is
+    dropped, and a SIGTERM that lands in a callback exits quietly
+    (`exit_on_unraisable_exit`)."""
     theirs = os.environ.get("VIT_LIBRARY_LOG_LEVEL", "WARNING").upper()
     if theirs in LOG_LEVELS:
         for name in THIRD_PARTY:
             if not name.startswith("ray"):           # Ray's own: its worker logging config
                 logging.getLogger(name).setLevel(theirs)
     logging.getLogger("ray.data._internal.progress").addFilter(_DropChoices())
+    sys.unraisablehook = exit_on_unraisable_exit(sys.unraisablehook)
+
+
+def exit_on_unraisable_exit(default):
+    """`sys.unraisablehook` for Ray's workers: Ray's SIGTERM handler (which Tune's and Train's
+    shutdown sends) raises SystemExit wherever the worker is; inside a garbage-collector or
+    weakref callback Python cannot raise it, so it printed "Exception ignored in: <function
+    WeakSet...>" and a 10-line traceback into the command's output, and the worker went on.
+    This exits as Ray meant, without them; anything else goes to `default`."""
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if not isinstance(exc, SystemExit):
+            return default(unraisable)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
+
+    return hook
 
 
 def ray_init_args(address: str | None, **env_vars: str) -> dict:

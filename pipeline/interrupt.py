@@ -87,16 +87,17 @@ def _kill_local_ray() -> None:
     which would otherwise outlive it for a minute; a cluster's are not ours to stop."""
     worker = sys.modules.get("ray._private.worker")
     node = getattr(worker, "_global_node", None) if worker else None
-    if node is None or not getattr(node, "head", False):
-        return
-    # SIGKILL each of them without waiting (Node.kill_all_processes waits for every one);
-    # their workers go with the raylet.
-    for infos in list(getattr(node, "all_processes", {}).values()):
-        for info in infos:
-            try:
-                info.process.kill()
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
+    if node is not None and getattr(node, "head", False):
+        # SIGKILL each of them without waiting (Node.kill_all_processes waits for every
+        # one); their workers go with the raylet.
+        for infos in list(getattr(node, "all_processes", {}).values()):
+            for info in infos:
+                try:
+                    info.process.kill()
+                except Exception:  # noqa: BLE001 - exiting anyway
+                    pass
+    # Whatever else carries this command's mark: also when a shutdown the first signal began
+    # had already let go of the node (seen: Ray's two agents left alive by a second Ctrl-C).
     sweep_local_ray()
 
 

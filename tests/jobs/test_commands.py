@@ -176,3 +176,41 @@ def test_what_a_commands_local_ray_leaves_is_killed_and_nothing_else(monkeypatch
         for p in procs.values():
             p.kill()
             p.wait()
+
+
+_SIGTERM_IN_A_CALLBACK = r'''
+import os, signal, sys, weakref
+from pipeline import cli
+
+def ray_like_handler(signum, frame):          # as Ray's worker sigterm_handler does
+    sys.exit(1)
+
+signal.signal(signal.SIGTERM, ray_like_handler)
+if sys.argv[1] == "hooked":
+    cli.ray_worker_setup()
+
+class Thing:
+    pass
+
+def callback(ref):                              # a weakref callback: SystemExit is unraisable
+    os.kill(os.getpid(), signal.SIGTERM)        # the handler runs here, inside the callback
+
+thing = Thing()
+ref = weakref.ref(thing, callback)
+del thing
+print("went on", flush=True)
+'''
+
+
+@pytest.mark.parametrize("setup", ["hooked", "plain"])
+def test_a_sigterm_inside_a_callback_exits_quietly(tmp_path, setup):
+    """Ray's SIGTERM handler raises SystemExit; in a weakref callback Python prints it as
+    "Exception ignored" with a traceback and goes on (the plain process shows it). A worker
+    with our set-up hook exits with the handler's code and prints nothing."""
+    done = subprocess.run([sys.executable, "-c", _SIGTERM_IN_A_CALLBACK, setup],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if setup == "plain":
+        assert "Exception ignored" in done.stderr and "went on" in done.stdout
+    else:
+        assert (done.returncode, done.stdout, done.stderr) == (1, "", "")
