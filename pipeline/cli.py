@@ -142,18 +142,38 @@ class _DropChoices(logging.Filter):
         return not record.getMessage().startswith("Progress bars disabled")
 
 
+# Ray Train's controller asks the autoscaling coordinator for the workers' resources and
+# gives it 5 s; on a loaded machine the coordinator actor is not up by then, and Ray logs a
+# warning it calls "safe to ignore" with a 20-line traceback.
+_TRANSIENT = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+
+
+class _WithoutTraceback(logging.Filter):
+    """A warning Ray calls transient, as one line: its exception's type and first line
+    instead of the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            err = record.exc_info[1]
+            first = (str(err).strip().splitlines() or [""])[0]
+            record.msg = f"{record.getMessage()} ({type(err).__name__}: {first})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 def ray_worker_setup() -> None:
     """Runs first in every Ray worker process of our jobs (the runtime environment's
     `worker_process_setup_hook`): the other libraries log at the command's level for them
     (`configure_logging`), Ray Data's "progress bars disabled" warning, a choice of ours, is
-    dropped, and a SIGTERM that lands in a callback exits quietly
-    (`exit_on_unraisable_exit`)."""
+    dropped, Ray Train's transient "failed to send resource request" is one line, and a
+    SIGTERM that lands in a callback exits quietly (`exit_on_unraisable_exit`)."""
     theirs = os.environ.get("VIT_LIBRARY_LOG_LEVEL", "WARNING").upper()
     if theirs in LOG_LEVELS:
         for name in THIRD_PARTY:
             if not name.startswith("ray"):           # Ray's own: its worker logging config
                 logging.getLogger(name).setLevel(theirs)
     logging.getLogger("ray.data._internal.progress").addFilter(_DropChoices())
+    logging.getLogger(_TRANSIENT).addFilter(_WithoutTraceback())
     sys.unraisablehook = exit_on_unraisable_exit(sys.unraisablehook)
 
 
