@@ -108,22 +108,35 @@ def sweep_local_ray() -> list[int]:
     good (seen once: a Train controller whose core worker had shut down, waiting on a lock,
     in a process group of its own). -> the pids killed. Linux (/proc) only."""
     mark = os.environ.get(_LOCAL_RAY_MARK)
-    if not mark or not os.path.isdir("/proc"):
+    if not mark:
         return []
-    needle = f"{_LOCAL_RAY_MARK}={mark}".encode()
     killed = []
+    for pid in processes_with(_LOCAL_RAY_MARK, mark):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except OSError:            # gone already
+            continue
+    return killed
+
+
+def processes_with(variable: str, value: str) -> list[int]:
+    """The live processes (this one aside) whose environment holds `variable=value`: what a
+    process started inherits. Linux (/proc) only: elsewhere, none."""
+    if not os.path.isdir("/proc"):
+        return []
+    needle = f"{variable}={value}".encode()
+    found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            os.kill(int(pid), signal.SIGKILL)
-            killed.append(int(pid))
+                if needle in f.read().split(b"\0"):
+                    found.append(int(pid))
         except OSError:            # gone already, or not ours to read
             continue
-    return killed
+    return found
 
 
 @contextlib.contextmanager

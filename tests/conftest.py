@@ -114,20 +114,16 @@ _LEFT_GRACE_S = 20.0
 
 def _marked(mark: str) -> list[str]:
     """'pid command' of the live processes whose environment carries `mark`."""
-    needle = f"{_MARK}={mark}".encode()
+    from pipeline.interrupt import processes_with
+
     found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
+    for pid in processes_with(_MARK, mark):
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 command = f.read().replace(b"\0", b" ").decode(errors="replace")
-            found.append(f"{pid} {command[:80]}")
         except OSError:
             continue
+        found.append(f"{pid} {command[:80]}")
     return found
 
 
