@@ -163,7 +163,7 @@ def start_head(work: Path, drain_s: str = "0") -> tuple[subprocess.Popen, str, s
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
-            wait_for_job_agent(address)
+            wait_for_job_agent(address, wait=True)     # the head idle when timing starts
             return head, address, tmp
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(1)

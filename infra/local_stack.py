@@ -52,15 +52,18 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; see {log}")
 
 
-def wait_for_job_agent(address: str, timeout: float = 180.0) -> None:
+def wait_for_job_agent(address: str, timeout: float = 180.0, *, wait: bool = False) -> None:
     """The dashboard answers before the head's job agent has registered ("No available
     agent to submit job"): submit a no-op job with the CLI until one goes through. (A
-    subprocess, because Ray reads RAY_AUTH_MODE once per process.)"""
+    subprocess, because Ray reads RAY_AUTH_MODE once per process.) Accepted is enough: the
+    no-op job runs on while the caller goes on (`--no-wait`: 1.7 s a try against 7.7 s for
+    following it to its end); `wait=True` follows it, for a head that must be idle after."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     deadline, out = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--",
-                              "true"], env=env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address,
+                              *([] if wait else ["--no-wait"]), "--", "true"],
+                             env=env, capture_output=True, text=True, timeout=120)
         if out.returncode == 0:
             return
         time.sleep(1.0)

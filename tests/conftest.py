@@ -302,6 +302,35 @@ def ray_head(tmp_path):
         shutil.rmtree(short_tmp, ignore_errors=True)
 
 
+_STORE_TEMPLATE: list = []
+
+
+def sqlite_store(db) -> str:
+    """The tracking URI of an MLflow store at `db` (a SQLite file): an empty store as MLflow
+    makes it, copied from one made once per test process, unless `db` exists already. MLflow
+    builds a new store through its ~40 schema migrations, 2-4 CPU-s in every process that
+    opens one; the tests of our code need a store, not MLflow's migrations (the default
+    store's creation is tested as a user meets it, in test_tracking)."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    db = Path(db)
+    if not db.exists():
+        if not _STORE_TEMPLATE:
+            from mlflow.tracking import MlflowClient
+
+            folder = tempfile.mkdtemp(prefix="vit-mlflow-template")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            template = Path(folder) / "mlflow.db"
+            MlflowClient(f"sqlite:///{template}").search_experiments()
+            _STORE_TEMPLATE.append(template)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
 class MlflowServer:
     """A real MLflow tracking server process on 127.0.0.1 (SQLite backend, local artifacts).
     `stop()` / `start()` simulate an outage; the data survives a restart."""
@@ -319,7 +348,7 @@ class MlflowServer:
         mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
         self.proc = subprocess.Popen(
             [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--backend-store-uri", sqlite_store(f"{self.root}/mlflow.db"),
              "--artifacts-destination", f"{self.root}/artifacts", "--workers", "1"],
             stdout=subprocess.DEVNULL, stderr=open(f"{self.root}/server.log", "ab"),
             start_new_session=True, env={**os.environ, **local_stack.MLFLOW_SERVER_ENV})

@@ -24,7 +24,7 @@ from eval.tasks import BY_NAME
 from eval.vtab import main
 from pipeline.model import ViT, ViTConfig
 from pipeline.weights import save_vit
-from tests.conftest import stop_process_group
+from tests.conftest import sqlite_store, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 # Three tasks of the three groups, with 10, 4 and 16 classes; KITTI takes no random crop,
@@ -245,7 +245,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(tmp_path):
             "--seeds", "3", "--max-concurrent-trials", "1", "--out", str(tmp_path / "ev"),
             "--name", "killed"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+           "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}
     record = tmp_path / "ev" / "killed" / "final_trials.json"
     proc = subprocess.Popen([sys.executable, str(ROOT / "eval" / "vtab.py"), *args], env=env,
                             stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
@@ -261,7 +261,7 @@ def test_a_killed_driver_resumes_without_redoing_finished_trials(tmp_path):
     before = _recorded_trials(record)
     assert 2 <= len(before) < 6, before
 
-    out = run_vtab(args, {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    out = run_vtab(args, {"MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")})
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "resuming" in out.stderr
     after = _recorded_trials(record)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import sqlite_store
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 COMMANDS = {"vit-pretrain": "jobs.pretrain", "vit-vtab": "eval.vtab",
@@ -132,7 +134,7 @@ def test_placeholders_are_refused_before_anything_starts(tmp_path):
 
 def test_old_spellings_work_for_one_release_with_a_warning(tmp_path):
     """The spellings before the commands agreed still run, each with one deprecation line."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}
     shards = subprocess.run([str(BIN / "vit-shards"), "synthetic", "-", str(tmp_path / "ds"),
                              "--num-samples", "8", "--image-size", "16"],
                             capture_output=True, text=True, timeout=120, env=env)

@@ -31,7 +31,7 @@ import pytest
 
 from pipeline.tracking import start_steps
 from pipeline.train import checkpoints
-from tests.conftest import stop_process_group
+from tests.conftest import sqlite_store, stop_process_group
 from tests.pipeline.train.test_restarts import (
     IN_FLIGHT,
     check_every_sample_once,
@@ -207,7 +207,7 @@ def test_pretraining_continues_on_the_surviving_node(cluster, tmp_path):
     cluster.start_all(workers=2, cpus=2)
     manifest = make_data(tmp_path / "data")            # 5 steps an epoch
     run_dir = tmp_path / "runs" / "node-lost"
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = sqlite_store(tmp_path / "mlflow.db")
     # Steps are cheap here (~0.1 s) and checkpoints land 1-3 s after their step: a margin
     # that keeps the kill well before the last step.
     total = 120
@@ -323,7 +323,7 @@ def test_vtab_keeps_finished_trials_and_reschedules_the_lost_ones(cluster, tmp_p
            "--steps", "3000", "--batch-size", "32", "--seeds", "2", "--cpus-per-trial", "1",
            "--set", "sweep.progress_reports=40", "--out", str(tmp_path / "ev"), "--name",
            "node-lost"]
-    env = {**cluster.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**cluster.env, "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}
     experiment = tmp_path / "ev" / "node-lost" / "final"
     log = tmp_path / "vtab.log"
     started = time.monotonic()

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.tracking import start_steps
-from tests.conftest import free_port
+from tests.conftest import free_port, sqlite_store
 
 pytestmark = [pytest.mark.s3]
 
@@ -198,7 +198,7 @@ def test_pretraining_rides_out_a_15_s_outage(s3, s3_server, tmp_path):
                if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
         env.update(S3_TEST_ENV, AWS_ENDPOINT_URL=proxy.url, PYTHONPATH=str(root),
                    RAY_USAGE_STATS_ENABLED="0",
-                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+                   MLFLOW_TRACKING_URI=sqlite_store(tmp_path / "mlflow.db"))
         cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--data",
                f"s3://{s3}/data", "--out", f"s3://{s3}/runs", "--name", "outage",
                "--set", "data.augment=resize", "--set", "model.image_size=48",
@@ -236,7 +236,7 @@ def test_pretraining_rides_out_a_15_s_outage(s3, s3_server, tmp_path):
     assert at_outage[-1] < "00000040" and sum(proxy.requests.values()) > requests_before
     assert steps() == [f"{s:08d}" for s in range(10, 41, 10)]
     assert checkpoints.latest(f"s3://{s3}/runs/outage").endswith("step_00000040")
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     run = client.search_runs(client.get_experiment_by_name("vit-smoke").experiment_id)[0]
     assert start_steps(run) == [0], "one start, no restart"
 
@@ -321,7 +321,7 @@ def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, short
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(root), RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(staging),
                RAY_TMPDIR="/tmp",                   # Ray's session folder stays off TMPDIR
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+               MLFLOW_TRACKING_URI=sqlite_store(tmp_path / "mlflow.db"))
     cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--out", str(runs),
            "--name", "full", "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
            "--set", "train.total_steps=40", "--set", "checkpoint.every=10",
@@ -339,7 +339,7 @@ def test_a_full_disk_stops_the_run_at_once_with_one_line(full, small_disk, short
     assert "Traceback" not in log and "upload failed in the background" not in log, \
         _tail(log)
     assert not list(staging.glob("vit-ckpt-*")), "a staging folder was left behind"
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     (run,) = client.search_runs(client.get_experiment_by_name("vit-smoke").experiment_id)
     assert run.info.status == "FAILED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]

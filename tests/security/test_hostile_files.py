@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import sqlite_store
 from tests.security import corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +186,7 @@ def test_a_run_with_only_a_hostile_checkpoint_is_refused(tmp_path, good_checkpoi
             "vit-vtab": ["--checkpoint", run_dir, "--data", tmp_path, "--tasks", "kitti",
                          "--out", tmp_path / "ev"]}[command]
     line = one_error_line(run(command, *args, env={
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}))
+        "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}))
     assert "not a ViT checkpoint" in line, line
     assert not (tmp_path / "out").exists() and not (tmp_path / "ev").exists()
 
@@ -198,7 +199,7 @@ def test_vtab_refuses_a_hostile_checkpoint_folder(tmp_path, good_checkpoint, mar
                         marker)
     one_error_line(run("vit-vtab", "--checkpoint", ckpt, "--data", tmp_path, "--tasks",
                        "kitti", "--out", tmp_path / "ev",
-                       env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}))
+                       env={"MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}))
     assert not (tmp_path / "ev").exists()
 
 
@@ -215,7 +216,7 @@ def test_vtab_refuses_a_trial_record_that_is_not_its_json(tmp_path, good_checkpo
     line = one_error_line(run(
         "vit-vtab", "--checkpoint", good_checkpoint, "--data", tmp_path / "vtab", "--tasks",
         "kitti", "--resolution", "32", "--out", tmp_path / "ev", "--name", "planted",
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}))
+        env={"MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}))
     assert "select_trials.json is not a record of finished trials" in line, line
 
 
@@ -226,7 +227,7 @@ def pretrain(ray_local, tmp_path, *args):
     return run("vit-pretrain", "--preset", "smoke", "--set", "train.total_steps=20",
                "--set", "probe.every=0", "--out", tmp_path / "runs", *args,
                env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-                    "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=300)
+                    "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}, timeout=300)
 
 
 @pytest.mark.ray
@@ -280,7 +281,7 @@ def test_vtab_never_restores_tune_from_planted_state(ray_local, tmp_path, good_c
               "--tasks", "kitti", "--resolution", "32", "--lrs", "0.01", "--steps", "3",
               "--batch-size", "4", "--out", tmp_path / "ev", "--name", "planted",
               env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-                   "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}, timeout=300)
+                   "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}, timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "Mean of tasks" in out.stdout
     assert (tmp_path / "ev" / "planted" / "final_trials.json").exists()

@@ -23,6 +23,7 @@ from pipeline.data.shards import DatasetError, read_manifest
 from pipeline.data.stream import InputConfig, shard_dataset
 from pipeline.data.transforms import Augment
 from pipeline.train.objectives import sigmoid_xent, softmax_xent
+from tests.conftest import sqlite_store
 
 from .helpers import jpeg_bytes, write_tar
 
@@ -209,7 +210,7 @@ def test_pretrain_multi_label_on_an_indexed_set(ray_local, tmp_path):
         "train.objective=sigmoid", "train.total_steps=6", "train.global_batch_size=16",
         "train.log_every=1", "probe.every=0", "checkpoint.every=6",
         "data.shuffle_buffer=16", "optim.warmup_steps=2"])
-    uri = f"sqlite:///{tmp_path}/m.db"
+    uri = sqlite_store(tmp_path / "m.db")
     out = pretrain(cfg, tracking_uri=uri)
     losses = [m.value for m in MlflowClient(uri).get_metric_history(out.run_id, "train/loss")]
     # Sigmoid xent summed over 6 classes starts near 6 * log(2) = 4.16 (zero-init head).

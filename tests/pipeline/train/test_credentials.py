@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, stop_process_group
+from tests.conftest import free_port, sqlite_store, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
@@ -84,7 +84,7 @@ def test_a_run_keeps_reading_and_checkpointing_when_credentials_rotate(tmp_path)
         env.update(AWS_CONFIG_FILE=str(tmp_path / "aws-config"), AWS_PROFILE="rotating",
                    AWS_ENDPOINT_URL=endpoint, PYTHONPATH=str(ROOT),
                    RAY_USAGE_STATS_ENABLED="0",
-                   MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+                   MLFLOW_TRACKING_URI=sqlite_store(tmp_path / "mlflow.db"))
         s3 = boto3.session.Session(aws_access_key_id=first["AccessKeyId"],
                                    aws_secret_access_key=first["SecretAccessKey"],
                                    region_name="us-east-1").client("s3", endpoint_url=endpoint)
@@ -97,11 +97,13 @@ def test_a_run_keeps_reading_and_checkpointing_when_credentials_rotate(tmp_path)
             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert make.returncode == 0, make.stderr[-3000:]
 
+        # 1,280 samples in batches of 64: 20 steps an epoch. The rotation comes at step 20;
+        # the next 30 steps read every shard again and write three checkpoints.
         cmd = [sys.executable, "jobs/pretrain.py", "--preset", "smoke", "--data",
                "s3://rotation/data", "--out", "s3://rotation/runs", "--name", "rotating",
                "--set", "data.augment=resize", "--set", "model.image_size=48",
                "--set", "model.hidden_size=128", "--set", "model.mlp_dim=512",
-               "--set", "train.total_steps=80", "--set", "checkpoint.every=10",
+               "--set", "train.total_steps=50", "--set", "checkpoint.every=10",
                "--set", "checkpoint.keep=10", "--set", "probe.every=0"]
         job = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "run.log", "w"),
                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
@@ -133,17 +135,17 @@ def test_a_run_keeps_reading_and_checkpointing_when_credentials_rotate(tmp_path)
         finally:
             stop_process_group(job)
         log = (tmp_path / "run.log").read_text()
-        assert "finished at step 80" in log, log[-3000:]
+        assert "finished at step 50" in log, log[-3000:]
         s3 = rotator.client("s3", endpoint_url=endpoint)
         steps = sorted({re.search(r"step_(\d+)/", k).group(1) for k in keys("runs/rotating/")
                         if "step_" in k})
-        assert steps[-1] == "00000080" and len(steps) == 8, steps
+        assert steps[-1] == "00000050" and len(steps) == 5, steps
         from pipeline.train import checkpoints
 
         os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=second["AccessKeyId"],
                           AWS_SECRET_ACCESS_KEY=second["SecretAccessKey"])
         try:
-            assert checkpoints.latest("s3://rotation/runs/rotating").endswith("step_00000080")
+            assert checkpoints.latest("s3://rotation/runs/rotating").endswith("step_00000050")
         finally:
             for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
                 os.environ.pop(k, None)

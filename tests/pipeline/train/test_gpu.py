@@ -9,6 +9,7 @@ import torch
 from pipeline.model import ViT, ViTConfig
 from pipeline.train.config import apply_overrides, smoke
 from pipeline.train.step import Pretrainer, decay_names, make_optimizer, train_step
+from tests.conftest import sqlite_store
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -37,7 +38,7 @@ def test_fsdp_run_on_one_gpu(ray_local, tmp_path):
     cfg = apply_overrides(smoke(), ["scale.use_gpu=true", "train.parallel=fsdp",
                                     "train.total_steps=20", "checkpoint.every=10",
                                     f"run.storage={tmp_path}", "run.name=fsdp"])
-    out = pretrain(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    out = pretrain(cfg, tracking_uri=sqlite_store(tmp_path / "m.db"))
     assert out.step == 20
     from pipeline.weights import load_vit
 

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline import storage
 from pipeline.train.lease import LEASE_FILE, Lease, LeaseHeld
+from tests.conftest import sqlite_store
 
 HOLD = """
 import sys, time
@@ -153,7 +154,7 @@ def test_a_second_vit_pretrain_of_the_same_run_is_refused(tmp_path):
             [sys.executable, "-m", "jobs.pretrain", "--preset", "smoke", "--name", "busy",
              "--out", str(storage)], cwd=root, capture_output=True, text=True, timeout=300,
             env={**os.environ, "PYTHONPATH": root, "MLFLOW_TRACKING_URI":
-                 f"sqlite:///{tmp_path}/m.db", "RAY_ADDRESS": ""})
+                 sqlite_store(tmp_path / "m.db"), "RAY_ADDRESS": ""})
     finally:
         proc.kill()
         proc.wait()

@@ -17,6 +17,7 @@ from pipeline.train import checkpoints
 from pipeline.train.config import apply_overrides, smoke, smoke_hybrid
 from pipeline.train.run import pretrain
 from pipeline.weights import load_vit
+from tests.conftest import sqlite_store
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -31,7 +32,7 @@ def run(tmp_path, name, *sets, resume=None, preset=smoke):
         "scale.cpus_per_worker=0.5", "data.preserve_order=true", "train.log_every=1",
         "probe.every=0", "train.total_steps=8", "checkpoint.every=8",
         "optim.warmup_steps=2", "data.shuffle_buffer=0", *sets])
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     out = pretrain(cfg, resume=resume, tracking_uri=uri)
     losses = sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(
         out.run_id, "train/loss"))
@@ -52,7 +53,7 @@ def test_fsdp2_matches_ddp_and_its_checkpoint_is_a_model(ray_local, tmp_path):
     assert_same_losses(ddp, losses)
 
     # The probe ran through the sharded model on both workers.
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     probe = client.get_metric_history(fsdp.run_id, "fewshot/synthetic/1shot")
     assert [m.step for m in probe] == [4, 8] and all(0 <= m.value <= 1 for m in probe)
 

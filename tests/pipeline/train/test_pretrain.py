@@ -16,6 +16,7 @@ from pipeline.tracking import start_steps
 from pipeline.train.config import apply_overrides, smoke
 from pipeline.train.run import PretrainError, pretrain
 from pipeline.weights import load_vit
+from tests.conftest import sqlite_store
 
 ROOT = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -150,4 +151,4 @@ def test_non_finite_loss_stops_with_the_step(ray_local, tmp_path):
     cfg = cfg_for(tmp_path, "nan", "optim.lr=1e36", "optim.warmup_steps=0",
                   "train.total_steps=50", "probe.every=0")
     with pytest.raises(PretrainError, match=r"non-finite loss at step 2: loss nan.*lower optim.lr"):
-        pretrain(cfg, tracking_uri=f"sqlite:///{tmp_path}/m.db")
+        pretrain(cfg, tracking_uri=sqlite_store(tmp_path / "m.db"))

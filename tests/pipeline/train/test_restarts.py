@@ -32,7 +32,7 @@ from pipeline.data.plan import DataPosition, StreamPlan
 from pipeline.tracking import start_steps
 from pipeline.train import checkpoints
 from pipeline.weights import load_vit
-from tests.conftest import kill_tree, stop_process_group
+from tests.conftest import kill_tree, sqlite_store, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -118,7 +118,7 @@ def test_driver_killed_while_a_checkpoint_uploads_then_the_same_command(tmp_path
     cmd = command(tmp_path, tmp_path / "data", "killed", "train.total_steps=40",
                   "checkpoint.every=10", "model.hidden_size=128", "model.mlp_dim=512")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+           "MLFLOW_TRACKING_URI": sqlite_store(tmp_path / "mlflow.db")}
     env.pop("RAY_ADDRESS", None)
     run_dir = tmp_path / "runs" / "killed"
     proc = subprocess.Popen(cmd, env=env, stdout=open(tmp_path / "first.log", "w"),
@@ -198,14 +198,14 @@ def test_worker_killed_mid_epoch_resumes_the_stream_where_the_checkpoint_was(ray
                               daemon=True)
     killer.start()
     try:
-        out = pretrain(cfg, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        out = pretrain(cfg, tracking_uri=sqlite_store(tmp_path / "mlflow.db"))
     finally:
         stop.set()
         killer.join()
     assert killed and out.step == 30
     from mlflow.tracking import MlflowClient
 
-    starts = start_steps(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(out.run_id))
+    starts = start_steps(MlflowClient(sqlite_store(tmp_path / "mlflow.db")).get_run(out.run_id))
     assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 10, \
         f"one MLflow run, restarted from a checkpoint, not from scratch: {starts}"
     samples, restarts = history(tmp_path / "trace")
