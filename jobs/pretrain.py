@@ -1,6 +1,6 @@
 """Pretrain a ViT on Ray Train, as the paper defines it (Dosovitskiy et al., ICLR 2021).
 
-    python jobs/pretrain.py --preset smoke                       # local Ray, CPU, ~1.5 min
+    python jobs/pretrain.py --preset smoke                       # local Ray, CPU, ~25 s
     ray job submit --working-dir . -- python jobs/pretrain.py --preset vit_b16_i21k \\
         --set data.uri=s3://bucket/imagenet21k --workers 64 --gpus-per-worker 1
 

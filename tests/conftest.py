@@ -187,10 +187,17 @@ def ray_local(s3_server):
     # that Ray Train finds this cluster, not another test's running at the same time.
     args = cli.ray_init_args(None, PYTHONPATH=root, AWS_ENDPOINT_URL=s3_server,
                              RAY_API_SERVER_ADDRESS=NO_STATE_API, **S3_TEST_ENV)
+    # Every process of this Ray inherits a mark of its own (set while Ray starts its daemons,
+    # whose workers inherit theirs), so that what outlives its shutdown can be found.
+    import uuid
+
+    mark = uuid.uuid4().hex
+    os.environ[_SESSION_RAY] = mark
     try:
         ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, **args)
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)   # not for the processes tests start
+        os.environ.pop(_SESSION_RAY, None)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # This Ray ends with the session, as a command's own local Ray ends with the command:
     # runs on it go without Ray Train's placement-group cleaner, as theirs do (one actor
@@ -203,6 +210,33 @@ def ray_local(s3_server):
     finally:
         failures.own_local_ray(False)
         ray.shutdown()
+        _sweep_session_ray(mark)
+
+
+_SESSION_RAY = "VIT_TEST_SESSION_RAY"
+
+
+def _sweep_session_ray(mark: str, grace_s: float = 10.0) -> None:
+    """SIGKILL what is left of the session's Ray `grace_s` after its shutdown: its workers
+    go with the raylet, but a Train controller whose core worker had shut down was seen
+    hanging on its way out, orphaned, after the suite."""
+    import signal
+    import time
+
+    from pipeline import interrupt
+
+    deadline = time.monotonic() + grace_s
+    while (left := interrupt.processes_with(_SESSION_RAY, mark)) and \
+            time.monotonic() < deadline:
+        time.sleep(0.25)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if left:
+        print(f"\nthe session's Ray left {len(left)} process(es) after its shutdown "
+              f"(killed): {left}")
 
 
 def _wait_http(url: str, timeout: float, proc=None) -> None:

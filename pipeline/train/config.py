@@ -241,14 +241,14 @@ def _set_variant(model: ViTConfig, variant: str) -> ViTConfig:
 # Presets: the paper's Table 3 rows, masked patch prediction, and a smoke run
 # ---------------------------------------------------------------------------------------------
 def smoke() -> PretrainConfig:
-    """A tiny ViT on the synthetic source, on CPU: the whole machinery in about 1.5 minutes
-    on 2 cores (11 s of it training, the rest starting and stopping Ray).
+    """A tiny ViT on the synthetic source, on CPU: the whole machinery in about 25 s on 2
+    cores (~3 s of it training, the rest starting and stopping Ray: bench/startup.py).
     Its head is the class token's linear classifier without a pre-logits layer (as the AugReg
     models), so it exports to both transformers and timm (`jobs/export.py`).
 
         python jobs/pretrain.py --preset smoke
-    Expected (2-core CPU, 1 worker, ~35 s including Ray start-up): the loss falls from
-    log(10) = 2.30 to about 0.4 in 150 steps; few-shot accuracy reaches 1.0.
+    Expected (2-core CPU, 1 worker): the loss falls from log(10) = 2.30 to about 0.4 in 150
+    steps; few-shot accuracy reaches 1.0.
     """
     return PretrainConfig(
         model=ViTConfig(patch_size=8, hidden_size=64, depth=2, num_heads=2, mlp_dim=128,

@@ -117,6 +117,7 @@ def train_loop(config: dict) -> None:
     group = group_start(shard)
     stream = FirstFetched(batches(shard, spec.cfg, env))    # its read tasks start now
     model, optimizer, start = build(spec, env, group)
+    timeline.mark("worker.model")
     worker = Worker(spec, env, model, optimizer,
                     checkpoints.CheckpointWriter(env.rank, spec.cfg.checkpoint.asynchronous),
                     open_tracker(spec, env, start), fetch_probe(spec),
