@@ -197,6 +197,39 @@ def exit_on_unraisable_exit(default):
     return hook
 
 
+# Linux's limit on an AF_UNIX socket path, and the longest paths a local Ray makes under its
+# temp folders: Ray's own sockets (<RAY_TMPDIR or TMPDIR>/ray/session_<date>_<time>_<us>_<the
+# driver's pid>/sockets/plasma_store) and, in its dashboard, Python multiprocessing's
+# (<TMPDIR>/pymp-xxxxxxxx/listener-xxxxxxxx).
+SOCKET_PATH_MAX = 107
+MP_SOCKET_SUFFIX = len("/pymp-xxxxxxxx/listener-xxxxxxxx")
+
+
+def ray_socket_suffix() -> int:
+    return len(f"/ray/session_2026-12-06_01-43-06_547133_{os.getpid()}/sockets/plasma_store")
+
+
+def temp_dir_problem() -> str | None:
+    """Why a new local Ray cannot start under this process's temp folders (its sockets'
+    paths would be too long: Ray refuses to start, or its dashboard waits a minute for a
+    socket it cannot make), with the fix; None when they are short enough. Linux only."""
+    import tempfile
+
+    if not sys.platform.startswith("linux"):
+        return None
+    tmp = os.environ.get("TMPDIR") or tempfile.gettempdir()
+    ray_tmp = os.environ.get("RAY_TMPDIR") or tmp
+    for name, folder, suffix in (("RAY_TMPDIR" if os.environ.get("RAY_TMPDIR") else "TMPDIR",
+                                  ray_tmp, ray_socket_suffix()), ("TMPDIR", tmp, MP_SOCKET_SUFFIX)):
+        room = SOCKET_PATH_MAX - suffix
+        if len(folder.encode()) > room:
+            return (f"{name}={folder} is {len(folder.encode())} bytes, too long for the socket "
+                    f"paths of a local Ray (at most {room}: AF_UNIX paths end at "
+                    f"{SOCKET_PATH_MAX}); point {name} at a short folder (export {name}=/tmp) "
+                    f"or give --address of a running cluster")
+    return None
+
+
 def ray_init_args(address: str | None, **env_vars: str) -> dict:
     """`address` and `runtime_env` for `ray.init` (`interrupt.ray_init`) in our commands:
     - the worker set-up hook (`ray_worker_setup`);

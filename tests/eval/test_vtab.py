@@ -301,9 +301,17 @@ def small_setup(tmp_path, monkeypatch):
     ("not a ViT", r"is not a ViT checkpoint"),
     ("bad resolution", r"--resolution 6 is smaller than the checkpoint's patch size 8; "
                        r"use at least 8"),
+    ("temp folder too long", r"TMPDIR=.* is \d+ bytes, too long for the socket paths of a "
+                             r"local Ray .*export TMPDIR=/tmp"),
 ])
-def test_bad_input_fails_before_any_trial(small_setup, capsys, case, message):
+def test_bad_input_fails_before_any_trial(small_setup, capsys, monkeypatch, case, message):
     tmp_path, checkpoint, data = small_setup
+    if case == "temp folder too long":
+        long = tmp_path / ("t" * 60)
+        long.mkdir()
+        monkeypatch.setenv("TMPDIR", str(long))
+        monkeypatch.delenv("RAY_TMPDIR", raising=False)
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
     args = {"--checkpoint": str(checkpoint), "--data": str(data), "--tasks": "dtd,kitti",
             "--resolution": "32", "--out": str(tmp_path / "ev"), "--name": "bad"}
     if case == "unknown task":

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,63 @@ def refused(result, says: str) -> str:
 
 def nothing_written(folder: Path) -> None:
     assert not folder.exists() or not any(folder.rglob("*")), sorted(folder.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a local Ray would start
+# ---------------------------------------------------------------------------------------------
+def test_a_temp_folder_too_long_for_a_local_rays_sockets(job, tmp_path, monkeypatch):
+    """A TMPDIR (or RAY_TMPDIR) whose socket paths would pass Linux's 107 bytes: Ray refuses
+    it after starting ("training failed: validate_socket_filename failed"), and a TMPDIR
+    short enough for Ray but not for multiprocessing's sockets made the dashboard wait a
+    minute. Refused before Ray, naming the variable and the fix; a cluster is not asked."""
+    long = tmp_path / ("t" * 80)
+    long.mkdir()
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(long))
+    line = refused(job(), f"TMPDIR={long} is {len(str(long))} bytes, too long for the socket")
+    assert "export TMPDIR=/tmp" in line and "--address" in line
+    nothing_written(tmp_path / "runs")
+    # Ray's own folder moved (RAY_TMPDIR): multiprocessing's sockets still go under TMPDIR.
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp")
+    refused(job(), f"TMPDIR={long} is")
+    monkeypatch.setenv("TMPDIR", "/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", str(long))
+    refused(job(), f"RAY_TMPDIR={long} is")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_temp_folder_limit_is_rays():
+    """At the limit the check allows, a real local Ray starts; one byte longer, Ray itself
+    refuses the folder (its pid is in its socket paths: each process works out its own)."""
+    probe = """
+import os, sys
+from pipeline import cli
+room = cli.SOCKET_PATH_MAX - cli.ray_socket_suffix() + int(sys.argv[2])
+folder = os.path.join(sys.argv[1], "t" * (room - len(sys.argv[1]) - 1))
+os.makedirs(folder)
+os.environ["RAY_TMPDIR"] = folder
+print("ours:", cli.temp_dir_problem() is None)
+import ray
+try:
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    print("ray: started")
+except OSError as err:
+    print("ray:", "validate_socket_filename" in str(err) and "refused")
+finally:
+    ray.shutdown()
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    for extra, ours, ray in ((0, "ours: True", "ray: started"), (1, "ours: False", "ray: refused")):
+        base = tempfile.mkdtemp(prefix="tl", dir="/tmp")    # pytest's own are too long here
+        try:
+            out = subprocess.run([sys.executable, "-c", probe, base, str(extra)], env=env,
+                                 capture_output=True, text=True, timeout=300, cwd="/")
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        assert ours in out.stdout and ray in out.stdout, (out.stdout + out.stderr)[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,21 +297,25 @@ def test_bad_init_and_resume_fail_before_ray_with_one_line(tmp_path):
     from pipeline.weights import save_vit
 
     save_vit(ViT(smoke().model), not_training)        # weights, but no training state
+    # Where a Ray start would make its folder: short, as a local Ray's sockets need.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db",
-           "RAY_TMPDIR": str(tmp_path / "rt")}      # where a Ray start would make its folder
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "RAY_TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
-    for flag, path, says in (("--init", bad, "weights.safetensors"),
-                             ("--resume", not_training, "not a training checkpoint")):
-        out = subprocess.run([sys.executable, "jobs/pretrain.py", "--preset", "smoke",
-                              "--out", str(tmp_path / "runs"), flag, str(path)], env=env,
-                             capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert out.returncode == 2, out.stderr[-3000:]
-        assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr[-3000:]
-        assert out.stderr.startswith("error: ") and says in out.stderr, out.stderr
-        assert out.stdout == "", "nothing printed before the refusal (the config, Ray)"
-        assert not (tmp_path / "rt").exists(), "Ray started"
-        assert not (tmp_path / "runs").exists(), "nothing written"
+    try:
+        for flag, path, says in (("--init", bad, "weights.safetensors"),
+                                 ("--resume", not_training, "not a training checkpoint")):
+            out = subprocess.run([sys.executable, "jobs/pretrain.py", "--preset", "smoke",
+                                  "--out", str(tmp_path / "runs"), flag, str(path)], env=env,
+                                 capture_output=True, text=True, timeout=300, cwd=ROOT)
+            assert out.returncode == 2, out.stderr[-3000:]
+            assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr[-3000:]
+            assert out.stderr.startswith("error: ") and says in out.stderr, out.stderr
+            assert out.stdout == "", "nothing printed before the refusal (the config, Ray)"
+            assert not any(ray_tmp.iterdir()), "Ray started"
+            assert not (tmp_path / "runs").exists(), "nothing written"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.ray
