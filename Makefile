@@ -22,9 +22,9 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # pytest-xdist workers: each runs whole modules, heaviest first (tests/durations.json), with
-# its own session services (Ray, S3, MLflow). On 2 cores the suite takes ~23 minutes of
-# pytest with two workers (a clean fresh-clone run, 2026-12-06); `make test TEST_WORKERS=1`
-# runs it in one process.
+# its own session services (Ray, S3, MLflow). On 2 cores the suite takes 23-26 minutes of
+# pytest with two workers (fresh-clone runs, 2026-12-06); `make test TEST_WORKERS=1` runs it
+# in one process.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder,)
 
