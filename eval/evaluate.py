@@ -39,8 +39,7 @@ def evaluate(cfg: VtabConfig, reference: str | None = None, address: str | None 
     from pipeline import tracking
 
     # Everything a user can get wrong fails here, before Ray starts a trial.
-    if not (ray.is_initialized() or address or os.environ.get("RAY_ADDRESS")) and \
-            (why := cli.temp_dir_problem()):
+    if not ray.is_initialized() and (why := cli.temp_dir_problem(address)):
         raise SweepError(why)                          # a local Ray could not start there
     cfg = cfg.updated({"run.checkpoint": resolve_checkpoint(cfg.run.checkpoint)})
     pretrained = load_pretrained(cfg)

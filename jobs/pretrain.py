@@ -146,7 +146,7 @@ def _main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cli.configure_logging(args.log_level)
-    if not (args.address or os.environ.get("RAY_ADDRESS")) and (why := cli.temp_dir_problem()):
+    if why := cli.temp_dir_problem(args.address):
         print(f"error: {why}", file=sys.stderr)       # a local Ray could not start there
         return cli.BAD_INPUT
     from pipeline.train import preflight

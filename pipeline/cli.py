@@ -209,24 +209,26 @@ def ray_socket_suffix() -> int:
     return len(f"/ray/session_2026-12-06_01-43-06_547133_{os.getpid()}/sockets/plasma_store")
 
 
-def temp_dir_problem() -> str | None:
-    """Why a new local Ray cannot start under this process's temp folders (its sockets'
-    paths would be too long: Ray refuses to start, or its dashboard waits a minute for a
-    socket it cannot make), with the fix; None when they are short enough. Linux only."""
+def temp_dir_problem(address: str | None) -> str | None:
+    """Why a new local Ray (no `address`, no RAY_ADDRESS) cannot start under this process's
+    temp folders, with the fix: its sockets' paths would be too long (Ray refuses to start,
+    or its dashboard waits a minute for a socket it cannot make). None when they fit, or
+    when the command joins a cluster. Linux only."""
     import tempfile
 
-    if not sys.platform.startswith("linux"):
+    if address or os.environ.get("RAY_ADDRESS") or not sys.platform.startswith("linux"):
         return None
     tmp = os.environ.get("TMPDIR") or tempfile.gettempdir()
-    ray_tmp = os.environ.get("RAY_TMPDIR") or tmp
-    for name, folder, suffix in (("RAY_TMPDIR" if os.environ.get("RAY_TMPDIR") else "TMPDIR",
-                                  ray_tmp, ray_socket_suffix()), ("TMPDIR", tmp, MP_SOCKET_SUFFIX)):
-        room = SOCKET_PATH_MAX - suffix
-        if len(folder.encode()) > room:
-            return (f"{name}={folder} is {len(folder.encode())} bytes, too long for the socket "
-                    f"paths of a local Ray (at most {room}: AF_UNIX paths end at "
-                    f"{SOCKET_PATH_MAX}); point {name} at a short folder (export {name}=/tmp) "
-                    f"or give --address of a running cluster")
+    ray_name = "RAY_TMPDIR" if os.environ.get("RAY_TMPDIR") else "TMPDIR"
+    checks = ((ray_name, os.environ.get("RAY_TMPDIR") or tmp, ray_socket_suffix()),
+              ("TMPDIR", tmp, MP_SOCKET_SUFFIX))
+    for name, folder, suffix in checks:
+        room, size = SOCKET_PATH_MAX - suffix, len(folder.encode())
+        if size > room:
+            return (f"{name}={folder} is {size} bytes, too long for the socket paths of a "
+                    f"local Ray (at most {room}: AF_UNIX paths end at {SOCKET_PATH_MAX}); "
+                    f"point {name} at a short folder (export {name}=/tmp) or give --address "
+                    f"of a running cluster")
     return None
 
 

@@ -108,10 +108,13 @@ def sweep_local_ray() -> list[int]:
     good (seen once: a Train controller whose core worker had shut down, waiting on a lock,
     in a process group of its own). -> the pids killed. Linux (/proc) only."""
     mark = os.environ.get(_LOCAL_RAY_MARK)
-    if not mark:
-        return []
+    return kill_processes_with(_LOCAL_RAY_MARK, mark) if mark else []
+
+
+def kill_processes_with(variable: str, value: str) -> list[int]:
+    """SIGKILL the processes `processes_with` finds -> the pids killed."""
     killed = []
-    for pid in processes_with(_LOCAL_RAY_MARK, mark):
+    for pid in processes_with(variable, value):
         try:
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -220,23 +221,16 @@ def _sweep_session_ray(mark: str, grace_s: float = 10.0) -> None:
     """SIGKILL what is left of the session's Ray `grace_s` after its shutdown: its workers
     go with the raylet, but a Train controller whose core worker had shut down was seen
     hanging on its way out, orphaned, after the suite."""
-    import signal
     import time
 
     from pipeline import interrupt
 
     deadline = time.monotonic() + grace_s
-    while (left := interrupt.processes_with(_SESSION_RAY, mark)) and \
-            time.monotonic() < deadline:
+    while interrupt.processes_with(_SESSION_RAY, mark) and time.monotonic() < deadline:
         time.sleep(0.25)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if left:
-        print(f"\nthe session's Ray left {len(left)} process(es) after its shutdown "
-              f"(killed): {left}")
+    if killed := interrupt.kill_processes_with(_SESSION_RAY, mark):
+        print(f"\nthe session's Ray left {len(killed)} process(es) after its shutdown "
+              f"(killed): {killed}")
 
 
 def _wait_http(url: str, timeout: float, proc=None) -> None:
@@ -336,32 +330,35 @@ def ray_head(tmp_path):
         shutil.rmtree(short_tmp, ignore_errors=True)
 
 
-_STORE_TEMPLATE: list = []
+@functools.cache
+def _empty_store() -> str:
+    """An empty MLflow SQLite store, made once per test process (removed at its exit)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    folder = tempfile.mkdtemp(prefix="vit-mlflow-template")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    template = os.path.join(folder, "mlflow.db")
+    MlflowClient(f"sqlite:///{template}").search_experiments()
+    return template
 
 
 def sqlite_store(db) -> str:
     """The tracking URI of an MLflow store at `db` (a SQLite file): an empty store as MLflow
-    makes it, copied from one made once per test process, unless `db` exists already. MLflow
-    builds a new store through its ~40 schema migrations, 2-4 CPU-s in every process that
-    opens one; the tests of our code need a store, not MLflow's migrations (the default
+    makes it (`_empty_store`), copied there unless `db` exists already. MLflow builds a new
+    store through its schema migrations, 1.3 against 0.6 CPU-s to open one, in every process
+    that opens it; the tests of our code need a store, not MLflow's migrations (the default
     store's creation is tested as a user meets it, in test_tracking)."""
-    import atexit
     import shutil
-    import tempfile
     from pathlib import Path
 
     db = Path(db)
     if not db.exists():
-        if not _STORE_TEMPLATE:
-            from mlflow.tracking import MlflowClient
-
-            folder = tempfile.mkdtemp(prefix="vit-mlflow-template")
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)
-            template = Path(folder) / "mlflow.db"
-            MlflowClient(f"sqlite:///{template}").search_experiments()
-            _STORE_TEMPLATE.append(template)
         db.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_STORE_TEMPLATE[0], db)
+        shutil.copyfile(_empty_store(), db)
     return f"sqlite:///{db}"
 
 

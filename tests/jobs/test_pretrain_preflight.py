@@ -96,7 +96,7 @@ room = cli.SOCKET_PATH_MAX - cli.ray_socket_suffix() + int(sys.argv[2])
 folder = os.path.join(sys.argv[1], "t" * (room - len(sys.argv[1]) - 1))
 os.makedirs(folder)
 os.environ["RAY_TMPDIR"] = folder
-print("ours:", cli.temp_dir_problem() is None)
+print("ours:", cli.temp_dir_problem(None) is None)
 import ray
 try:
     ray.init(address="local", num_cpus=1, include_dashboard=False)
