@@ -88,14 +88,17 @@ def _kill_local_ray() -> None:
     worker = sys.modules.get("ray._private.worker")
     node = getattr(worker, "_global_node", None) if worker else None
     if node is not None and getattr(node, "head", False):
-        # SIGKILL each of them without waiting (Node.kill_all_processes waits for every
-        # one); their workers go with the raylet.
-        for infos in list(getattr(node, "all_processes", {}).values()):
-            for info in infos:
-                try:
-                    info.process.kill()
-                except Exception:  # noqa: BLE001 - exiting anyway
-                    pass
+        # SIGKILL each of them and what they started, without waiting (Node.kill_all_processes
+        # waits for every one). Their children by parentage: the raylet's two agents set
+        # their process titles, which can overwrite what /proc shows of their environment,
+        # mark included (seen: both alive seconds after a second Ctrl-C).
+        roots = [info.process.pid for infos in list(getattr(node, "all_processes", {}).values())
+                 for info in infos]
+        for pid in descendants(roots) + roots:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:            # gone already
+                pass
     # Whatever else carries this command's mark: also when a shutdown the first signal began
     # had already let go of the node (seen: Ray's two agents left alive by a second Ctrl-C).
     sweep_local_ray()
@@ -121,6 +124,29 @@ def kill_processes_with(variable: str, value: str) -> list[int]:
         except OSError:            # gone already
             continue
     return killed
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """Every live descendant of the processes `roots` (by /proc's parent pids). Linux only:
+    elsewhere, none."""
+    if not os.path.isdir("/proc"):
+        return []
+    children: dict[int, list[int]] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(pid))
+    found, todo = [], list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def processes_with(variable: str, value: str) -> list[int]:
