@@ -182,10 +182,23 @@ def deferred(on_signal):
             pass
 
     _deferred.append(guarded)
+    if _received:      # a signal came already, and its Interrupted was lost (`_unraisable`)
+        guarded()
     try:
         yield
     finally:
         _deferred.remove(guarded)
+
+
+def _unraisable(default):
+    """`sys.unraisablehook`: an `Interrupted` raised where Python cannot raise (the handler ran
+    inside a callback: logging's at-fork hook while Ray starts its processes) is dropped
+    quietly; the signal stays in `received()`, and the next `deferred` block acts on it."""
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, Interrupted):
+            default(unraisable)
+
+    return hook
 
 
 def install() -> None:
@@ -202,6 +215,9 @@ def install() -> None:
         previous = signal.signal(sig, _handler)
         if previous is not _handler:
             _original.setdefault(sig, previous)
+    if not getattr(sys.unraisablehook, "_vit_interrupt", False):
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
+        sys.unraisablehook._vit_interrupt = True
 
 
 def ray_init(**kwargs):
